@@ -1,0 +1,193 @@
+"""config module: the run configuration, loaded from YAML into frozen, validated sections."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any Ray work starts."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class InputConfig(_Section):
+    """Where the photos are and how they are laid out."""
+
+    uri: str = Field(description="Local path or fsspec URL (file://, s3://) of the input root.")
+    format: Literal["auto", "folder", "webdataset", "parquet"] = "auto"
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    images_per_shard: int = Field(256, ge=1, description="Folder input: images per shard (unit of resume).")
+    image_column: str = "jpg"
+    passthrough_columns: tuple[str, ...] = ()
+    max_pixels: int = Field(100_000_000, ge=1, description="Images with more pixels are refused.")
+    jpeg_draft: bool = True
+    limit: Optional[int] = Field(None, ge=1, description="Process only the first N images (trial runs).")
+
+    @model_validator(mode="after")
+    def _lower_extensions(self) -> "InputConfig":
+        object.__setattr__(self, "extensions", tuple(e.lower().lstrip(".") for e in self.extensions))
+        return self
+
+
+class ModelConfig(_Section):
+    """Which ResNet-50 weights, and how to run them."""
+
+    weights: str = Field(
+        "IMAGENET1K_V2",
+        description="torchvision enum name (IMAGENET1K_V1/V2), a checkpoint path or URL, or 'random'.",
+    )
+    seed: int = 0
+    transforms: Literal["IMAGENET1K_V1", "IMAGENET1K_V2"] = Field(
+        "IMAGENET1K_V2", description="Preprocessing and labels for checkpoint or random weights."
+    )
+    topk: int = Field(5, ge=1, le=1000)
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    channels_last: bool = True
+    compile: bool = False
+
+
+class ComputeConfig(_Section):
+    """How the work is spread over the Ray cluster."""
+
+    ray_address: Optional[str] = None
+    batch_size: int = Field(32, ge=1)
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(1.0, ge=0, description="Used when the cluster has GPUs; 0.5 packs two per GPU.")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    torch_threads: Optional[int] = Field(None, ge=1, description="Default: the CPUs the actor holds.")
+    decode_cpus: float = Field(1.0, gt=0, description="CPUs each decode task holds.")
+    decode_batch_size: int = Field(16, ge=1)
+    gpu_decode: bool = False
+
+    @model_validator(mode="after")
+    def _actor_range(self) -> "ComputeConfig":
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})")
+        return self
+
+
+class OutputConfig(_Section):
+    """Where the Parquet goes."""
+
+    uri: str
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+
+
+class JobConfig(_Section):
+    """One embed run: input, model, compute, output."""
+
+    input: InputConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    output: OutputConfig
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        elif e["type"] == "missing":
+            lines.append(f"missing required key '{key}'")
+        else:
+            lines.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
+    return "invalid config: " + "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse one `section.key=value` override; the value is read as YAML (so `4`, `true`, `[a, b]` work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {text!r} names no key")
+    return path, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of the raw config dict with `section.key=value` overrides applied."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def build_config(data: Any) -> JobConfig:
+    """Validate a raw dict into a JobConfig, raising ConfigError with messages that name the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config: expected a mapping at the top level, got {type(data).__name__}")
+    data = _lists_to_tuples(data)
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_config(path: Optional[str | os.PathLike], overrides: list[str] = ()) -> JobConfig:
+    """Load a YAML config file (or start empty when path is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+    return build_config(apply_overrides(data, list(overrides)))
+
+
+def _lists_to_tuples(value: Any) -> Any:
+    """YAML gives lists; the frozen config holds tuples (strict mode wants the exact type)."""
+    if isinstance(value, dict):
+        return {k: _lists_to_tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_lists_to_tuples(v) for v in value)
+    return value
+
+
+def redacted(cfg: JobConfig) -> dict:
+    """The config as a plain dict with storage secrets masked, for logs and reports."""
+    data = cfg.model_dump(mode="json")
+    for section in ("input", "output"):
+        data[section]["storage_options"] = redact_options(data[section]["storage_options"])
+    return data
+
+
+_SECRET_WORDS = ("secret", "token", "password", "key", "credential", "session")
+
+
+def redact_options(options: dict) -> dict:
+    """Mask values whose key looks like a secret; recurse into nested dicts (client_kwargs...)."""
+    out = {}
+    for k, v in options.items():
+        if isinstance(v, dict):
+            out[k] = redact_options(v)
+        elif any(w in k.lower() for w in _SECRET_WORDS) and k.lower() not in ("anon",):
+            out[k] = "***"
+        else:
+            out[k] = v
+    return out

@@ -1,0 +1,147 @@
+"""decode module: image bytes -> RGB uint8 crop, the weights' own resize / centre-crop, EXIF applied."""
+from __future__ import annotations
+
+import io
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageOps
+
+from resnet_batch.schema import STATUS_DECODE_ERROR, STATUS_OK
+
+# Orientations 5-8 swap width and height when applied.
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+
+
+class DecodeError(Exception):
+    """The bytes are not a usable image; the message says why."""
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Resize / crop / normalisation, taken from a torchvision weights' transforms()."""
+
+    resize_size: int
+    crop_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def from_weights(cls, weights_name: str) -> "PreprocessSpec":
+        from torchvision.models import ResNet50_Weights
+
+        t = ResNet50_Weights[weights_name].transforms()
+        if t.interpolation.value != "bilinear":  # the only mode ResNet-50 weights use
+            raise ValueError(f"unsupported interpolation {t.interpolation.value}")
+        return cls(int(t.resize_size[0]), int(t.crop_size[0]), tuple(t.mean), tuple(t.std))
+
+    def as_dict(self) -> dict:
+        return {"resize_size": self.resize_size, "crop_size": self.crop_size, "mean": list(self.mean),
+                "std": list(self.std), "interpolation": self.interpolation, "antialias": True}
+
+
+def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """torchvision's Resize(int) output size: the short side becomes `short_side`, aspect kept (floored)."""
+    if width <= height:
+        return short_side, int(short_side * height / width)
+    return int(short_side * width / height), short_side
+
+
+def decode_image(data: bytes, spec: PreprocessSpec, *, max_pixels: int, draft: bool) -> tuple[np.ndarray, int, int]:
+    """Decode, orient, convert to RGB, resize and centre-crop one image.
+
+    Returns (HWC uint8 crop, width, height) where width/height are the original size as displayed
+    (after EXIF orientation). Raises DecodeError with a human-readable reason.
+    """
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return _decode_open(im, spec, max_pixels, draft)
+    except DecodeError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise DecodeError(f"decompression bomb refused: {err}") from None
+    except Image.UnidentifiedImageError:
+        raise DecodeError("not an image (format not recognised)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise DecodeError(f"corrupt image: {err}") from None
+
+
+def _decode_open(im: Image.Image, spec: PreprocessSpec, max_pixels: int, draft: bool) -> tuple[np.ndarray, int, int]:
+    width, height = im.size
+    if width * height > max_pixels:
+        raise DecodeError(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
+            "(input.max_pixels); refused as a possible decompression bomb"
+        )
+    orientation = im.getexif().get(0x0112, 1)
+    if orientation in _TRANSPOSING_ORIENTATIONS:
+        width, height = height, width
+    if draft and im.format == "JPEG":
+        # Reduced-size DCT decode: the result stays at least as large as what Resize needs.
+        scale = spec.resize_size / min(im.size)
+        if scale < 1:
+            im.draft("RGB", (math.ceil(im.size[0] * scale), math.ceil(im.size[1] * scale)))
+    im = ImageOps.exif_transpose(im)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    new_w, new_h = resized_size(im.size[0], im.size[1], spec.resize_size)
+    im = im.resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
+    c = spec.crop_size
+    if new_w < c or new_h < c:
+        raise DecodeError(f"resized image {new_w}x{new_h} is smaller than the {c}px crop")
+    top = int(round((new_h - c) / 2.0))
+    left = int(round((new_w - c) / 2.0))
+    im = im.crop((left, top, left + c, top + c))
+    return np.asarray(im, dtype=np.uint8), width, height
+
+
+def decode_table(table: pa.Table, spec: PreprocessSpec, max_pixels: int, draft: bool) -> pa.Table:
+    """Arrow rows with a `bytes` column -> Arrow rows with a `pixels` tensor column (see decode_batch)."""
+    from ray.data.extensions import ArrowTensorArray
+
+    out = decode_batch({"bytes": table.column("bytes").to_pylist(), "status": table.column("status").to_pylist(),
+                        "error": table.column("error").to_pylist()}, spec, max_pixels, draft)
+    table = table.drop_columns(["bytes", "status", "error"])
+    return table.append_column("status", pa.array(out["status"], pa.string())) \
+        .append_column("error", pa.array(out["error"], pa.string())) \
+        .append_column("width", pa.array(out["width"])).append_column("height", pa.array(out["height"])) \
+        .append_column("_decode_s", pa.array(out["_decode_s"])) \
+        .append_column("pixels", ArrowTensorArray.from_numpy(out["pixels"]))
+
+
+def decode_batch(batch: dict, spec: PreprocessSpec, max_pixels: int, draft: bool) -> dict:
+    """`bytes` column -> `pixels` (N, C, C, 3) uint8 plus width/height, for a dict-of-arrays batch.
+
+    Rows that arrive already failed (a read error) or fail here keep zero pixels, a status and a reason.
+    """
+    n = len(batch["bytes"])
+    c = spec.crop_size
+    pixels = np.zeros((n, c, c, 3), dtype=np.uint8)
+    widths = np.full(n, -1, dtype=np.int32)
+    heights = np.full(n, -1, dtype=np.int32)
+    status = np.array(batch["status"], dtype=object)
+    error = np.array(batch["error"], dtype=object)
+    seconds = np.zeros(n, dtype=np.float32)
+    for i, data in enumerate(batch["bytes"]):
+        if status[i] != STATUS_OK:
+            continue
+        t0 = time.perf_counter()
+        try:
+            pixels[i], widths[i], heights[i] = decode_image(data, spec, max_pixels=max_pixels, draft=draft)
+        except DecodeError as err:
+            status[i], error[i] = STATUS_DECODE_ERROR, str(err)
+        except Exception as err:  # a decoder bug must not fail the block
+            status[i], error[i] = STATUS_DECODE_ERROR, f"unexpected {type(err).__name__}: {err}"
+        seconds[i] = time.perf_counter() - t0
+    out = {k: v for k, v in batch.items() if k != "bytes"}
+    out.update(pixels=pixels, width=widths, height=heights, status=status, error=error, _decode_s=seconds)
+    return out

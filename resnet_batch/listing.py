@@ -1,0 +1,120 @@
+"""listing module: one listing of the input root -> shards (the unit of work and resume) + skipped files."""
+from __future__ import annotations
+
+import posixpath
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from resnet_batch.config import InputConfig
+
+
+class InputError(ValueError):
+    """The input cannot be listed or holds nothing to embed; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work: a group of image files, one WebDataset tar, or one Parquet file."""
+
+    index: int
+    kind: str  # "files" | "webdataset" | "parquet"
+    paths: tuple[str, ...]  # full filesystem paths (no protocol); one for tar/parquet
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.index:06d}"
+
+
+@dataclass
+class Listing:
+    """What the input root holds."""
+
+    root: str  # filesystem path of the root (no protocol)
+    protocol: str
+    format: str
+    shards: list[Shard]
+    skipped: list[str] = field(default_factory=list)  # paths relative to root
+    images: Optional[int] = None  # known for folder input; tar/parquet counts come while reading
+    seconds: float = 0.0
+
+
+def open_fs(uri: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and the protocol-less root path for a URI."""
+    fs, root = url_to_fs(uri, **storage_options)
+    return fs, root.rstrip("/") or "/"
+
+
+def relative_id(path: str, root: str) -> str:
+    """The stable image_id part for a path: relative to the input root, POSIX separators."""
+    rel = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
+    return rel
+
+
+def _extension(path: str) -> str:
+    base = posixpath.basename(path)
+    return base.rsplit(".", 1)[-1].lower() if "." in base else ""
+
+
+def detect_format(paths: list[str], extensions: tuple[str, ...]) -> str:
+    """auto: tars mean WebDataset, .parquet files mean Parquet shards, else a folder of images."""
+    exts = {_extension(p) for p in paths}
+    if "tar" in exts:
+        return "webdataset"
+    if "parquet" in exts and not exts & set(extensions):
+        return "parquet"
+    return "folder"
+
+
+def list_input(cfg: InputConfig, progress: bool = True) -> Listing:
+    """List the input root once (one paginated listing on object stores) and cut it into shards."""
+    t0 = time.perf_counter()
+    fs, root = open_fs(cfg.uri, dict(cfg.storage_options))
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    try:
+        if fs.isfile(root):
+            paths = [root]
+            root = posixpath.dirname(root)
+        else:
+            paths = sorted(_find(fs, root, progress))
+    except FileNotFoundError:
+        raise InputError(f"input not found: {cfg.uri} (input.uri)") from None
+    except PermissionError as err:
+        raise InputError(f"input {cfg.uri} cannot be listed: access denied ({err})") from None
+    if not paths and not fs.exists(root):
+        raise InputError(f"input not found: {cfg.uri} (input.uri)")
+    fmt = cfg.format if cfg.format != "auto" else detect_format(paths, cfg.extensions)
+    wanted = {"folder": set(cfg.extensions), "webdataset": {"tar"}, "parquet": {"parquet"}}[fmt]
+    # Files whose name starts with '_' or '.' are bookkeeping (e.g. _SUCCESS), not input.
+    data = [p for p in paths if not posixpath.basename(p).startswith(("_", "."))]
+    selected = [p for p in data if _extension(p) in wanted]
+    skipped = [relative_id(p, root) for p in data if _extension(p) not in wanted]
+    if cfg.limit and fmt == "folder":
+        selected = selected[: cfg.limit]
+    if not selected:
+        raise InputError(
+            f"no {fmt} input found under {cfg.uri}: {len(paths)} files listed, none with extension "
+            f"{sorted(wanted)} (input.extensions / input.format)")
+    if fmt == "folder":
+        n = cfg.images_per_shard
+        shards = [Shard(i, "files", tuple(selected[j:j + n])) for i, j in enumerate(range(0, len(selected), n))]
+        images = len(selected)
+    else:
+        shards = [Shard(i, fmt, (p,)) for i, p in enumerate(selected)]
+        images = None
+    return Listing(root, protocol, fmt, shards, skipped, images, time.perf_counter() - t0)
+
+
+def _find(fs: fsspec.AbstractFileSystem, root: str, progress: bool) -> list[str]:
+    """All files below root. On S3 this is one paginated ListObjectsV2 walk, not a request per object."""
+    t0 = time.perf_counter()
+    found = fs.find(root, withdirs=False)
+    if progress and len(found) > 10_000:
+        dt = time.perf_counter() - t0
+        print(f"listed {len(found):,} objects in {dt:.1f}s ({len(found) / max(dt, 1e-9):,.0f} objects/s)",
+              file=sys.stderr)
+    return found

@@ -1,0 +1,286 @@
+"""reader module: a Ray Data datasource that reads shards (image files, WebDataset tars, Parquet) as bytes rows."""
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import tarfile
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+from ray.data import Datasource, ReadTask
+from ray.data.block import BlockMetadata
+
+from resnet_batch.config import InputConfig
+from resnet_batch.listing import Listing, Shard, open_fs, relative_id
+from resnet_batch.schema import STATUS_OK, STATUS_READ_ERROR
+
+SHARD_END = "_end"  # status of the one sentinel row that closes each shard; its _count is the shard's size
+
+READ_SCHEMA_BASE = (
+    ("image_id", pa.string()),
+    ("path", pa.string()),
+    ("bytes", pa.binary()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("_shard", pa.int32()),
+    ("_count", pa.int32()),  # -1 on image rows; the shard's image count on its SHARD_END row
+    ("_skipped", pa.int32()),  # non-image members of the shard (on the SHARD_END row)
+)
+
+
+def display_path(protocol: str, path: str) -> str:
+    """A path as the user wrote it: plain for local files, protocol://... otherwise."""
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def extra_fields(cfg: InputConfig, listing: Listing) -> list[pa.Field]:
+    """The pass-through output columns this input adds after the base schema."""
+    if listing.format == "webdataset":
+        return [pa.field("caption", pa.string()), pa.field("json", pa.string())] + [
+            pa.field(c, pa.string()) for c in cfg.passthrough_columns]
+    if listing.format == "parquet" and cfg.passthrough_columns:
+        import pyarrow.parquet as pq
+
+        fs, _ = open_fs(cfg.uri, dict(cfg.storage_options))
+        with fs.open(listing.shards[0].paths[0], "rb") as f:
+            schema = pq.ParquetFile(f).schema_arrow
+        missing = [c for c in cfg.passthrough_columns if c not in schema.names]
+        if missing:
+            raise ValueError(f"input.passthrough_columns not in {listing.shards[0].paths[0]}: {missing}")
+        return [schema.field(c) for c in cfg.passthrough_columns]
+    if cfg.passthrough_columns:
+        raise ValueError("input.passthrough_columns applies to webdataset and parquet input only")
+    return []
+
+
+class _Rows:
+    """Accumulates rows of one shard and emits Arrow tables of `chunk` rows."""
+
+    def __init__(self, shard: Shard, extra: list[pa.Field], chunk: int):
+        self.shard, self.extra, self.chunk = shard, extra, chunk
+        self.fields = [pa.field(n, t) for n, t in READ_SCHEMA_BASE] + extra
+        self.schema = pa.schema(self.fields)
+        self.rows: list[dict] = []
+        self.count = 0
+
+    def add(self, image_id: str, path: str, data: Optional[bytes], error: Optional[str] = None, **extra) -> Optional[pa.Table]:
+        self.count += 1
+        self.rows.append({"image_id": image_id, "path": path, "bytes": data or b"",
+                          "status": STATUS_OK if error is None else STATUS_READ_ERROR, "error": error,
+                          "_shard": self.shard.index, "_count": -1, "_skipped": 0, **extra})
+        return self.flush() if len(self.rows) >= self.chunk else None
+
+    def end(self, skipped: int = 0) -> pa.Table:
+        self.rows.append({"image_id": "", "path": "", "bytes": b"", "status": SHARD_END, "error": None,
+                          "_shard": self.shard.index, "_count": self.count, "_skipped": skipped})
+        return self.flush()
+
+    def flush(self) -> Optional[pa.Table]:
+        if not self.rows:
+            return None
+        table = pa.Table.from_pylist(self.rows, schema=self.schema)
+        self.rows = []
+        return table
+
+
+def read_shard(shard: Shard, cfg: InputConfig, root: str, protocol: str, extra: list[pa.Field],
+               chunk: int, only: Optional[frozenset] = None) -> Iterator[pa.Table]:
+    """Yield the shard's rows in tables of `chunk` rows, then its SHARD_END row.
+
+    `only`, when given, restricts the rows to these image_ids (used by --retry-failed).
+    """
+    fs, _ = open_fs(cfg.uri, dict(cfg.storage_options))
+    rows = _Rows(shard, extra, chunk)
+    skipped = 0
+    if shard.kind == "files":
+        yield from _read_files(fs, shard, root, protocol, rows, chunk, only)
+    elif shard.kind == "webdataset":
+        skipped = yield from _read_tar(fs, shard, cfg, root, protocol, rows, only)
+    elif shard.kind == "parquet":
+        yield from _read_parquet(fs, shard, cfg, root, protocol, rows, only)
+    else:
+        raise ValueError(f"unknown shard kind {shard.kind}")
+    yield rows.end(skipped)
+
+
+def _read_files(fs, shard, root, protocol, rows, chunk, only) -> Iterator[pa.Table]:
+    paths = [p for p in shard.paths if only is None or relative_id(p, root) in only]
+    for i in range(0, len(paths), chunk):
+        group = paths[i:i + chunk]
+        # fs.cat on a list fetches concurrently on async filesystems (s3fs) and never raises per file.
+        got = fs.cat(group, on_error="return") if len(group) > 1 else {group[0]: _cat_one(fs, group[0])}
+        for p in group:
+            data = got.get(p)
+            if data is None:
+                data = got.get(fs._strip_protocol(p)) if hasattr(fs, "_strip_protocol") else None
+            err = None
+            if isinstance(data, BaseException):
+                data, err = None, f"{type(data).__name__}: {data}"
+            elif data is None:
+                err = "object not returned by the store"
+            table = rows.add(relative_id(p, root), display_path(protocol, p), data, err)
+            if table is not None:
+                yield table
+
+
+def _cat_one(fs, path):
+    try:
+        return fs.cat_file(path)
+    except Exception as err:  # recorded as a read_error row
+        return err
+
+
+def _wds_key(name: str) -> tuple[str, str]:
+    """WebDataset member naming: dir/KEY.ext (the first dot of the basename splits key and extension)."""
+    d, base = posixpath.split(name)
+    key, _, ext = base.partition(".")
+    return posixpath.join(d, key), ext.lower()
+
+
+def _read_tar(fs, shard, cfg, root, protocol, rows, only):
+    tar_path = shard.paths[0]
+    rel = relative_id(tar_path, root)
+    image_exts = set(cfg.extensions)
+    skipped = 0
+    current: dict = {}
+
+    def emit(sample: dict):
+        if not sample:
+            return None
+        if "image" not in sample:
+            return None
+        image_id = f"{rel}/{sample['key']}"
+        if only is not None and image_id not in only:
+            return None
+        meta = sample.get("json")
+        extra = {"caption": sample.get("txt"), "json": meta}
+        if cfg.passthrough_columns:
+            parsed = _parse_json(meta)
+            for c in cfg.passthrough_columns:
+                v = parsed.get(c)
+                extra[c] = v if v is None or isinstance(v, str) else json.dumps(v)
+        return rows.add(image_id, f"{display_path(protocol, tar_path)}#{sample['member']}", sample["image"],
+                        sample.get("error"), **extra)
+
+    try:
+        with fs.open(tar_path, "rb", block_size=8 << 20) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _wds_key(member.name)
+                if current and key != current["key"]:
+                    skipped += 0 if "image" in current else current["members"]
+                    table = emit(current)
+                    if table is not None:
+                        yield table
+                    current = {}
+                if not current:
+                    current = {"key": key, "members": 0}
+                current["members"] += 1
+                payload = tar.extractfile(member).read()
+                if ext in image_exts and "image" not in current:
+                    current["image"], current["member"] = payload, member.name
+                elif ext == "json":
+                    current["json"] = payload.decode("utf-8", "replace")
+                elif ext in ("txt", "caption"):
+                    current["txt"] = payload.decode("utf-8", "replace")
+            if current:
+                skipped += 0 if "image" in current else current["members"]
+                table = emit(current)
+                if table is not None:
+                    yield table
+    except (tarfile.TarError, EOFError, OSError) as err:
+        # The shard is damaged past this point: record it as one failed row so the counts say so.
+        table = rows.add(f"{rel}/<unreadable>", display_path(protocol, tar_path), None,
+                         f"tar shard unreadable: {type(err).__name__}: {err}", caption=None, json=None,
+                         **{c: None for c in cfg.passthrough_columns})
+        if table is not None:
+            yield table
+    return skipped
+
+
+def _parse_json(text: Optional[str]) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _read_parquet(fs, shard, cfg, root, protocol, rows, only):
+    import pyarrow.parquet as pq
+
+    path = shard.paths[0]
+    rel = relative_id(path, root)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        if cfg.image_column not in names:
+            raise ValueError(f"{display_path(protocol, path)} has no image column '{cfg.image_column}' "
+                             f"(input.image_column); columns: {names}")
+        key_col = "key" if "key" in names else None
+        cols = [cfg.image_column] + ([key_col] if key_col else []) + list(cfg.passthrough_columns)
+        row = 0
+        for batch in pf.iter_batches(batch_size=256, columns=list(dict.fromkeys(cols))):
+            data = batch.to_pydict()
+            for i, img in enumerate(data[cfg.image_column]):
+                key = data[key_col][i] if key_col and data[key_col][i] is not None else f"{row:09d}"
+                image_id = f"{rel}/{key}"
+                row += 1
+                if only is not None and image_id not in only:
+                    continue
+                err = None if img else "no image bytes in this row"
+                table = rows.add(image_id, f"{display_path(protocol, path)}#{key}", img, err,
+                                 **{c: data[c][i] for c in cfg.passthrough_columns})
+                if table is not None:
+                    yield table
+
+
+class ShardDatasource(Datasource):
+    """One read task per shard: fetch bytes in chunks, decode each chunk in the same CPU task, then SHARD_END."""
+
+    def __init__(self, cfg: InputConfig, listing: Listing, shards: list[Shard], extra: list[pa.Field],
+                 chunk: int, decode: Callable[[pa.Table], pa.Table], only: Optional[dict[int, frozenset]] = None):
+        self.cfg, self.listing, self.shards, self.extra, self.chunk = cfg, listing, shards, extra, chunk
+        self.decode, self.only = decode, only
+
+    def estimate_inmemory_data_size(self) -> Optional[int]:
+        return None
+
+    def get_name(self) -> str:
+        return "ReadShards"
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None, data_context=None) -> list[ReadTask]:
+        cfg, root, protocol, extra, chunk = self.cfg, self.listing.root, self.listing.protocol, self.extra, self.chunk
+        decode = self.decode
+        tasks = []
+        for shard in self.shards:
+            only = self.only.get(shard.index) if self.only is not None else None
+
+            def read_fn(shard=shard, only=only) -> Iterator[pa.Table]:
+                for table in read_shard(shard, cfg, root, protocol, extra, chunk, only):
+                    yield decode(table)
+
+            rows = len(shard.paths) + 1 if shard.kind == "files" else None
+            meta = BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None, input_files=shard.paths)
+            tasks.append(ReadTask(read_fn, meta))
+        return tasks
+
+
+def shard_sizes(table: pa.Table) -> dict:
+    """From a table of rows: {shard: (image rows, end count or None, skipped)} for the driver's bookkeeping."""
+    shards = np.asarray(table.column("_shard"))
+    counts = np.asarray(table.column("_count"))
+    skipped = np.asarray(table.column("_skipped"))
+    out: dict = {}
+    for s, c, k in zip(shards, counts, skipped):
+        rows, end, sk = out.get(int(s), (0, None, 0))
+        if c >= 0:
+            out[int(s)] = (rows, int(c), sk + int(k))
+        else:
+            out[int(s)] = (rows + 1, end, sk)
+    return out

@@ -1,0 +1,156 @@
+"""report module: per-stage timing while the job runs, the reconciled run report, the success marker, the summary."""
+from __future__ import annotations
+
+import collections
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from resnet_batch.listing import Listing
+from resnet_batch.reader import SHARD_END
+from resnet_batch.schema import STATUS_OK
+from resnet_batch.writer import REPORT_FILE, SUCCESS_FILE, OutputStore
+
+
+@dataclass
+class RunStats:
+    """Counters the driver accumulates from result batches (thread-safe for the writer threads)."""
+
+    shards_total: int = 0
+    shards_before: int = 0
+    shards_written: int = 0
+    rows: int = 0
+    ok: int = 0
+    decode_s: float = 0.0
+    model_s: float = 0.0
+    write_s: float = 0.0
+    startup_s: float = 0.0
+    first_result_s: float = 0.0
+    pipeline_s: float = 0.0
+    wall_s: float = 0.0
+    device: str = "cpu"
+    per_node: collections.Counter = field(default_factory=collections.Counter)
+    workers: set = field(default_factory=set)
+    _t0: float = field(default_factory=time.perf_counter)
+    _last_print: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def absorb(self, table: pa.Table) -> None:
+        rows = table.filter(pc.not_equal(table.column("status"), SHARD_END))
+        self.rows += len(rows)
+        self.ok += pc.sum(pc.equal(rows.column("status"), STATUS_OK)).as_py() or 0
+        self.decode_s += pc.sum(rows.column("_decode_s")).as_py() or 0.0
+        self.model_s += pc.sum(rows.column("_model_s")).as_py() or 0.0
+        for node, n in collections.Counter(rows.column("_node").to_pylist()).items():
+            self.per_node[node] += n
+        self.workers.update(pc.unique(rows.column("_worker")).to_pylist())
+
+    def wrote_part(self, rows: int, seconds: float) -> None:
+        with self._lock:
+            self.shards_written += 1
+            self.write_s += seconds
+
+    def report_progress(self, enabled: bool, every_s: float = 10.0) -> None:
+        now = time.perf_counter()
+        if not enabled or now - self._last_print < every_s:
+            return
+        self._last_print = now
+        done = self.shards_before + self.shards_written
+        rate = self.rows / max(now - self._t0, 1e-9)
+        todo = self.shards_total - done
+        eta = ""
+        if self.shards_written and todo:
+            per_shard = (now - self._t0) / self.shards_written
+            eta = f", ETA {_hms(per_shard * todo)}"
+        print(f"[resnet-batch] shards {done}/{self.shards_total}, images {self.rows:,} "
+              f"({self.rows - self.ok} failed), {rate:.1f} img/s{eta}", file=sys.stderr, flush=True)
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def bottleneck(stats: RunStats) -> dict:
+    """Where the time went, and whether the model actors were waiting for decoded images."""
+    actors = max(len(stats.workers), 1)
+    busy = stats.model_s / max(stats.pipeline_s * actors, 1e-9)
+    return {
+        "decode_s": round(stats.decode_s, 3),
+        "model_s": round(stats.model_s, 3),
+        "write_s": round(stats.write_s, 3),
+        "model_actors": actors,
+        "model_busy_fraction": round(min(busy, 1.0), 3),
+        "verdict": "model-bound" if busy >= 0.8 else "starved by decode or I/O (add CPUs / decode tasks)",
+    }
+
+
+def finalize(cfg, store: OutputStore, listing: Listing, provenance: dict, stats: RunStats, config: dict) -> dict:
+    """Reconcile every part against the plan; write the run report, and _SUCCESS only when it balances."""
+    done = store.done_parts()
+    counts = collections.Counter()
+    missing = []
+    mismatched = []
+    for shard in listing.shards:
+        name = store.part_name(shard.index)
+        if name not in done:
+            missing.append(name)
+            continue
+        ps = store.part_stats(name)
+        counts.update({k: ps.get(k, 0) for k in ("rows", "ok", "failed", "skipped")})
+        if shard.kind == "files" and ps.get("rows") != len(shard.paths):
+            mismatched.append(f"{name}: {ps.get('rows')} rows for {len(shard.paths)} files")
+    skipped = len(listing.skipped) + counts["skipped"]
+    inputs = counts["rows"] + skipped
+    complete = not missing and not mismatched and counts["ok"] + counts["failed"] == counts["rows"]
+    img_s = stats.rows / stats.pipeline_s if stats.pipeline_s else None
+    report = {
+        "output": store.display(),
+        "complete": complete,
+        "counts": {"inputs": inputs, "ok": counts["ok"], "failed": counts["failed"], "skipped": skipped,
+                   "this_run": {"images": stats.rows, "ok": stats.ok, "failed": stats.rows - stats.ok}},
+        "shards": {"total": len(listing.shards), "done_before": stats.shards_before,
+                   "written": stats.shards_written, "missing": missing[:20], "mismatched": mismatched[:20]},
+        "skipped_files": listing.skipped[:1000],
+        "seconds": {"wall": round(stats.wall_s, 3), "startup": round(stats.startup_s, 3),
+                    "first_result": round(stats.first_result_s, 3), "pipeline": round(stats.pipeline_s, 3)},
+        "img_per_s": round(img_s, 2) if img_s else None,
+        "device": stats.device,
+        "stages": bottleneck(stats),
+        "per_node": dict(stats.per_node),
+        "provenance": provenance,
+        "config": config,
+    }
+    store.write_json(REPORT_FILE, report)
+    if complete:
+        store.write_json(SUCCESS_FILE, {"inputs": inputs, "ok": counts["ok"], "failed": counts["failed"],
+                                        "skipped": skipped})
+    return report
+
+
+def summary(report: dict, examples: Optional[list[tuple[str, str, float]]] = None) -> str:
+    """A few lines for the terminal at the end of a run."""
+    c = report["counts"]
+    st = report["stages"]
+    lines = [
+        f"resnet-batch: {'complete' if report['complete'] else 'INCOMPLETE'} -> {report['output']}",
+        f"  images: {c['ok']} ok, {c['failed']} failed, {c['skipped']} skipped (of {c['inputs']} inputs); "
+        f"this run {c['this_run']['images']} images",
+        f"  speed: {report['img_per_s'] or 0:.1f} img/s on {report['device']} "
+        f"(wall {report['seconds']['wall']:.1f}s, first result after {report['seconds']['first_result']:.1f}s)",
+        f"  time: decode {st['decode_s']:.1f}s, model {st['model_s']:.1f}s, write {st['write_s']:.1f}s "
+        f"({st['model_actors']} actor(s), model busy {st['model_busy_fraction']:.0%}: {st['verdict']})",
+    ]
+    if len(report["per_node"]) > 1:
+        lines.append("  per node: " + ", ".join(f"{k}={v}" for k, v in sorted(report["per_node"].items())))
+    for image_id, label, prob in examples or []:
+        lines.append(f"  e.g. {image_id}: {label} ({prob:.2f})")
+    if not report["complete"]:
+        lines.append(f"  missing shards: {report['shards']['missing'][:5]}; rerun the same command to resume")
+    return "\n".join(lines)

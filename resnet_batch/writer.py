@@ -1,0 +1,139 @@
+"""writer module: the output folder: one Parquet part per shard, written atomically, plus run bookkeeping."""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from resnet_batch.listing import Shard, open_fs
+from resnet_batch.reader import display_path
+from resnet_batch.schema import STATUS_OK, read_provenance
+
+PROVENANCE_FILE = "_provenance.json"
+MANIFEST_FILE = "_manifest.json"
+REPORT_FILE = "_run_report.json"
+SUCCESS_FILE = "_SUCCESS"
+PART_STATS_KEY = b"resnet_batch.part_stats"
+
+
+class OutputError(RuntimeError):
+    """The output location cannot be used as asked; the message says why."""
+
+
+class OutputStore:
+    """Reads and writes the files of one output location (local path or any fsspec URL)."""
+
+    def __init__(self, uri: str, storage_options: dict, compression: str = "zstd"):
+        self.uri = uri
+        self.fs, self.root = open_fs(uri, dict(storage_options))
+        self.local = self.fs.protocol in ("file", "local") or "file" in self.fs.protocol
+        self.compression = None if compression == "none" else compression
+
+    # -- paths -------------------------------------------------------------------------------
+    def path(self, name: str) -> str:
+        return posixpath.join(self.root, name)
+
+    def display(self, name: str = "") -> str:
+        proto = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return display_path(proto, self.path(name) if name else self.root)
+
+    @staticmethod
+    def part_name(shard_index: int) -> str:
+        return f"part-{shard_index:06d}.parquet"
+
+    # -- small JSON files ----------------------------------------------------------------------
+    def read_json(self, name: str) -> Optional[dict]:
+        try:
+            with self.fs.open(self.path(name), "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, name: str, value: dict) -> None:
+        self._atomic_write(name, json.dumps(value, indent=2, sort_keys=True).encode())
+
+    def _atomic_write(self, name: str, data: bytes) -> None:
+        """Readers never see a partial object: a temp name then a rename locally; one PUT on object stores."""
+        final = self.path(name)
+        if not self.local:  # S3 & co publish an object only when its upload completes
+            self.fs.pipe_file(final, data)
+            return
+        self.fs.makedirs(self.root, exist_ok=True)
+        tmp = self.path(f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+
+    # -- state ---------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.fs.exists(self.path(PROVENANCE_FILE))
+
+    def done_parts(self) -> set[str]:
+        try:
+            names = [posixpath.basename(p) for p in self.fs.ls(self.root, detail=False)]
+        except FileNotFoundError:
+            return set()
+        return {n for n in names if n.startswith("part-") and n.endswith(".parquet")}
+
+    def clear(self) -> None:
+        """Remove what a previous run wrote here (our files only), for --fresh."""
+        try:
+            names = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return
+        ours = [p for p in names if posixpath.basename(p).startswith(("part-", "_", ".part-", "._"))]
+        for p in ours:
+            self.fs.rm(p)
+
+    def remove_temp_files(self) -> None:
+        try:
+            names = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return
+        for p in names:
+            if ".tmp-" in posixpath.basename(p):
+                self.fs.rm(p)
+
+    def unpublish(self) -> None:
+        """A run that adds work removes the old success marker first."""
+        if self.fs.exists(self.path(SUCCESS_FILE)):
+            self.fs.rm(self.path(SUCCESS_FILE))
+
+    # -- parts ---------------------------------------------------------------------------------
+    def write_part(self, shard: Shard, table: pa.Table, schema: pa.Schema, stats: dict) -> None:
+        """Write one shard's rows, sorted by image_id, cast to the output schema, atomically."""
+        table = table.select(schema.names).cast(schema)
+        table = table.take(pc.sort_indices(table, sort_keys=[("image_id", "ascending")]))
+        meta = dict(schema.metadata or {})
+        meta[PART_STATS_KEY] = json.dumps(stats, sort_keys=True).encode()
+        table = table.replace_schema_metadata(meta)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression=self.compression, row_group_size=max(len(table), 1))
+        self._atomic_write(self.part_name(shard.index), sink.getvalue().to_pybytes())
+
+    def read_part(self, shard_index: int, columns: Optional[list[str]] = None) -> pa.Table:
+        with self.fs.open(self.path(self.part_name(shard_index)), "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    def part_stats(self, name: str) -> dict:
+        with self.fs.open(self.path(name), "rb") as f:
+            meta = pq.read_metadata(f).metadata or {}
+        return json.loads(meta.get(PART_STATS_KEY, b"{}"))
+
+    def part_provenance(self, name: str) -> Optional[dict]:
+        with self.fs.open(self.path(name), "rb") as f:
+            return read_provenance(pq.read_schema(f))
+
+
+def failed_ids(table: pa.Table) -> frozenset:
+    """The image_ids of a part's failed rows."""
+    mask = pc.not_equal(table.column("status"), STATUS_OK)
+    return frozenset(table.filter(mask).column("image_id").to_pylist())
