@@ -1,0 +1,30 @@
+# resnet-batch: `make demo` runs the job on sample photos; `make test` runs the whole suite.
+# Both create (or update) the virtual environment in .venv themselves.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+DEMO_IMAGES ?= 200
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --no-warn-script-location -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) -c "import resnet_batch, torch, torchvision, ray, faiss, s3fs"
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m resnet_batch.cli sample-data --out data/sample -n $(DEMO_IMAGES)
+	$(VENV)/bin/resnet-batch embed --config configs/local.yaml
+
+test: install
+	$(VENV)/bin/pytest -q
+
+bench: install
+	$(PY) benchmarks/embed_bench.py
+
+clean:
+	rm -rf out data .pytest_cache

@@ -1,0 +1,71 @@
+"""Shared fixtures: real photos, seeded random weights saved as a checkpoint, a local Ray runtime."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnet_batch.config import build_config
+from resnet_batch.sample_data import make_sample_photos
+from resnet_batch.weights import random_state_dict
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """Seeded random ResNet-50 weights saved to a file: loaded through the real checkpoint path."""
+    path = tmp_path_factory.mktemp("weights") / "resnet50-seed7.pth"
+    torch.save(random_state_dict(7), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> Path:
+    """36 realistic JPEGs in shard folders (derived from scikit-image's photographs)."""
+    root = tmp_path_factory.mktemp("photos")
+    make_sample_photos(root, 36, per_folder=12, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray runtime for the whole session (2 CPUs, like this machine)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def job_config(input_uri, output_uri, checkpoint_path, **sections):
+    """A JobConfig for tests: the given checkpoint, fp32, small batches; sections override keys."""
+    data = {
+        "input": {"uri": str(input_uri), "images_per_shard": 8},
+        "model": {"weights": str(checkpoint_path), "precision": "fp32"},
+        "compute": {"batch_size": 8, "decode_batch_size": 4, "torch_threads": 1},
+        "output": {"uri": str(output_uri)},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return build_config(data)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu skip cleanly where CUDA is absent."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
