@@ -1,5 +1,7 @@
 # resnet-batch: `make demo` runs the job on sample photos; `make test` runs the whole suite.
 # Both create (or update) the virtual environment in .venv themselves.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +12,7 @@ DEMO_IMAGES ?= 200
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-warn-script-location -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) -m pip install --quiet --no-warn-script-location -e '.[test]' 2>&1 | { grep -v '^WARNING: Location' || true; }
 	$(PY) -c "import resnet_batch, torch, torchvision, ray, faiss, s3fs"
 	rm -f $(VENV)/.installed-* && touch $@
 
