@@ -63,19 +63,32 @@ def random_state_dict(seed: int) -> dict[str, torch.Tensor]:
 
 
 def _load_enum(name: str) -> dict[str, torch.Tensor]:
+    """torchvision weights through the torch hub cache (downloaded there if the network allows)."""
+    import os
+
     from torch.hub import get_dir
     from torchvision.models import ResNet50_Weights
 
     w = ResNet50_Weights[name]
+    fname = w.url.rsplit("/", 1)[-1]
+    cached = os.path.join(get_dir(), "checkpoints", fname)
     try:
-        return w.get_state_dict(progress=False, check_hash=True)
+        sd = w.get_state_dict(progress=False, check_hash=True)
     except Exception as err:
-        fname = w.url.rsplit("/", 1)[-1]
         raise WeightsUnavailableError(
             f"could not load torchvision weights ResNet50_Weights.{name} ({type(err).__name__}: {err}). "
-            f"Download {w.url} on a machine with internet and place it at {get_dir()}/checkpoints/{fname} "
+            f"Download {w.url} on a machine with internet and place it at {cached} "
             "(or set TORCH_HOME), or set model.weights to a checkpoint path or URL (s3://...)."
         ) from None
+    # torch only checks the hash when it downloads; a cached file is checked here too.
+    expected = fname.rsplit("-", 1)[-1].split(".")[0]
+    with open(cached, "rb") as f:
+        actual = hashlib.file_digest(f, "sha256").hexdigest()
+    if not actual.startswith(expected):
+        raise WeightsUnavailableError(
+            f"cached weights {cached} do not match the published hash ({actual[:8]} != {expected}): "
+            f"delete the file and download {w.url} again, or set model.weights to a checkpoint path.")
+    return sd
 
 
 def _load_checkpoint(uri: str, storage_options: Optional[dict]) -> dict[str, torch.Tensor]:
