@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import posixpath
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 import fsspec
-from fsspec.core import url_to_fs
 
 from resnet_batch.config import InputConfig
+from resnet_batch.storage import ListingProgress, endpoint_of, explain, filesystem, is_s3, list_files
 
 
 class InputError(ValueError):
@@ -44,9 +43,8 @@ class Listing:
 
 
 def open_fs(uri: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and the protocol-less root path for a URI."""
-    fs, root = url_to_fs(uri, **storage_options)
-    return fs, root.rstrip("/") or "/"
+    """The fsspec filesystem and the protocol-less root path for a URI (S3 options resolved, see storage)."""
+    return filesystem(uri, storage_options)
 
 
 def relative_id(path: str, root: str) -> str:
@@ -56,8 +54,18 @@ def relative_id(path: str, root: str) -> str:
 
 
 def _extension(path: str) -> str:
-    base = posixpath.basename(path)
-    return base.rsplit(".", 1)[-1].lower() if "." in base else ""
+    """The lower-case extension; gzipped tars (`.tar.gz`, `.tgz`) count as `tar`."""
+    base = posixpath.basename(path).lower()
+    if base.endswith((".tar.gz", ".tgz")):
+        return "tar"
+    return base.rsplit(".", 1)[-1] if "." in base else ""
+
+
+def tar_key(name: str) -> tuple[str, str]:
+    """WebDataset member naming: dir/KEY.ext, the first dot of the basename splits key and extension."""
+    d, base = posixpath.split(name)
+    key, _, ext = base.partition(".")
+    return posixpath.join(d, key), ext.lower()
 
 
 def detect_format(paths: list[str], extensions: tuple[str, ...]) -> str:
@@ -80,11 +88,13 @@ def list_input(cfg: InputConfig, progress: bool = True) -> Listing:
             paths = [root]
             root = posixpath.dirname(root)
         else:
-            paths = sorted(_find(fs, root, progress))
+            listed = ListingProgress(cfg.uri, enabled=progress)
+            paths = sorted(list_files(fs, root, listed))
+            listed.done()
     except FileNotFoundError:
         raise InputError(f"input not found: {cfg.uri} (input.uri)") from None
-    except PermissionError as err:
-        raise InputError(f"input {cfg.uri} cannot be listed: access denied ({err})") from None
+    except Exception as err:  # access denied, unreachable endpoint, ...: say so, without a traceback
+        raise InputError(explain(err, cfg.uri, "input", endpoint_of(fs) if is_s3(cfg.uri) else "")) from None
     if not paths and not fs.exists(root):
         raise InputError(f"input not found: {cfg.uri} (input.uri)")
     fmt = cfg.format if cfg.format != "auto" else detect_format(paths, cfg.extensions)
@@ -108,13 +118,3 @@ def list_input(cfg: InputConfig, progress: bool = True) -> Listing:
         images = None
     return Listing(root, protocol, fmt, shards, skipped, images, time.perf_counter() - t0)
 
-
-def _find(fs: fsspec.AbstractFileSystem, root: str, progress: bool) -> list[str]:
-    """All files below root. On S3 this is one paginated ListObjectsV2 walk, not a request per object."""
-    t0 = time.perf_counter()
-    found = fs.find(root, withdirs=False)
-    if progress and len(found) > 10_000:
-        dt = time.perf_counter() - t0
-        print(f"listed {len(found):,} objects in {dt:.1f}s ({len(found) / max(dt, 1e-9):,.0f} objects/s)",
-              file=sys.stderr)
-    return found

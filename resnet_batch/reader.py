@@ -1,9 +1,7 @@
 """reader module: a Ray Data datasource that reads shards (image files, WebDataset tars, Parquet) as bytes rows."""
 from __future__ import annotations
 
-import io
 import json
-import posixpath
 import tarfile
 from typing import Callable, Iterator, Optional
 
@@ -13,7 +11,7 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
 from resnet_batch.config import InputConfig
-from resnet_batch.listing import Listing, Shard, open_fs, relative_id
+from resnet_batch.listing import InputError, Listing, Shard, open_fs, relative_id, tar_key
 from resnet_batch.schema import STATUS_OK, STATUS_READ_ERROR
 
 SHARD_END = "_end"  # status of the one sentinel row that closes each shard; its _count is the shard's size
@@ -35,24 +33,104 @@ def display_path(protocol: str, path: str) -> str:
     return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
+WDS_FIELDS = (pa.field("caption", pa.string()), pa.field("json", pa.string()))  # always, for webdataset input
+JSON_PEEK_SAMPLES = 64
+
+
 def extra_fields(cfg: InputConfig, listing: Listing) -> list[pa.Field]:
-    """The pass-through output columns this input adds after the base schema."""
+    """The pass-through output columns this input adds after the base schema (checked before any work).
+
+    webdataset: `caption` (KEY.txt) and `json` (KEY.json as text), then each input.passthrough_columns
+    name lifted from the json with a type inferred from the first samples of the first shard.
+    parquet: the input.passthrough_columns of the Parquet files, with their own types.
+    """
+    fs, _ = open_fs(cfg.uri, dict(cfg.storage_options))
+    first = listing.shards[0].paths[0]
     if listing.format == "webdataset":
-        return [pa.field("caption", pa.string()), pa.field("json", pa.string())] + [
-            pa.field(c, pa.string()) for c in cfg.passthrough_columns]
-    if listing.format == "parquet" and cfg.passthrough_columns:
+        clash = [c for c in cfg.passthrough_columns if c in ("caption", "json")]
+        if clash:
+            raise InputError(f"input.passthrough_columns: {clash} are always output columns for webdataset input")
+        types = json_field_types(fs, first, cfg.passthrough_columns, cfg.extensions, listing.protocol)
+        return list(WDS_FIELDS) + [pa.field(c, types[c]) for c in cfg.passthrough_columns]
+    if listing.format == "parquet":
         import pyarrow.parquet as pq
 
-        fs, _ = open_fs(cfg.uri, dict(cfg.storage_options))
-        with fs.open(listing.shards[0].paths[0], "rb") as f:
+        with fs.open(first, "rb") as f:
             schema = pq.ParquetFile(f).schema_arrow
+        shown = display_path(listing.protocol, first)
+        if cfg.image_column not in schema.names:
+            raise InputError(f"{shown} has no image column '{cfg.image_column}' (input.image_column); "
+                             f"columns: {schema.names}")
         missing = [c for c in cfg.passthrough_columns if c not in schema.names]
         if missing:
-            raise ValueError(f"input.passthrough_columns not in {listing.shards[0].paths[0]}: {missing}")
+            raise InputError(f"input.passthrough_columns {missing} not in {shown}; columns: {schema.names}")
         return [schema.field(c) for c in cfg.passthrough_columns]
     if cfg.passthrough_columns:
-        raise ValueError("input.passthrough_columns applies to webdataset and parquet input only")
+        raise InputError("input.passthrough_columns applies to webdataset and parquet input only")
     return []
+
+
+def json_field_types(fs, tar_path: str, names: tuple[str, ...], extensions: tuple[str, ...],
+                     protocol: str = "file", samples: int = JSON_PEEK_SAMPLES) -> dict[str, pa.DataType]:
+    """Arrow types for json fields, from the first `samples` samples of one tar (read as a stream, stopping early).
+
+    bool -> bool, int -> int64, float (or int and float) -> float64, str -> string; lists, objects, mixed
+    or always-null fields -> string (JSON text). A name that no sample's json has is an InputError.
+    """
+    if not names:
+        return {}
+    seen: dict[str, set] = {n: set() for n in names}
+    present: set[str] = set()
+    all_fields: set[str] = set()
+    n = 0
+    with fs.open(tar_path, "rb", block_size=1 << 20) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile() or tar_key(member.name)[1] != "json":
+                continue
+            meta = _parse_json(tar.extractfile(member).read().decode("utf-8", "replace"))
+            all_fields.update(meta)
+            for name in names:
+                if name in meta:
+                    present.add(name)
+                    if meta[name] is not None:
+                        seen[name].add(type(meta[name]))
+            n += 1
+            if n >= samples:
+                break
+    missing = [c for c in names if c not in present]
+    if missing:
+        raise InputError(f"input.passthrough_columns {missing} not found in the json of the first {n} samples of "
+                         f"{display_path(protocol, tar_path)}; fields seen: {sorted(all_fields)}")
+    return {name: _arrow_type(kinds) for name, kinds in seen.items()}
+
+
+def _arrow_type(kinds: set) -> pa.DataType:
+    if kinds == {bool}:
+        return pa.bool_()
+    if kinds == {int}:
+        return pa.int64()
+    if kinds and kinds <= {int, float}:
+        return pa.float64()
+    return pa.string()
+
+
+def coerce_json_value(value, type_: pa.DataType):
+    """A json value as the column's type; a value of another kind becomes null (the `json` column keeps it)."""
+    if value is None:
+        return None
+    if pa.types.is_string(type_):
+        return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    if pa.types.is_boolean(type_):
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool):
+        return None
+    if pa.types.is_integer(type_):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value if isinstance(value, int) else None
+    if pa.types.is_floating(type_):
+        return float(value) if isinstance(value, (int, float)) else None
+    return None
 
 
 class _Rows:
@@ -99,7 +177,7 @@ def read_shard(shard: Shard, cfg: InputConfig, root: str, protocol: str, extra: 
     elif shard.kind == "webdataset":
         skipped = yield from _read_tar(fs, shard, cfg, root, protocol, rows, only)
     elif shard.kind == "parquet":
-        yield from _read_parquet(fs, shard, cfg, root, protocol, rows, only)
+        skipped = yield from _read_parquet(fs, shard, cfg, root, protocol, rows, only)
     else:
         raise ValueError(f"unknown shard kind {shard.kind}")
     yield rows.end(skipped)
@@ -132,17 +210,11 @@ def _cat_one(fs, path):
         return err
 
 
-def _wds_key(name: str) -> tuple[str, str]:
-    """WebDataset member naming: dir/KEY.ext (the first dot of the basename splits key and extension)."""
-    d, base = posixpath.split(name)
-    key, _, ext = base.partition(".")
-    return posixpath.join(d, key), ext.lower()
-
-
 def _read_tar(fs, shard, cfg, root, protocol, rows, only):
     tar_path = shard.paths[0]
     rel = relative_id(tar_path, root)
     image_exts = set(cfg.extensions)
+    lifted = {f.name: f.type for f in rows.extra if f.name not in ("caption", "json")}
     skipped = 0
     current: dict = {}
 
@@ -156,11 +228,9 @@ def _read_tar(fs, shard, cfg, root, protocol, rows, only):
             return None
         meta = sample.get("json")
         extra = {"caption": sample.get("txt"), "json": meta}
-        if cfg.passthrough_columns:
+        if lifted:
             parsed = _parse_json(meta)
-            for c in cfg.passthrough_columns:
-                v = parsed.get(c)
-                extra[c] = v if v is None or isinstance(v, str) else json.dumps(v)
+            extra.update({c: coerce_json_value(parsed.get(c), t) for c, t in lifted.items()})
         return rows.add(image_id, f"{display_path(protocol, tar_path)}#{sample['member']}", sample["image"],
                         sample.get("error"), **extra)
 
@@ -169,7 +239,7 @@ def _read_tar(fs, shard, cfg, root, protocol, rows, only):
             for member in tar:
                 if not member.isfile():
                     continue
-                key, ext = _wds_key(member.name)
+                key, ext = tar_key(member.name)
                 if current and key != current["key"]:
                     skipped += 0 if "image" in current else current["members"]
                     table = emit(current)
@@ -212,32 +282,53 @@ def _parse_json(text: Optional[str]) -> dict:
 
 
 def _read_parquet(fs, shard, cfg, root, protocol, rows, only):
+    """img2dataset-style Parquet: one row per sample, the image bytes in input.image_column, the key in `key`.
+
+    A row without image bytes (img2dataset keeps failed downloads with a null image) counts as skipped,
+    like a tar sample without an image; an image column that is a struct with `bytes` (Hugging Face
+    datasets) works too. Pass-through columns that this shard lacks are null. Returns the skipped count.
+    """
     import pyarrow.parquet as pq
 
     path = shard.paths[0]
     rel = relative_id(path, root)
+    shown = display_path(protocol, path)
+    skipped = 0
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
-        if cfg.image_column not in names:
-            raise ValueError(f"{display_path(protocol, path)} has no image column '{cfg.image_column}' "
-                             f"(input.image_column); columns: {names}")
+        if cfg.image_column not in names:  # this shard's rows all fail, with the reason; the others go on
+            err = f"{shown} has no image column '{cfg.image_column}' (input.image_column); columns: {names}"
+            for row in range(pf.metadata.num_rows):
+                image_id = f"{rel}/{row:09d}"
+                if only is None or image_id in only:
+                    table = rows.add(image_id, f"{shown}#{row:09d}", None, err,
+                                     **{c: None for c in cfg.passthrough_columns})
+                    if table is not None:
+                        yield table
+            return 0
         key_col = "key" if "key" in names else None
-        cols = [cfg.image_column] + ([key_col] if key_col else []) + list(cfg.passthrough_columns)
+        present = [c for c in cfg.passthrough_columns if c in names]
+        cols = list(dict.fromkeys([cfg.image_column] + ([key_col] if key_col else []) + present))
         row = 0
-        for batch in pf.iter_batches(batch_size=256, columns=list(dict.fromkeys(cols))):
+        for batch in pf.iter_batches(batch_size=256, columns=cols):
             data = batch.to_pydict()
             for i, img in enumerate(data[cfg.image_column]):
                 key = data[key_col][i] if key_col and data[key_col][i] is not None else f"{row:09d}"
-                image_id = f"{rel}/{key}"
                 row += 1
+                if isinstance(img, dict):
+                    img = img.get("bytes")
+                if img is None:
+                    skipped += 1
+                    continue
+                image_id = f"{rel}/{key}"
                 if only is not None and image_id not in only:
                     continue
-                err = None if img else "no image bytes in this row"
-                table = rows.add(image_id, f"{display_path(protocol, path)}#{key}", img, err,
-                                 **{c: data[c][i] for c in cfg.passthrough_columns})
+                table = rows.add(image_id, f"{shown}#{key}", img, None,
+                                 **{c: data[c][i] if c in data else None for c in cfg.passthrough_columns})
                 if table is not None:
                     yield table
+    return skipped
 
 
 class ShardDatasource(Datasource):

@@ -79,7 +79,7 @@ def _session_of(pid: int) -> int | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[4])  # fields after "(comm)": state ppid pgrp session
+    return int(stat.rsplit(")", 1)[1].split()[3])  # fields after "(comm)": state ppid pgrp session
 
 
 class LoopbackCluster:
@@ -102,6 +102,9 @@ class LoopbackCluster:
             RAY_USAGE_STATS_ENABLED="0",
             AUTOSCALER_METRIC_PORT=str(autoscaler_metrics),  # Ray's fixed defaults (44217, 44227)
             DASHBOARD_METRIC_PORT=str(dashboard_metrics),  # would collide with another head here
+            # Start dispatching only when all min_actors are up: else the first actor ready can take
+            # all of a small input while the other node's actor is still loading torch.
+            RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S="180",
         )
 
     @property
@@ -180,6 +183,7 @@ def cluster():
     finally:
         c.stop()
         shutil.rmtree(root, ignore_errors=True)
+    assert not c.processes(), f"cluster processes left running: {c.processes()}"
 
 
 def _nodes(c: LoopbackCluster) -> list[dict]:
@@ -260,9 +264,12 @@ def test_failed_job_exits_nonzero_and_shows_failed(cluster, checkpoint, tmp_path
     logs = res.stdout + res.stderr
     assert res.returncode != 0, logs[-3000:]
     assert "error:" in logs and "no-such-folder" in logs  # the job's own message reaches the submitter
+    assert "Job 'embed-bad-input' failed" in logs
     assert _job_status(cluster, "embed-bad-input") == "FAILED"
     status = cluster.ray("job", "status", "--address", cluster.dashboard, "embed-bad-input")
-    assert "FAILED" in status.stdout + status.stderr
+    assert status.returncode == 0
+    assert "Job 'embed-bad-input' failed" in status.stdout + status.stderr
+    assert "exit code 2" in status.stdout + status.stderr  # embed's usage-error exit status
 
 
 def test_client_without_the_token_is_refused(cluster, tmp_path):

@@ -1,0 +1,94 @@
+"""Overnight-proof: kill -9 of the driver at several points, an actor dying mid-run; resume is exactly-once."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+from resnet_batch.sample_data import make_sample_photos
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+N_IMAGES, PER_SHARD = 40, 4
+
+
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("many")
+    paths = make_sample_photos(root, N_IMAGES, per_folder=20, seed=5)
+    return root, {p.relative_to(root).as_posix() for p in paths}
+
+
+def _start(input_dir, out, checkpoint, env=None, extra=()):
+    cmd = [sys.executable, "-m", "resnet_batch.cli", "embed", "--quiet", "--input", str(input_dir),
+           "--output", str(out), "-o", f"model.weights={checkpoint}", "-o", "model.precision=fp32",
+           "-o", f"input.images_per_shard={PER_SHARD}", "-o", "compute.batch_size=4",
+           "-o", "compute.decode_batch_size=4", "-o", "compute.torch_threads=1", *extra]
+    return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _kill_group(proc):
+    """SIGKILL the driver first (the crash), then whatever Ray processes it left in its session."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(1)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _parts(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_ino for p in out.glob("part-*.parquet")}
+
+
+def _finish(input_dir, out, checkpoint):
+    proc = _start(input_dir, out, checkpoint)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    return log
+
+
+def _assert_exactly_once(out, expected):
+    ids = pads.dataset(str(out), format="parquet").to_table(columns=["image_id"]).column("image_id").to_pylist()
+    assert len(ids) == len(set(ids))
+    assert set(ids) == expected
+    assert (out / "_SUCCESS").exists()
+    assert not list(out.glob(".*tmp*"))
+
+
+@pytest.mark.parametrize("kill_after_parts", [1, 6])
+def test_kill_driver_then_resume(many_photos, checkpoint, tmp_path, kill_after_parts):
+    input_dir, expected = many_photos
+    out = tmp_path / "out"
+    proc = _start(input_dir, out, checkpoint)
+    deadline = time.time() + 240
+    while len(_parts(out)) < kill_after_parts:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "no output appeared"
+        time.sleep(0.05)
+    _kill_group(proc)
+    survived = _parts(out)
+    total = N_IMAGES // PER_SHARD
+    assert kill_after_parts <= len(survived) < total
+    assert not (out / "_SUCCESS").exists()
+    log = _finish(input_dir, out, checkpoint)
+    assert f"{len(survived)} shards already done, {total - len(survived)} to do" in log
+    after = _parts(out)
+    assert {k: after[k] for k in survived} == survived  # finished shards were not rewritten
+    _assert_exactly_once(out, expected)
+
+
+def test_actor_killed_mid_run_is_restarted(many_photos, checkpoint, tmp_path):
+    input_dir, expected = many_photos
+    latch = tmp_path / "actor-killed"
+    proc = _start(input_dir, tmp_path / "out", checkpoint, env={"RESNET_BATCH_FAULT_KILL_ACTOR": str(latch)})
+    log, _ = proc.communicate(timeout=300)
+    assert latch.exists(), "the fault hook never fired"
+    assert proc.returncode == 0, log
+    assert f"images: {len(expected)} ok, 0 failed" in log
+    _assert_exactly_once(tmp_path / "out", expected)
