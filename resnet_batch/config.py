@@ -25,7 +25,7 @@ class InputConfig(_Section):
     uri: str = Field(description="Local path or fsspec URL (file://, s3://) of the input root.")
     format: Literal["auto", "folder", "webdataset", "parquet"] = "auto"
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)  # may hold secrets: not in repr()
     images_per_shard: int = Field(256, ge=1, description="Folder input: images per shard (unit of resume).")
     image_column: str = "jpg"
     passthrough_columns: tuple[str, ...] = ()
@@ -81,7 +81,7 @@ class OutputConfig(_Section):
     """Where the Parquet goes."""
 
     uri: str
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)  # may hold secrets: not in repr()
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
 
 

@@ -21,6 +21,7 @@ from resnet_batch.provenance import build_provenance, check_compatible
 from resnet_batch.reader import SHARD_END, ShardDatasource, extra_fields
 from resnet_batch.report import RunStats, finalize
 from resnet_batch.schema import output_schema, with_provenance
+from resnet_batch.storage import prepare as prepare_storage
 from resnet_batch.weights import categories, resolve_weights
 from resnet_batch.writer import MANIFEST_FILE, PROVENANCE_FILE, OutputError, OutputStore, failed_ids
 
@@ -126,6 +127,7 @@ def build_dataset(cfg: JobConfig, plan: Plan, spec: PreprocessSpec, extra: list,
 def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, progress: bool = True) -> dict:
     """Run (or resume) an embed job; returns the run report. Raises on configuration or output errors."""
     t_start = time.perf_counter()
+    cfg = prepare_storage(cfg)  # storage options resolved; input readable, output writable, before any work
     weights, state_dict = resolve_weights(cfg.model, dict(cfg.input.storage_options))
     spec = PreprocessSpec.from_weights(weights.transforms)
     provenance = build_provenance(cfg, weights, spec)
@@ -137,7 +139,7 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
     _log(f"input {cfg.input.uri}: {plan.listing.format}, {len(plan.listing.shards)} shards"
          f"{f', {plan.listing.images} images' if plan.listing.images is not None else ''}, "
          f"{len(plan.listing.skipped)} non-image files skipped; {plan.done_before} shards already done, "
-         f"{len(plan.todo)} to do", progress)
+         f"{len(plan.todo)} to do")
     if plan.todo:
         store.unpublish()
         store.remove_temp_files()

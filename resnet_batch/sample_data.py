@@ -65,3 +65,101 @@ def make_sample_photos(out_dir: str | os.PathLike, n: int, *, per_folder: int = 
         path.write_bytes(jpeg_bytes(variant(photos[name], rng), quality=int(rng.integers(70, 96))))
         paths.append(path)
     return paths
+
+
+# -- img2dataset-style shards (WebDataset tars, Parquet) made from photos ---------------------------
+IMG2DATASET_META = ("url", "caption", "key", "status", "error_message", "width", "height",
+                    "original_width", "original_height", "exif", "sha256")
+
+
+def _sample_meta(photo: Path, root: Path, key: str, data: bytes) -> dict:
+    """The metadata img2dataset records for one downloaded image (its `KEY.json` / Parquet row)."""
+    import hashlib
+
+    with Image.open(io.BytesIO(data)) as im:
+        width, height = im.size
+    rel = photo.relative_to(root).as_posix()
+    return {"url": f"https://photos.example.com/{rel}", "caption": f"a photo of {photo.stem.rsplit('-', 1)[0]}",
+            "key": key, "status": "success", "error_message": None, "width": width, "height": height,
+            "original_width": width, "original_height": height, "exif": None,
+            "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _chunks(photos: list[Path], per_shard: int) -> list[list[Path]]:
+    return [photos[i:i + per_shard] for i in range(0, len(photos), per_shard)]
+
+
+def _write_stats(out: Path, shard: int, count: int, failed: int = 0) -> None:
+    """img2dataset's per-shard `NNNNN_stats.json` (not an input shard; listed and skipped)."""
+    import json
+
+    stats = {"count": count + failed, "successes": count, "failed_to_download": failed,
+             "failed_to_resize": 0, "status_dict": {"success": count}}
+    (out / f"{shard:05d}_stats.json").write_text(json.dumps(stats))
+
+
+def write_webdataset(photos: list[Path], root: str | os.PathLike, out_dir: str | os.PathLike, *,
+                     per_shard: int = 10_000) -> list[Path]:
+    """Write photos as img2dataset writes WebDataset output: out_dir/NNNNN.tar holding KEY.jpg, KEY.json and
+    KEY.txt (the caption) per sample, KEY = 5-digit shard + 4-digit index, and beside each tar its
+    metadata NNNNN.parquet and NNNNN_stats.json. `root` is what the photos' urls are relative to."""
+    import json
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, out = Path(root), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tars = []
+    for shard, group in enumerate(_chunks(sorted(photos), per_shard)):
+        path = out / f"{shard:05d}.tar"
+        metas = []
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i, photo in enumerate(group):
+                key = f"{shard:05d}{i:04d}"
+                data = photo.read_bytes()
+                meta = _sample_meta(photo, root, key, data)
+                metas.append(meta)
+                members = {"jpg": data, "json": json.dumps(meta).encode(), "txt": meta["caption"].encode()}
+                for ext, payload in members.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mtime, info.mode = len(payload), 0, 0o644
+                    tar.addfile(info, io.BytesIO(payload))
+        pq.write_table(pa.Table.from_pylist(metas), out / f"{shard:05d}.parquet")
+        _write_stats(out, shard, len(group))
+        tars.append(path)
+    return tars
+
+
+def write_image_parquet(photos: list[Path], root: str | os.PathLike, out_dir: str | os.PathLike, *,
+                        per_shard: int = 10_000, failed_per_shard: int = 0, image_column: str = "jpg") -> list[Path]:
+    """Write photos as img2dataset's Parquet output: out_dir/NNNNN.parquet with the metadata columns
+    (url, caption, key, status, ..., sha256) and the JPEG bytes in `image_column`, plus NNNNN_stats.json.
+    `failed_per_shard` adds rows like img2dataset's failed downloads: status failed_to_download, no image."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, out = Path(root), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for shard, group in enumerate(_chunks(sorted(photos), per_shard)):
+        rows = []
+        for i, photo in enumerate(group):
+            data = photo.read_bytes()
+            rows.append({**_sample_meta(photo, root, f"{shard:05d}{i:04d}", data), image_column: data})
+        for j in range(failed_per_shard):
+            key = f"{shard:05d}{len(group) + j:04d}"
+            rows.append({"url": f"https://photos.example.com/missing-{key}.jpg", "caption": "a lost photo",
+                         "key": key, "status": "failed_to_download", "error_message": "HTTP Error 404: Not Found",
+                         "width": None, "height": None, "original_width": None, "original_height": None,
+                         "exif": None, "sha256": None, image_column: None})
+        schema = pa.schema([("url", pa.string()), ("caption", pa.string()), ("key", pa.string()),
+                            ("status", pa.string()), ("error_message", pa.string()), ("width", pa.int64()),
+                            ("height", pa.int64()), ("original_width", pa.int64()), ("original_height", pa.int64()),
+                            ("exif", pa.string()), ("sha256", pa.string()), (image_column, pa.binary())])
+        path = out / f"{shard:05d}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+        _write_stats(out, shard, len(group), failed_per_shard)
+        files.append(path)
+    return files

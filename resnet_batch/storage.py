@@ -259,7 +259,8 @@ def check_readable(uri: str, options: dict) -> None:
 
 
 def check_writable(uri: str, options: dict) -> None:
-    """Raise StorageAccessError unless the output location accepts a write (and a delete) of a tiny object."""
+    """Raise StorageAccessError unless the output location can be listed and accepts a write (and a delete)
+    of an empty object."""
     if not is_s3(uri):
         fs, root = filesystem(uri, options)
         if fs.protocol not in ("file", "local") and "file" not in fs.protocol:
@@ -277,6 +278,9 @@ def check_writable(uri: str, options: dict) -> None:
     endpoint = endpoint_of(fs)
     probe = posixpath.join(key, f"{WRITE_CHECK_NAME}.{os.getpid()}") if key else f"{WRITE_CHECK_NAME}.{os.getpid()}"
     try:
+        # List first: the job lists its output to resume, and some stores (SeaweedFS for an admin key)
+        # would create a missing bucket on a PUT instead of saying it does not exist.
+        fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=key, MaxKeys=1, **fs.req_kw)
         fs.call_s3("put_object", Bucket=bucket, Key=probe, Body=b"", **fs.req_kw)
     except Exception as err:
         raise StorageAccessError(explain(err, uri, "output", endpoint)) from None

@@ -45,6 +45,16 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real SeaweedFS S3 server on loopback (identities file: keys are checked), shared by the session
+    and stopped by its pid at the end. See tests/s3server.py."""
+    from tests.s3server import S3Server
+
+    with S3Server(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
 def job_config(input_uri, output_uri, checkpoint_path, **sections):
     """A JobConfig for tests: the given checkpoint, fp32, small batches; sections override keys."""
     data = {
