@@ -11,9 +11,9 @@ import pyarrow as pa
 import torch
 
 from resnet_batch.decode import PreprocessSpec
-from resnet_batch.schema import STATUS_MODEL_ERROR, STATUS_OK, embedding_array
+from resnet_batch.schema import STATUS_DECODE_ERROR, STATUS_MODEL_ERROR, STATUS_OK, embedding_array
 
-_CONSUMED = {"image_id", "path", "width", "height", "status", "error", "pixels", "bytes"}
+_CONSUMED = {"image_id", "path", "width", "height", "status", "error", "pixels", "bytes", "_device_ok"}
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -40,19 +40,26 @@ class ResNet50Embedder:
             model = model.to(memory_format=torch.channels_last)
         self.trunk = torch.compile(model) if compile else model
         self.autocast_dtype = _DTYPES[precision]
+        self.crop = spec.crop_size
         scale = torch.tensor(255.0)
         self.mean = (torch.tensor(spec.mean) * scale).view(1, 3, 1, 1).to(self.device)
         self.inv_std = (1.0 / (torch.tensor(spec.std) * scale)).view(1, 3, 1, 1).to(self.device)
 
-    def _to_device(self, pixels: np.ndarray) -> torch.Tensor:
-        """uint8 NHWC on the host -> normalised float NCHW on the device (channels_last strides)."""
-        x = torch.from_numpy(np.ascontiguousarray(pixels))
-        if self.device.type == "cuda":
+    def _to_device(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC on the host (or already on the device: gpu_decode) -> normalised float NCHW on the
+        device (channels_last strides)."""
+        x = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(pixels))
+        if self.device.type == "cuda" and x.device.type == "cpu":
             x = x.pin_memory().to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2)  # a view: NCHW shape, NHWC (channels_last) memory
         if not self.channels_last:
             x = x.contiguous()
         return (x.float() - self.mean) * self.inv_std
+
+    def warmup(self, batch_size: int) -> None:
+        """One throw-away forward pass at the working batch size: kernels are chosen and compiled now,
+        while the decode tasks fill the queue, not on the first real batch."""
+        self.embed(np.zeros((batch_size, self.crop, self.crop, 3), dtype=np.uint8))
 
     @torch.inference_mode()
     def embed(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +76,8 @@ class EmbedActor:
     """Ray Data actor: decoded rows in, output rows (labels, probabilities, embedding) out."""
 
     def __init__(self, state_dict, spec: PreprocessSpec, categories: tuple[str, ...], topk: int,
-                 precision: str, channels_last: bool, compile: bool, use_gpu: bool, threads: Optional[int]):
+                 precision: str, channels_last: bool, compile: bool, use_gpu: bool, threads: Optional[int],
+                 decode_opts: Optional[dict] = None, warmup_batch: int = 0):
         if not isinstance(state_dict, dict):  # an ObjectRef: the driver put the weights in the object store once
             import ray
 
@@ -77,8 +85,11 @@ class EmbedActor:
         self.embedder = ResNet50Embedder(
             state_dict, spec, precision=precision, channels_last=channels_last, compile=compile,
             device="cuda" if use_gpu and torch.cuda.is_available() else "cpu", threads=threads)
+        if warmup_batch:
+            self.embedder.warmup(warmup_batch)
         self.categories = np.array(categories, dtype=object)
         self.topk = topk
+        self.spec, self.decode_opts, self._decoder = spec, decode_opts or {}, None  # for JPEG bytes (gpu_decode)
         self.node = os.environ.get("RESNET_BATCH_NODE_NAME") or socket.gethostname()
         try:
             import ray
@@ -92,6 +103,11 @@ class EmbedActor:
         status = np.array(batch["status"], dtype=object)
         error = _nulls(batch["error"])
         ok = status == STATUS_OK
+        pixels = batch.get("pixels")
+        if pixels is None and ok.any():  # compute.gpu_decode: JPEG bytes, decoded on this actor's device
+            pixels, ok = self._decode_bytes(batch, status, error, ok)
+        elif pixels is not None:
+            pixels = pixels[ok]
         emb = np.zeros((n, 2048), dtype=np.float32)
         ids = np.zeros((n, self.topk), dtype=np.int32)
         probs = np.zeros((n, self.topk), dtype=np.float32)
@@ -99,7 +115,7 @@ class EmbedActor:
         if ok.any():
             _maybe_fault()
             try:
-                e, logits = self.embedder.embed(batch["pixels"][ok])
+                e, logits = self.embedder.embed(pixels)
                 top = torch.softmax(logits, dim=1).topk(self.topk, dim=1)
                 emb[ok] = e.cpu().numpy()
                 ids[ok] = top.indices.cpu().numpy()
@@ -127,6 +143,19 @@ class EmbedActor:
             "_node": np.full(n, self.node, dtype=object),
             "_worker": np.full(n, f"{self.node}:{os.getpid()}", dtype=object),
         })
+
+    def _decode_bytes(self, batch: dict, status: np.ndarray, error: np.ndarray, ok: np.ndarray):
+        """The `ok` rows' bytes -> (crops on the device, new ok mask); failures become decode_error rows."""
+        if self._decoder is None:
+            from resnet_batch.gpu_decode import DeviceJpegDecoder
+
+            self._decoder = DeviceJpegDecoder(self.spec, self.embedder.device, **self.decode_opts)
+        out = self._decoder.decode(batch["bytes"], batch["_device_ok"], todo=ok)
+        failed = ok & ~out.ok
+        status[failed] = STATUS_DECODE_ERROR
+        error[failed] = np.array(out.error, dtype=object)[failed]
+        batch["_decode_s"] = np.asarray(batch["_decode_s"], dtype=np.float32) + out.seconds  # not model time
+        return out.pixels, out.ok
 
 
 def _nulls(values: np.ndarray) -> np.ndarray:

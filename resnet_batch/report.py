@@ -38,11 +38,16 @@ class RunStats:
     per_node: collections.Counter = field(default_factory=collections.Counter)
     workers: set = field(default_factory=set)
     _t0: float = field(default_factory=time.perf_counter)
+    _first: Optional[tuple[float, int]] = None
+    _last: float = 0.0
     _last_print: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def absorb(self, table: pa.Table) -> None:
+    def absorb(self, table: pa.Table, now: float) -> None:
         rows = table.filter(pc.not_equal(table.column("status"), SHARD_END))
+        if not self.rows:
+            self._first = (now, len(rows))
+        self._last = now
         self.rows += len(rows)
         self.ok += pc.sum(pc.equal(rows.column("status"), STATUS_OK)).as_py() or 0
         self.decode_s += pc.sum(rows.column("_decode_s")).as_py() or 0.0
@@ -50,6 +55,12 @@ class RunStats:
         for node, n in collections.Counter(rows.column("_node").to_pylist()).items():
             self.per_node[node] += n
         self.workers.update(pc.unique(rows.column("_worker")).to_pylist())
+
+    def steady_img_per_s(self) -> Optional[float]:
+        """Throughput after the first result arrived (start-up excluded)."""
+        if self._first is None or self._last <= self._first[0]:
+            return None
+        return (self.rows - self._first[1]) / (self._last - self._first[0])
 
     def wrote_part(self, rows: int, seconds: float) -> None:
         with self._lock:
@@ -80,7 +91,12 @@ def _hms(seconds: float) -> str:
 def bottleneck(stats: RunStats) -> dict:
     """Where the time went, and whether the model actors were waiting for decoded images."""
     actors = max(len(stats.workers), 1)
-    busy = stats.model_s / max(stats.pipeline_s * actors, 1e-9)
+    # Busy share of the steady window (first result -> last result), so start-up does not count as starving.
+    window = stats._last - stats._first[0] if stats._first else 0.0
+    if window > 0 and stats.rows > stats._first[1]:
+        busy = stats.model_s * (stats.rows - stats._first[1]) / stats.rows / (window * actors)
+    else:
+        busy = stats.model_s / max(stats.pipeline_s * actors, 1e-9)
     return {
         "decode_s": round(stats.decode_s, 3),
         "model_s": round(stats.model_s, 3),
@@ -121,6 +137,7 @@ def finalize(cfg, store: OutputStore, listing: Listing, provenance: dict, stats:
         "seconds": {"wall": round(stats.wall_s, 3), "startup": round(stats.startup_s, 3),
                     "first_result": round(stats.first_result_s, 3), "pipeline": round(stats.pipeline_s, 3)},
         "img_per_s": round(img_s, 2) if img_s else None,
+        "steady_img_per_s": round(steady, 2) if (steady := stats.steady_img_per_s()) else None,
         "device": stats.device,
         "stages": bottleneck(stats),
         "per_node": dict(stats.per_node),
@@ -143,12 +160,16 @@ def summary(report: dict, examples: Optional[list[tuple[str, str, float]]] = Non
         f"  images: {c['ok']} ok, {c['failed']} failed, {c['skipped']} skipped (of {c['inputs']} inputs); "
         f"this run {c['this_run']['images']} images",
         f"  speed: {report['img_per_s'] or 0:.1f} img/s on {report['device']} "
+        f"(steady {report['steady_img_per_s'] or 0:.1f}) "
         f"(wall {report['seconds']['wall']:.1f}s, first result after {report['seconds']['first_result']:.1f}s)",
         f"  time: decode {st['decode_s']:.1f}s, model {st['model_s']:.1f}s, write {st['write_s']:.1f}s "
         f"({st['model_actors']} actor(s), model busy {st['model_busy_fraction']:.0%}: {st['verdict']})",
     ]
     if len(report["per_node"]) > 1:
         lines.append("  per node: " + ", ".join(f"{k}={v}" for k, v in sorted(report["per_node"].items())))
+    if str(report["provenance"].get("weights_id", "")).startswith("random"):
+        lines.append("  note: random weights (model.weights=random): labels are not meaningful, embeddings are "
+                     "only self-consistent")
     for image_id, label, prob in examples or []:
         lines.append(f"  e.g. {image_id}: {label} ({prob:.2f})")
     if not report["complete"]:

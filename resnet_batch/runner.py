@@ -108,6 +108,12 @@ def build_dataset(cfg: JobConfig, plan: Plan, spec: PreprocessSpec, extra: list,
 
     c = cfg.compute
     decode = functools.partial(decode_table, spec=spec, max_pixels=cfg.input.max_pixels, draft=cfg.input.jpeg_draft)
+    if c.gpu_decode and use_gpu:  # the read tasks only probe headers; the actors decode JPEGs with nvJPEG
+        from resnet_batch.gpu_decode import probe_table
+
+        decode = functools.partial(probe_table, max_pixels=cfg.input.max_pixels)
+    elif c.gpu_decode:
+        _log("compute.gpu_decode: the cluster has no GPU, decoding on the CPUs")
     source = ShardDatasource(cfg.input, plan.listing, plan.todo, extra, chunk=c.decode_batch_size, decode=decode,
                              only=plan.only)
     ds = ray.data.read_datasource(source, num_cpus=c.decode_cpus)
@@ -118,6 +124,8 @@ def build_dataset(cfg: JobConfig, plan: Plan, spec: PreprocessSpec, extra: list,
         EmbedActor,
         fn_constructor_args=(state_dict_ref, spec, labels, cfg.model.topk, cfg.model.precision,
                              cfg.model.channels_last, cfg.model.compile, use_gpu, threads),
+        fn_constructor_kwargs={"decode_opts": {"max_pixels": cfg.input.max_pixels, "draft": cfg.input.jpeg_draft},
+                               "warmup_batch": c.batch_size},
         batch_size=c.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=c.min_actors, max_size=c.max_actors),
         num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor if use_gpu else 0,
@@ -128,10 +136,14 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
     """Run (or resume) an embed job; returns the run report. Raises on configuration or output errors."""
     t_start = time.perf_counter()
     cfg = prepare_storage(cfg)  # storage options resolved; input readable, output writable, before any work
-    weights, state_dict = resolve_weights(cfg.model, dict(cfg.input.storage_options))
+    store = OutputStore(cfg.output.uri, dict(cfg.output.storage_options), cfg.output.compression)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights") as pool:
+        resolving = pool.submit(resolve_weights, cfg.model, dict(cfg.input.storage_options))
+        if fresh or retry_failed or not store.published():
+            _init_ray(cfg)  # Ray starts while the weights load; a finished output needs no Ray at all
+        weights, state_dict = resolving.result()
     spec = PreprocessSpec.from_weights(weights.transforms)
     provenance = build_provenance(cfg, weights, spec)
-    store = OutputStore(cfg.output.uri, dict(cfg.output.storage_options), cfg.output.compression)
     plan = plan_run(cfg, store, provenance, fresh=fresh, retry_failed=retry_failed)
     extra = extra_fields(cfg.input, plan.listing)
     schema = with_provenance(output_schema(extra), provenance)
@@ -170,7 +182,7 @@ def _execute(cfg, plan, spec, extra, schema, state_dict, weights, store, stats, 
             if t_first is None:
                 t_first = time.perf_counter()
                 stats.first_result_s = t_first - t0
-            stats.absorb(table)
+            stats.absorb(table, time.perf_counter())
             for s in pc.unique(table.column("_shard")).to_pylist():
                 part = table.filter(pc.equal(table.column("_shard"), s))
                 p = pending.setdefault(s, _Pending())

@@ -76,6 +76,10 @@ class OutputStore:
     def exists(self) -> bool:
         return self.fs.exists(self.path(PROVENANCE_FILE))
 
+    def published(self) -> bool:
+        """True when a completed run's _SUCCESS marker is here."""
+        return self.fs.exists(self.path(SUCCESS_FILE))
+
     def done_parts(self) -> set[str]:
         try:
             names = [posixpath.basename(p) for p in self.fs.ls(self.root, detail=False)]
@@ -104,7 +108,7 @@ class OutputStore:
 
     def unpublish(self) -> None:
         """A run that adds work removes the old success marker first."""
-        if self.fs.exists(self.path(SUCCESS_FILE)):
+        if self.published():
             self.fs.rm(self.path(SUCCESS_FILE))
 
     # -- parts ---------------------------------------------------------------------------------

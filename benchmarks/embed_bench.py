@@ -1,0 +1,131 @@
+"""Throughput benchmark: model-only ceiling vs the resnet-batch job vs the peers, same photos, one run.
+
+    .venv/bin/python benchmarks/embed_bench.py --images 400 --precision bf16 --rounds 3
+
+Prints, per contender, the wall-clock of the whole process (start-up included), end-to-end img/s,
+steady-state img/s (after the first result) and the ratio to the model-only ceiling. Rounds are
+interleaved and medians reported. Peers come from ../shared/peers when that folder exists.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+MODEL_ONLY = """
+import sys, time, numpy as np, torch
+from resnet_batch.decode import PreprocessSpec
+from resnet_batch.model import ResNet50Embedder
+from resnet_batch.weights import random_state_dict
+n, bs, precision, threads = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+e = ResNet50Embedder(random_state_dict(0), PreprocessSpec.from_weights("IMAGENET1K_V2"), precision=precision,
+                     threads=threads)
+x = np.random.default_rng(0).integers(0, 256, (bs, 224, 224, 3), dtype=np.uint8)
+for _ in range(2):
+    e.embed(x)
+done, t0 = 0, time.perf_counter()
+while done < n:
+    b = min(bs, n - done)
+    emb, logits = e.embed(x[:b])
+    torch.softmax(logits, 1).topk(5)
+    done += b
+print(f"img_per_s={done / (time.perf_counter() - t0):.2f}")
+"""
+
+
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=REPO)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    return wall, r.stdout + r.stderr
+
+
+def field(text: str, name: str) -> float | None:
+    m = re.findall(rf"{name}=([0-9.]+)", text)
+    return float(m[-1]) if m else None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=400)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--workdir", default="/tmp/resnet-batch-bench")
+    p.add_argument("--peers", default=str(REPO.parent / "shared" / "peers"))
+    p.add_argument("--config", default=str(REPO / "configs" / "local.yaml"))
+    a = p.parse_args()
+
+    work = Path(a.workdir)
+    photos = work / f"photos-{a.images}"
+    if not photos.exists():
+        subprocess.run([PY, "-m", "resnet_batch.cli", "sample-data", "--out", str(photos), "-n", str(a.images)],
+                       check=True, cwd=REPO)
+    peers = Path(a.peers)
+    have_peers = (peers / "torch_loop.py").exists()
+
+    def ours():
+        out = work / "out-resnet-batch"
+        wall, log = timed([PY, "-m", "resnet_batch.cli", "embed", "--config", a.config, "--quiet", "--fresh",
+                           "--input", str(photos), "--output", str(out), "-o", "model.weights=random",
+                           "-o", f"model.precision={a.precision}", "-o", f"compute.batch_size={a.batch_size}",
+                           "-o", f"compute.torch_threads={a.threads}"])
+        rep = json.loads((out / "_run_report.json").read_text())
+        assert rep["counts"]["ok"] == a.images, rep["counts"]
+        return {"wall_s": wall, "img_per_s": a.images / wall, "steady": rep["steady_img_per_s"],
+                "first_result_s": rep["seconds"]["first_result"], "busy": rep["stages"]["model_busy_fraction"]}
+
+    def model_only():
+        _, log = timed([PY, "-c", MODEL_ONLY, str(a.images), str(a.batch_size), a.precision, str(a.threads)])
+        return {"steady": field(log, "img_per_s")}
+
+    def peer(script, *extra):
+        def go():
+            wall, log = timed([PY, str(peers / script), "--input", str(photos), "--output", str(work / f"out-{script}"),
+                               "--precision", a.precision, "--batch-size", str(a.batch_size), *extra])
+            return {"wall_s": wall, "img_per_s": field(log, "images") / wall,
+                    "steady": field(log, "steady_img_per_s"), "first_result_s": field(log, "first_batch_s")}
+        return go
+
+    contenders = {"model-only (ready tensors)": model_only, "resnet-batch": ours}
+    if have_peers:
+        contenders["peer: ray docs example"] = peer("ray_docs_example.py")
+        contenders["peer: ray docs, actor 2 threads"] = peer("ray_docs_example.py", "--actor-threads", str(a.threads))
+        contenders["peer: torch DataLoader loop"] = peer("torch_loop.py")
+    results: dict[str, list[dict]] = {k: [] for k in contenders}
+    for r in range(a.rounds):
+        for name, fn in contenders.items():
+            results[name].append(fn())
+            print(f"round {r + 1}: {name}: {results[name][-1]}", file=sys.stderr, flush=True)
+
+    def med(name, key):
+        vals = [x[key] for x in results[name] if x.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    ceiling = med("model-only (ready tensors)", "steady")
+    print(f"\n{a.images} photos, {a.precision}, batch {a.batch_size}, {a.threads} torch threads, "
+          f"{a.rounds} round(s), medians; cpu_count={os.cpu_count()}")
+    print(f"{'contender':34s} {'wall_s':>8s} {'img/s':>8s} {'steady':>8s} {'xceil':>6s} {'first_s':>8s}")
+    for name in contenders:
+        wall, ips, steady, first = (med(name, k) for k in ("wall_s", "img_per_s", "steady", "first_result_s"))
+        fmt = lambda v, w=8, d=2: f"{v:{w}.{d}f}" if v is not None else f"{'-':>{w}s}"  # noqa: E731
+        ratio = steady / ceiling if steady and ceiling else None
+        print(f"{name:34s} {fmt(wall)} {fmt(ips)} {fmt(steady)} {fmt(ratio, 6)} {fmt(first)}")
+    if results["resnet-batch"]:
+        print(f"resnet-batch model busy fraction: {med('resnet-batch', 'busy')}")
+
+
+if __name__ == "__main__":
+    main()
