@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from typing import Optional
 
 from resnet_batch import __version__
@@ -47,6 +48,11 @@ def embed_main(args: argparse.Namespace) -> int:
     except (InputError, WeightsUnavailableError, ProvenanceMismatch, OutputError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as err:  # a failure mid-run: finished shards are already safe in the output
+        traceback.print_exc()
+        print(f"error: the run failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+              f"finished shards are kept in {cfg.output.uri}; rerun the same command to resume", file=sys.stderr)
+        return EXIT_FAILED
     print(summary(report, _examples(cfg)))
     return EXIT_OK if report["complete"] else EXIT_FAILED
 

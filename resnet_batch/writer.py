@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import time
 import uuid
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,6 +21,7 @@ MANIFEST_FILE = "_manifest.json"
 REPORT_FILE = "_run_report.json"
 SUCCESS_FILE = "_SUCCESS"
 PART_STATS_KEY = b"resnet_batch.part_stats"
+T = TypeVar("T")
 
 
 class OutputError(RuntimeError):
@@ -34,6 +36,7 @@ class OutputStore:
         self.fs, self.root = open_fs(uri, dict(storage_options))
         self.local = self.fs.protocol in ("file", "local") or "file" in self.fs.protocol
         self.compression = None if compression == "none" else compression
+        self.attempts = 5
 
     # -- paths -------------------------------------------------------------------------------
     def path(self, name: str) -> str:
@@ -59,6 +62,14 @@ class OutputStore:
         self._atomic_write(name, json.dumps(value, indent=2, sort_keys=True).encode())
 
     def _atomic_write(self, name: str, data: bytes) -> None:
+        """Write with retries; a persistent failure raises OutputError and leaves nothing partial visible."""
+        try:
+            with_retries(lambda: self._write_once(name, data), attempts=self.attempts)
+        except OSError as err:
+            raise OutputError(f"writing {self.display(name)} failed (transient errors retried {self.attempts} times): "
+                              f"{type(err).__name__}: {err}") from None
+
+    def _write_once(self, name: str, data: bytes) -> None:
         """Readers never see a partial object: a temp name then a rename locally; one PUT on object stores."""
         final = self.path(name)
         if not self.local:  # S3 & co publish an object only when its upload completes
@@ -135,6 +146,24 @@ class OutputStore:
     def part_provenance(self, name: str) -> Optional[dict]:
         with self.fs.open(self.path(name), "rb") as f:
             return read_provenance(pq.read_schema(f))
+
+
+def with_retries(fn: Callable[[], T], attempts: int = 5, base_delay: float = 0.5,
+                 retry_on: tuple[type[BaseException], ...] = (OSError,)) -> T:
+    """Call fn, retrying transient errors with exponential backoff; the last error propagates.
+
+    Permanent conditions (missing folder, permission) are not retried.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+            raise
+        except retry_on:
+            if attempt == attempts:
+                raise
+            time.sleep(base_delay * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
 
 
 def failed_ids(table: pa.Table) -> frozenset:
