@@ -12,7 +12,7 @@ from ray.data.block import BlockMetadata
 
 from resnet_batch.config import InputConfig
 from resnet_batch.listing import InputError, Listing, Shard, open_fs, relative_id, tar_key
-from resnet_batch.schema import STATUS_OK, STATUS_READ_ERROR
+from resnet_batch.schema import OUTPUT_SCHEMA, STATUS_OK, STATUS_READ_ERROR
 
 SHARD_END = "_end"  # status of the one sentinel row that closes each shard; its _count is the shard's size
 
@@ -44,6 +44,10 @@ def extra_fields(cfg: InputConfig, listing: Listing) -> list[pa.Field]:
     name lifted from the json with a type inferred from the first samples of the first shard.
     parquet: the input.passthrough_columns of the Parquet files, with their own types.
     """
+    taken = [c for c in cfg.passthrough_columns if c in OUTPUT_SCHEMA.names]
+    if taken:
+        raise InputError(f"input.passthrough_columns {taken} clash with output columns of the same name "
+                         f"{list(OUTPUT_SCHEMA.names)}")
     fs, _ = open_fs(cfg.uri, dict(cfg.storage_options))
     first = listing.shards[0].paths[0]
     if listing.format == "webdataset":

@@ -1,4 +1,5 @@
-"""sample_data module: realistic JPEG photos in shard folders, derived from the photographs scikit-image ships."""
+"""sample_data module: realistic JPEG photos in shard folders (from the photographs scikit-image ships),
+and img2dataset-style WebDataset tars / Parquet shards made from them."""
 from __future__ import annotations
 
 import io

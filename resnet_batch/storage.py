@@ -270,6 +270,8 @@ def check_writable(uri: str, options: dict) -> None:
         parent = root
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise StorageAccessError(f"output {uri}: {parent} is a file, not a folder (output.uri)")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise StorageAccessError(f"output {uri}: {parent} is not writable (output.uri)")
         return

@@ -209,9 +209,13 @@ class S3Server:
     def copy_via_filer(self, local: str | os.PathLike, bucket: str, concurrency: int = 32) -> None:
         """Bulk-load a local folder into a bucket with `weed filer.copy` (Go, many goroutines): much faster
         than signed S3 PUTs from Python for 100k tiny objects. The folder itself becomes the top prefix."""
-        subprocess.run([weed_binary(), "filer.copy", f"-c={concurrency}", str(local),
-                        f"{self.filer_url}/buckets/{bucket}/"], check=True, cwd=self.workdir,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # host:port.grpcPort: the filer's gRPC port is not the default http port + 10000 here
+        target = f"http://127.0.0.1:{self.ports['filer']}.{self.ports['filer_grpc']}/buckets/{bucket}/"
+        proc = subprocess.run([weed_binary(), "filer.copy", f"-c={concurrency}", str(local), target],
+                              cwd=self.workdir,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"weed filer.copy failed ({proc.returncode}): {proc.stdout[-2000:]}")
 
 
 class _PortClash(RuntimeError):

@@ -93,17 +93,29 @@ def test_webdataset_listing_and_rows(wds_dir, photo_list):
 
 
 def test_webdataset_json_fields_become_typed_columns(wds_dir):
-    cfg = InputConfig(uri=str(wds_dir), passthrough_columns=("url", "width", "height", "sha256", "error_message"))
+    cfg = InputConfig(uri=str(wds_dir),
+                      passthrough_columns=("url", "original_width", "original_height", "sha256", "error_message"))
     listing = list_input(cfg, progress=False)
     rows, _, extra = _read_all(cfg, listing)
     assert [(f.name, f.type) for f in extra] == [
-        ("caption", pa.string()), ("json", pa.string()), ("url", pa.string()), ("width", pa.int64()),
-        ("height", pa.int64()), ("sha256", pa.string()), ("error_message", pa.string())]
+        ("caption", pa.string()), ("json", pa.string()), ("url", pa.string()), ("original_width", pa.int64()),
+        ("original_height", pa.int64()), ("sha256", pa.string()), ("error_message", pa.string())]
     for r in rows:
         meta = json.loads(r["json"])
-        assert (r["url"], r["width"], r["height"], r["sha256"]) == \
+        assert (r["url"], r["original_width"], r["original_height"], r["sha256"]) == \
             (meta["url"], meta["width"], meta["height"], meta["sha256"])
-        assert r["error_message"] is None and 500 <= max(r["width"], r["height"]) <= 800
+        assert r["error_message"] is None and 500 <= max(r["original_width"], r["original_height"]) <= 800
+
+
+def test_passthrough_names_must_not_shadow_output_columns(wds_dir, pq_dir):
+    for uri in (wds_dir, pq_dir):
+        cfg = InputConfig(uri=str(uri), passthrough_columns=("url", "width", "status"))
+        with pytest.raises(InputError) as err:
+            extra_fields(cfg, list_input(cfg, progress=False))
+        assert str(err.value) == (
+            "input.passthrough_columns ['width', 'status'] clash with output columns of the same name "
+            "['image_id', 'path', 'width', 'height', 'topk_ids', 'topk_labels', 'topk_probs', 'embedding', "
+            "'status', 'error']")
 
 
 def test_webdataset_unknown_json_field_is_refused_before_work(wds_dir):
@@ -152,13 +164,13 @@ def test_damaged_tar_is_one_failed_row_after_the_good_samples(wds_dir, tmp_path)
 
 
 def test_parquet_rows_keys_and_passthrough(pq_dir, photo_list):
-    cfg = InputConfig(uri=str(pq_dir), passthrough_columns=("url", "caption", "width", "sha256"))
+    cfg = InputConfig(uri=str(pq_dir), passthrough_columns=("url", "caption", "original_width", "sha256"))
     listing = list_input(cfg, progress=False)
     assert listing.format == "parquet" and len(listing.shards) == 2
     assert sorted(listing.skipped) == ["00000_stats.json", "00001_stats.json"]
     rows, ends, extra = _read_all(cfg, listing)
     assert [(f.name, f.type) for f in extra] == [("url", pa.string()), ("caption", pa.string()),
-                                                 ("width", pa.int64()), ("sha256", pa.string())]
+                                                 ("original_width", pa.int64()), ("sha256", pa.string())]
     # img2dataset's failed downloads (null image) are counted as skipped, not silently dropped
     assert ends == {0: (20, 2), 1: (16, 2)}
     assert [r["image_id"] for r in rows[:2]] == ["00000.parquet/000000000", "00000.parquet/000000001"]

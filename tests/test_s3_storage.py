@@ -292,3 +292,16 @@ def test_output_objects_are_never_visible_partially(s3):
     assert seen and {size for name, size in seen if name.endswith("part-000000.parquet")} == {final}
     assert store.read_part(0, ["image_id"]).num_rows == n
     assert store.done_parts() == {"part-000000.parquet"}
+
+
+def test_local_paths_are_checked_too(tmp_path, photos):
+    with pytest.raises(InputError) as err:
+        prepare(_cfg(str(tmp_path / "missing"), str(tmp_path / "out"), {}))
+    assert str(err.value) == f"input not found: {tmp_path / 'missing'} (input.uri)"
+    (tmp_path / "blocker").write_text("a file")
+    with pytest.raises(OutputError) as err:
+        prepare(_cfg(str(photos), str(tmp_path / "blocker" / "out"), {}))
+    assert str(err.value) == f"output {tmp_path / 'blocker' / 'out'}: {tmp_path / 'blocker'} is a file, not a folder " \
+                             "(output.uri)"
+    cfg = prepare(_cfg(str(photos), str(tmp_path / "new" / "out"), {}))
+    assert cfg.input.storage_options == {} and not (tmp_path / "new").exists()  # checked, nothing created
