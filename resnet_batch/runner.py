@@ -44,8 +44,17 @@ class _Pending:
     skipped: int = 0
 
 
+# Input settings that shape the shards and the output columns: a resume must use the same ones.
+LAYOUT_KEYS = ("format", "extensions", "images_per_shard", "image_column", "passthrough_columns", "limit")
+
+
+def _layout(cfg: JobConfig) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.input.model_dump(include=set(LAYOUT_KEYS)).items()}
+
+
 def _listing_to_manifest(listing: Listing, cfg: JobConfig) -> dict:
-    return {"input": cfg.input.uri, "format": listing.format, "root": listing.root, "protocol": listing.protocol,
+    return {"input": cfg.input.uri, "layout": _layout(cfg),
+            "format": listing.format, "root": listing.root, "protocol": listing.protocol,
             "images": listing.images, "skipped": listing.skipped,
             "shards": [{"index": s.index, "kind": s.kind, "paths": list(s.paths)} for s in listing.shards]}
 
@@ -55,7 +64,8 @@ def _manifest_to_listing(m: dict) -> Listing:
     return Listing(m["root"], m["protocol"], m["format"], shards, m["skipped"], m["images"])
 
 
-def plan_run(cfg: JobConfig, store: OutputStore, provenance: dict, *, fresh: bool, retry_failed: bool) -> Plan:
+def plan_run(cfg: JobConfig, store: OutputStore, provenance: dict, *, fresh: bool, retry_failed: bool,
+             progress: bool = True) -> Plan:
     """Decide what to (re)do. A new output is listed and stamped; an existing one is resumed or refused."""
     if fresh:
         store.clear()
@@ -68,11 +78,17 @@ def plan_run(cfg: JobConfig, store: OutputStore, provenance: dict, *, fresh: boo
         if manifest["input"] != cfg.input.uri:
             raise OutputError(f"output {store.display()} holds a run over input {manifest['input']!r}, "
                               f"not {cfg.input.uri!r}; use another output.uri or --fresh")
+        layout = _layout(cfg)
+        diffs = [f"input.{k}: {manifest['layout'].get(k)!r} != {layout[k]!r}" for k in LAYOUT_KEYS
+                 if manifest["layout"].get(k) != layout[k]]
+        if diffs:
+            raise OutputError(f"output {store.display()} was planned with other input settings: " + "; ".join(diffs)
+                              + "; use the earlier settings, another output.uri, or --fresh")
         listing = _manifest_to_listing(manifest)
     else:
         if retry_failed:
             raise OutputError(f"--retry-failed: nothing to retry, {store.display()} holds no earlier run")
-        listing = list_input(cfg.input)
+        listing = list_input(cfg.input, progress=progress)
         store.write_json(MANIFEST_FILE, _listing_to_manifest(listing, cfg))
         store.write_json(PROVENANCE_FILE, provenance)
     done = store.done_parts()
@@ -144,7 +160,7 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
         weights, state_dict = resolving.result()
     spec = PreprocessSpec.from_weights(weights.transforms)
     provenance = build_provenance(cfg, weights, spec)
-    plan = plan_run(cfg, store, provenance, fresh=fresh, retry_failed=retry_failed)
+    plan = plan_run(cfg, store, provenance, fresh=fresh, retry_failed=retry_failed, progress=progress)
     extra = extra_fields(cfg.input, plan.listing)
     schema = with_provenance(output_schema(extra), provenance)
     stats = RunStats(shards_total=len(plan.listing.shards), shards_before=plan.done_before)

@@ -15,6 +15,7 @@ from resnet_batch.provenance import ProvenanceMismatch
 from resnet_batch.runner import run
 from resnet_batch.schema import EMBEDDING_DIM, output_schema, read_provenance
 from resnet_batch.weights import state_dict_sha256
+from resnet_batch.writer import OutputError
 from tests.catalogue import NON_IMAGES, write_catalogue
 from tests.conftest import job_config
 
@@ -139,6 +140,14 @@ def test_resume_with_other_setup_is_refused(first_run):
     cfg, out, _ = first_run
     other = cfg.model_copy(update={"model": cfg.model.model_copy(update={"precision": "bf16"})})
     with pytest.raises(ProvenanceMismatch, match=r"was written with a different setup: precision: 'fp32' != 'bf16'"):
+        run(other, progress=False)
+
+
+def test_resume_with_other_input_layout_is_refused(first_run):
+    cfg, out, _ = first_run
+    other = cfg.model_copy(update={"input": cfg.input.model_copy(update={"images_per_shard": 16})})
+    with pytest.raises(OutputError, match=r"was planned with other input settings: input.images_per_shard: 8 != 16; "
+                                          r"use the earlier settings, another output.uri, or --fresh"):
         run(other, progress=False)
 
 
