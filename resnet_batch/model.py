@@ -90,28 +90,22 @@ class EmbedActor:
         self.categories = np.array(categories, dtype=object)
         self.topk = topk
         self.spec, self.decode_opts, self._decoder = spec, decode_opts or {}, None  # for JPEG bytes (gpu_decode)
-        self.node = os.environ.get("RESNET_BATCH_NODE_NAME") or socket.gethostname()
-        try:
-            import ray
-
-            self.node = ray.get_runtime_context().get_node_id()[:12]
-        except Exception:
-            pass
+        self.node = _node_name()
 
     def __call__(self, batch: dict) -> pa.Table:
         n = len(batch["image_id"])
         status = np.array(batch["status"], dtype=object)
         error = _nulls(batch["error"])
         ok = status == STATUS_OK
-        pixels = batch.get("pixels")
+        t0 = time.perf_counter()  # the actor's busy time: device decode (gpu_decode) + forward pass
+        pixels, device_decode_s = batch.get("pixels"), np.zeros(n, dtype=np.float32)
         if pixels is None and ok.any():  # compute.gpu_decode: JPEG bytes, decoded on this actor's device
-            pixels, ok = self._decode_bytes(batch, status, error, ok)
+            pixels, ok, device_decode_s = self._decode_bytes(batch, status, error, ok)
         elif pixels is not None:
             pixels = pixels[ok]
         emb = np.zeros((n, 2048), dtype=np.float32)
         ids = np.zeros((n, self.topk), dtype=np.int32)
         probs = np.zeros((n, self.topk), dtype=np.float32)
-        t0 = time.perf_counter()
         if ok.any():
             _maybe_fault()
             try:
@@ -140,12 +134,14 @@ class EmbedActor:
             "error": pa.array(error, pa.string()),
             **{c: _nulls(batch[c]) for c in batch if c not in _CONSUMED},  # internal (_*) and pass-through
             "_model_s": np.full(n, seconds / max(n, 1), dtype=np.float32),
+            "_device_decode_s": device_decode_s,  # the part of _model_s spent decoding (gpu_decode)
             "_node": np.full(n, self.node, dtype=object),
             "_worker": np.full(n, f"{self.node}:{os.getpid()}", dtype=object),
         })
 
     def _decode_bytes(self, batch: dict, status: np.ndarray, error: np.ndarray, ok: np.ndarray):
-        """The `ok` rows' bytes -> (crops on the device, new ok mask); failures become decode_error rows."""
+        """The `ok` rows' bytes -> (crops on the device, new ok mask, seconds per row); failures become
+        decode_error rows."""
         if self._decoder is None:
             from resnet_batch.gpu_decode import DeviceJpegDecoder
 
@@ -154,8 +150,18 @@ class EmbedActor:
         failed = ok & ~out.ok
         status[failed] = STATUS_DECODE_ERROR
         error[failed] = np.array(out.error, dtype=object)[failed]
-        batch["_decode_s"] = np.asarray(batch["_decode_s"], dtype=np.float32) + out.seconds  # not model time
-        return out.pixels, out.ok
+        for dim in ("width", "height"):  # unknown for a failed image, as on the CPU path
+            batch[dim] = np.where(failed, -1, batch[dim])
+        return out.pixels, out.ok, out.seconds
+
+
+def _node_name() -> str:
+    """The Ray node id (short) inside Ray; the host name outside it (never starts a Ray runtime)."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context().get_node_id()[:12]
+    return socket.gethostname()
 
 
 def _nulls(values: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ class RunStats:
     rows: int = 0
     ok: int = 0
     decode_s: float = 0.0
+    device_decode_s: float = 0.0
     model_s: float = 0.0
     write_s: float = 0.0
     startup_s: float = 0.0
@@ -51,6 +52,8 @@ class RunStats:
         self.rows += len(rows)
         self.ok += pc.sum(pc.equal(rows.column("status"), STATUS_OK)).as_py() or 0
         self.decode_s += pc.sum(rows.column("_decode_s")).as_py() or 0.0
+        if "_device_decode_s" in rows.column_names:  # gpu_decode: decoding done inside the model actors
+            self.device_decode_s += pc.sum(rows.column("_device_decode_s")).as_py() or 0.0
         self.model_s += pc.sum(rows.column("_model_s")).as_py() or 0.0
         for node, n in collections.Counter(rows.column("_node").to_pylist()).items():
             self.per_node[node] += n
@@ -99,6 +102,7 @@ def bottleneck(stats: RunStats) -> dict:
         busy = stats.model_s / max(stats.pipeline_s * actors, 1e-9)
     return {
         "decode_s": round(stats.decode_s, 3),
+        "device_decode_s": round(stats.device_decode_s, 3),  # part of model_s when compute.gpu_decode
         "model_s": round(stats.model_s, 3),
         "write_s": round(stats.write_s, 3),
         "model_actors": actors,

@@ -10,7 +10,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 

@@ -1,7 +1,7 @@
 """The cluster path for real: `ray start --head` + a second `ray start --address` node on loopback,
 the embed job sent with `ray job submit --working-dir`, token auth on.
 
-The cluster is private to this module: its own ports, its own temp dir, its own token file
+The cluster is private to this module: its own ports, its own temp dirs, its own token file
 (RAY_AUTH_TOKEN_PATH, so ~/.ray/auth_token is neither read nor written), no RAY_ADDRESS exported
 and no `ray_current_cluster` file in the default temp dir, so other processes' `ray.init()` never
 find it. Every `ray start` runs in a new session; teardown signals exactly the processes of those
@@ -114,7 +114,10 @@ class LoopbackCluster:
     def _start(self, args: list[str], num_cpus: int, resources: dict) -> None:
         node_manager, object_manager, agent, agent_grpc, runtime_env, metrics = _free_ports(6)
         low, high = _free_range(60)
-        cmd = [RAY, "start", *args, "--node-ip-address", "127.0.0.1", "--temp-dir", str(self.temp_dir),
+        # One temp dir per node, as on separate machines: nodes sharing one would also share the
+        # runtime-env folders, and a node unpacking the job's working dir replaces the driver's cwd.
+        temp_dir = self.temp_dir / f"node{len(self.sessions)}"
+        cmd = [RAY, "start", *args, "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp_dir),
                "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
                "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
                "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
@@ -156,7 +159,7 @@ class LoopbackCluster:
     def processes(self) -> list[int]:
         return [int(p) for p in os.listdir("/proc") if p.isdigit() and _session_of(int(p)) in self.sessions]
 
-    def stop(self, grace_s: float = 15.0) -> None:
+    def stop(self, grace_s: float = 8.0) -> None:
         """SIGTERM every process of this cluster's sessions, SIGKILL what is left after grace_s."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
             pids = self.processes()

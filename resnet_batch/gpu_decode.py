@@ -1,0 +1,176 @@
+"""gpu_decode module: JPEG bytes -> uint8 crops on the model's device (nvJPEG batches), CPU decode as the fallback.
+
+With `compute.gpu_decode` on a GPU cluster the read tasks only *probe* each image (`probe_table`:
+the header gives width/height, size limits and whether nvJPEG can take it) and pass the bytes on;
+the model actor decodes a whole batch with `torchvision.io.decode_jpeg(..., device="cuda")`, then
+resizes (bilinear, antialiased) and centre-crops on the device following the weights' transforms
+(`PreprocessSpec`). Other formats, EXIF-rotated or CMYK JPEGs, and any image nvJPEG rejects are
+decoded per image on the CPU by `decode.decode_image`, so every row ends `ok` or `decode_error`
+exactly as on the CPU path. Everything here also runs with device="cpu" (the tests do that).
+"""
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from resnet_batch.decode import DecodeError, PreprocessSpec, decode_image, resized_size
+from resnet_batch.schema import STATUS_DECODE_ERROR, STATUS_OK
+
+_DEVICE_MODES = ("RGB", "L")  # JPEG colour spaces nvJPEG turns into RGB the way Pillow does
+_JPEG_EOI = b"\xff\xd9"
+
+
+def probe_image(data: bytes, max_pixels: int) -> tuple[int, int, bool]:
+    """Read only the header: (width, height as displayed, whether the device decoder can take it).
+
+    Raises DecodeError for what the CPU path would refuse before decoding pixels (empty, not an
+    image, over max_pixels); a truncated or corrupt body is found later, when decoding.
+    """
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+                if width * height > max_pixels:
+                    raise DecodeError(
+                        f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
+                        "(input.max_pixels); refused as a possible decompression bomb")
+                orientation = im.getexif().get(0x0112, 1)
+                if orientation in (5, 6, 7, 8):
+                    width, height = height, width
+                device_ok = (im.format == "JPEG" and im.mode in _DEVICE_MODES and orientation in (None, 1)
+                             and data[-64:].rstrip(b"\0")[-2:] == _JPEG_EOI)  # truncated: Pillow decides
+                return width, height, device_ok
+    except DecodeError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise DecodeError(f"decompression bomb refused: {err}") from None
+    except Image.UnidentifiedImageError:
+        raise DecodeError("not an image (format not recognised)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise DecodeError(f"corrupt image: {err}") from None
+
+
+def probe_table(table: pa.Table, max_pixels: int) -> pa.Table:
+    """The read task's stage in gpu_decode mode: like decode.decode_table, but `bytes` stay and no pixels.
+
+    Adds width/height/status/error/_decode_s (probe time) and `_device_ok` per row.
+    """
+    n = len(table)
+    status = table.column("status").to_pylist()
+    error = table.column("error").to_pylist()
+    widths = np.full(n, -1, dtype=np.int32)
+    heights = np.full(n, -1, dtype=np.int32)
+    device_ok = np.zeros(n, dtype=bool)
+    seconds = np.zeros(n, dtype=np.float32)
+    for i, data in enumerate(table.column("bytes").to_pylist()):
+        if status[i] != STATUS_OK:
+            continue
+        t0 = time.perf_counter()
+        try:
+            widths[i], heights[i], device_ok[i] = probe_image(data, max_pixels)
+        except DecodeError as err:
+            status[i], error[i] = STATUS_DECODE_ERROR, str(err)
+        seconds[i] = time.perf_counter() - t0
+    table = table.drop_columns(["status", "error"])
+    return table.append_column("status", pa.array(status, pa.string())) \
+        .append_column("error", pa.array(error, pa.string())) \
+        .append_column("width", pa.array(widths)).append_column("height", pa.array(heights)) \
+        .append_column("_decode_s", pa.array(seconds)).append_column("_device_ok", pa.array(device_ok))
+
+
+@dataclass
+class DecodedBatch:
+    """Crops for the rows that decoded, in row order, plus per-row outcome."""
+
+    pixels: torch.Tensor  # (number of ok rows, C, C, 3) uint8 on the device, NHWC like the CPU path
+    ok: np.ndarray  # bool per input row
+    error: list  # message per input row (None where ok)
+    seconds: np.ndarray  # decode + resize time per input row (a batch's device time is shared out)
+    on_device: int  # rows decoded by the device decoder (the rest of `ok` went through the CPU)
+
+
+class DeviceJpegDecoder:
+    """Decodes batches of image bytes to centre crops on `device`; one per model actor."""
+
+    def __init__(self, spec: PreprocessSpec, device: str | torch.device, *, max_pixels: int = 100_000_000,
+                 draft: bool = True):
+        self.spec, self.device = spec, torch.device(device)
+        self.max_pixels, self.draft = max_pixels, draft
+
+    def decode(self, data: Sequence[bytes], device_ok: Sequence[bool],
+               todo: Optional[np.ndarray] = None) -> DecodedBatch:
+        """Decode rows where `todo` (default: all); `device_ok` rows go to nvJPEG as one batch."""
+        n = len(data)
+        todo = np.ones(n, dtype=bool) if todo is None else np.asarray(todo, dtype=bool)
+        crops: list[Optional[torch.Tensor]] = [None] * n
+        error: list[Optional[str]] = [None] * n
+        seconds = np.zeros(n, dtype=np.float32)
+        on_device = [i for i in range(n) if todo[i] and device_ok[i]]
+        t0 = time.perf_counter()
+        for i, crop in zip(on_device, self._device_crops([data[i] for i in on_device])):
+            crops[i] = crop
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if on_device:
+            seconds[on_device] = (time.perf_counter() - t0) / len(on_device)
+        for i in range(n):
+            if todo[i] and crops[i] is None:  # not a plain JPEG, or the device decoder refused it
+                t1 = time.perf_counter()
+                try:
+                    hwc, _, _ = decode_image(data[i], self.spec, max_pixels=self.max_pixels, draft=self.draft)
+                    crops[i] = torch.from_numpy(np.array(hwc)).to(self.device)  # Pillow arrays are read-only
+                except DecodeError as err:
+                    error[i] = str(err)
+                except Exception as err:  # a decoder bug must not fail the batch
+                    error[i] = f"unexpected {type(err).__name__}: {err}"
+                seconds[i] += time.perf_counter() - t1
+        ok = np.array([c is not None for c in crops], dtype=bool)
+        c = self.spec.crop_size
+        pixels = torch.stack([x for x in crops if x is not None]) if ok.any() else \
+            torch.zeros((0, c, c, 3), dtype=torch.uint8, device=self.device)
+        return DecodedBatch(pixels, ok, error, seconds, sum(crops[i] is not None for i in on_device))
+
+    def _device_crops(self, data: list[bytes]) -> list[Optional[torch.Tensor]]:
+        """One batched device decode; if the batch fails, image by image; None where an image fails."""
+        if not data:
+            return []
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        encoded = [torch.from_numpy(np.frombuffer(d, dtype=np.uint8).copy()) for d in data]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to TorchCodec
+            try:
+                images: list = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+            except Exception:  # one bad image fails the whole batch: find it
+                images = []
+                for e in encoded:
+                    try:
+                        images.append(decode_jpeg(e, mode=ImageReadMode.RGB, device=self.device))
+                    except Exception:  # this one goes to the CPU decoder, which says what is wrong
+                        images.append(None)
+        return [None if im is None else self.resize_crop(im) for im in images]
+
+    def resize_crop(self, chw: torch.Tensor) -> Optional[torch.Tensor]:
+        """(3, H, W) uint8 -> (C, C, 3) uint8: Resize(short side, bilinear, antialias) then CenterCrop."""
+        spec = self.spec
+        h, w = chw.shape[-2:]
+        new_w, new_h = resized_size(w, h, spec.resize_size)
+        c = spec.crop_size
+        if new_w < c or new_h < c:
+            return None  # the CPU path raises the proper error for this image
+        x = torch.nn.functional.interpolate(chw.unsqueeze(0).float(), size=(new_h, new_w), mode="bilinear",
+                                            align_corners=False, antialias=True)
+        top, left = int(round((new_h - c) / 2.0)), int(round((new_w - c) / 2.0))
+        x = x[0, :, top:top + c, left:left + c]
+        return x.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()

@@ -1,0 +1,261 @@
+"""The GPU path: batched JPEG decode on the model's device with a CPU fallback, and the CUDA actor.
+
+The decode logic runs here with device="cpu" (torchvision's decode_jpeg takes the same lists there)
+and is compared with the CPU decode path. Tests marked `gpu` need CUDA and skip without it;
+benchmarks/gpu_check.sh runs them on a GPU machine.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+from resnet_batch.decode import PreprocessSpec, decode_image, decode_table
+from resnet_batch.gpu_decode import DeviceJpegDecoder, probe_image, probe_table
+from resnet_batch.model import EmbedActor
+from resnet_batch.sample_data import jpeg_bytes, source_photos, variant
+from resnet_batch.schema import STATUS_OK, STATUS_READ_ERROR
+from resnet_batch.weights import categories
+from tests.catalogue import catalogue, png_bomb
+
+SPEC = PreprocessSpec.from_weights("IMAGENET1K_V2")
+LIMIT = 100_000_000
+CUDA = "cuda" if torch.cuda.is_available() else None
+
+
+@pytest.fixture(scope="module")
+def jpegs() -> list[bytes]:
+    """Photos of several sizes and both orientations, one grayscale, one smaller than the crop."""
+    rng = np.random.default_rng(5)
+    photos = source_photos()
+    out = [jpeg_bytes(variant(photos[n], rng), 90) for n in sorted(photos)[:6]]
+    out.append(jpeg_bytes(variant(photos["coffee"], rng, size=(333, 1000)), 85))  # tall
+    out.append(jpeg_bytes(variant(photos["chelsea"], rng, size=(160, 120)), 90))  # upscaled to 232
+    out.append(jpeg_bytes(variant(photos["astronaut"], rng).convert("L"), 90))  # grayscale JPEG
+    return out
+
+
+@pytest.fixture(scope="module")
+def state_dict(checkpoint):
+    return torch.load(checkpoint, weights_only=True)
+
+
+def _read_table(blobs: list[bytes]) -> pa.Table:
+    """Rows as the reader emits them (plus one row that failed to read)."""
+    n = len(blobs)
+    return pa.table({
+        "image_id": [f"img-{i:03d}" for i in range(n)] + ["unreadable"],
+        "path": [f"/x/img-{i:03d}" for i in range(n)] + ["/x/unreadable"],
+        "bytes": pa.array(blobs + [b""], pa.binary()),
+        "status": [STATUS_OK] * n + [STATUS_READ_ERROR],
+        "error": [None] * n + ["PermissionError: denied"],
+        "_shard": pa.array([0] * (n + 1), pa.int32()),
+    })
+
+
+def _numpy_batch(table: pa.Table) -> dict:
+    """What Ray Data hands a map_batches UDF with batch_format="numpy" (its own conversion, no runtime)."""
+    from ray.data.block import BlockAccessor
+
+    return BlockAccessor.for_block(table).to_batch_format("numpy")
+
+
+def _cpu_crops(blobs, draft=False) -> np.ndarray:
+    return np.stack([decode_image(b, SPEC, max_pixels=LIMIT, draft=draft)[0] for b in blobs])
+
+
+# -- header probe (the read task's work in gpu_decode mode) ----------------------------------------
+
+def test_probe_gives_displayed_size_and_routes_only_plain_jpegs_to_the_device():
+    cat = catalogue()
+    for name, (data, expected) in cat.items():
+        if expected != "ok":
+            continue
+        width, height, device_ok = probe_image(data, LIMIT)
+        _, cpu_w, cpu_h = decode_image(data, SPEC, max_pixels=LIMIT, draft=True)
+        assert (width, height) == (cpu_w, cpu_h), name  # EXIF-rotated: displayed size, like the CPU path
+        plain_jpeg = name.lower().endswith((".jpg", ".jpeg")) and name not in ("cmyk.jpg", "exif-rotated.jpg")
+        assert device_ok == plain_jpeg, name
+
+
+def test_probe_refuses_what_the_cpu_path_refuses_before_decoding():
+    cat = catalogue()
+    for name in ("zero.jpg", "text.jpg", "random.png", "bomb.png"):
+        with pytest.raises(Exception) as probe_err:
+            probe_image(cat[name][0], LIMIT)
+        with pytest.raises(Exception) as cpu_err:
+            decode_image(cat[name][0], SPEC, max_pixels=LIMIT, draft=True)
+        assert str(probe_err.value) == str(cpu_err.value), name
+    truncated = cat["truncated.jpg"][0]
+    assert probe_image(truncated, LIMIT)[2] is False  # no end-of-image marker: Pillow will judge it
+
+
+def test_probe_table_keeps_bytes_and_adds_the_decode_columns(jpegs):
+    table = _read_table(jpegs[:3] + [png_bomb()])
+    out = probe_table(table, max_pixels=LIMIT)
+    assert "pixels" not in out.column_names
+    assert out.column("bytes").to_pylist() == table.column("bytes").to_pylist()
+    assert out.column("status").to_pylist() == ["ok", "ok", "ok", "decode_error", "read_error"]
+    assert out.column("error")[4].as_py() == "PermissionError: denied"
+    assert out.column("width").to_pylist()[:3] == [Image.open(io.BytesIO(b)).size[0] for b in jpegs[:3]]
+    assert out.column("width")[3].as_py() == -1 and out.column("_device_ok").to_pylist() == [True] * 3 + [False] * 2
+    assert pc.min(out.column("_decode_s")).as_py() >= 0
+
+
+# -- device decoder, run on the CPU ------------------------------------------------------------------
+
+def test_resize_crop_equals_torchvision_transforms_on_tensors(jpegs):
+    dec = DeviceJpegDecoder(SPEC, "cpu")
+    reference = T.Compose([T.Resize(SPEC.resize_size, antialias=True), T.CenterCrop(SPEC.crop_size)])
+    for data in jpegs:
+        chw = torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
+        ours = dec.resize_crop(chw).permute(2, 0, 1).int()
+        ref = reference(chw.float()).round().clamp(0, 255).int()
+        assert ours.shape == (3, 224, 224)
+        assert (ours - ref).abs().max() <= 1
+
+
+def test_device_decode_matches_the_cpu_decode_path(jpegs):
+    out = DeviceJpegDecoder(SPEC, "cpu").decode(jpegs, [True] * len(jpegs))
+    assert out.ok.all() and out.on_device == len(jpegs)
+    assert out.pixels.shape == (len(jpegs), 224, 224, 3) and out.pixels.dtype == torch.uint8
+    diff = np.abs(out.pixels.numpy().astype(int) - _cpu_crops(jpegs, draft=False).astype(int))
+    assert diff.mean() < 0.5 and diff.max() <= 3  # same resize + crop; only the JPEG IDCT may differ
+    draft = np.abs(out.pixels.numpy().astype(int) - _cpu_crops(jpegs, draft=True).astype(int))
+    assert draft.mean() < 4  # the CPU path's reduced-size decode is close, not equal
+
+
+def test_a_bad_image_in_a_batch_falls_back_alone():
+    cat = catalogue()
+    names = list(cat)
+    blobs = [cat[n][0] for n in names]
+    device_ok = []
+    for b in blobs:
+        try:
+            device_ok.append(probe_image(b, LIMIT)[2])
+        except Exception:
+            device_ok.append(False)
+    device_ok[names.index("truncated.jpg")] = True  # pretend the probe let it through: the batch must survive
+    out = DeviceJpegDecoder(SPEC, "cpu").decode(blobs, device_ok)
+    expected = np.array([cat[n][1] == "ok" for n in names])
+    np.testing.assert_array_equal(out.ok, expected)
+    assert out.on_device == sum(ok and e for ok, e in zip(device_ok, expected))
+    assert out.on_device >= 3  # the good JPEGs still went through the device decoder
+    assert "truncated" in out.error[names.index("truncated.jpg")]  # the CPU decoder's own message
+    assert out.pixels.shape[0] == expected.sum()
+
+
+# -- the actor with JPEG bytes (what the read task hands it in gpu_decode mode) ---------------------
+
+def _actor(state_dict, use_gpu=False, precision="fp32"):
+    return EmbedActor(state_dict, SPEC, categories("IMAGENET1K_V2"), 5, precision, True, False, use_gpu, 2,
+                      decode_opts={"max_pixels": LIMIT, "draft": True})
+
+
+def test_actor_decodes_bytes_and_matches_the_cpu_decode_path(state_dict, jpegs):
+    blobs = jpegs + [catalogue()["cmyk.jpg"][0], catalogue()["truncated.jpg"][0]]
+    table = _read_table(blobs)
+    actor = _actor(state_dict)
+    probed = actor(_numpy_batch(probe_table(table, max_pixels=LIMIT)))
+    decoded = actor(_numpy_batch(decode_table(table, SPEC, LIMIT, False)))  # CPU path, full-size decode
+    assert probed.column("status").to_pylist() == decoded.column("status").to_pylist() == \
+        ["ok"] * (len(blobs) - 1) + ["decode_error", "read_error"]
+    assert probed.column("error").to_pylist() == decoded.column("error").to_pylist()
+    for col in ("width", "height"):
+        assert probed.column(col).to_pylist() == decoded.column(col).to_pylist()
+    ok = len(blobs) - 1
+    a = np.array(probed.column("embedding").to_pylist()[:ok])
+    b = np.array(decoded.column("embedding").to_pylist()[:ok])
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.999, cos
+    assert "bytes" not in probed.column_names and "_device_ok" not in probed.column_names
+    device_s = probed.column("_device_decode_s").to_numpy()
+    assert device_s[:-1].min() > 0 and device_s[-1] == 0  # every row the actor tried; not the unreadable one
+    assert probed.column("_model_s").to_numpy().sum() >= device_s.sum()  # ...part of the actor's busy time
+    assert decoded.column("_device_decode_s").to_numpy().max() == 0
+
+
+@pytest.mark.ray
+def test_bytes_pass_through_ray_data_to_the_actor(ray_local, state_dict, jpegs):
+    """The binary and bool columns survive Ray's numpy batches; decoding happens in the actor."""
+    import ray
+
+    probed = probe_table(_read_table(jpegs), max_pixels=LIMIT)
+    ds = ray.data.from_arrow(probed).map_batches(
+        EmbedActor, batch_size=4, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
+        fn_constructor_args=(ray.put(state_dict), SPEC, categories("IMAGENET1K_V2"), 5, "fp32", True, False,
+                             False, 1),
+        fn_constructor_kwargs={"decode_opts": {"max_pixels": LIMIT, "draft": True}})
+    rows = sorted(ds.take_all(), key=lambda r: r["image_id"])
+    assert [r["status"] for r in rows] == ["ok"] * len(jpegs) + ["read_error"]
+    local = _actor(state_dict)(_numpy_batch(probed))
+    for row, emb in zip(rows[:len(jpegs)], local.column("embedding").to_pylist()):
+        np.testing.assert_allclose(row["embedding"], emb, rtol=1e-3, atol=1e-3)
+
+
+# -- on a real GPU ------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_nvjpeg_batch_matches_the_cpu_decode(jpegs):
+    out = DeviceJpegDecoder(SPEC, CUDA).decode(jpegs, [True] * len(jpegs))
+    assert out.ok.all() and out.on_device == len(jpegs) and out.pixels.device.type == "cuda"
+    diff = np.abs(out.pixels.cpu().numpy().astype(int) - _cpu_crops(jpegs, draft=False).astype(int))
+    assert diff.mean() < 3, diff.mean()  # nvJPEG's IDCT / chroma upsampling differ from libjpeg slightly
+
+
+@pytest.mark.gpu
+def test_nvjpeg_catalogue_statuses_equal_the_cpu_path():
+    cat = catalogue()
+    names = list(cat)
+    table = _read_table([cat[n][0] for n in names])
+    probed = probe_table(table, max_pixels=LIMIT)
+    dec = DeviceJpegDecoder(SPEC, CUDA)
+    out = dec.decode(probed.column("bytes").to_pylist(), probed.column("_device_ok").to_pylist(),
+                     todo=np.array(probed.column("status").to_pylist()) == "ok")
+    expected = np.array([cat[n][1] == "ok" for n in names] + [False])
+    np.testing.assert_array_equal(out.ok, expected)
+
+
+@pytest.mark.gpu
+def test_cuda_actor_fp16_with_device_decode_is_close_to_cpu_fp32(state_dict, jpegs):
+    table = _read_table(jpegs)
+    gpu = _actor(state_dict, use_gpu=True, precision="fp16")
+    assert gpu.embedder.device.type == "cuda" and torch.backends.cudnn.benchmark
+    got = gpu(_numpy_batch(probe_table(table, max_pixels=LIMIT)))
+    ref = _actor(state_dict)(_numpy_batch(decode_table(table, SPEC, LIMIT, False)))
+    assert got.column("status").to_pylist() == ref.column("status").to_pylist()
+    n = len(jpegs)
+    a = np.array(got.column("embedding").to_pylist()[:n])
+    b = np.array(ref.column("embedding").to_pylist()[:n])
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.995, cos
+
+
+@pytest.mark.gpu
+@pytest.mark.ray
+def test_run_with_gpu_decode_equals_cpu_decode_run(photos, checkpoint, tmp_path, ray_local):
+    from resnet_batch.runner import run
+    from tests.conftest import job_config
+
+    reports, tables = {}, {}
+    for gpu_decode in (False, True):
+        out = tmp_path / f"gpu_decode-{gpu_decode}"
+        cfg = job_config(photos, out, checkpoint, model={"precision": "fp16"},
+                         compute={"gpu_decode": gpu_decode, "gpus_per_actor": 1.0})
+        reports[gpu_decode] = run(cfg, progress=False)
+        tables[gpu_decode] = pq.read_table(sorted(out.glob("part-*.parquet"))).sort_by("image_id")
+    for r in reports.values():
+        assert r["complete"] and r["device"] == "cuda" and r["counts"]["ok"] == 36
+    # With gpu_decode the read tasks only parse headers: their time is a small part of a full decode.
+    assert reports[True]["stages"]["decode_s"] < reports[False]["stages"]["decode_s"] / 5
+    a = np.array(tables[True].column("embedding").to_pylist())
+    b = np.array(tables[False].column("embedding").to_pylist())
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.995, cos  # the CPU run used the reduced-size (draft) JPEG decode
