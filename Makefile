@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DEMO_IMAGES ?= 200
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test browser bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,9 +21,16 @@ install: $(STAMP)
 demo: install
 	$(PY) -m resnet_batch.cli sample-data --out data/sample -n $(DEMO_IMAGES)
 	$(VENV)/bin/resnet-batch embed --config configs/local.yaml
+	$(VENV)/bin/resnet-batch index --embeddings out/sample --out out/sample-index
+	$(VENV)/bin/resnet-batch similar --index out/sample-index --id shard-000/astronaut-00000.jpg -k 5
 
-test: install
+test: install browser
 	$(VENV)/bin/pytest -q
+
+# The gallery test renders a page in headless Chromium (Debian's package); it skips, saying why,
+# only where Chromium cannot be installed.
+browser:
+	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } >/dev/null 2>&1 || echo "make test: chromium could not be installed; the gallery browser test will skip"
 
 bench: install
 	$(PY) benchmarks/embed_bench.py

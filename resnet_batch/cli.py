@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-folder", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=sample_data_main)
+    from resnet_batch.search_cli import register  # index, similar, neighbors, gallery
+    register(sub)
     return parser
 
 

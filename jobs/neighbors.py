@@ -1,0 +1,17 @@
+"""Ray job entrypoint: `python jobs/neighbors.py --index URI --out URI [-k 10] [--threshold 0.95]`.
+
+Writes every indexed image's top-k neighbours (itself excluded) as Parquet, plus near-duplicate groups.
+On a cluster: `ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/neighbors.py ...`.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package, in --working-dir
+
+from resnet_batch.search_cli import add_neighbors_arguments, neighbors_main  # noqa: E402
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="resnet-batch neighbours job")
+    add_neighbors_arguments(parser)
+    sys.exit(neighbors_main(parser.parse_args()))

@@ -1,0 +1,137 @@
+"""gallery module: a self-contained static HTML page of sample query images, their top-1 label and neighbours."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image, ImageOps
+
+from resnet_batch.index import SimilarityIndex, put_bytes
+from resnet_batch.listing import open_fs
+from resnet_batch.neighbors import read_neighbors
+from resnet_batch.similar import similar_to_id
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One picture on the page: an image, its caption numbers, and its thumbnail (or why there is none)."""
+
+    image_id: str
+    label: Optional[str]
+    score: Optional[float]  # cosine similarity to the query; None for the query itself
+    src: Optional[str]  # data: URI of the thumbnail
+    error: Optional[str] = None
+
+
+def thumbnail_uri(path: str, size: int, storage_options: Optional[dict] = None) -> str:
+    """A JPEG thumbnail (longest side `size`, EXIF orientation applied) of the image at `path`, as a data: URI."""
+    import fsspec
+
+    with fsspec.open(path, "rb", **(storage_options or {})) as f:
+        data = f.read()
+    with Image.open(io.BytesIO(data)) as im:
+        im.draft("RGB", (size, size))  # JPEG: decode at a reduced size directly
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        im.thumbnail((size, size), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=82)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class _Thumbs:
+    """Thumbnails by image_id, made once each; a failure becomes the tile's error, not a broken <img>."""
+
+    def __init__(self, index: SimilarityIndex, size: int, storage_options: Optional[dict]):
+        self.index, self.size, self.storage_options, self.cache = index, size, storage_options, {}
+
+    def tile(self, image_id: str, score: Optional[float]) -> Tile:
+        row = self.index.row(self.index.position(image_id))
+        if image_id not in self.cache:
+            try:
+                self.cache[image_id] = (thumbnail_uri(row["path"], self.size, self.storage_options), None)
+            except Exception as err:  # missing or unreadable file: say so on the page
+                self.cache[image_id] = (None, f"{type(err).__name__}: {err}")
+        src, error = self.cache[image_id]
+        return Tile(image_id, row["label"], score, src, error)
+
+
+def pick_queries(index: SimilarityIndex, n: int, seed: int) -> list[str]:
+    """A seeded sample of n indexed image_ids, in image_id order."""
+    ids = index.ids.column("image_id").to_pylist()
+    picked = np.random.default_rng(seed).choice(len(ids), size=min(n, len(ids)), replace=False)
+    return sorted(ids[i] for i in picked)
+
+
+def neighbours_of(index: SimilarityIndex, queries: list[str], k: int, neighbors_uri: Optional[str],
+                  storage_options: Optional[dict]) -> dict[str, list[tuple[str, float]]]:
+    """query -> [(neighbour id, score)], from a neighbours table when given, else searched in the index."""
+    if neighbors_uri is None:
+        return {q: [(m.image_id, m.score) for m in similar_to_id(index, q, k)] for q in queries}
+    table = read_neighbors(neighbors_uri, storage_options)
+    table = table.filter(pc.is_in(table.column("image_id"), value_set=pa.array(queries, pa.string())))
+    found = {r["image_id"]: list(zip(r["neighbor_ids"], r["scores"]))[:k] for r in table.to_pylist()}
+    missing = [q for q in queries if q not in found]
+    if missing:
+        raise ValueError(f"{len(missing)} sampled images are not in the neighbours table {neighbors_uri} "
+                         f"(e.g. {missing[0]!r}); was it made from this index?")
+    return found
+
+
+def build_gallery(index: SimilarityIndex, *, n: int = 12, k: int = 8, seed: int = 0, thumb: int = 160,
+                  neighbors_uri: Optional[str] = None, storage_options: Optional[dict] = None) -> list:
+    """[(query Tile, [neighbour Tiles])] for a seeded sample of n queries."""
+    queries = pick_queries(index, n, seed)
+    found = neighbours_of(index, queries, k, neighbors_uri, storage_options)
+    thumbs = _Thumbs(index, thumb, storage_options)
+    return [(thumbs.tile(q, None), [thumbs.tile(i, s) for i, s in found[q]]) for q in queries]
+
+
+def _figure(t: Tile, cls: str) -> str:
+    caption = [f'<span class="id">{html.escape(t.image_id)}</span>']
+    if t.score is not None:
+        caption.insert(0, f'<span class="score">{t.score:.4f}</span>')
+    if t.label and t.score is None:
+        caption.append(f'<span class="label">{html.escape(t.label)}</span>')
+    if t.src:
+        pic = f'<img src="{t.src}" alt="{html.escape(t.image_id)}" loading="eager">'
+    else:
+        pic = f'<div class="missing">image unavailable: {html.escape(t.error or "")}</div>'
+    return f'<figure class="{cls}">{pic}<figcaption>{"<br>".join(caption)}</figcaption></figure>'
+
+
+_CSS = """body{font:14px system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222}
+header p{color:#555;margin:.2em 0}section{display:flex;gap:1.2em;align-items:flex-start;padding:1em 0;
+border-top:1px solid #ddd}figure{margin:0;width:160px}figure.query{width:200px}img{max-width:100%;display:block;
+border-radius:4px}figcaption{font-size:12px;word-break:break-all;margin-top:.3em}.label{font-weight:600}
+.score{font-variant-numeric:tabular-nums;font-weight:600}.nbrs{display:flex;flex-wrap:wrap;gap:.8em}
+.missing{width:150px;height:100px;background:#eee;color:#a00;font-size:11px;padding:4px;overflow:hidden}"""
+
+
+def render_html(entries: list, meta: dict, title: str = "resnet-batch: similar images") -> str:
+    """The page: a header describing the index, then one row per query (query, then its neighbours)."""
+    prov = meta["provenance"]
+    rows = [f'<section>{_figure(q, "query")}<div class="nbrs">{"".join(_figure(t, "nbr") for t in nbrs)}</div>'
+            "</section>" for q, nbrs in entries]
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_CSS}</style></head><body><header><h1>{html.escape(title)}</h1>"
+            f"<p>{meta['count']} images, {html.escape(meta['kind'])} index ({html.escape(meta['factory'])}), "
+            f"cosine similarity; model {html.escape(prov['model'])}, weights {html.escape(prov['weights_id'])}, "
+            f"{html.escape(prov['precision'])}.</p><p>Left: a sampled image with its top-1 label. Right: its nearest "
+            "images, best first, with scores.</p></header>\n" + "\n".join(rows) + "\n</body></html>\n")
+
+
+def write_gallery(index: SimilarityIndex, out: str, *, storage_options: Optional[dict] = None, **options) -> dict:
+    """Build and write the page to `out` (local path or URL); returns counts for the caller to print."""
+    entries = build_gallery(index, storage_options=storage_options, **options)
+    page = render_html(entries, index.meta)
+    fs, path = open_fs(out, dict(storage_options or {}))
+    put_bytes(fs, path, page.encode())
+    tiles = [t for q, nbrs in entries for t in (q, *nbrs)]
+    return {"queries": len(entries), "thumbnails": sum(t.src is not None for t in tiles),
+            "unavailable": sum(t.src is None for t in tiles), "bytes": len(page)}

@@ -1,0 +1,108 @@
+"""similar module: the nearest indexed images to a new image (embedded as the index's provenance says) or to an id."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from resnet_batch.config import ModelConfig
+from resnet_batch.decode import PreprocessSpec, decode_image
+from resnet_batch.index import SimilarityIndex
+from resnet_batch.provenance import ProvenanceMismatch
+from resnet_batch.weights import is_enum_name, resolve_weights
+
+
+@dataclass(frozen=True)
+class Match:
+    """One neighbour: who, where, how similar (cosine), and its top-1 label."""
+
+    image_id: str
+    path: str
+    score: float
+    label: Optional[str]
+
+
+def model_config_for(provenance: dict, weights: Optional[str] = None) -> ModelConfig:
+    """The ModelConfig that reproduces the weights named in a provenance (or `weights` instead, checked by hash)."""
+    wid = weights or provenance["weights_id"]
+    common = {"transforms": provenance["transforms"], "precision": provenance["precision"]}
+    if m := re.fullmatch(r"random\(seed=(-?\d+)\)", wid):
+        return ModelConfig(weights="random", seed=int(m.group(1)), **common)
+    if wid.startswith("checkpoint:"):
+        return ModelConfig(weights=wid[len("checkpoint:"):], **common)
+    if is_enum_name(wid) or weights:
+        return ModelConfig(weights=wid, **common)
+    raise ValueError(f"cannot reproduce weights {wid!r} from the index provenance; pass --weights")
+
+
+def preprocess_spec_for(provenance: dict) -> PreprocessSpec:
+    """The resize / crop / normalisation recorded in a provenance."""
+    p = provenance["preprocessing"]
+    return PreprocessSpec(int(p["resize_size"]), int(p["crop_size"]), tuple(p["mean"]), tuple(p["std"]),
+                          p.get("interpolation", "bilinear"))
+
+
+class QueryEmbedder:
+    """Embeds new images exactly as the indexed ones were: same weights (hash-checked), preprocessing, precision."""
+
+    def __init__(self, provenance: dict, *, weights: Optional[str] = None, storage_options: Optional[dict] = None,
+                 device: Optional[str] = None):
+        from resnet_batch.model import ResNet50Embedder
+
+        info, state_dict = resolve_weights(model_config_for(provenance, weights), dict(storage_options or {}))
+        if info.sha256 != provenance["weights_sha256"]:
+            raise ProvenanceMismatch(f"weights {info.weights_id} hash {info.sha256[:12]}... differ from the index's "
+                                     f"{provenance['weights_id']} ({provenance['weights_sha256'][:12]}...)")
+        self.spec = preprocess_spec_for(provenance)
+        prep = provenance["preprocessing"]
+        self.max_pixels, self.draft = int(prep["max_pixels"]), bool(prep["jpeg_draft"])
+        self.embedder = ResNet50Embedder(state_dict, self.spec, precision=provenance["precision"],
+                                         channels_last=provenance.get("channels_last", True), device=device)
+        self.storage_options = dict(storage_options or {})
+
+    def embed_bytes(self, data: bytes) -> np.ndarray:
+        """(2048,) float32 embedding of one encoded image (raises DecodeError for a bad one)."""
+        pixels, _, _ = decode_image(data, self.spec, max_pixels=self.max_pixels, draft=self.draft)
+        emb, _ = self.embedder.embed(np.array(pixels[None]))  # writable: torch.from_numpy wants that
+        return emb[0].cpu().numpy()
+
+    def embed_uri(self, uri: str) -> np.ndarray:
+        import fsspec
+
+        with fsspec.open(uri, "rb", **self.storage_options) as f:
+            return self.embed_bytes(f.read())
+
+
+def matches(index: SimilarityIndex, scores: np.ndarray, positions: np.ndarray, exclude: Optional[str] = None,
+            k: Optional[int] = None) -> list[Match]:
+    """One query's search result as Matches, best first, without `exclude` and empty slots."""
+    out = []
+    for score, pos in zip(scores, positions):
+        if pos < 0:
+            continue
+        row = index.row(int(pos))
+        if row["image_id"] != exclude:
+            out.append(Match(row["image_id"], row["path"], float(score), row["label"]))
+    return out[:k]
+
+
+def similar_to_image(index: SimilarityIndex, embedder: QueryEmbedder, uri: str, k: int = 10) -> list[Match]:
+    """The k indexed images nearest to the image at `uri` (an indexed copy of it included)."""
+    scores, positions = index.search(embedder.embed_uri(uri)[None], k)
+    return matches(index, scores[0], positions[0])
+
+
+def similar_to_id(index: SimilarityIndex, image_id: str, k: int = 10) -> list[Match]:
+    """The k indexed images nearest to an indexed image, itself excluded."""
+    scores, positions = index.search(index.vector(image_id)[None], k + 1)
+    return matches(index, scores[0], positions[0], exclude=image_id, k=k)
+
+
+def format_matches(found: list[Match]) -> str:
+    """A plain table: rank, score, top-1 label, image_id."""
+    lines = [f"{'rank':>4}  {'score':>8}  {'label':<24}  image_id"]
+    for i, m in enumerate(found, 1):
+        lines.append(f"{i:>4}  {m.score:8.5f}  {(m.label or '-')[:24]:<24}  {m.image_id}")
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""Helpers for the similarity-search tests: embed-output Parquet parts with chosen vectors, and one real embed run."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from resnet_batch.schema import EMBEDDING_DIM, OUTPUT_SCHEMA, embedding_array, with_provenance
+
+PROVENANCE = {
+    "package": "resnet-batch", "version": "0.1.0", "model": "torchvision.resnet50", "weights_id": "random(seed=7)",
+    "weights_sha256": "a" * 64, "transforms": "IMAGENET1K_V2",
+    "preprocessing": {"resize_size": 232, "crop_size": 224, "mean": [0.485, 0.456, 0.406],
+                      "std": [0.229, 0.224, 0.225], "interpolation": "bilinear", "antialias": True,
+                      "jpeg_draft": True, "exif_transpose": True, "max_pixels": 100_000_000},
+    "precision": "fp32", "channels_last": True, "topk": 5, "embedding_dim": EMBEDDING_DIM,
+}
+
+
+def clustered_vectors(n: int, seed: int = 0, clusters: int = 50, latent: int = 32) -> np.ndarray:
+    """Non-negative 2048-d vectors like pooled CNN features: a low-dimensional clustered latent, a random linear
+    map, ReLU, and a little noise (structure an ANN index can use, as with real embeddings)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((latent, EMBEDDING_DIM)).astype(np.float32) / np.sqrt(latent)
+    centres = rng.standard_normal((clusters, latent)).astype(np.float32)
+    z = centres[rng.integers(0, clusters, n)] + 0.5 * rng.standard_normal((n, latent)).astype(np.float32)
+    noise = 0.05 * np.abs(rng.standard_normal((n, EMBEDDING_DIM)).astype(np.float32))
+    return (np.maximum(z @ w, 0) + noise).astype(np.float32)
+
+
+def write_part(path: Path, ids: Sequence[str], vectors: np.ndarray, provenance: Optional[dict] = PROVENANCE,
+               status: Optional[Sequence[str]] = None, paths: Optional[Sequence[str]] = None) -> Path:
+    """An embed-output part (OUTPUT_SCHEMA, provenance in the metadata); rows whose status is not 'ok' get nulls."""
+    n = len(ids)
+    status = list(status or ["ok"] * n)
+    ok = np.array([s == "ok" for s in status])
+    labels = [[f"label-{i % 7}", "other"] if o else None for i, o in enumerate(ok)]
+    table = pa.table({
+        "image_id": pa.array(ids, pa.string()),
+        "path": pa.array(paths or [f"/nowhere/{i}" for i in ids], pa.string()),
+        "width": pa.array([640] * n, pa.int32()), "height": pa.array([480] * n, pa.int32()),
+        "topk_ids": pa.array([[i % 7, 999] if o else None for i, o in enumerate(ok)], pa.list_(pa.int32())),
+        "topk_labels": pa.array(labels, pa.list_(pa.string())),
+        "topk_probs": pa.array([[0.5, 0.1] if o else None for o in ok], pa.list_(pa.float32())),
+        "embedding": embedding_array(vectors, ok),
+        "status": pa.array(status, pa.string()),
+        "error": pa.array([None if o else "decode_error: test" for o in ok], pa.string()),
+    }, schema=OUTPUT_SCHEMA)
+    schema = with_provenance(OUTPUT_SCHEMA, provenance) if provenance else OUTPUT_SCHEMA
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.replace_schema_metadata(schema.metadata), path)
+    return path
+
+
+def brute_force(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine top-k with numpy (float64): (scores, indices), best first."""
+    x = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-30)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True).clip(1e-30)
+    sims = q.astype(np.float64) @ x.astype(np.float64).T
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, axis=1), order
+
+
+def embedded_photos(tmp_path_factory, photos: Path, checkpoint: Path) -> Path:
+    """The real embed job's output over the 36 test photos (fp32, checkpoint weights); run once per session."""
+    out = tmp_path_factory.getbasetemp() / "search-embedded-photos"
+    if (out / "_SUCCESS").exists():
+        return out
+    from resnet_batch.runner import run
+    from tests.conftest import job_config
+
+    report = run(job_config(photos, out, checkpoint), progress=False)
+    assert report["complete"], json.dumps(report)[:2000]
+    return out
+
+
+def jpeg(path: Path, quality: int, flip: bool = False) -> bytes:
+    """The image at `path` re-encoded as JPEG at `quality` (optionally mirrored)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if flip:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

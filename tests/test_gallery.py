@@ -1,0 +1,127 @@
+"""The gallery page: self-contained (thumbnails embedded), correct neighbours and scores, rendered in Chromium."""
+import base64
+import html
+import io
+import json
+import re
+import shutil
+import subprocess
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from resnet_batch.cli import main
+from resnet_batch.gallery import build_gallery, pick_queries, render_html, write_gallery
+from resnet_batch.index import SimilarityIndex, build_index
+from resnet_batch.neighbors import NEIGHBORS_SCHEMA
+from resnet_batch.similar import similar_to_id
+from tests.search_helpers import clustered_vectors, write_part
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-quic"]
+# Appended to a copy of the page: after load, list every <img> with its decoded size.
+PROBE = """<script>window.addEventListener("load", () => {
+  const pre = document.createElement("pre"); pre.id = "img-probe";
+  pre.textContent = JSON.stringify([...document.images].map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight]));
+  document.body.appendChild(pre);
+});</script>"""
+ODD_ID = 'odd/<b>&"x".jpg'
+
+
+@pytest.fixture(scope="module")
+def gallery_index(tmp_path_factory, photos):
+    """A flat index over 12 photo copies (one with an id that needs escaping), embeddings synthetic."""
+    root = tmp_path_factory.mktemp("gallery")
+    files = sorted(photos.rglob("*.jpg"))[:12]
+    ids = [f"img-{i:02d}.jpg" for i in range(11)] + [ODD_ID]
+    paths = []
+    for i, f in enumerate(files):
+        dst = root / "photos" / f"copy-{i:02d}.jpg"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, dst)
+        paths.append(str(dst))
+    write_part(root / "emb" / "part-000000.parquet", ids, clustered_vectors(12, seed=9), paths=paths)
+    build_index([str(root / "emb")], log=lambda m: None).save(str(root / "idx"))
+    return SimilarityIndex.load(str(root / "idx")), str(root / "idx"), root
+
+
+def img_sources(page: str) -> list[str]:
+    return re.findall(r'<img src="([^"]*)"', page)
+
+
+def test_page_lists_sampled_queries_labels_and_neighbour_scores(gallery_index):
+    index, _, _ = gallery_index
+    queries = pick_queries(index, 4, seed=1)
+    assert queries == sorted(queries) and len(set(queries)) == 4 and queries == pick_queries(index, 4, seed=1)
+    entries = build_gallery(index, n=4, k=3, seed=1)
+    for (query, nbrs), q in zip(entries, queries):
+        assert (query.image_id, query.score, query.label) == (q, None, index.row(index.position(q))["label"])
+        assert [(t.image_id, t.score) for t in nbrs] == [(m.image_id, m.score) for m in similar_to_id(index, q, 3)]
+    page = render_html(entries, index.meta)
+    assert page.count('<figure class="query">') == 4 and page.count('<figure class="nbr">') == 12
+    assert all(src.startswith("data:image/jpeg;base64,") for src in img_sources(page)) and len(img_sources(page)) == 16
+    for (query, nbrs) in entries:
+        for t in nbrs:
+            assert f'<span class="score">{t.score:.4f}</span><br><span class="id">{html.escape(t.image_id)}' in page
+    thumb = Image.open(io.BytesIO(base64.b64decode(img_sources(page)[0].split(",", 1)[1])))
+    assert thumb.format == "JPEG" and max(thumb.size) == 160
+
+
+def test_odd_ids_are_escaped_and_missing_images_are_shown_as_such(gallery_index, tmp_path):
+    index, _, root = gallery_index
+    shutil.copytree(root / "photos", tmp_path / "keep")
+    (root / "photos" / "copy-11.jpg").unlink()  # the ODD_ID image
+    try:
+        summary = write_gallery(index, str(tmp_path / "all.html"), n=12, k=2)
+    finally:
+        shutil.copy(tmp_path / "keep" / "copy-11.jpg", root / "photos" / "copy-11.jpg")
+    page = (tmp_path / "all.html").read_text()
+    assert html.escape(ODD_ID) in page and ODD_ID not in page
+    shown = page.count(html.escape(ODD_ID))  # as a query and wherever it is a neighbour
+    assert page.count('<div class="missing">image unavailable: FileNotFoundError') == shown
+    assert summary == {"queries": 12, "thumbnails": 36 - shown, "unavailable": shown, "bytes": len(page.encode())}
+    assert len(img_sources(page)) == 36 - shown
+
+
+def test_neighbours_come_from_the_table_when_given(gallery_index, tmp_path):
+    index, _, _ = gallery_index
+    queries = pick_queries(index, 3, seed=0)
+    table = {"image_id": queries, "neighbor_ids": [[ODD_ID, "img-00.jpg"]] * 3, "scores": [[0.5, 0.25]] * 3}
+    (tmp_path / "nb").mkdir()
+    pq.write_table(pa.table(table, schema=NEIGHBORS_SCHEMA), tmp_path / "nb" / "part-000000.parquet")
+    entries = build_gallery(index, n=3, k=5, seed=0, neighbors_uri=str(tmp_path / "nb"))
+    shown = [[(t.image_id, t.score) for t in nbrs] for _, nbrs in entries]
+    assert shown == [[(ODD_ID, 0.5), ("img-00.jpg", 0.25)]] * 3
+    first_missing = sorted(set(index.ids.column("image_id").to_pylist()) - set(queries))[0]
+    with pytest.raises(ValueError, match=rf"^9 sampled images are not in the neighbours table {tmp_path}/nb "
+                                         rf"\(e\.g\. '{first_missing}'\); was it made from this index\?$"):
+        build_gallery(index, n=12, k=5, seed=0, neighbors_uri=str(tmp_path / "nb"))
+
+
+def test_chromium_loads_every_thumbnail_of_a_page_that_stands_alone(gallery_index, tmp_path, capsys):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed here; on Debian `apt-get install -y chromium` (make test runs it)")
+    index, uri, _ = gallery_index
+    page_path = tmp_path / "site" / "gallery.html"
+    assert main(["gallery", "--index", uri, "--out", str(page_path), "-n", "5", "-k", "4", "--seed", "3"]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {page_path}: 5 queries, 25 thumbnails (")
+    # The page must not need the photos, the index or its folder: move it alone elsewhere.
+    alone = tmp_path / "elsewhere" / "page.html"
+    alone.parent.mkdir()
+    alone.write_text(page_path.read_text().replace("</body>", PROBE + "</body>"))
+    shutil.rmtree(page_path.parent)
+    cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
+           "--dump-dom", alone.as_uri()]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    found = re.search(r'<pre id="img-probe">(.*?)</pre>', done.stdout, re.S)
+    assert done.returncode == 0 and found, f"chromium rc={done.returncode}\n{done.stderr[-2000:]}"
+    images = json.loads(html.unescape(found.group(1)))
+    expected = [q for q in pick_queries(index, 5, seed=3)]
+    expected = [i for q in expected for i in [q] + [m.image_id for m in similar_to_id(index, q, 4)]]
+    assert [alt for alt, *_ in images] == expected
+    broken = [alt for alt, complete, w, h in images if not (complete and w > 0 and h > 0)]
+    assert broken == [], f"thumbnails that did not load: {broken}"
+    assert max(max(w, h) for _, _, w, h in images) == 160

@@ -1,0 +1,109 @@
+"""`similar`: a new image is embedded exactly as the indexed ones were; --id queries exclude the image itself."""
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from resnet_batch.cli import main
+from resnet_batch.config import ModelConfig
+from resnet_batch.index import SimilarityIndex, build_index
+from resnet_batch.provenance import ProvenanceMismatch
+from resnet_batch.schema import embeddings_to_numpy
+from resnet_batch.similar import QueryEmbedder, model_config_for, similar_to_id, similar_to_image
+from resnet_batch.weights import random_state_dict
+from tests.search_helpers import brute_force, embedded_photos, jpeg
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, photos, checkpoint, ray_local):
+    """The real embed job's output over the test photos, its flat index (saved), and the stored embeddings."""
+    out = embedded_photos(tmp_path_factory, photos, checkpoint)
+    table = pq.read_table(sorted(out.glob("part-*.parquet")))
+    uri = str(tmp_path_factory.mktemp("similar") / "idx")
+    build_index([str(out)], log=lambda m: None).save(uri)
+    return SimilarityIndex.load(uri), uri, table
+
+
+@pytest.fixture(scope="module")
+def embedder(indexed):
+    return QueryEmbedder(indexed[0].provenance)
+
+
+def test_model_config_is_read_back_from_provenance():
+    base = {"transforms": "IMAGENET1K_V1", "precision": "bf16"}
+    assert model_config_for({**base, "weights_id": "random(seed=3)"}) == ModelConfig(
+        weights="random", seed=3, transforms="IMAGENET1K_V1", precision="bf16")
+    assert model_config_for({**base, "weights_id": "checkpoint:s3://b/w.pth"}).weights == "s3://b/w.pth"
+    assert model_config_for({**base, "weights_id": "IMAGENET1K_V2"}).weights == "IMAGENET1K_V2"
+    assert model_config_for({**base, "weights_id": "random(seed=3)"}, weights="/moved/w.pth").weights == "/moved/w.pth"
+    with pytest.raises(ValueError, match=r"^cannot reproduce weights 'mystery' from the index provenance; pass "):
+        model_config_for({**base, "weights_id": "mystery"})
+
+
+def test_new_image_embeds_like_the_job_did(indexed, embedder, photos):
+    index, _, table = indexed
+    stored = embeddings_to_numpy(table.column("embedding"))
+    ids = table.column("image_id").to_pylist()
+    for i in (0, 17, 35):
+        query = embedder.embed_uri(str(photos / ids[i]))
+        assert query.shape == (2048,) and query.dtype == np.float32
+        np.testing.assert_allclose(query, stored[i], rtol=1e-4, atol=1e-4)  # same model, crop and precision
+    found = similar_to_image(index, embedder, str(photos / ids[17]), k=5)
+    assert found[0].image_id == ids[17] and found[0].score > 0.9999
+    ref_scores, ref_pos = brute_force(stored, embedder.embed_uri(str(photos / ids[17]))[None], 5)
+    assert [m.image_id for m in found] == [ids[p] for p in ref_pos[0]]
+    np.testing.assert_allclose([m.score for m in found], ref_scores[0], atol=1e-5)
+    assert found[0].label == table.column("topk_labels")[17].as_py()[0]
+
+
+def test_a_reencoded_copy_finds_its_original(indexed, embedder, photos, tmp_path):
+    index, _, table = indexed
+    ids = table.column("image_id").to_pylist()
+    for i in (3, 20):
+        copy = tmp_path / f"copy-{i}.jpg"
+        copy.write_bytes(jpeg(photos / ids[i], quality=55))
+        found = similar_to_image(index, embedder, str(copy), k=3)
+        assert found[0].image_id == ids[i], [(m.image_id, m.score) for m in found]
+
+
+def test_by_id_excludes_itself_and_matches_numpy(indexed):
+    index, _, table = indexed
+    stored = embeddings_to_numpy(table.column("embedding"))
+    ids = table.column("image_id").to_pylist()
+    found = similar_to_id(index, ids[5], k=6)
+    ref_scores, ref_pos = brute_force(stored, stored[5:6], 7)
+    assert ref_pos[0, 0] == 5 and ids[5] not in [m.image_id for m in found]
+    assert [m.image_id for m in found] == [ids[p] for p in ref_pos[0, 1:]]
+    np.testing.assert_allclose([m.score for m in found], ref_scores[0, 1:], atol=1e-5)
+
+
+def test_other_weights_are_refused(indexed, tmp_path):
+    index, _, _ = indexed
+    other = tmp_path / "seed8.pth"
+    torch.save(random_state_dict(8), other)
+    with pytest.raises(ProvenanceMismatch, match=rf"^weights checkpoint:{other} hash [0-9a-f]{{12}}\.\.\. differ "
+                                                 r"from the index's checkpoint:.*resnet50-seed7\.pth \([0-9a-f]{12}"):
+        QueryEmbedder(index.provenance, weights=str(other))
+
+
+def test_cli_similar(indexed, photos, capsys):
+    index, uri, table = indexed
+    ids = table.column("image_id").to_pylist()
+    assert main(["similar", "--index", uri, "--id", ids[0], "-k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["rank", "score", "label", "image_id"] and len(lines) == 4
+    assert [line.split()[-1] for line in lines[1:]] == [m.image_id for m in similar_to_id(index, ids[0], 3)]
+    assert main(["similar", "--index", uri, str(photos / ids[9]), "-k", "2", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert len(found) == 2 and found[0]["image_id"] == ids[9] and set(found[0]) == {"image_id", "path", "score",
+                                                                                     "label"}
+    assert main(["similar", "--index", uri, "--id", "no/such.jpg"]) == 2
+    assert capsys.readouterr().err == "error: image_id 'no/such.jpg' is not in the index\n"
+    assert main(["similar", "--index", uri]) == 2
+    assert capsys.readouterr().err == "error: give exactly one of IMAGE_PATH or --id IMAGE_ID\n"
+    assert main(["similar", "--index", uri, str(photos / "missing.jpg")]) == 2
+    assert "missing.jpg" in capsys.readouterr().err
