@@ -30,8 +30,9 @@ class ResNet50Embedder:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        model = resnet50(weights=None)
-        model.load_state_dict(state_dict, strict=True)
+        with torch.device("meta"):  # no random init: the weights are assigned right below
+            model = resnet50(weights=None)
+        model.load_state_dict(state_dict, strict=True, assign=True)
         self.fc = model.fc.to(self.device).eval()  # kept aside: logits = fc(embedding), in fp32
         model.fc = torch.nn.Identity()
         self.channels_last = channels_last
@@ -179,3 +180,4 @@ def _maybe_fault() -> None:
         with open(latch, "w") as f:
             f.write(str(os.getpid()))
         os._exit(1)
+

@@ -1,13 +1,15 @@
 """provenance module: what produced an output, and the check that refuses mixing two different setups."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from resnet_batch import __version__
 from resnet_batch.config import JobConfig
 from resnet_batch.decode import PreprocessSpec
 from resnet_batch.schema import EMBEDDING_DIM
-from resnet_batch.weights import WeightsInfo
+
+if TYPE_CHECKING:  # importing weights pulls in torch; the driver imports it in a thread while Ray starts
+    from resnet_batch.weights import WeightsInfo
 
 # Keys that must be equal for two outputs' embeddings to be comparable (resume, retry, index).
 BINDING_KEYS = ("model", "weights_id", "weights_sha256", "preprocessing", "precision", "embedding_dim")

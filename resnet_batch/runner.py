@@ -21,7 +21,6 @@ from resnet_batch.reader import SHARD_END, ShardDatasource, extra_fields
 from resnet_batch.report import RunStats, finalize
 from resnet_batch.schema import output_schema, with_provenance
 from resnet_batch.storage import prepare as prepare_storage
-from resnet_batch.weights import categories, resolve_weights
 from resnet_batch.writer import MANIFEST_FILE, PROVENANCE_FILE, OutputError, OutputStore, failed_ids
 
 
@@ -104,6 +103,12 @@ def plan_run(cfg: JobConfig, store: OutputStore, provenance: dict, *, fresh: boo
     return plan
 
 
+def _resolve_weights(cfg: JobConfig):
+    from resnet_batch.weights import resolve_weights
+
+    return resolve_weights(cfg.model, dict(cfg.input.storage_options))
+
+
 def _init_ray(cfg: JobConfig) -> None:
     import ray
 
@@ -140,7 +145,7 @@ def build_dataset(cfg: JobConfig, plan: Plan, spec: PreprocessSpec, extra: list,
         fn_constructor_args=(state_dict_ref, spec, labels, cfg.model.topk, cfg.model.precision,
                              cfg.model.channels_last, cfg.model.compile, use_gpu, threads),
         fn_constructor_kwargs={"decode_opts": {"max_pixels": cfg.input.max_pixels, "draft": cfg.input.jpeg_draft},
-                               "warmup_batch": c.batch_size},
+                               "warmup_batch": c.batch_size if use_gpu else 0},  # cudnn autotuning
         batch_size=c.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=c.min_actors, max_size=c.max_actors),
         num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor if use_gpu else 0,
@@ -153,7 +158,7 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
     cfg = prepare_storage(cfg)  # storage options resolved; input readable, output writable, before any work
     store = OutputStore(cfg.output.uri, dict(cfg.output.storage_options), cfg.output.compression)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights") as pool:
-        resolving = pool.submit(resolve_weights, cfg.model, dict(cfg.input.storage_options))
+        resolving = pool.submit(_resolve_weights, cfg)  # imports torch: overlaps with Ray's start
         if fresh or retry_failed or not store.published():
             _init_ray(cfg)  # Ray starts while the weights load; a finished output needs no Ray at all
         weights, state_dict = resolving.result()
@@ -184,6 +189,8 @@ def _execute(cfg, plan, spec, extra, schema, state_dict, weights, store, stats, 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.execution_options.preserve_order = False
+    from resnet_batch.weights import categories
+
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and cfg.compute.gpus_per_actor > 0
     stats.device = "cuda" if use_gpu else "cpu"
     ds = build_dataset(cfg, plan, spec, extra, ray.put(state_dict), categories(weights.transforms), use_gpu)
