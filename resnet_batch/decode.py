@@ -1,11 +1,13 @@
 """decode module: image bytes -> RGB uint8 crop, the weights' own resize / centre-crop, EXIF applied."""
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -52,11 +54,12 @@ def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return int(short_side * width / height), short_side
 
 
-def decode_image(data: bytes, spec: PreprocessSpec, *, max_pixels: int, draft: bool) -> tuple[np.ndarray, int, int]:
-    """Decode, orient, convert to RGB, resize and centre-crop one image.
+@contextlib.contextmanager
+def open_image(data: bytes, max_pixels: int) -> Iterator[tuple[Image.Image, int, int, int]]:
+    """Open image bytes lazily (header only) and check them: yields (image, width, height, EXIF orientation).
 
-    Returns (HWC uint8 crop, width, height) where width/height are the original size as displayed
-    (after EXIF orientation). Raises DecodeError with a human-readable reason.
+    width/height are as displayed (after orientation). Every failure, here or in the caller's block,
+    becomes a DecodeError with a human-readable reason.
     """
     if not data:
         raise DecodeError("empty file (0 bytes)")
@@ -64,7 +67,15 @@ def decode_image(data: bytes, spec: PreprocessSpec, *, max_pixels: int, draft: b
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
-                return _decode_open(im, spec, max_pixels, draft)
+                width, height = im.size
+                if width * height > max_pixels:
+                    raise DecodeError(
+                        f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
+                        "(input.max_pixels); refused as a possible decompression bomb")
+                orientation = im.getexif().get(0x0112, 1)
+                if orientation in _TRANSPOSING_ORIENTATIONS:
+                    width, height = height, width
+                yield im, width, height, orientation
     except DecodeError:
         raise
     except Image.DecompressionBombError as err:
@@ -75,16 +86,17 @@ def decode_image(data: bytes, spec: PreprocessSpec, *, max_pixels: int, draft: b
         raise DecodeError(f"corrupt image: {err}") from None
 
 
-def _decode_open(im: Image.Image, spec: PreprocessSpec, max_pixels: int, draft: bool) -> tuple[np.ndarray, int, int]:
-    width, height = im.size
-    if width * height > max_pixels:
-        raise DecodeError(
-            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
-            "(input.max_pixels); refused as a possible decompression bomb"
-        )
-    orientation = im.getexif().get(0x0112, 1)
-    if orientation in _TRANSPOSING_ORIENTATIONS:
-        width, height = height, width
+def decode_image(data: bytes, spec: PreprocessSpec, *, max_pixels: int, draft: bool) -> tuple[np.ndarray, int, int]:
+    """Decode, orient, convert to RGB, resize and centre-crop one image.
+
+    Returns (HWC uint8 crop, width, height) where width/height are the original size as displayed
+    (after EXIF orientation). Raises DecodeError with a human-readable reason.
+    """
+    with open_image(data, max_pixels) as (im, width, height, _):
+        return _crop(im, spec, draft), width, height
+
+
+def _crop(im: Image.Image, spec: PreprocessSpec, draft: bool) -> np.ndarray:
     if draft and im.format == "JPEG":
         # Reduced-size DCT decode: the result stays at least as large as what Resize needs.
         scale = spec.resize_size / min(im.size)
@@ -100,8 +112,7 @@ def _decode_open(im: Image.Image, spec: PreprocessSpec, max_pixels: int, draft: 
         raise DecodeError(f"resized image {new_w}x{new_h} is smaller than the {c}px crop")
     top = int(round((new_h - c) / 2.0))
     left = int(round((new_w - c) / 2.0))
-    im = im.crop((left, top, left + c, top + c))
-    return np.asarray(im, dtype=np.uint8), width, height
+    return np.asarray(im.crop((left, top, left + c, top + c)), dtype=np.uint8)
 
 
 def decode_table(table: pa.Table, spec: PreprocessSpec, max_pixels: int, draft: bool) -> pa.Table:

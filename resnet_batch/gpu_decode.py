@@ -10,7 +10,6 @@ exactly as on the CPU path. Everything here also runs with device="cpu" (the tes
 """
 from __future__ import annotations
 
-import io
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,9 +18,8 @@ from typing import Optional, Sequence
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 
-from resnet_batch.decode import DecodeError, PreprocessSpec, decode_image, resized_size
+from resnet_batch.decode import DecodeError, PreprocessSpec, decode_image, open_image, resized_size
 from resnet_batch.schema import STATUS_DECODE_ERROR, STATUS_OK
 
 _DEVICE_MODES = ("RGB", "L")  # JPEG colour spaces nvJPEG turns into RGB the way Pillow does
@@ -34,31 +32,10 @@ def probe_image(data: bytes, max_pixels: int) -> tuple[int, int, bool]:
     Raises DecodeError for what the CPU path would refuse before decoding pixels (empty, not an
     image, over max_pixels); a truncated or corrupt body is found later, when decoding.
     """
-    if not data:
-        raise DecodeError("empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                width, height = im.size
-                if width * height > max_pixels:
-                    raise DecodeError(
-                        f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
-                        "(input.max_pixels); refused as a possible decompression bomb")
-                orientation = im.getexif().get(0x0112, 1)
-                if orientation in (5, 6, 7, 8):
-                    width, height = height, width
-                device_ok = (im.format == "JPEG" and im.mode in _DEVICE_MODES and orientation in (None, 1)
-                             and data[-64:].rstrip(b"\0")[-2:] == _JPEG_EOI)  # truncated: Pillow decides
-                return width, height, device_ok
-    except DecodeError:
-        raise
-    except Image.DecompressionBombError as err:
-        raise DecodeError(f"decompression bomb refused: {err}") from None
-    except Image.UnidentifiedImageError:
-        raise DecodeError("not an image (format not recognised)") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as err:
-        raise DecodeError(f"corrupt image: {err}") from None
+    with open_image(data, max_pixels) as (im, width, height, orientation):
+        device_ok = (im.format == "JPEG" and im.mode in _DEVICE_MODES and orientation in (None, 1)
+                     and data[-64:].rstrip(b"\0")[-2:] == _JPEG_EOI)  # truncated: Pillow decides
+        return width, height, device_ok
 
 
 def probe_table(table: pa.Table, max_pixels: int) -> pa.Table:

@@ -8,14 +8,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from resnet_batch.listing import Listing
 from resnet_batch.reader import SHARD_END
 from resnet_batch.schema import STATUS_OK
-from resnet_batch.writer import REPORT_FILE, SUCCESS_FILE, OutputStore
+from resnet_batch.writer import INCOMPLETE_REPORT_FILE, REPORT_FILE, SUCCESS_FILE, OutputStore
 
 
 @dataclass
@@ -148,10 +147,13 @@ def finalize(cfg, store: OutputStore, listing: Listing, provenance: dict, stats:
         "provenance": provenance,
         "config": config,
     }
-    store.write_json(REPORT_FILE, report)
-    if complete:
+    if complete:  # the final report and the marker only when everything reconciles
+        store.write_json(REPORT_FILE, report)
         store.write_json(SUCCESS_FILE, {"inputs": inputs, "ok": counts["ok"], "failed": counts["failed"],
                                         "skipped": skipped})
+        store.remove(INCOMPLETE_REPORT_FILE)
+    else:
+        store.write_json(INCOMPLETE_REPORT_FILE, report)
     return report
 
 

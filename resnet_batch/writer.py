@@ -19,6 +19,7 @@ from resnet_batch.schema import STATUS_OK, read_provenance
 PROVENANCE_FILE = "_provenance.json"
 MANIFEST_FILE = "_manifest.json"
 REPORT_FILE = "_run_report.json"
+INCOMPLETE_REPORT_FILE = "_run_report.incomplete.json"
 SUCCESS_FILE = "_SUCCESS"
 PART_STATS_KEY = b"resnet_batch.part_stats"
 T = TypeVar("T")
@@ -117,10 +118,14 @@ class OutputStore:
             if ".tmp-" in posixpath.basename(p):
                 self.fs.rm(p)
 
+    def remove(self, name: str) -> None:
+        if self.fs.exists(self.path(name)):
+            self.fs.rm(self.path(name))
+
     def unpublish(self) -> None:
-        """A run that adds work removes the old success marker first."""
-        if self.published():
-            self.fs.rm(self.path(SUCCESS_FILE))
+        """A run that adds work removes the old success marker and final report first."""
+        self.remove(SUCCESS_FILE)
+        self.remove(REPORT_FILE)
 
     # -- parts ---------------------------------------------------------------------------------
     def write_part(self, shard: Shard, table: pa.Table, schema: pa.Schema, stats: dict) -> None:

@@ -28,25 +28,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from tests.s3server import free_ports
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct ports the OS says are free now (held together while choosing, so no repeats)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _free_range(n: int) -> tuple[int, int]:
@@ -93,7 +81,7 @@ class LoopbackCluster:
         self.token_file.chmod(0o600)
         self.sessions: list[int] = []
         self.gcs_port = self.dashboard_port = 0
-        autoscaler_metrics, dashboard_metrics = _free_ports(2)
+        autoscaler_metrics, dashboard_metrics = free_ports(2)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         self.env.update(
             PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` in the job = this venv
@@ -112,7 +100,7 @@ class LoopbackCluster:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def _start(self, args: list[str], num_cpus: int, resources: dict) -> None:
-        node_manager, object_manager, agent, agent_grpc, runtime_env, metrics = _free_ports(6)
+        node_manager, object_manager, agent, agent_grpc, runtime_env, metrics = free_ports(6)
         low, high = _free_range(60)
         # One temp dir per node, as on separate machines: nodes sharing one would also share the
         # runtime-env folders, and a node unpacking the job's working dir replaces the driver's cwd.
@@ -132,7 +120,7 @@ class LoopbackCluster:
             raise RuntimeError(f"`ray start {' '.join(args)}` failed ({proc.returncode}):\n{out[-3000:]}")
 
     def start_head(self, num_cpus: int, resources: dict) -> None:
-        self.gcs_port, self.dashboard_port, client = _free_ports(3)
+        self.gcs_port, self.dashboard_port, client = free_ports(3)
         self._start(["--head", "--port", str(self.gcs_port), "--include-dashboard", "true",
                      "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
                      "--ray-client-server-port", str(client)], num_cpus, resources)

@@ -75,7 +75,7 @@ def test_kill_driver_then_resume(many_photos, checkpoint, tmp_path, kill_after_p
     survived = _parts(out)
     total = N_IMAGES // PER_SHARD
     assert kill_after_parts <= len(survived) < total
-    assert not (out / "_SUCCESS").exists()
+    assert not (out / "_SUCCESS").exists() and not (out / "_run_report.json").exists()
     log = _finish(input_dir, out, checkpoint)
     assert f"{len(survived)} shards already done, {total - len(survived)} to do" in log
     after = _parts(out)
