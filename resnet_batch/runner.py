@@ -42,12 +42,15 @@ class _Pending:
     skipped: int = 0
 
 
-# Input settings that shape the shards and the output columns: a resume must use the same ones.
-LAYOUT_KEYS = ("format", "extensions", "images_per_shard", "image_column", "passthrough_columns", "limit")
+# Input settings that shape the shards and the output columns, by format: a resume must use the same ones.
+LAYOUT_KEYS = {"folder": ("format", "extensions", "images_per_shard", "limit"),
+               "webdataset": ("format", "extensions", "passthrough_columns"),
+               "parquet": ("format", "image_column", "passthrough_columns")}
 
 
 def _layout(cfg: JobConfig) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.input.model_dump(include=set(LAYOUT_KEYS)).items()}
+    keys = {k for ks in LAYOUT_KEYS.values() for k in ks}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.input.model_dump(include=keys).items()}
 
 
 def _listing_to_manifest(listing: Listing, cfg: JobConfig) -> dict:
@@ -77,7 +80,7 @@ def plan_run(cfg: JobConfig, store: OutputStore, provenance: dict, *, fresh: boo
             raise OutputError(f"output {store.display()} holds a run over input {manifest['input']!r}, "
                               f"not {cfg.input.uri!r}; use another output.uri or --fresh")
         layout = _layout(cfg)
-        diffs = [f"input.{k}: {manifest['layout'].get(k)!r} != {layout[k]!r}" for k in LAYOUT_KEYS
+        diffs = [f"input.{k}: {manifest['layout'].get(k)!r} != {layout[k]!r}" for k in LAYOUT_KEYS[manifest["format"]]
                  if manifest["layout"].get(k) != layout[k]]
         if diffs:
             raise OutputError(f"output {store.display()} was planned with other input settings: " + "; ".join(diffs)
