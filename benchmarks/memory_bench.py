@@ -4,8 +4,9 @@
 
 Runs the embed job (local Ray, bf16, random weights) as a subprocess on N generated photos and samples
 /proc every 0.5 s for the whole process tree: the driver, each Ray worker (read/decode tasks, the model
-actor) and Ray's own daemons. Memory bounded by the streaming window shows as peaks that do not grow
-with N.
+actor) and Ray's own daemons. VmRSS also counts the pages of Ray's shared-memory object store that a
+process has touched (bounded by the object store's size, not by N); RssAnon is the process's own
+heap. Memory bounded by the streaming window shows as RssAnon peaks that do not grow with N.
 """
 from __future__ import annotations
 
@@ -42,10 +43,11 @@ def _tree(root: int) -> list[int]:
     return out
 
 
-def _rss_mb(pid: int) -> float:
+def _rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """VmRSS counts pages of Ray's shared-memory object store a process has touched; RssAnon is its own heap."""
     try:
         for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -73,23 +75,24 @@ def measure(n: int, work: Path) -> dict:
            "--input", str(photos), "--output", str(work / f"out-{n}"), "-o", "model.weights=random"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak_driver, peak_total, peak_role = 0.0, 0.0, defaultdict(float)
+    peak_driver, peak_total, peak_role, peak_anon = 0.0, 0.0, defaultdict(float), defaultdict(float)
     while proc.poll() is None:
         pids = _tree(proc.pid)
         total = 0.0
         for pid in pids:
             rss = _rss_mb(pid)
-            total += rss
+            total += _rss_mb(pid, "RssAnon")
             role = "driver" if pid == proc.pid else _role(pid)
             peak_role[role] = max(peak_role[role], rss)
+            peak_anon[role] = max(peak_anon[role], _rss_mb(pid, "RssAnon"))
         peak_driver = max(peak_driver, _rss_mb(proc.pid))
         peak_total = max(peak_total, total)
         time.sleep(0.5)
     log = proc.stdout.read()
     if proc.returncode != 0:
         raise RuntimeError(log[-3000:])
-    return {"images": n, "seconds": time.perf_counter() - t0, "driver_mb": peak_driver, "tree_mb": peak_total,
-            "roles": dict(peak_role)}
+    return {"images": n, "seconds": time.perf_counter() - t0, "driver_mb": peak_driver, "tree_anon_mb": peak_total,
+            "roles": dict(peak_role), "anon": dict(peak_anon)}
 
 
 def main() -> None:
@@ -100,13 +103,14 @@ def main() -> None:
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     rows = [measure(n, work) for n in a.sizes]
-    print(f"\n{'images':>8s} {'seconds':>8s} {'driver MB':>10s} {'actor MB':>9s} {'decode MB':>10s} {'tree MB':>8s}")
+    print("\npeak MB per process role: RSS (includes touched pages of the shared object store) / RssAnon (own heap)")
+    print(f"{'images':>8s} {'seconds':>8s} {'driver':>14s} {'model actor':>14s} {'read/decode':>14s} {'tree RssAnon':>13s}")
     for r in rows:
-        print(f"{r['images']:8d} {r['seconds']:8.1f} {r['driver_mb']:10.0f} {r['roles'].get('model actor', 0):9.0f} "
-              f"{r['roles'].get('read/decode task', 0):10.0f} {r['tree_mb']:8.0f}")
-    print("peak RSS per process role (MB):")
+        cell = lambda role: f"{r['roles'].get(role, 0):6.0f} / {r['anon'].get(role, 0):5.0f}"  # noqa: E731
+        print(f"{r['images']:8d} {r['seconds']:8.1f} {cell('driver'):>14s} {cell('model actor'):>14s} "
+              f"{cell('read/decode task'):>14s} {r['tree_anon_mb']:13.0f}")
     for r in rows:
-        print(f"  {r['images']}: " + ", ".join(f"{k}={v:.0f}" for k, v in sorted(r["roles"].items())))
+        print(f"  {r['images']}: " + ", ".join(f"{k}={v:.0f}/{r['anon'].get(k, 0):.0f}" for k, v in sorted(r["roles"].items())))
 
 
 if __name__ == "__main__":
