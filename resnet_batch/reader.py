@@ -5,7 +5,6 @@ import json
 import tarfile
 from typing import Callable, Iterator, Optional
 
-import numpy as np
 import pyarrow as pa
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
@@ -364,18 +363,3 @@ class ShardDatasource(Datasource):
             meta = BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None, input_files=shard.paths)
             tasks.append(ReadTask(read_fn, meta))
         return tasks
-
-
-def shard_sizes(table: pa.Table) -> dict:
-    """From a table of rows: {shard: (image rows, end count or None, skipped)} for the driver's bookkeeping."""
-    shards = np.asarray(table.column("_shard"))
-    counts = np.asarray(table.column("_count"))
-    skipped = np.asarray(table.column("_skipped"))
-    out: dict = {}
-    for s, c, k in zip(shards, counts, skipped):
-        rows, end, sk = out.get(int(s), (0, None, 0))
-        if c >= 0:
-            out[int(s)] = (rows, int(c), sk + int(k))
-        else:
-            out[int(s)] = (rows + 1, end, sk)
-    return out
