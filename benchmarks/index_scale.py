@@ -73,6 +73,14 @@ def size_mb(index) -> float:
     return faiss.serialize_index(index).nbytes / 2**20
 
 
+def timed_build(spec, train, vectors):
+    """A FAISS index for `spec`, trained on `train` and filled with `vectors`, and the seconds it took."""
+    t0 = time.perf_counter()
+    index = new_faiss_index(spec, train)
+    index.add(vectors)
+    return index, time.perf_counter() - t0
+
+
 def main() -> int:
     import faiss
 
@@ -96,10 +104,7 @@ def main() -> int:
     ref_scores, ref_ids = numpy_topk(xn, qn, k)
     numpy_s = time.perf_counter() - t0
     spec = IndexSpec.choose(args.n, "flat")
-    t0 = time.perf_counter()
-    flat = new_faiss_index(spec, None)
-    flat.add(xn)
-    flat_build = time.perf_counter() - t0
+    flat, flat_build = timed_build(spec, None, xn)
     ex_scores, ex_ids = flat.search(qn, k)
     same = float(np.mean([set(a) == set(b) for a, b in zip(ex_ids, ref_ids)]))
     max_diff = float(np.abs(ex_scores - ref_scores).max())
@@ -140,10 +145,7 @@ def main() -> int:
                      size_mb(base), recall(ids, ex_ids), *latency(base, qn, k)))
     if args.hnsw:
         h = IndexSpec.choose(args.n, "hnsw")
-        t0 = time.perf_counter()
-        hnsw = new_faiss_index(h, None)
-        hnsw.add(xn)
-        hb = time.perf_counter() - t0
+        hnsw, hb = timed_build(h, None, xn)
         _, ids = hnsw.search(qn, k)
         rows.append((f"hnsw {h.factory} [{h.search}]", hb, size_mb(hnsw), recall(ids, ex_ids), *latency(hnsw, qn, k)))
 

@@ -58,6 +58,10 @@ class RunStats:
             self.per_node[node] += n
         self.workers.update(pc.unique(rows.column("_worker")).to_pylist())
 
+    def first_result_at(self) -> Optional[float]:
+        """perf_counter time of the first result batch (None when none came)."""
+        return self._first[0] if self._first else None
+
     def steady_img_per_s(self) -> Optional[float]:
         """Throughput after the first result arrived (start-up excluded)."""
         if self._first is None or self._last <= self._first[0]:

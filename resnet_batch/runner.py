@@ -188,7 +188,7 @@ def _execute(cfg, plan, spec, extra, schema, state_dict, weights, store, stats, 
     from ray.data import DataContext
 
     t0 = time.perf_counter()
-    _init_ray(cfg)
+    _init_ray(cfg)  # usually already started by run(); not when a published output lost a part
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.execution_options.preserve_order = False
@@ -201,12 +201,8 @@ def _execute(cfg, plan, spec, extra, schema, state_dict, weights, store, stats, 
     shards = {s.index: s for s in plan.todo}
     pending: dict[int, _Pending] = {}
     writes: list[Future] = []
-    t_first: Optional[float] = None
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="write") as pool:
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
-            if t_first is None:
-                t_first = time.perf_counter()
-                stats.first_result_s = t_first - t0
             stats.absorb(table, time.perf_counter())
             for s in pc.unique(table.column("_shard")).to_pylist():
                 part = table.filter(pc.equal(table.column("_shard"), s))
@@ -224,11 +220,13 @@ def _execute(cfg, plan, spec, extra, schema, state_dict, weights, store, stats, 
                     del pending[s]
                     merged = _merge(store, shards[s], p, plan, schema)
                     writes.append(pool.submit(_write, store, shards[s], merged, schema, p.skipped, stats))
-            _raise_failed(writes)
+            writes = _pending_writes(writes)
             stats.report_progress(progress)
         for w in writes:
             w.result()
     stats.pipeline_s = time.perf_counter() - t0
+    if (first := stats.first_result_at()) is not None:
+        stats.first_result_s = first - t0
     if pending:
         raise RuntimeError(f"pipeline ended with {len(pending)} incomplete shards: {sorted(pending)[:10]}")
 
@@ -253,11 +251,13 @@ def _write(store: OutputStore, shard: Shard, table: pa.Table, schema: pa.Schema,
     stats.wrote_part(len(table), time.perf_counter() - t0)
 
 
-def _raise_failed(writes: list[Future]) -> None:
-    for w in [w for w in writes if w.done()]:
-        w.result()
+def _pending_writes(writes: list[Future]) -> list[Future]:
+    """Raise the first failed part write; return the writes still running."""
+    for w in writes:
+        if w.done():
+            w.result()
+    return [w for w in writes if not w.done()]
 
 
-def _log(msg: str, enabled: bool = True) -> None:
-    if enabled:
-        print(msg, file=sys.stderr, flush=True)
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from resnet_batch.listing import Shard, open_fs
 from resnet_batch.reader import display_path
-from resnet_batch.schema import STATUS_OK, read_provenance
+from resnet_batch.schema import STATUS_OK
 
 PROVENANCE_FILE = "_provenance.json"
 MANIFEST_FILE = "_manifest.json"
@@ -147,10 +147,6 @@ class OutputStore:
         with self.fs.open(self.path(name), "rb") as f:
             meta = pq.read_metadata(f).metadata or {}
         return json.loads(meta.get(PART_STATS_KEY, b"{}"))
-
-    def part_provenance(self, name: str) -> Optional[dict]:
-        with self.fs.open(self.path(name), "rb") as f:
-            return read_provenance(pq.read_schema(f))
 
 
 def with_retries(fn: Callable[[], T], attempts: int = 5, base_delay: float = 0.5,
