@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import traceback
 from typing import Optional
@@ -50,11 +51,20 @@ def embed_main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except Exception as err:  # a failure mid-run: finished shards are already safe in the output
         traceback.print_exc()
-        print(f"error: the run failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+        print(f"error: the run failed: {_one_line(err)}\n"
               f"finished shards are kept in {cfg.output.uri}; rerun the same command to resume", file=sys.stderr)
         return EXIT_FAILED
     print(summary(report, _examples(cfg)))
     return EXIT_OK if report["complete"] else EXIT_FAILED
+
+
+def _one_line(err: BaseException) -> str:
+    """An error in one line; for a Ray error that carries a worker's traceback, the worker's own exception."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    name = type(err).__name__
+    if len(lines) > 1 and re.match(r"[A-Za-z_][\w.]*(Error|Exception): ", lines[-1]):
+        return f"{name}: {lines[-1]}"
+    return f"{name}: {lines[0]}" if lines else name
 
 
 def _examples(cfg, n: int = 3) -> list[tuple[str, str, float]]:

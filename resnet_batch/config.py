@@ -63,7 +63,10 @@ class ComputeConfig(_Section):
     batch_size: int = Field(32, ge=1)
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(1, ge=1)
-    gpus_per_actor: float = Field(1.0, ge=0, description="Used when the cluster has GPUs; 0.5 packs two per GPU.")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto: GPU actors when the cluster has GPUs at the start; cuda: always (GPU nodes "
+                            "the autoscaler adds from zero), and fail where torch sees no CUDA; cpu: never.")
+    gpus_per_actor: float = Field(1.0, gt=0, description="GPUs per GPU actor; 0.5 packs two per GPU.")
     cpus_per_actor: float = Field(1.0, gt=0)
     torch_threads: Optional[int] = Field(None, ge=1, description="Default: the CPUs the actor holds.")
     decode_cpus: float = Field(1.0, gt=0, description="CPUs each decode task holds.")

@@ -1,6 +1,7 @@
 """model module: the ResNet-50 actor; one forward pass gives top-k labels and the 2048-d embedding."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -11,7 +12,8 @@ import pyarrow as pa
 import torch
 
 from resnet_batch.decode import PreprocessSpec
-from resnet_batch.schema import STATUS_DECODE_ERROR, STATUS_MODEL_ERROR, STATUS_OK, embedding_array
+from resnet_batch.schema import (DEVICE_NO_CUDA, STATUS_DECODE_ERROR, STATUS_MODEL_ERROR, STATUS_OK,
+                                 embedding_array)
 
 _CONSUMED = {"image_id", "path", "width", "height", "status", "error", "pixels", "bytes", "_device_ok"}
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -78,16 +80,17 @@ class EmbedActor:
 
     def __init__(self, state_dict, spec: PreprocessSpec, categories: tuple[str, ...], topk: int,
                  precision: str, channels_last: bool, compile: bool, use_gpu: bool, threads: Optional[int],
-                 decode_opts: Optional[dict] = None, warmup_batch: int = 0):
+                 decode_opts: Optional[dict] = None, warmup_batch: int = 0, require_cuda: bool = False):
+        device = _actor_device(use_gpu, require_cuda)
         if not isinstance(state_dict, dict):  # an ObjectRef: the driver put the weights in the object store once
             import ray
 
             state_dict = ray.get(state_dict)
-        self.embedder = ResNet50Embedder(
-            state_dict, spec, precision=precision, channels_last=channels_last, compile=compile,
-            device="cuda" if use_gpu and torch.cuda.is_available() else "cpu", threads=threads)
-        if warmup_batch:
+        self.embedder = ResNet50Embedder(state_dict, spec, precision=precision, channels_last=channels_last,
+                                         compile=compile, device=device, threads=threads)
+        if warmup_batch and device == "cuda":
             self.embedder.warmup(warmup_batch)
+        self.device_name = "cuda" if device == "cuda" else (DEVICE_NO_CUDA if use_gpu else "cpu")
         self.categories = np.array(categories, dtype=object)
         self.topk = topk
         self.spec, self.decode_opts, self._decoder = spec, decode_opts or {}, None  # for JPEG bytes (gpu_decode)
@@ -138,6 +141,7 @@ class EmbedActor:
             "_device_decode_s": device_decode_s,  # the part of _model_s spent decoding (gpu_decode)
             "_node": np.full(n, self.node, dtype=object),
             "_worker": np.full(n, f"{self.node}:{os.getpid()}", dtype=object),
+            "_device": np.full(n, self.device_name, dtype=object),
         })
 
     def _decode_bytes(self, batch: dict, status: np.ndarray, error: np.ndarray, ok: np.ndarray):
@@ -156,12 +160,27 @@ class EmbedActor:
         return out.pixels, out.ok, out.seconds
 
 
+def _actor_device(use_gpu: bool, require_cuda: bool) -> str:
+    """"cuda" when Ray gave this actor a GPU and torch can use it; otherwise "cpu", or an error if required."""
+    if not use_gpu:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)")
+    message = (f"this model actor was given a GPU by Ray (CUDA_VISIBLE_DEVICES={visible}) on node {_node_name()}, "
+               f"but torch {torch.__version__} sees no CUDA device (a CPU-only torch build, or no NVIDIA driver)")
+    if require_cuda:
+        raise RuntimeError(f"compute.device=cuda: {message}")
+    logging.getLogger(__name__).warning("%s; running on the CPU", message)
+    return "cpu"
+
+
 def _node_name() -> str:
-    """The Ray node id (short) inside Ray; the host name outside it (never starts a Ray runtime)."""
+    """The Ray node id inside Ray; the host name outside it (never starts a Ray runtime)."""
     import ray
 
     if ray.is_initialized():
-        return ray.get_runtime_context().get_node_id()[:12]
+        return ray.get_runtime_context().get_node_id()
     return socket.gethostname()
 
 

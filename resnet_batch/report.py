@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from resnet_batch.listing import Listing
 from resnet_batch.reader import SHARD_END
-from resnet_batch.schema import STATUS_OK
+from resnet_batch.schema import DEVICE_NO_CUDA, STATUS_OK
 from resnet_batch.writer import INCOMPLETE_REPORT_FILE, REPORT_FILE, SUCCESS_FILE, OutputStore
 
 
@@ -34,9 +34,9 @@ class RunStats:
     first_result_s: float = 0.0
     pipeline_s: float = 0.0
     wall_s: float = 0.0
-    device: str = "cpu"
+    gpu_requested: bool = False
     per_node: collections.Counter = field(default_factory=collections.Counter)
-    workers: set = field(default_factory=set)
+    actors: dict = field(default_factory=dict)  # "node:pid" -> {"node", "device", "images"}
     _t0: float = field(default_factory=time.perf_counter)
     _first: Optional[tuple[float, int]] = None
     _last: float = 0.0
@@ -56,7 +56,14 @@ class RunStats:
         self.model_s += pc.sum(rows.column("_model_s")).as_py() or 0.0
         for node, n in collections.Counter(rows.column("_node").to_pylist()).items():
             self.per_node[node] += n
-        self.workers.update(pc.unique(rows.column("_worker")).to_pylist())
+        for (worker, node, device), n in collections.Counter(
+                zip(*(rows.column(c).to_pylist() for c in ("_worker", "_node", "_device")))).items():
+            actor = self.actors.setdefault(worker, {"node": node, "device": device, "images": 0})
+            actor["images"] += n
+
+    def devices(self) -> str:
+        """What the model actors really ran on: "cuda", "cpu", or a mix such as "cpu (no CUDA)+cuda"."""
+        return "+".join(sorted({a["device"] for a in self.actors.values()})) or "none"
 
     def first_result_at(self) -> Optional[float]:
         """perf_counter time of the first result batch (None when none came)."""
@@ -96,7 +103,7 @@ def _hms(seconds: float) -> str:
 
 def bottleneck(stats: RunStats) -> dict:
     """Where the time went, and whether the model actors were waiting for decoded images."""
-    actors = max(len(stats.workers), 1)
+    actors = max(len(stats.actors), 1)
     # Busy share of the steady window (first result -> last result), so start-up does not count as starving.
     window = stats._last - stats._first[0] if stats._first else 0.0
     if window > 0 and stats.rows > stats._first[1]:
@@ -145,7 +152,9 @@ def finalize(cfg, store: OutputStore, listing: Listing, provenance: dict, stats:
                     "first_result": round(stats.first_result_s, 3), "pipeline": round(stats.pipeline_s, 3)},
         "img_per_s": round(img_s, 2) if img_s else None,
         "steady_img_per_s": round(steady, 2) if (steady := stats.steady_img_per_s()) else None,
-        "device": stats.device,
+        "device": stats.devices(),
+        "gpu_requested": stats.gpu_requested,
+        "actors": [{"worker": w, **a} for w, a in sorted(stats.actors.items())],
         "stages": bottleneck(stats),
         "per_node": dict(stats.per_node),
         "provenance": provenance,
@@ -175,8 +184,15 @@ def summary(report: dict, examples: Optional[list[tuple[str, str, float]]] = Non
         f"  time: decode {st['decode_s']:.1f}s, model {st['model_s']:.1f}s, write {st['write_s']:.1f}s "
         f"({st['model_actors']} actor(s), model busy {st['model_busy_fraction']:.0%}: {st['verdict']})",
     ]
+    no_cuda = [a for a in report["actors"] if a["device"] == DEVICE_NO_CUDA]
+    if no_cuda:
+        lines.append(f"  warning: {len(no_cuda)} model actor(s) were given a GPU but their torch sees no CUDA device, "
+                     f"so they ran on the CPU ({sum(a['images'] for a in no_cuda)} images); "
+                     "compute.device=cuda makes this an error")
     if len(report["per_node"]) > 1:
-        lines.append("  per node: " + ", ".join(f"{k}={v}" for k, v in sorted(report["per_node"].items())))
+        short = len({node[:12] for node in report["per_node"]}) == len(report["per_node"])  # as `ray list nodes`
+        lines.append("  per node: " + ", ".join(f"{node[:12] if short else node}={n}"
+                                                for node, n in sorted(report["per_node"].items())))
     if str(report["provenance"].get("weights_id", "")).startswith("random"):
         lines.append("  note: random weights (model.weights=random): labels are not meaningful, embeddings are "
                      "only self-consistent")

@@ -124,6 +124,14 @@ def _init_ray(cfg: JobConfig) -> None:
         ray.init(include_dashboard=False, log_to_driver=True)
 
 
+def wants_gpu(device: str, cluster_gpus: float) -> bool:
+    """Whether the model actors ask Ray for GPUs (compute.device; `auto` looks at the cluster now)."""
+    if device == "cuda" and not cluster_gpus:
+        _log("compute.device=cuda: no GPU in the cluster yet; the model actors wait for the autoscaler "
+             "to add GPU nodes")
+    return device == "cuda" or (device == "auto" and cluster_gpus > 0)
+
+
 def build_dataset(cfg: JobConfig, plan: Plan, spec: PreprocessSpec, extra: list, state_dict_ref,
                   labels: tuple[str, ...], use_gpu: bool):
     """read + decode shards (CPU tasks) -> ResNet-50 actor pool."""
@@ -147,7 +155,8 @@ def build_dataset(cfg: JobConfig, plan: Plan, spec: PreprocessSpec, extra: list,
         EmbedActor,
         fn_constructor_args=(state_dict_ref, spec, labels, cfg.model.topk, cfg.model.precision,
                              cfg.model.channels_last, cfg.model.compile, use_gpu, threads),
-        fn_constructor_kwargs={"decode_opts": {"max_pixels": cfg.input.max_pixels, "draft": cfg.input.jpeg_draft},
+        fn_constructor_kwargs={"require_cuda": c.device == "cuda",  # no CUDA in torch: fail, not run on the CPU
+                               "decode_opts": {"max_pixels": cfg.input.max_pixels, "draft": cfg.input.jpeg_draft},
                                "warmup_batch": c.batch_size if use_gpu else 0},  # cudnn autotuning
         batch_size=c.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=c.min_actors, max_size=c.max_actors),
@@ -194,8 +203,8 @@ def _execute(cfg, plan, spec, extra, schema, state_dict, weights, store, stats, 
     ctx.execution_options.preserve_order = False
     from resnet_batch.weights import categories
 
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and cfg.compute.gpus_per_actor > 0
-    stats.device = "cuda" if use_gpu else "cpu"
+    use_gpu = wants_gpu(cfg.compute.device, ray.cluster_resources().get("GPU", 0))
+    stats.gpu_requested = use_gpu
     ds = build_dataset(cfg, plan, spec, extra, ray.put(state_dict), categories(weights.transforms), use_gpu)
     stats.startup_s = time.perf_counter() - t0
     shards = {s.index: s for s in plan.todo}

@@ -15,6 +15,7 @@ STATUS_READ_ERROR = "read_error"  # the bytes could not be fetched
 STATUS_DECODE_ERROR = "decode_error"  # not an image, truncated, too large, ...
 STATUS_MODEL_ERROR = "model_error"  # the forward pass failed for this image
 STATUSES = (STATUS_OK, STATUS_READ_ERROR, STATUS_DECODE_ERROR, STATUS_MODEL_ERROR)
+DEVICE_NO_CUDA = "cpu (no CUDA)"  # a model actor given a GPU that its torch could not use
 
 # One row per input image, success or failure. Extra per-format columns (WebDataset json fields,
 # user Parquet columns) are appended after these by `output_schema`.

@@ -96,3 +96,16 @@ def test_cli_missing_input_fails_fast(tmp_path, checkpoint):
     assert f"error: input not found: {tmp_path / 'no-such-dir'} (input.uri)" in r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()  # nothing written, Ray never started
+
+
+def test_compute_device_decides_whether_actors_ask_for_gpus():
+    from resnet_batch.runner import wants_gpu
+
+    assert build_config(BASE).compute.device == "auto"
+    assert [wants_gpu("auto", g) for g in (0, 0.5, 8)] == [False, True, True]  # the cluster as it is now
+    assert [wants_gpu("cuda", g) for g in (0, 8)] == [True, True]  # GPU nodes the autoscaler will add
+    assert [wants_gpu("cpu", g) for g in (0, 8)] == [False, False]
+    with pytest.raises(ConfigError, match=r"'compute\.device': Input should be 'auto', 'cuda' or 'cpu'"):
+        build_config({**BASE, "compute": {"device": "gpu"}})
+    with pytest.raises(ConfigError, match=r"'compute\.gpus_per_actor': Input should be greater than 0"):
+        build_config({**BASE, "compute": {"gpus_per_actor": 0}})

@@ -190,6 +190,7 @@ def test_gpu_cluster_config_is_valid_and_uses_the_gpus():
     assert cfg.input.uri.startswith("s3://") and cfg.output.uri.startswith("s3://")
     assert cfg.input.storage_options == {} and cfg.output.storage_options == {}  # instance profile, no keys
     assert cfg.compute.gpus_per_actor > 0 and cfg.model.precision in ("fp16", "bf16")
+    assert cfg.compute.device == "cuda"  # GPUs asked for even while the GPU nodes are still starting
     assert cfg.compute.max_actors > cfg.compute.min_actors  # the pool scales with the GPU nodes
     gpu_nodes = yaml.safe_load((REPO / "cluster.yaml").read_text())["available_node_types"]["gpu_worker"]
     assert cfg.compute.max_actors == gpu_nodes["max_workers"] / cfg.compute.gpus_per_actor

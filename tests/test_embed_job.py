@@ -97,6 +97,9 @@ def test_parquet_schema_names_and_provenance(first_run, checkpoint):
     assert saved["counts"] == report["counts"] and saved["img_per_s"] > 0
     assert set(saved["stages"]) >= {"decode_s", "model_s", "write_s", "model_busy_fraction", "verdict"}
     assert sum(saved["per_node"].values()) == report["counts"]["this_run"]["images"]
+    assert saved["device"] == "cpu" and saved["gpu_requested"] is False  # no GPU in this Ray runtime
+    assert [a["device"] for a in saved["actors"]] == ["cpu"] * saved["stages"]["model_actors"]
+    assert sum(a["images"] for a in saved["actors"]) == report["counts"]["this_run"]["images"]
 
 
 def test_embeddings_match_direct_computation(first_run, tree, checkpoint):

@@ -1,0 +1,99 @@
+"""GPU scheduling on a real autoscaling Ray cluster: fractional GPUs, the actor pool growing with the
+nodes the autoscaler adds (Ray #59144), and compute.device.
+
+The head runs Ray's autoscaler with its `fake_multinode` provider (tests/raycluster.py): the
+autoscaler itself starts `gpu` worker nodes (2 CPUs and one *logical* GPU each, 1 to 2 nodes) as
+local processes. Ray schedules on those GPUs for real (placement, fractions, autoscaling); torch
+in the actors finds no CUDA device, which is what compute.device decides about.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from resnet_batch.sample_data import make_sample_photos
+from tests.raycluster import BIN, REPO, LoopbackCluster
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+GPU_NODE = {"resources": {"CPU": 2, "GPU": 1, "object_store_memory": 300 << 20}, "min_workers": 1, "max_workers": 2}
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster():
+    """A 2-CPU head (no GPU) whose autoscaler keeps 1 and adds up to 2 `gpu` nodes."""
+    root = Path(tempfile.mkdtemp(prefix="rb-gpu-", dir="/tmp"))  # short: Unix socket paths
+    c = LoopbackCluster(root)
+    try:
+        c.start_head(num_cpus=2, resources={"head_node": 1}, autoscaling={"gpu": GPU_NODE})
+        c.wait_for_nodes(2)  # the head + the gpu node kept by min_workers
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    assert not c.processes(), f"cluster processes left running: {c.processes()}"
+
+
+def _embed(c: LoopbackCluster, photos: Path, out: Path, *overrides: str):
+    """The embed CLI as a driver on this cluster (random bf16 weights: speed, not values, matters here)."""
+    res = c.run(str(BIN / "resnet-batch"), "embed", "--config", str(REPO / "configs/local.yaml"), "--quiet",
+                "--input", str(photos), "--output", str(out), "-o", f"compute.ray_address={c.address}",
+                "-o", "compute.torch_threads=1", "-o", "compute.decode_batch_size=4", *overrides)
+    report = out / "_run_report.json"
+    return res, res.stdout + res.stderr, json.loads(report.read_text()) if report.exists() else None
+
+
+def _gpu_nodes(c: LoopbackCluster) -> dict[str, dict]:
+    return {n["node_id"]: n for n in c.alive_nodes() if n["resources_total"].get("GPU")}
+
+
+def test_half_a_gpu_per_actor_packs_two_replicas_on_one_gpu(gpu_cluster, photos, tmp_path):
+    gpu_cluster.wait_for_nodes(2)
+    gpu_nodes = _gpu_nodes(gpu_cluster)
+    res, logs, report = _embed(gpu_cluster, photos, tmp_path / "out", "-o", "compute.gpus_per_actor=0.5",
+                               "-o", "compute.min_actors=2", "-o", "compute.max_actors=2",
+                               "-o", "input.images_per_shard=6", "-o", "compute.batch_size=6")
+    assert res.returncode == 0, logs[-4000:]
+    assert report["complete"] and report["counts"]["ok"] == 36 and report["gpu_requested"] is True
+    actors = report["actors"]
+    assert len(actors) == 2 and len({a["worker"] for a in actors}) == 2  # two replicas ...
+    assert len({a["node"] for a in actors}) == 1 and actors[0]["node"] in gpu_nodes  # ... on one 1-GPU node
+    assert sum(a["images"] for a in actors) == 36
+    # torch has no CUDA here: the actors ran on the CPU, and the summary says so
+    assert report["device"] == "cpu (no CUDA)"
+    assert "warning: 2 model actor(s) were given a GPU but their torch sees no CUDA device" in logs
+    assert pq.read_table(tmp_path / "out").num_rows == 36
+
+
+def test_actor_pool_grows_with_the_gpu_nodes_the_autoscaler_adds(gpu_cluster, tmp_path):
+    """One GPU node at the start and max_actors=2: the second actor needs a GPU node that does not
+    exist yet; Ray Data asks the autoscaler for it, and the second actor embeds on that new node."""
+    photos = tmp_path / "photos"
+    make_sample_photos(photos, 960, per_folder=20, seed=5)
+    gpu_cluster.wait_for_nodes(2)  # an extra node from an earlier test has been let go (idle)
+    before = _gpu_nodes(gpu_cluster)
+    assert len(before) == 1
+    res, logs, report = _embed(gpu_cluster, photos, tmp_path / "out", "-o", "compute.min_actors=1",
+                               "-o", "compute.max_actors=2", "-o", "input.images_per_shard=20")
+    assert res.returncode == 0, logs[-4000:]
+    assert report["complete"] and report["counts"]["ok"] == 960
+    nodes = {a["node"]: a["images"] for a in report["actors"]}
+    assert len(report["actors"]) == 2 and len(nodes) == 2, report["actors"]  # one actor per GPU node
+    added = set(nodes) - set(before)
+    assert len(added) == 1 and nodes[added.pop()] > 0  # the new node's actor did real work
+    assert sum(nodes.values()) == 960 and report["per_node"] == nodes
+
+
+def test_device_cuda_fails_the_run_where_torch_has_no_cuda(gpu_cluster, photos, tmp_path):
+    out = tmp_path / "out"
+    res, logs, report = _embed(gpu_cluster, photos, out, "-o", "compute.device=cuda")
+    assert res.returncode == 1, logs[-4000:]
+    error = [line for line in res.stderr.splitlines() if line.startswith("error: the run failed:")]
+    assert error and "compute.device=cuda: this model actor was given a GPU by Ray" in error[0], error
+    assert "sees no CUDA device" in error[0]
+    assert not (out / "_SUCCESS").exists() and not list(out.glob("part-*.parquet"))
