@@ -79,7 +79,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def end_to_end(photos: Path, out: Path, *, gpu_decode: bool, precision: str, batch_size: int,
+def end_to_end(photos: Path, out: Path, *, device: str, gpu_decode: bool, precision: str, batch_size: int,
                actors: int, gpus_per_actor: float) -> dict:
     """One `run()` of the embed job; the run report's speed and stage figures."""
     from resnet_batch.config import build_config
@@ -90,7 +90,7 @@ def end_to_end(photos: Path, out: Path, *, gpu_decode: bool, precision: str, bat
         "model": {"weights": "random", "precision": precision, "channels_last": True},
         "compute": {"batch_size": batch_size, "min_actors": actors, "max_actors": actors,
                     "gpus_per_actor": gpus_per_actor, "cpus_per_actor": 1.0, "decode_cpus": 1.0,
-                    "decode_batch_size": 64, "gpu_decode": gpu_decode},
+                    "decode_batch_size": 64, "gpu_decode": gpu_decode, "device": device},
         "output": {"uri": str(out)},
     })
     report = run(cfg, fresh=True, progress=False)
@@ -141,7 +141,7 @@ def main() -> int:
         runs = ((False, 1, 1.0), (True, 1, 1.0) if args.smoke else (True, 2, 0.5))
         for gpu_decode, actors, share in runs:
             results["end_to_end"].append(end_to_end(
-                photos, root / f"out-{gpu_decode}", gpu_decode=gpu_decode, precision=args.precision,
+                photos, root / f"out-{gpu_decode}", device=device, gpu_decode=gpu_decode, precision=args.precision,
                 batch_size=args.batch_size, actors=actors, gpus_per_actor=share))
             shutil.rmtree(root / f"out-{gpu_decode}", ignore_errors=True)
             _emit(results)

@@ -37,7 +37,8 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [
+                     str(REPO), os.environ.get("PYTHONPATH")]))}})
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
