@@ -1,19 +1,18 @@
 #!/usr/bin/env bash
-# Wheels for a GPU machine that cannot reach a package index: fills .whl/ (git-ignored) with what
+# Wheels for a GPU machine that cannot reach a package index: fills .whl/ (in .gitignore) with what
 # resnet-batch needs beyond an image that already has Python 3.12, torch, torchvision, numpy,
-# pyarrow, pandas, fsspec, pillow, scikit-image, pyyaml, aiohttp and pytest (the device tool's H200
-# image; see /work/.library/device/KINDS.md). Run it here, then carry `.whl` with the working tree:
+# pyarrow, pandas, fsspec, pillow, scikit-image, pyyaml, aiohttp and pytest (a typical PyTorch GPU
+# image). Run it where pip works, then copy the repository with .whl/ to the GPU machine:
 #
-#   bash benchmarks/device_wheels.sh            # writes .whl/, prints its size (must fit the carry limit)
-#   ... device: OUT=$OUT bash benchmarks/gpu_check.sh   (installs .whl/ into /tmp/site by itself)
+#   bash benchmarks/device_wheels.sh            # writes .whl/ and prints its size
+#   OUT=... bash benchmarks/gpu_check.sh        # on the GPU machine: installs .whl/ into /tmp/site itself
 #
-# Ray's wheel (79 MB) is rewritten without ray/jars/ray_dist.jar (30 MB, only for Java workers) so
-# that everything fits in the 64 MiB a device call carries.
+# Ray's wheel (79 MB) is rewritten without ray/jars/ray_dist.jar (30 MB, only for Java workers), so
+# that the whole upload stays under 64 MiB (45 MiB of wheels with the repository).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYVER=${PYVER:-3.12}
 DEST=.whl
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 rm -rf "$DEST" && mkdir -p "$DEST"
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
