@@ -8,7 +8,7 @@
 #   OUT=... bash benchmarks/gpu_check.sh        # on the GPU machine: installs .whl/ into /tmp/site itself
 #
 # Ray's wheel (79 MB) is rewritten without ray/jars/ray_dist.jar (30 MB, only for Java workers), so
-# that the whole upload stays under 64 MiB (45 MiB of wheels with the repository).
+# that the whole upload stays under 64 MiB (about 49 MiB of wheels, plus the repository).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYVER=${PYVER:-3.12}
