@@ -3,8 +3,8 @@
 With `compute.gpu_decode` on a GPU cluster the read tasks only *probe* each image (`probe_table`:
 the header gives width/height, size limits and whether nvJPEG can take it) and pass the bytes on;
 the model actor decodes a whole batch with `torchvision.io.decode_jpeg(..., device="cuda")`, then
-resizes (bilinear, antialiased) and centre-crops on the device following the weights' transforms
-(`PreprocessSpec`). Other formats, EXIF-rotated or CMYK JPEGs, and any image nvJPEG rejects are
+resizes (bilinear, antialiased; images of one size together) and centre-crops on the device
+following the weights' transforms (`PreprocessSpec`). Other formats, EXIF-rotated or CMYK JPEGs, and any image nvJPEG rejects are
 decoded per image on the CPU by `decode.decode_image`, so every row ends `ok` or `decode_error`
 exactly as on the CPU path. Everything here also runs with device="cpu" (the tests do that).
 """
@@ -24,6 +24,7 @@ from resnet_batch.schema import STATUS_DECODE_ERROR, STATUS_OK
 
 _DEVICE_MODES = ("RGB", "L")  # JPEG colour spaces nvJPEG turns into RGB the way Pillow does
 _JPEG_EOI = b"\xff\xd9"
+_CHUNK_PIXELS = 64 << 20  # source pixels resized at once (768 MB as float32 RGB)
 
 
 def probe_image(data: bytes, max_pixels: int) -> tuple[int, int, bool]:
@@ -136,18 +137,42 @@ class DeviceJpegDecoder:
                         images.append(decode_jpeg(e, mode=ImageReadMode.RGB, device=self.device))
                     except Exception:  # this one goes to the CPU decoder, which says what is wrong
                         images.append(None)
-        return [None if im is None else self.resize_crop(im) for im in images]
+        return self.resize_crop_many(images)
+
+    def resize_crop_many(self, images: Sequence[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
+        """resize_crop for a batch: images of one size (a camera's photos, a resized dataset) are resized
+        together, in chunks of at most _CHUNK_PIXELS source pixels, instead of one kernel launch each."""
+        by_shape: dict[tuple, list[int]] = {}
+        for i, im in enumerate(images):
+            if im is not None:
+                by_shape.setdefault(tuple(im.shape), []).append(i)
+        crops: list[Optional[torch.Tensor]] = [None] * len(images)
+        for (_, h, w), rows in by_shape.items():
+            step = max(1, _CHUNK_PIXELS // (h * w))
+            for k in range(0, len(rows), step):
+                chunk = rows[k:k + step]
+                out = self._resize_crop_batch(torch.stack([images[i] for i in chunk]))
+                if out is not None:  # else too small: None, decoded (and refused) by the CPU path
+                    for i, crop in zip(chunk, out):
+                        crops[i] = crop
+        return crops
 
     def resize_crop(self, chw: torch.Tensor) -> Optional[torch.Tensor]:
         """(3, H, W) uint8 -> (C, C, 3) uint8: Resize(short side, bilinear, antialias) then CenterCrop."""
+        out = self._resize_crop_batch(chw.unsqueeze(0))
+        return None if out is None else out[0]
+
+    def _resize_crop_batch(self, nchw: torch.Tensor) -> Optional[torch.Tensor]:
+        """(N, 3, H, W) uint8 of one size -> (N, C, C, 3) uint8; None if the image is smaller than the crop
+        after resizing (the CPU path then raises the proper error)."""
         spec = self.spec
-        h, w = chw.shape[-2:]
+        h, w = nchw.shape[-2:]
         new_w, new_h = resized_size(w, h, spec.resize_size)
         c = spec.crop_size
         if new_w < c or new_h < c:
-            return None  # the CPU path raises the proper error for this image
-        x = torch.nn.functional.interpolate(chw.unsqueeze(0).float(), size=(new_h, new_w), mode="bilinear",
+            return None
+        x = torch.nn.functional.interpolate(nchw.float(), size=(new_h, new_w), mode="bilinear",
                                             align_corners=False, antialias=True)
         top, left = int(round((new_h - c) / 2.0)), int(round((new_w - c) / 2.0))
-        x = x[0, :, top:top + c, left:left + c]
-        return x.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()
+        x = x[:, :, top:top + c, left:left + c]
+        return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()

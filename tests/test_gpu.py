@@ -122,6 +122,27 @@ def test_resize_crop_equals_torchvision_transforms_on_tensors(jpegs):
         assert (ours - ref).abs().max() <= 1
 
 
+def test_same_size_images_are_resized_together_with_the_same_result(monkeypatch):
+    import resnet_batch.gpu_decode as gd
+
+    dec = DeviceJpegDecoder(SPEC, "cpu")
+    rng = np.random.default_rng(2)
+    photo = source_photos()["rocket"]
+    same = [torch.from_numpy(np.array(variant(photo, rng, size=(400, 300)).convert("RGB"))).permute(2, 0, 1)
+            for _ in range(5)]
+    assert {tuple(t.shape) for t in same} == {(3, 300, 400)}  # one size: one group, chunked below
+    small = torch.full((3, 100, 120), 7, dtype=torch.uint8)  # another size: upscaled on its own
+    images = [same[0], None, same[1], small, same[2], same[3], same[4]]  # None: a failed decode
+    one_by_one = [None if im is None else dec.resize_crop(im) for im in images]
+    monkeypatch.setattr(gd, "_CHUNK_PIXELS", 2 * 400 * 300)  # chunks of 2 same-size images
+    for batched in (dec.resize_crop_many(images), DeviceJpegDecoder(SPEC, "cpu").resize_crop_many(images[::-1])[::-1]):
+        assert [b is None for b in batched] == [o is None for o in one_by_one] == [False, True] + [False] * 5
+        for b, o in zip(batched, one_by_one):
+            if o is not None:
+                assert torch.equal(b, o)
+        assert torch.equal(batched[3], torch.full((224, 224, 3), 7, dtype=torch.uint8))  # a flat image stays flat
+
+
 def test_device_decode_matches_the_cpu_decode_path(jpegs):
     out = DeviceJpegDecoder(SPEC, "cpu").decode(jpegs, [True] * len(jpegs))
     assert out.ok.all() and out.on_device == len(jpegs)
