@@ -126,9 +126,6 @@ def _init_ray(cfg: JobConfig) -> None:
 
 def wants_gpu(device: str, cluster_gpus: float) -> bool:
     """Whether the model actors ask Ray for GPUs (compute.device; `auto` looks at the cluster now)."""
-    if device == "cuda" and not cluster_gpus:
-        _log("compute.device=cuda: no GPU in the cluster yet; the model actors wait for the autoscaler "
-             "to add GPU nodes")
     return device == "cuda" or (device == "auto" and cluster_gpus > 0)
 
 
@@ -144,7 +141,7 @@ def build_dataset(cfg: JobConfig, plan: Plan, spec: PreprocessSpec, extra: list,
 
         decode = functools.partial(probe_table, max_pixels=cfg.input.max_pixels)
     elif c.gpu_decode:
-        _log("compute.gpu_decode: the cluster has no GPU, decoding on the CPUs")
+        _log("compute.gpu_decode: the model actors run without a GPU, decoding on the CPUs")
     source = ShardDatasource(cfg.input, plan.listing, plan.todo, extra, chunk=c.decode_batch_size, decode=decode,
                              only=plan.only)
     ds = ray.data.read_datasource(source, num_cpus=c.decode_cpus)
@@ -203,8 +200,10 @@ def _execute(cfg, plan, spec, extra, schema, state_dict, weights, store, stats, 
     ctx.execution_options.preserve_order = False
     from resnet_batch.weights import categories
 
-    use_gpu = wants_gpu(cfg.compute.device, ray.cluster_resources().get("GPU", 0))
-    stats.gpu_requested = use_gpu
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = stats.gpu_requested = wants_gpu(cfg.compute.device, cluster_gpus)
+    if use_gpu and not cluster_gpus:
+        _log("compute.device=cuda: no GPU in the cluster yet; the model actors wait for the autoscaler to add GPU nodes")
     ds = build_dataset(cfg, plan, spec, extra, ray.put(state_dict), categories(weights.transforms), use_gpu)
     stats.startup_s = time.perf_counter() - t0
     shards = {s.index: s for s in plan.todo}
