@@ -174,6 +174,18 @@ class LoopbackCluster:
         except urllib.error.HTTPError as err:
             return err.code, None
 
+    def kill_node(self, node_id: str) -> None:
+        """SIGKILL a node's raylet, as when a (spot) machine is taken away; its workers die with it."""
+        for pid in self.processes():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmdline[0].endswith(b"raylet") and f"--node_id={node_id}".encode() in cmdline:
+                os.kill(pid, signal.SIGKILL)
+                return
+        raise LookupError(f"no raylet of node {node_id} in this cluster")
+
     def processes(self) -> list[int]:
         return [int(p) for p in os.listdir("/proc") if p.isdigit() and _session_of(int(p)) in self.sessions]
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -39,13 +42,29 @@ def gpu_cluster():
     assert not c.processes(), f"cluster processes left running: {c.processes()}"
 
 
-def _embed(c: LoopbackCluster, photos: Path, out: Path, *overrides: str):
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory) -> Path:
+    """960 photos: enough work (about a minute here) for the cluster to change under a run."""
+    root = tmp_path_factory.mktemp("many-photos")
+    make_sample_photos(root, 960, per_folder=20, seed=5)
+    return root
+
+
+def _embed_cmd(c: LoopbackCluster, photos: Path, out: Path, *overrides: str) -> list[str]:
     """The embed CLI as a driver on this cluster (random bf16 weights: speed, not values, matters here)."""
-    res = c.run(str(BIN / "resnet-batch"), "embed", "--config", str(REPO / "configs/local.yaml"), "--quiet",
-                "--input", str(photos), "--output", str(out), "-o", f"compute.ray_address={c.address}",
-                "-o", "compute.torch_threads=1", "-o", "compute.decode_batch_size=4", *overrides)
+    return [str(BIN / "resnet-batch"), "embed", "--config", str(REPO / "configs/local.yaml"), "--quiet",
+            "--input", str(photos), "--output", str(out), "-o", f"compute.ray_address={c.address}",
+            "-o", "compute.torch_threads=1", "-o", "compute.decode_batch_size=4", *overrides]
+
+
+def _embed(c: LoopbackCluster, photos: Path, out: Path, *overrides: str):
+    res = c.run(*_embed_cmd(c, photos, out, *overrides))
+    return res, res.stdout + res.stderr, _report(out)
+
+
+def _report(out: Path) -> dict | None:
     report = out / "_run_report.json"
-    return res, res.stdout + res.stderr, json.loads(report.read_text()) if report.exists() else None
+    return json.loads(report.read_text()) if report.exists() else None
 
 
 def _gpu_nodes(c: LoopbackCluster) -> dict[str, dict]:
@@ -70,11 +89,10 @@ def test_half_a_gpu_per_actor_packs_two_replicas_on_one_gpu(gpu_cluster, photos,
     assert pq.read_table(tmp_path / "out").num_rows == 36
 
 
-def test_actor_pool_grows_with_the_gpu_nodes_the_autoscaler_adds(gpu_cluster, tmp_path):
+def test_actor_pool_grows_with_the_gpu_nodes_the_autoscaler_adds(gpu_cluster, many_photos, tmp_path):
     """One GPU node at the start and max_actors=2: the second actor needs a GPU node that does not
     exist yet; Ray Data asks the autoscaler for it, and the second actor embeds on that new node."""
-    photos = tmp_path / "photos"
-    make_sample_photos(photos, 960, per_folder=20, seed=5)
+    photos = many_photos
     gpu_cluster.wait_for_nodes(2)  # an extra node from an earlier test has been let go (idle)
     before = _gpu_nodes(gpu_cluster)
     assert len(before) == 1
@@ -97,3 +115,31 @@ def test_device_cuda_fails_the_run_where_torch_has_no_cuda(gpu_cluster, photos, 
     assert error and "compute.device=cuda: this model actor was given a GPU by Ray" in error[0], error
     assert "sees no CUDA device" in error[0]
     assert not (out / "_SUCCESS").exists() and not list(out.glob("part-*.parquet"))
+
+
+def test_a_gpu_node_lost_mid_run_costs_no_image(gpu_cluster, many_photos, tmp_path):
+    """A GPU node taken away mid-run (a spot preemption: its raylet SIGKILLed): Ray restarts the actor
+    and redoes the lost work, and the run completes with every image exactly once."""
+    gpu_cluster.wait_for_nodes(2)
+    out = tmp_path / "out"
+    cmd = _embed_cmd(gpu_cluster, many_photos, out, "-o", "compute.min_actors=2", "-o", "compute.max_actors=2",
+                     "-o", "input.images_per_shard=20")
+    with subprocess.Popen(cmd, env=gpu_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as job:
+        logs: list[str] = []
+        reader = threading.Thread(target=lambda: logs.extend(job.stdout), daemon=True)
+        reader.start()
+        while len(list(out.glob("part-*.parquet"))) < 6 and job.poll() is None:
+            time.sleep(0.5)
+        assert job.poll() is None, "".join(logs)[-4000:]  # still running: both actors (2 GPU nodes) busy
+        victim = max(_gpu_nodes(gpu_cluster))  # the newer of the two (fake node ids count up)
+        gpu_cluster.kill_node(victim)
+        rc = job.wait(timeout=600)
+        reader.join(10)
+    text = "".join(logs)
+    assert rc == 0, text[-4000:]
+    report = _report(out)
+    assert report["complete"] and report["counts"]["ok"] == 960 and (out / "_SUCCESS").exists()
+    assert report["per_node"].get(victim, 0) > 0  # the lost node had done work before it went
+    ids = pq.read_table(out, columns=["image_id"]).column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 960  # nothing lost, nothing twice
