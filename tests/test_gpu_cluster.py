@@ -1,5 +1,5 @@
 """GPU scheduling on a real autoscaling Ray cluster: fractional GPUs, the actor pool growing with the
-nodes the autoscaler adds (Ray #59144), and compute.device.
+nodes the autoscaler adds (Ray #59144), compute.device, and a GPU node lost in the middle of a run.
 
 The head runs Ray's autoscaler with its `fake_multinode` provider (tests/raycluster.py): the
 autoscaler itself starts `gpu` worker nodes (2 CPUs and one *logical* GPU each, 1 to 2 nodes) as
