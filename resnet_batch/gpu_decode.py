@@ -4,9 +4,9 @@ With `compute.gpu_decode` on a GPU cluster the read tasks only *probe* each imag
 the header gives width/height, size limits and whether nvJPEG can take it) and pass the bytes on;
 the model actor decodes a whole batch with `torchvision.io.decode_jpeg(..., device="cuda")`, then
 resizes (bilinear, antialiased; images of one size together) and centre-crops on the device
-following the weights' transforms (`PreprocessSpec`). Other formats, EXIF-rotated or CMYK JPEGs, and any image nvJPEG rejects are
-decoded per image on the CPU by `decode.decode_image`, so every row ends `ok` or `decode_error`
-exactly as on the CPU path. Everything here also runs with device="cpu" (the tests do that).
+following the weights' transforms (`PreprocessSpec`). Other formats, EXIF-rotated or CMYK JPEGs,
+and any image nvJPEG rejects are decoded per image on the CPU by `decode.decode_image`, so every
+row ends `ok` or `decode_error` exactly as on the CPU path. Everything here also runs with device="cpu" (the tests do that).
 """
 from __future__ import annotations
 
