@@ -189,7 +189,7 @@ def redact_options(options: dict) -> dict:
     for k, v in options.items():
         if isinstance(v, dict):
             out[k] = redact_options(v)
-        elif any(w in k.lower() for w in _SECRET_WORDS) and k.lower() not in ("anon",):
+        elif any(w in k.lower() for w in _SECRET_WORDS):
             out[k] = "***"
         else:
             out[k] = v

@@ -7,7 +7,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -52,6 +52,11 @@ def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     if width <= height:
         return short_side, int(short_side * height / width)
     return int(short_side * width / height), short_side
+
+
+def crop_offsets(width: int, height: int, crop: int) -> tuple[int, int]:
+    """torchvision's CenterCrop: (left, top) of the crop x crop square in a width x height image."""
+    return int(round((width - crop) / 2.0)), int(round((height - crop) / 2.0))
 
 
 @contextlib.contextmanager
@@ -110,49 +115,52 @@ def _crop(im: Image.Image, spec: PreprocessSpec, draft: bool) -> np.ndarray:
     c = spec.crop_size
     if new_w < c or new_h < c:
         raise DecodeError(f"resized image {new_w}x{new_h} is smaller than the {c}px crop")
-    top = int(round((new_h - c) / 2.0))
-    left = int(round((new_w - c) / 2.0))
+    left, top = crop_offsets(new_w, new_h, c)
     return np.asarray(im.crop((left, top, left + c, top + c)), dtype=np.uint8)
 
 
 def decode_table(table: pa.Table, spec: PreprocessSpec, max_pixels: int, draft: bool) -> pa.Table:
-    """Arrow rows with a `bytes` column -> Arrow rows with a `pixels` tensor column (see decode_batch)."""
+    """The read task's decode stage: rows with `bytes` -> rows with a `pixels` tensor column (N, C, C, 3)
+    uint8 and the decode outcome (see with_outcome). Rows that fail keep zero pixels and a reason."""
     from ray.data.extensions import ArrowTensorArray
 
-    out = decode_batch({"bytes": table.column("bytes").to_pylist(), "status": table.column("status").to_pylist(),
-                        "error": table.column("error").to_pylist()}, spec, max_pixels, draft)
-    table = table.drop_columns(["bytes", "status", "error"])
-    return table.append_column("status", pa.array(out["status"], pa.string())) \
-        .append_column("error", pa.array(out["error"], pa.string())) \
-        .append_column("width", pa.array(out["width"])).append_column("height", pa.array(out["height"])) \
-        .append_column("_decode_s", pa.array(out["_decode_s"])) \
-        .append_column("pixels", ArrowTensorArray.from_numpy(out["pixels"]))
-
-
-def decode_batch(batch: dict, spec: PreprocessSpec, max_pixels: int, draft: bool) -> dict:
-    """`bytes` column -> `pixels` (N, C, C, 3) uint8 plus width/height, for a dict-of-arrays batch.
-
-    Rows that arrive already failed (a read error) or fail here keep zero pixels, a status and a reason.
-    """
-    n = len(batch["bytes"])
-    c = spec.crop_size
+    n, c = len(table), spec.crop_size
     pixels = np.zeros((n, c, c, 3), dtype=np.uint8)
-    widths = np.full(n, -1, dtype=np.int32)
-    heights = np.full(n, -1, dtype=np.int32)
-    status = np.array(batch["status"], dtype=object)
-    error = np.array(batch["error"], dtype=object)
-    seconds = np.zeros(n, dtype=np.float32)
-    for i, data in enumerate(batch["bytes"]):
+    widths, heights = np.full(n, -1, dtype=np.int32), np.full(n, -1, dtype=np.int32)
+
+    def decode(i: int, data: bytes) -> None:
+        pixels[i], widths[i], heights[i] = decode_image(data, spec, max_pixels=max_pixels, draft=draft)
+
+    status, error, seconds = each_image(table, decode)
+    out = with_outcome(table.drop_columns(["bytes"]), status, error, widths, heights, seconds)
+    return out.append_column("pixels", ArrowTensorArray.from_numpy(pixels))
+
+
+def each_image(table: pa.Table, fn: Callable[[int, bytes], None]) -> tuple[list, list, np.ndarray]:
+    """Run fn(row, bytes) for every row still `ok`; a failure makes the row a decode_error with its reason.
+
+    Returns (status, error, seconds) per row; rows that arrived failed (a read error) are left as they are.
+    """
+    status, error = table.column("status").to_pylist(), table.column("error").to_pylist()
+    seconds = np.zeros(len(table), dtype=np.float32)
+    for i, data in enumerate(table.column("bytes").to_pylist()):
         if status[i] != STATUS_OK:
             continue
         t0 = time.perf_counter()
         try:
-            pixels[i], widths[i], heights[i] = decode_image(data, spec, max_pixels=max_pixels, draft=draft)
+            fn(i, data)
         except DecodeError as err:
             status[i], error[i] = STATUS_DECODE_ERROR, str(err)
         except Exception as err:  # a decoder bug must not fail the block
             status[i], error[i] = STATUS_DECODE_ERROR, f"unexpected {type(err).__name__}: {err}"
         seconds[i] = time.perf_counter() - t0
-    out = {k: v for k, v in batch.items() if k != "bytes"}
-    out.update(pixels=pixels, width=widths, height=heights, status=status, error=error, _decode_s=seconds)
-    return out
+    return status, error, seconds
+
+
+def with_outcome(table: pa.Table, status: list, error: list, widths: np.ndarray, heights: np.ndarray,
+                 seconds: np.ndarray) -> pa.Table:
+    """The table with each row's decode outcome: status, error, width/height as displayed (-1: unknown), _decode_s."""
+    return table.drop_columns(["status", "error"]).append_column("status", pa.array(status, pa.string())) \
+        .append_column("error", pa.array(error, pa.string())) \
+        .append_column("width", pa.array(widths)).append_column("height", pa.array(heights)) \
+        .append_column("_decode_s", pa.array(seconds))

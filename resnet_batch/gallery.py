@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageOps
 
-from resnet_batch.index import SimilarityIndex, put_bytes
-from resnet_batch.listing import open_fs
+from resnet_batch.index import SimilarityIndex
 from resnet_batch.neighbors import read_neighbors
 from resnet_batch.similar import similar_to_id
+from resnet_batch.storage import filesystem, put_bytes
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def write_gallery(index: SimilarityIndex, out: str, *, storage_options: Optional
     """Build and write the page to `out` (local path or URL); returns counts for the caller to print."""
     entries = build_gallery(index, storage_options=storage_options, **options)
     page = render_html(entries, index.meta)
-    fs, path = open_fs(out, dict(storage_options or {}))
+    fs, path = filesystem(out, dict(storage_options or {}))
     put_bytes(fs, path, page.encode())
     tiles = [t for q, nbrs in entries for t in (q, *nbrs)]
     return {"queries": len(entries), "thumbnails": sum(t.src is not None for t in tiles),

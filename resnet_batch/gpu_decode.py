@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from resnet_batch.decode import DecodeError, PreprocessSpec, decode_image, open_image, resized_size
-from resnet_batch.schema import STATUS_DECODE_ERROR, STATUS_OK
+from resnet_batch.decode import (DecodeError, PreprocessSpec, crop_offsets, decode_image, each_image, open_image,
+                                 resized_size, with_outcome)
 
 _DEVICE_MODES = ("RGB", "L")  # JPEG colour spaces nvJPEG turns into RGB the way Pillow does
 _JPEG_EOI = b"\xff\xd9"
@@ -42,29 +42,17 @@ def probe_image(data: bytes, max_pixels: int) -> tuple[int, int, bool]:
 def probe_table(table: pa.Table, max_pixels: int) -> pa.Table:
     """The read task's stage in gpu_decode mode: like decode.decode_table, but `bytes` stay and no pixels.
 
-    Adds width/height/status/error/_decode_s (probe time) and `_device_ok` per row.
+    Adds the decode outcome (decode.with_outcome; _decode_s is the probe time) and `_device_ok` per row.
     """
     n = len(table)
-    status = table.column("status").to_pylist()
-    error = table.column("error").to_pylist()
-    widths = np.full(n, -1, dtype=np.int32)
-    heights = np.full(n, -1, dtype=np.int32)
+    widths, heights = np.full(n, -1, dtype=np.int32), np.full(n, -1, dtype=np.int32)
     device_ok = np.zeros(n, dtype=bool)
-    seconds = np.zeros(n, dtype=np.float32)
-    for i, data in enumerate(table.column("bytes").to_pylist()):
-        if status[i] != STATUS_OK:
-            continue
-        t0 = time.perf_counter()
-        try:
-            widths[i], heights[i], device_ok[i] = probe_image(data, max_pixels)
-        except DecodeError as err:
-            status[i], error[i] = STATUS_DECODE_ERROR, str(err)
-        seconds[i] = time.perf_counter() - t0
-    table = table.drop_columns(["status", "error"])
-    return table.append_column("status", pa.array(status, pa.string())) \
-        .append_column("error", pa.array(error, pa.string())) \
-        .append_column("width", pa.array(widths)).append_column("height", pa.array(heights)) \
-        .append_column("_decode_s", pa.array(seconds)).append_column("_device_ok", pa.array(device_ok))
+
+    def probe(i: int, data: bytes) -> None:
+        widths[i], heights[i], device_ok[i] = probe_image(data, max_pixels)
+
+    status, error, seconds = each_image(table, probe)
+    return with_outcome(table, status, error, widths, heights, seconds).append_column("_device_ok", pa.array(device_ok))
 
 
 @dataclass
@@ -173,6 +161,6 @@ class DeviceJpegDecoder:
             return None
         x = torch.nn.functional.interpolate(nchw.float(), size=(new_h, new_w), mode="bilinear",
                                             align_corners=False, antialias=True)
-        top, left = int(round((new_h - c) / 2.0)), int(round((new_w - c) / 2.0))
+        left, top = crop_offsets(new_w, new_h, c)
         x = x[:, :, top:top + c, left:left + c]
         return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import posixpath
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -16,9 +14,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from resnet_batch.listing import open_fs
 from resnet_batch.provenance import ProvenanceMismatch, differences
 from resnet_batch.schema import EMBEDDING_DIM, PROVENANCE_KEY, STATUS_OK, embeddings_to_numpy, read_provenance
+from resnet_batch.storage import display_path, filesystem, protocols, put_bytes
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
@@ -117,7 +115,7 @@ class Part:
 
 def list_parquet(uri: str, storage_options: Optional[dict] = None) -> tuple[object, list[str]]:
     """The fsspec filesystem and the Parquet parts under `uri` (an embed output folder or one .parquet file)."""
-    fs, root = open_fs(uri, dict(storage_options or {}))
+    fs, root = filesystem(uri, dict(storage_options or {}))
     if fs.isfile(root):
         return fs, [root]
     try:
@@ -131,19 +129,13 @@ def list_parquet(uri: str, storage_options: Optional[dict] = None) -> tuple[obje
     return fs, parts or files
 
 
-def _display(fs, path: str) -> str:
-    """A path as users write it: plain for local files, protocol://... otherwise."""
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return path if protocol in ("file", "local") else f"{protocol}://{path}"
-
-
 def scan_embeddings(uris: Sequence[str], storage_options: Optional[dict] = None) -> tuple[list[tuple], dict]:
     """[(fs, Part)] for every part under `uris` and their common provenance; mixed provenance is refused."""
     found, provenance, first = [], None, None
     for uri in uris:
         fs, paths = list_parquet(uri, storage_options)
         for path in paths:
-            shown = _display(fs, path)
+            shown = display_path(protocols(fs)[0], path)
             with fs.open(path, "rb") as f:
                 pf = pq.ParquetFile(f)
                 prov = read_provenance(pf.schema_arrow)
@@ -239,7 +231,7 @@ class SimilarityIndex:
         """Write index.faiss, ids.parquet, then index.json (last) under `uri`."""
         import faiss
 
-        fs, root = open_fs(uri, dict(storage_options or {}))
+        fs, root = filesystem(uri, dict(storage_options or {}))
         data = faiss.serialize_index(self.index).tobytes()
         sink = pa.BufferOutputStream()
         pq.write_table(self.ids, sink, compression="zstd")
@@ -257,7 +249,7 @@ class SimilarityIndex:
         import faiss
 
         meta = read_meta(uri, storage_options)
-        fs, root = open_fs(uri, dict(storage_options or {}))
+        fs, root = filesystem(uri, dict(storage_options or {}))
         with fs.open(posixpath.join(root, INDEX_FILE), "rb") as f:
             data = f.read()
         if len(data) != meta["index_bytes"]:
@@ -273,27 +265,13 @@ class SimilarityIndex:
 
 def read_meta(uri: str, storage_options: Optional[dict] = None) -> dict:
     """index.json of an index folder, without loading the index."""
-    fs, root = open_fs(uri, dict(storage_options or {}))
+    fs, root = filesystem(uri, dict(storage_options or {}))
     try:
         with fs.open(posixpath.join(root, META_FILE), "rb") as f:
             return json.loads(f.read())
     except FileNotFoundError:
         raise SimilarityIndexError(f"no index at {uri} ({META_FILE} missing; "
                                    "build one with `resnet-batch index`)") from None
-
-
-def put_bytes(fs, path: str, data: bytes) -> None:
-    """Write a file so that readers never see it half-written (temp + rename locally; one PUT on object stores)."""
-    if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        fs.pipe_file(path, data)
-        return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _sample_rows(counts: list[int], size: int, seed: int) -> list[np.ndarray]:

@@ -6,10 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-import fsspec
-
 from resnet_batch.config import InputConfig
-from resnet_batch.storage import ListingProgress, endpoint_of, explain, filesystem, is_s3, list_files
+from resnet_batch.storage import ListingProgress, endpoint_of, explain, filesystem, is_s3, list_files, protocols
 
 
 class InputError(ValueError):
@@ -23,10 +21,6 @@ class Shard:
     index: int
     kind: str  # "files" | "webdataset" | "parquet"
     paths: tuple[str, ...]  # full filesystem paths (no protocol); one for tar/parquet
-
-    @property
-    def name(self) -> str:
-        return f"part-{self.index:06d}"
 
 
 @dataclass
@@ -42,15 +36,9 @@ class Listing:
     seconds: float = 0.0
 
 
-def open_fs(uri: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and the protocol-less root path for a URI (S3 options resolved, see storage)."""
-    return filesystem(uri, storage_options)
-
-
 def relative_id(path: str, root: str) -> str:
     """The stable image_id part for a path: relative to the input root, POSIX separators."""
-    rel = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
-    return rel
+    return posixpath.relpath(path, root) if path != root else posixpath.basename(path)
 
 
 def _extension(path: str) -> str:
@@ -81,8 +69,8 @@ def detect_format(paths: list[str], extensions: tuple[str, ...]) -> str:
 def list_input(cfg: InputConfig, progress: bool = True) -> Listing:
     """List the input root once (one paginated listing on object stores) and cut it into shards."""
     t0 = time.perf_counter()
-    fs, root = open_fs(cfg.uri, dict(cfg.storage_options))
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    fs, root = filesystem(cfg.uri, dict(cfg.storage_options))
+    protocol = protocols(fs)[0]
     try:
         if fs.isfile(root):
             paths = [root]

@@ -16,10 +16,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from resnet_batch.config import redact_options
-from resnet_batch.index import SimilarityIndex, put_bytes, read_meta, read_ok_rows, scan_embeddings
-from resnet_batch.listing import open_fs
+from resnet_batch.index import SimilarityIndex, read_meta, read_ok_rows, scan_embeddings
 from resnet_batch.provenance import ProvenanceMismatch, differences
 from resnet_batch.schema import embeddings_to_numpy, with_provenance
+from resnet_batch.storage import filesystem, put_bytes
 
 NEIGHBORS_SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
@@ -133,7 +133,7 @@ class NeighborsActor:
         self.index = SimilarityIndex.load(index_uri, storage_options)
         self.load_s = time.perf_counter() - t0
         self.actor_id = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.fs, self.root = open_fs(out_uri, dict(storage_options))
+        self.fs, self.root = filesystem(out_uri, dict(storage_options))
         self.storage_options = storage_options
         self.k, self.query_batch, self.schema = k, query_batch, schema
 
@@ -141,7 +141,7 @@ class NeighborsActor:
         out = {"out": [], "source": [], "rows": [], "failed": [], "work_s": [], "actor": [], "load_s": []}
         for source, name in zip(batch["source"], batch["out"]):
             t0 = time.perf_counter()
-            fs, path = open_fs(source, self.storage_options)
+            fs, path = filesystem(source, self.storage_options)
             with fs.open(path, "rb") as f:
                 total = pq.ParquetFile(f).metadata.num_rows
             rows = read_ok_rows(fs, path, ["image_id", "embedding"])
@@ -169,7 +169,7 @@ def plan_parts(cfg: NeighborsConfig, meta: dict) -> tuple[list[dict], dict]:
 
 def clear_output(uri: str, storage_options: dict) -> None:
     """Remove what an earlier neighbours run wrote there (our files only)."""
-    fs, root = open_fs(uri, dict(storage_options))
+    fs, root = filesystem(uri, dict(storage_options))
     try:
         names = fs.ls(root, detail=False)
     except FileNotFoundError:
@@ -182,7 +182,7 @@ def clear_output(uri: str, storage_options: dict) -> None:
 
 def read_neighbors(uri: str, storage_options: Optional[dict] = None, min_score: Optional[float] = None) -> pa.Table:
     """All parts of a neighbours table; with `min_score`, only rows whose best neighbour scores at least that."""
-    fs, root = open_fs(uri, dict(storage_options or {}))
+    fs, root = filesystem(uri, dict(storage_options or {}))
     paths = sorted(p for p in fs.ls(root, detail=False)
                    if posixpath.basename(p).startswith("part-") and p.endswith(".parquet"))
     tables = []
@@ -226,7 +226,7 @@ def run_neighbors(cfg: NeighborsConfig, progress: bool = True) -> dict:
     t_groups = time.perf_counter()
     strong = read_neighbors(cfg.out, cfg.storage_options, min_score=cfg.threshold)
     groups = near_duplicate_groups(strong, cfg.threshold)
-    fs, root = open_fs(cfg.out, dict(cfg.storage_options))
+    fs, root = filesystem(cfg.out, dict(cfg.storage_options))
     sink = pa.BufferOutputStream()
     pq.write_table(groups.replace_schema_metadata(with_provenance(GROUPS_SCHEMA, provenance).metadata), sink)
     put_bytes(fs, posixpath.join(root, GROUPS_FILE), sink.getvalue().to_pybytes())

@@ -10,8 +10,9 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
 from resnet_batch.config import InputConfig
-from resnet_batch.listing import InputError, Listing, Shard, open_fs, relative_id, tar_key
+from resnet_batch.listing import InputError, Listing, Shard, relative_id, tar_key
 from resnet_batch.schema import OUTPUT_SCHEMA, STATUS_OK, STATUS_READ_ERROR
+from resnet_batch.storage import display_path, filesystem
 
 SHARD_END = "_end"  # status of the one sentinel row that closes each shard; its _count is the shard's size
 
@@ -25,11 +26,6 @@ READ_SCHEMA_BASE = (
     ("_count", pa.int32()),  # -1 on image rows; the shard's image count on its SHARD_END row
     ("_skipped", pa.int32()),  # non-image members of the shard (on the SHARD_END row)
 )
-
-
-def display_path(protocol: str, path: str) -> str:
-    """A path as the user wrote it: plain for local files, protocol://... otherwise."""
-    return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
 WDS_FIELDS = (pa.field("caption", pa.string()), pa.field("json", pa.string()))  # always, for webdataset input
@@ -47,7 +43,7 @@ def extra_fields(cfg: InputConfig, listing: Listing) -> list[pa.Field]:
     if taken:
         raise InputError(f"input.passthrough_columns {taken} clash with output columns of the same name "
                          f"{list(OUTPUT_SCHEMA.names)}")
-    fs, _ = open_fs(cfg.uri, dict(cfg.storage_options))
+    fs, _ = filesystem(cfg.uri, dict(cfg.storage_options))
     first = listing.shards[0].paths[0]
     if listing.format == "webdataset":
         clash = [c for c in cfg.passthrough_columns if c in ("caption", "json")]
@@ -146,12 +142,14 @@ class _Rows:
         self.rows: list[dict] = []
         self.count = 0
 
-    def add(self, image_id: str, path: str, data: Optional[bytes], error: Optional[str] = None, **extra) -> Optional[pa.Table]:
+    def add(self, image_id: str, path: str, data: Optional[bytes], error: Optional[str] = None,
+            **extra) -> list[pa.Table]:
+        """Add one row; returns the table of `chunk` rows it completed, if it did (`yield from` it)."""
         self.count += 1
         self.rows.append({"image_id": image_id, "path": path, "bytes": data or b"",
                           "status": STATUS_OK if error is None else STATUS_READ_ERROR, "error": error,
                           "_shard": self.shard.index, "_count": -1, "_skipped": 0, **extra})
-        return self.flush() if len(self.rows) >= self.chunk else None
+        return [self.flush()] if len(self.rows) >= self.chunk else []
 
     def end(self, skipped: int = 0) -> pa.Table:
         self.rows.append({"image_id": "", "path": "", "bytes": b"", "status": SHARD_END, "error": None,
@@ -172,7 +170,7 @@ def read_shard(shard: Shard, cfg: InputConfig, root: str, protocol: str, extra: 
 
     `only`, when given, restricts the rows to these image_ids (used by --retry-failed).
     """
-    fs, _ = open_fs(cfg.uri, dict(cfg.storage_options))
+    fs, _ = filesystem(cfg.uri, dict(cfg.storage_options))
     rows = _Rows(shard, extra, chunk)
     skipped = 0
     if shard.kind == "files":
@@ -201,9 +199,7 @@ def _read_files(fs, shard, root, protocol, rows, chunk, only) -> Iterator[pa.Tab
                 data, err = None, f"{type(data).__name__}: {data}"
             elif data is None:
                 err = "object not returned by the store"
-            table = rows.add(relative_id(p, root), display_path(protocol, p), data, err)
-            if table is not None:
-                yield table
+            yield from rows.add(relative_id(p, root), display_path(protocol, p), data, err)
 
 
 def _cat_one(fs, path):
@@ -221,14 +217,14 @@ def _read_tar(fs, shard, cfg, root, protocol, rows, only):
     skipped = 0
     current: dict = {}
 
-    def emit(sample: dict):
-        if not sample:
-            return None
-        if "image" not in sample:
-            return None
+    def emit(sample: dict) -> list[pa.Table]:
+        nonlocal skipped
+        if "image" not in sample:  # json/txt without an image: its members count as skipped
+            skipped += sample["members"]
+            return []
         image_id = f"{rel}/{sample['key']}"
         if only is not None and image_id not in only:
-            return None
+            return []
         meta = sample.get("json")
         extra = {"caption": sample.get("txt"), "json": meta}
         if lifted:
@@ -244,10 +240,7 @@ def _read_tar(fs, shard, cfg, root, protocol, rows, only):
                     continue
                 key, ext = tar_key(member.name)
                 if current and key != current["key"]:
-                    skipped += 0 if "image" in current else current["members"]
-                    table = emit(current)
-                    if table is not None:
-                        yield table
+                    yield from emit(current)
                     current = {}
                 if not current:
                     current = {"key": key, "members": 0}
@@ -260,17 +253,12 @@ def _read_tar(fs, shard, cfg, root, protocol, rows, only):
                 elif ext in ("txt", "caption"):
                     current["txt"] = payload.decode("utf-8", "replace")
             if current:
-                skipped += 0 if "image" in current else current["members"]
-                table = emit(current)
-                if table is not None:
-                    yield table
+                yield from emit(current)
     except (tarfile.TarError, EOFError, OSError) as err:
         # The shard is damaged past this point: record it as one failed row so the counts say so.
-        table = rows.add(f"{rel}/<unreadable>", display_path(protocol, tar_path), None,
-                         f"tar shard unreadable: {type(err).__name__}: {err}", caption=None, json=None,
-                         **{c: None for c in cfg.passthrough_columns})
-        if table is not None:
-            yield table
+        yield from rows.add(f"{rel}/<unreadable>", display_path(protocol, tar_path), None,
+                            f"tar shard unreadable: {type(err).__name__}: {err}", caption=None, json=None,
+                            **{c: None for c in cfg.passthrough_columns})
     return skipped
 
 
@@ -305,10 +293,8 @@ def _read_parquet(fs, shard, cfg, root, protocol, rows, only):
             for row in range(pf.metadata.num_rows):
                 image_id = f"{rel}/{row:09d}"
                 if only is None or image_id in only:
-                    table = rows.add(image_id, f"{shown}#{row:09d}", None, err,
-                                     **{c: None for c in cfg.passthrough_columns})
-                    if table is not None:
-                        yield table
+                    yield from rows.add(image_id, f"{shown}#{row:09d}", None, err,
+                                        **{c: None for c in cfg.passthrough_columns})
             return 0
         key_col = "key" if "key" in names else None
         present = [c for c in cfg.passthrough_columns if c in names]
@@ -327,10 +313,8 @@ def _read_parquet(fs, shard, cfg, root, protocol, rows, only):
                 image_id = f"{rel}/{key}"
                 if only is not None and image_id not in only:
                     continue
-                table = rows.add(image_id, f"{shown}#{key}", img, None,
-                                 **{c: data[c][i] if c in data else None for c in cfg.passthrough_columns})
-                if table is not None:
-                    yield table
+                yield from rows.add(image_id, f"{shown}#{key}", img, None,
+                                    **{c: data[c][i] if c in data else None for c in cfg.passthrough_columns})
     return skipped
 
 

@@ -14,6 +14,7 @@ import os
 import posixpath
 import sys
 import time
+import uuid
 from typing import Callable, Optional
 
 import fsspec
@@ -92,6 +93,32 @@ def filesystem(uri: str, options: dict) -> tuple[fsspec.AbstractFileSystem, str]
     return fs, root.rstrip("/") or "/"
 
 
+def protocols(fs) -> tuple[str, ...]:
+    """A filesystem's protocol names (fsspec gives a string or a tuple); the first is the main one."""
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+def display_path(protocol: str, path: str) -> str:
+    """A path as the user wrote it: plain for local files, protocol://... otherwise."""
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def put_bytes(fs, path: str, data: bytes) -> None:
+    """Write a file so that readers never see it half-written: locally a hidden temp file (`.NAME.tmp-*`),
+    fsynced, then renamed; on object stores one PUT, which publishes the object only when it completes."""
+    if "file" not in protocols(fs):
+        fs.pipe_file(path, data)
+        return
+    folder, name = os.path.split(path)
+    os.makedirs(folder or ".", exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def endpoint_of(fs) -> str:
     """Where an s3fs filesystem sends its requests (for messages)."""
     try:
@@ -109,7 +136,7 @@ def list_files(fs: fsspec.AbstractFileSystem, root: str,
     listed with a delimiter, then each sub-prefix is walked without one, up to `concurrency` at a time.
     `on_progress(n)` is called with the running total after every page.
     """
-    if (fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]) not in S3_PROTOCOLS:
+    if not set(protocols(fs)) & set(S3_PROTOCOLS):
         found = fs.find(root, withdirs=False)
         if on_progress:
             on_progress(len(found))
@@ -263,7 +290,7 @@ def check_writable(uri: str, options: dict) -> None:
     of an empty object."""
     if not is_s3(uri):
         fs, root = filesystem(uri, options)
-        if fs.protocol not in ("file", "local") and "file" not in fs.protocol:
+        if "file" not in protocols(fs):
             return  # other remote stores: the first write reports its own error
         if os.path.isfile(root):
             raise StorageAccessError(f"output {uri}: is a file, not a folder (output.uri)")
@@ -278,7 +305,7 @@ def check_writable(uri: str, options: dict) -> None:
     fs = _preflight_fs(uri, options)
     bucket, key, _ = fs.split_path(uri)
     endpoint = endpoint_of(fs)
-    probe = posixpath.join(key, f"{WRITE_CHECK_NAME}.{os.getpid()}") if key else f"{WRITE_CHECK_NAME}.{os.getpid()}"
+    probe = posixpath.join(key, f"{WRITE_CHECK_NAME}.{os.getpid()}")  # key "" -> the bucket's root
     try:
         # List first: the job lists its output to resume, and some stores (SeaweedFS for an admin key)
         # would create a missing bucket on a PUT instead of saying it does not exist.
@@ -289,7 +316,7 @@ def check_writable(uri: str, options: dict) -> None:
     try:
         fs.call_s3("delete_object", Bucket=bucket, Key=probe, **fs.req_kw)
     except Exception as err:
-        raise StorageAccessError(f"output {uri}: objects can be written but not deleted{f' at {endpoint}'} "
+        raise StorageAccessError(f"output {uri}: objects can be written but not deleted at {endpoint} "
                                  f"({explain(err, uri, 'output', endpoint)}); the job needs s3:DeleteObject") from None
 
 

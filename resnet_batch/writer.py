@@ -2,19 +2,17 @@
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 import time
-import uuid
 from typing import Callable, Optional, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from resnet_batch.listing import Shard, open_fs
-from resnet_batch.reader import display_path
+from resnet_batch.listing import Shard
 from resnet_batch.schema import STATUS_OK
+from resnet_batch.storage import display_path, filesystem, protocols, put_bytes
 
 PROVENANCE_FILE = "_provenance.json"
 MANIFEST_FILE = "_manifest.json"
@@ -34,8 +32,7 @@ class OutputStore:
 
     def __init__(self, uri: str, storage_options: dict, compression: str = "zstd"):
         self.uri = uri
-        self.fs, self.root = open_fs(uri, dict(storage_options))
-        self.local = self.fs.protocol in ("file", "local") or "file" in self.fs.protocol
+        self.fs, self.root = filesystem(uri, dict(storage_options))
         self.compression = None if compression == "none" else compression
         self.attempts = 5
 
@@ -44,8 +41,7 @@ class OutputStore:
         return posixpath.join(self.root, name)
 
     def display(self, name: str = "") -> str:
-        proto = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        return display_path(proto, self.path(name) if name else self.root)
+        return display_path(protocols(self.fs)[0], self.path(name) if name else self.root)
 
     @staticmethod
     def part_name(shard_index: int) -> str:
@@ -65,24 +61,11 @@ class OutputStore:
     def _atomic_write(self, name: str, data: bytes) -> None:
         """Write with retries; a persistent failure raises OutputError and leaves nothing partial visible."""
         try:
-            with_retries(lambda: self._write_once(name, data), attempts=self.attempts)
+            with_retries(lambda: put_bytes(self.fs, self.path(name), data), attempts=self.attempts)
         except OSError as err:
             raise OutputError(f"writing {self.display(name)} failed (transient errors retried {self.attempts} times): "
                               f"{type(err).__name__}: {err}") from None
 
-    def _write_once(self, name: str, data: bytes) -> None:
-        """Readers never see a partial object: a temp name then a rename locally; one PUT on object stores."""
-        final = self.path(name)
-        if not self.local:  # S3 & co publish an object only when its upload completes
-            self.fs.pipe_file(final, data)
-            return
-        self.fs.makedirs(self.root, exist_ok=True)
-        tmp = self.path(f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
 
     # -- state ---------------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -92,29 +75,25 @@ class OutputStore:
         """True when a completed run's _SUCCESS marker is here."""
         return self.fs.exists(self.path(SUCCESS_FILE))
 
-    def done_parts(self) -> set[str]:
+    def _ls(self) -> list[str]:
+        """The paths directly in the output folder (none when it does not exist yet)."""
         try:
-            names = [posixpath.basename(p) for p in self.fs.ls(self.root, detail=False)]
+            return self.fs.ls(self.root, detail=False)
         except FileNotFoundError:
-            return set()
+            return []
+
+    def done_parts(self) -> set[str]:
+        names = (posixpath.basename(p) for p in self._ls())
         return {n for n in names if n.startswith("part-") and n.endswith(".parquet")}
 
     def clear(self) -> None:
         """Remove what a previous run wrote here (our files only), for --fresh."""
-        try:
-            names = self.fs.ls(self.root, detail=False)
-        except FileNotFoundError:
-            return
-        ours = [p for p in names if posixpath.basename(p).startswith(("part-", "_", ".part-", "._"))]
-        for p in ours:
-            self.fs.rm(p)
+        for p in self._ls():
+            if posixpath.basename(p).startswith(("part-", "_", ".part-", "._")):
+                self.fs.rm(p)
 
     def remove_temp_files(self) -> None:
-        try:
-            names = self.fs.ls(self.root, detail=False)
-        except FileNotFoundError:
-            return
-        for p in names:
+        for p in self._ls():
             if ".tmp-" in posixpath.basename(p):
                 self.fs.rm(p)
 

@@ -8,7 +8,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.models import ResNet50_Weights
 
-from resnet_batch.decode import DecodeError, PreprocessSpec, decode_batch, decode_image, decode_table, resized_size
+from resnet_batch.decode import DecodeError, PreprocessSpec, decode_image, decode_table, resized_size
 from resnet_batch.sample_data import jpeg_bytes, source_photos
 from tests.catalogue import catalogue, exif_rotated_jpeg, png_bomb
 
@@ -118,17 +118,19 @@ def test_sizes_of_awkward_images():
     np.testing.assert_array_equal(first, ref)
 
 
-def test_decode_batch_keeps_every_row():
+def test_decode_table_keeps_every_row():
     cat = catalogue()
     names = ["good.jpg", "zero.jpg", "cmyk.jpg", "bomb.png"]
-    batch = {"bytes": [cat[n][0] for n in names], "status": ["ok", "ok", "ok", "read_error"],
-             "error": [None, None, None, "OSError: gone"]}
-    out = decode_batch(batch, SPEC, LIMIT, True)
+    table = pa.table({"bytes": [cat[n][0] for n in names], "status": ["ok", "ok", "ok", "read_error"],
+                      "error": [None, None, None, "OSError: gone"]})
+    result = decode_table(table, SPEC, LIMIT, True)
+    out = result.select(["status", "error", "width"]).to_pydict()
+    pixels = result.column("pixels").combine_chunks().to_numpy()
     assert list(out["status"]) == ["ok", "decode_error", "ok", "read_error"]
     assert out["error"][1] == "empty file (0 bytes)" and out["error"][3] == "OSError: gone"
-    assert out["pixels"].shape == (4, 224, 224, 3)
-    assert out["pixels"][1].max() == 0 and out["pixels"][0].max() > 0
-    assert list(out["width"] > 0) == [True, False, True, False]
+    assert pixels.shape == (4, 224, 224, 3)
+    assert pixels[1].max() == 0 and pixels[0].max() > 0
+    assert [w > 0 for w in out["width"]] == [True, False, True, False]
 
 
 def test_decode_table_arrow_types():

@@ -9,10 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from resnet_batch.config import InputConfig
-from resnet_batch.listing import InputError, Listing, Shard, detect_format, list_input, open_fs, tar_key
+from resnet_batch.listing import InputError, Listing, Shard, detect_format, list_input, tar_key
 from resnet_batch.reader import (SHARD_END, WDS_FIELDS, coerce_json_value, extra_fields, json_field_types,
                                  read_shard)
 from resnet_batch.sample_data import IMG2DATASET_META, write_image_parquet, write_webdataset
+from resnet_batch.storage import filesystem
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def test_json_types_are_inferred_and_coerced(tmp_path):
                 info = tarfile.TarInfo(f"k{i}.{ext}")
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
-    fs, _ = open_fs(str(tmp_path), {})
+    fs, _ = filesystem(str(tmp_path), {})
     types = json_field_types(fs, str(path), ("n", "x", "ok", "tags", "none"), ("jpg",))
     assert types == {"n": pa.int64(), "x": pa.float64(), "ok": pa.bool_(), "tags": pa.string(), "none": pa.string()}
     assert coerce_json_value(3, pa.float64()) == 3.0 and coerce_json_value(4.0, pa.int64()) == 4

@@ -61,25 +61,20 @@ def test_with_retries_recovers_from_transient_errors():
     assert with_retries(flaky, attempts=5, base_delay=0.01) == "done" and len(calls) == 3
 
 
-def test_with_retries_gives_up_and_does_not_retry_permanent_errors():
+@pytest.mark.parametrize("error, calls_expected", [
+    (TimeoutError("endpoint timed out"), 3),  # transient: retried until the attempts run out
+    (PermissionError("denied"), 1),  # permanent: not retried
+])
+def test_with_retries_gives_up_and_does_not_retry_permanent_errors(error, calls_expected):
     calls = []
 
-    def broken():
+    def failing():
         calls.append(1)
-        raise TimeoutError("endpoint timed out")
+        raise error
 
-    with pytest.raises(TimeoutError):
-        with_retries(broken, attempts=3, base_delay=0.01)
-    assert len(calls) == 3
-    calls.clear()
-
-    def denied():
-        calls.append(1)
-        raise PermissionError("denied")
-
-    with pytest.raises(PermissionError):
-        with_retries(denied, attempts=3, base_delay=0.01)
-    assert len(calls) == 1
+    with pytest.raises(type(error)):
+        with_retries(failing, attempts=3, base_delay=0.01)
+    assert len(calls) == calls_expected
 
 
 def test_persistent_write_failure_is_a_clear_error(tmp_path):
