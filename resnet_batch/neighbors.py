@@ -19,7 +19,8 @@ from resnet_batch.config import redact_options
 from resnet_batch.index import SimilarityIndex, read_meta, read_ok_rows, scan_embeddings
 from resnet_batch.provenance import ProvenanceMismatch, differences
 from resnet_batch.schema import embeddings_to_numpy, with_provenance
-from resnet_batch.storage import filesystem, put_bytes
+from resnet_batch.storage import filesystem, list_folder, put_bytes
+from resnet_batch.writer import OutputStore
 
 NEIGHBORS_SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
@@ -164,17 +165,13 @@ def plan_parts(cfg: NeighborsConfig, meta: dict) -> tuple[list[dict], dict]:
     if diffs := differences(meta["provenance"], provenance):
         raise ProvenanceMismatch(f"embeddings {', '.join(sources)} were made with a different setup than the "
                                  f"index {cfg.index}: " + "; ".join(diffs))
-    return [{"source": p.uri, "out": f"part-{i:06d}.parquet"} for i, (_, p) in enumerate(parts)], provenance
+    return [{"source": p.uri, "out": OutputStore.part_name(i)} for i, (_, p) in enumerate(parts)], provenance
 
 
 def clear_output(uri: str, storage_options: dict) -> None:
     """Remove what an earlier neighbours run wrote there (our files only)."""
     fs, root = filesystem(uri, dict(storage_options))
-    try:
-        names = fs.ls(root, detail=False)
-    except FileNotFoundError:
-        return
-    for p in names:
+    for p in list_folder(fs, root):
         base = posixpath.basename(p)
         if (base.startswith("part-") and base.endswith(".parquet")) or base in (GROUPS_FILE, REPORT_FILE):
             fs.rm(p)
@@ -200,6 +197,8 @@ def run_neighbors(cfg: NeighborsConfig, progress: bool = True) -> dict:
     """Run the job: neighbours parts through a Ray actor pool, then the near-duplicate groups; returns the report."""
     import ray
 
+    from resnet_batch.runner import init_ray
+
     t0 = time.perf_counter()
     meta = read_meta(cfg.index, cfg.storage_options)
     items, provenance = plan_parts(cfg, meta)
@@ -209,9 +208,7 @@ def run_neighbors(cfg: NeighborsConfig, progress: bool = True) -> dict:
     schema = with_provenance(NEIGHBORS_SCHEMA, provenance)
     schema = schema.with_metadata({**schema.metadata, NEIGHBORS_KEY: json.dumps(
         {"k": cfg.k, "index": cfg.index, "index_kind": meta["kind"], "index_count": meta["count"]}).encode()})
-    if not ray.is_initialized():
-        address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-        ray.init(**({"address": address} if address else {"include_dashboard": False}))
+    init_ray(cfg.ray_address)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = progress

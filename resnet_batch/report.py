@@ -35,7 +35,6 @@ class RunStats:
     pipeline_s: float = 0.0
     wall_s: float = 0.0
     gpu_requested: bool = False
-    per_node: collections.Counter = field(default_factory=collections.Counter)
     actors: dict = field(default_factory=dict)  # "node:pid" -> {"node", "device", "images"}
     _t0: float = field(default_factory=time.perf_counter)
     _first: Optional[tuple[float, int]] = None
@@ -54,12 +53,17 @@ class RunStats:
         if "_device_decode_s" in rows.column_names:  # gpu_decode: decoding done inside the model actors
             self.device_decode_s += pc.sum(rows.column("_device_decode_s")).as_py() or 0.0
         self.model_s += pc.sum(rows.column("_model_s")).as_py() or 0.0
-        for node, n in collections.Counter(rows.column("_node").to_pylist()).items():
-            self.per_node[node] += n
         for (worker, node, device), n in collections.Counter(
                 zip(*(rows.column(c).to_pylist() for c in ("_worker", "_node", "_device")))).items():
             actor = self.actors.setdefault(worker, {"node": node, "device": device, "images": 0})
             actor["images"] += n
+
+    def per_node(self) -> dict[str, int]:
+        """Images embedded by each node's actors."""
+        nodes: collections.Counter = collections.Counter()
+        for a in self.actors.values():
+            nodes[a["node"]] += a["images"]
+        return dict(nodes)
 
     def devices(self) -> str:
         """What the model actors really ran on: "cuda", "cpu", or a mix such as "cpu (no CUDA)+cuda"."""
@@ -156,7 +160,7 @@ def finalize(cfg, store: OutputStore, listing: Listing, provenance: dict, stats:
         "gpu_requested": stats.gpu_requested,
         "actors": [{"worker": w, **a} for w, a in sorted(stats.actors.items())],
         "stages": bottleneck(stats),
-        "per_node": dict(stats.per_node),
+        "per_node": stats.per_node(),
         "provenance": provenance,
         "config": config,
     }

@@ -102,7 +102,7 @@ def plan_run(cfg: JobConfig, store: OutputStore, provenance: dict, *, fresh: boo
                 ids = failed_ids(store.read_part(s.index, ["image_id", "status"]))
                 if ids:
                     plan.only[s.index] = ids
-                    plan.todo = plan.todo + [s]
+                    plan.todo.append(s)
     return plan
 
 
@@ -112,12 +112,13 @@ def _resolve_weights(cfg: JobConfig):
     return resolve_weights(cfg.model, dict(cfg.input.storage_options))
 
 
-def _init_ray(cfg: JobConfig) -> None:
+def init_ray(address: Optional[str]) -> None:
+    """Connect to the given cluster (else RAY_ADDRESS), or start a local Ray; no-op when already connected."""
     import ray
 
     if ray.is_initialized():
         return
-    address = cfg.compute.ray_address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
@@ -169,7 +170,7 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights") as pool:
         resolving = pool.submit(_resolve_weights, cfg)  # imports torch: overlaps with Ray's start
         if fresh or retry_failed or not store.published():
-            _init_ray(cfg)  # Ray starts while the weights load; a finished output needs no Ray at all
+            init_ray(cfg.compute.ray_address)  # Ray starts while the weights load; a finished output needs no Ray at all
         weights, state_dict = resolving.result()
     spec = PreprocessSpec.from_weights(weights.transforms)
     provenance = build_provenance(cfg, weights, spec)
@@ -194,7 +195,7 @@ def _execute(cfg, plan, spec, extra, schema, state_dict, weights, store, stats, 
     from ray.data import DataContext
 
     t0 = time.perf_counter()
-    _init_ray(cfg)  # usually already started by run(); not when a published output lost a part
+    init_ray(cfg.compute.ray_address)  # usually already started by run(); not when a published output lost a part
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.execution_options.preserve_order = False

@@ -103,6 +103,14 @@ def display_path(protocol: str, path: str) -> str:
     return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
+def list_folder(fs, root: str) -> list[str]:
+    """The paths directly in a folder; none when it does not exist (yet)."""
+    try:
+        return fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return []
+
+
 def put_bytes(fs, path: str, data: bytes) -> None:
     """Write a file so that readers never see it half-written: locally a hidden temp file (`.NAME.tmp-*`),
     fsynced, then renamed; on object stores one PUT, which publishes the object only when it completes."""

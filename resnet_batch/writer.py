@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from resnet_batch.listing import Shard
 from resnet_batch.schema import STATUS_OK
-from resnet_batch.storage import display_path, filesystem, protocols, put_bytes
+from resnet_batch.storage import display_path, filesystem, list_folder, protocols, put_bytes
 
 PROVENANCE_FILE = "_provenance.json"
 MANIFEST_FILE = "_manifest.json"
@@ -76,11 +76,7 @@ class OutputStore:
         return self.fs.exists(self.path(SUCCESS_FILE))
 
     def _ls(self) -> list[str]:
-        """The paths directly in the output folder (none when it does not exist yet)."""
-        try:
-            return self.fs.ls(self.root, detail=False)
-        except FileNotFoundError:
-            return []
+        return list_folder(self.fs, self.root)
 
     def done_parts(self) -> set[str]:
         names = (posixpath.basename(p) for p in self._ls())

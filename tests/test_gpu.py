@@ -10,7 +10,6 @@ import io
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -106,7 +105,7 @@ def test_probe_table_keeps_bytes_and_adds_the_decode_columns(jpegs):
     assert out.column("error")[4].as_py() == "PermissionError: denied"
     assert out.column("width").to_pylist()[:3] == [Image.open(io.BytesIO(b)).size[0] for b in jpegs[:3]]
     assert out.column("width")[3].as_py() == -1 and out.column("_device_ok").to_pylist() == [True] * 3 + [False] * 2
-    assert pc.min(out.column("_decode_s")).as_py() >= 0
+    assert [s > 0 for s in out.column("_decode_s").to_pylist()] == [True] * 4 + [False]  # the read error: not probed
 
 
 # -- device decoder, run on the CPU ------------------------------------------------------------------
