@@ -79,7 +79,7 @@ class RunStats:
             return None
         return (self.rows - self._first[1]) / (self._last - self._first[0])
 
-    def wrote_part(self, rows: int, seconds: float) -> None:
+    def wrote_part(self, seconds: float) -> None:
         with self._lock:
             self.shards_written += 1
             self.write_s += seconds

@@ -226,9 +226,8 @@ def _execute(cfg, plan, spec, extra, schema, state_dict, weights, store, stats, 
                     p.tables.append(rows)
                     p.rows += len(rows)
                 if p.expected is not None and p.rows == p.expected:
-                    del pending[s]
-                    merged = _merge(store, shards[s], p, plan, schema)
-                    writes.append(pool.submit(_write, store, shards[s], merged, schema, p.skipped, stats))
+                    del pending[s]  # complete: assembled and written in a writer thread, off this loop
+                    writes.append(pool.submit(_write, store, shards[s], p, plan, schema, stats))
             writes = _pending_writes(writes)
             stats.report_progress(progress)
         for w in writes:
@@ -251,13 +250,14 @@ def _merge(store: OutputStore, shard: Shard, p: _Pending, plan: Plan, schema: pa
     return pa.concat_tables([keep.select(schema.names).cast(schema), new.cast(schema)])
 
 
-def _write(store: OutputStore, shard: Shard, table: pa.Table, schema: pa.Schema, skipped: int, stats) -> None:
+def _write(store: OutputStore, shard: Shard, p: _Pending, plan: Plan, schema: pa.Schema, stats) -> None:
     t0 = time.perf_counter()
+    table = _merge(store, shard, p, plan, schema)
     status = table.column("status").to_numpy(zero_copy_only=False)
     part_stats = {"rows": len(table), "ok": int((status == "ok").sum()), "failed": int((status != "ok").sum()),
-                  "skipped": skipped}
+                  "skipped": p.skipped}
     store.write_part(shard, table, schema, part_stats)
-    stats.wrote_part(len(table), time.perf_counter() - t0)
+    stats.wrote_part(time.perf_counter() - t0)
 
 
 def _pending_writes(writes: list[Future]) -> list[Future]:
