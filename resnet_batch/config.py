@@ -11,8 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 
-class ConfigError(ValueError):
-    """A configuration problem, reported before any Ray work starts."""
+from resnet_batch.errors import ConfigError  # noqa: E402 (re-exported: a configuration problem, before any work)
 
 
 class _Section(BaseModel):
@@ -86,6 +85,8 @@ class OutputConfig(_Section):
     uri: str
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)  # may hold secrets: not in repr()
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    embedding_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="float16 halves the embedding bytes (as clip-retrieval stores them).")
 
 
 class JobConfig(_Section):

@@ -31,8 +31,7 @@ IDS_SCHEMA = pa.schema([pa.field("image_id", pa.string(), nullable=False), pa.fi
 _READ_COLUMNS = ["image_id", "path", "topk_labels", "topk_probs", "embedding", "status"]
 
 
-class SimilarityIndexError(ValueError):
-    """The embeddings or the index folder cannot be used as asked; the message says why."""
+from resnet_batch.errors import SimilarityIndexError  # noqa: E402 (re-exported)
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,7 @@ from resnet_batch.config import InputConfig
 from resnet_batch.storage import ListingProgress, endpoint_of, explain, filesystem, is_s3, list_files, protocols
 
 
-class InputError(ValueError):
-    """The input cannot be listed or holds nothing to embed; the message says what to fix."""
+from resnet_batch.errors import InputError  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)

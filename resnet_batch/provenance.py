@@ -41,8 +41,7 @@ def differences(old: dict, new: dict, keys=BINDING_KEYS) -> list[str]:
     return [f"{k}: {old.get(k)!r} != {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
-class ProvenanceMismatch(RuntimeError):
-    """Two outputs were produced by different models, weights, preprocessing or precision."""
+from resnet_batch.errors import ProvenanceMismatch  # noqa: E402 (re-exported)
 
 
 def check_compatible(old: Optional[dict], new: dict, what: str) -> None:

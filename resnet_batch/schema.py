@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 EMBEDDING_DIM = 2048
+EMBEDDING_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}  # output.embedding_dtype
 PROVENANCE_KEY = b"resnet_batch.provenance"
 
 STATUS_OK = "ok"
@@ -34,32 +35,40 @@ BASE_FIELDS = (
 OUTPUT_SCHEMA = pa.schema(BASE_FIELDS)
 
 
-def output_schema(extra_fields: Iterable[pa.Field] = ()) -> pa.Schema:
-    """The output schema: the base columns, then any pass-through columns."""
+def embedding_type(dtype: str = "float32") -> pa.DataType:
+    """The embedding column's type for output.embedding_dtype (float16 halves the bytes, as clip-retrieval does)."""
+    return pa.list_(EMBEDDING_DTYPES[dtype], EMBEDDING_DIM)
+
+
+def output_schema(extra_fields: Iterable[pa.Field] = (), embedding_dtype: str = "float32") -> pa.Schema:
+    """The output schema: the base columns (embedding as float32 or float16), then any pass-through columns."""
     extra = list(extra_fields)
     clash = {f.name for f in extra} & set(OUTPUT_SCHEMA.names)
     if clash:
         raise ValueError(f"pass-through columns clash with output columns: {sorted(clash)}")
-    return pa.schema(list(BASE_FIELDS) + extra)
+    base = [pa.field("embedding", embedding_type(embedding_dtype)) if f.name == "embedding" else f
+            for f in BASE_FIELDS]
+    return pa.schema(base + extra)
 
 
-def embedding_array(emb: Optional[np.ndarray], valid: np.ndarray) -> pa.FixedSizeListArray:
+def embedding_array(emb: Optional[np.ndarray], valid: np.ndarray, dtype: str = "float32") -> pa.FixedSizeListArray:
     """Build the embedding column from an (N, 2048) float array; rows where `valid` is False are null."""
     n = len(valid)
+    np_dtype = np.dtype(dtype)
     if emb is None:
-        emb = np.zeros((n, EMBEDDING_DIM), dtype=np.float32)
-    emb = np.ascontiguousarray(emb, dtype=np.float32)
+        emb = np.zeros((n, EMBEDDING_DIM), dtype=np_dtype)
+    emb = np.ascontiguousarray(emb, dtype=np_dtype)
     if emb.shape != (n, EMBEDDING_DIM):
         raise ValueError(f"embedding must be ({n}, {EMBEDDING_DIM}), got {emb.shape}")
-    values = pa.array(emb.reshape(-1), type=pa.float32())
+    values = pa.array(emb.reshape(-1), type=EMBEDDING_DTYPES[dtype])
     mask = pa.array(~np.asarray(valid, dtype=bool))
     return pa.FixedSizeListArray.from_arrays(values, EMBEDDING_DIM, mask=mask)
 
 
 def embeddings_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """(N, 2048) float32 from an embedding column without nulls."""
+    """(N, 2048) float32 from an embedding column (float32 or float16) without nulls."""
     if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
+        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
     if column.null_count:
         raise ValueError("embedding column has nulls; filter status == 'ok' first")
     flat = column.flatten().to_numpy(zero_copy_only=False)

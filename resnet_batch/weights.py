@@ -11,8 +11,7 @@ import torch
 from resnet_batch.config import ModelConfig
 
 
-class WeightsUnavailableError(RuntimeError):
-    """The configured weights cannot be had; the message says how to provide them."""
+from resnet_batch.errors import WeightsError as WeightsUnavailableError  # noqa: E402 (the configured weights cannot be had)
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,7 @@ PART_STATS_KEY = b"resnet_batch.part_stats"
 T = TypeVar("T")
 
 
-class OutputError(RuntimeError):
-    """The output location cannot be used as asked; the message says why."""
+from resnet_batch.errors import OutputError  # noqa: F401 (re-exported)
 
 
 class OutputStore:

@@ -1,0 +1,47 @@
+"""errors module: the one error vocabulary of every command, and the exit codes beside it.
+
+`UserError` and its subclasses are what a user can cause and fix (a config key, an input, an output
+location, weights, mixed provenance, an index): the commands print the message in one line and exit
+with EXIT_USAGE (2), and they are raised only *before* any work is done. A run that started and then
+could not finish everything raises `RunFailed` (EXIT_FAILED, 1): what finished is kept and a rerun
+resumes. Broad built-ins (ValueError, KeyError, OSError) are never mapped to "your input is wrong".
+"""
+from __future__ import annotations
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UserError(Exception):
+    """Something the user can fix, refused before any work; the message says what and how."""
+
+
+class ConfigError(UserError):
+    """The run configuration (YAML, -o overrides, command-line flags) is invalid."""
+
+
+class InputError(UserError):
+    """The input cannot be listed or holds nothing to embed."""
+
+
+class OutputError(UserError):
+    """The output location cannot be used as asked."""
+
+
+class WeightsError(UserError):
+    """The configured weights cannot be had, or are not what they claim to be."""
+
+
+class ProvenanceMismatch(UserError):
+    """Two sets of embeddings come from different models, weights, preprocessing or precision."""
+
+
+class SimilarityIndexError(UserError):
+    """Embeddings or an index folder cannot be used as asked."""
+
+
+class LockedError(UserError):
+    """Another run holds the output."""
+
+
+class RunFailed(Exception):
+    """A run that started could not finish everything; finished work is kept, a rerun resumes."""
