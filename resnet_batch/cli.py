@@ -9,7 +9,7 @@ from typing import Optional
 
 from resnet_batch import __version__
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from resnet_batch.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE  # noqa: F401 (re-exported)
 
 
 def add_embed_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,13 +19,18 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", help="shorthand for -o input.uri=...")
     p.add_argument("--output", help="shorthand for -o output.uri=...")
     p.add_argument("--fresh", action="store_true", help="delete what an earlier run wrote to the output, start over")
-    p.add_argument("--retry-failed", action="store_true", help="re-process only the images recorded as failed")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
+    p.add_argument("--retry-failed", action="store_true", help="also re-process the images recorded as failed")
+    p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own logging too")
+    p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                   help="without a terminal: a progress line every SECONDS (default 30)")
 
 
 def embed_main(args: argparse.Namespace) -> int:
     """Load and validate the config, run the job, print the summary; returns the exit code."""
-    from resnet_batch.config import ConfigError, load_config
+    from resnet_batch.config import load_config
+    from resnet_batch.errors import RunFailed, UserError
+    from resnet_batch.text import printable
 
     overrides = list(args.overrides)
     if args.input:
@@ -34,55 +39,46 @@ def embed_main(args: argparse.Namespace) -> int:
         overrides.append(f"output.uri={args.output}")
     try:
         cfg = load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    from resnet_batch.listing import InputError
-    from resnet_batch.provenance import ProvenanceMismatch
-    from resnet_batch.report import summary
-    from resnet_batch.runner import run
-    from resnet_batch.weights import WeightsUnavailableError
-    from resnet_batch.writer import OutputError
+        from resnet_batch.progress import make_progress
+        from resnet_batch.report import summary
+        from resnet_batch.runner import run
 
-    try:
-        report = run(cfg, fresh=args.fresh, retry_failed=args.retry_failed, progress=not args.quiet)
-    except (InputError, WeightsUnavailableError, ProvenanceMismatch, OutputError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        report = run(cfg, fresh=args.fresh, retry_failed=args.retry_failed, verbose=args.verbose,
+                     progress=make_progress(args.quiet, args.progress_every))
+    except UserError as err:
+        print(f"error: {printable(str(err))}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as err:  # a failure mid-run: finished shards are already safe in the output
-        traceback.print_exc()
-        print(f"error: the run failed: {_one_line(err)}\n"
-              f"finished shards are kept in {cfg.output.uri}; rerun the same command to resume", file=sys.stderr)
+    except RunFailed as err:
+        report = getattr(err, "report", None)
+        if report is not None:
+            print(summary(report, printable))
+        print(f"error: the run did not finish: {printable(str(err))}\n"
+              f"finished parts are kept in {cfg.output.uri}; rerun the same command to resume", file=sys.stderr)
         return EXIT_FAILED
-    print(summary(report, _examples(cfg)))
+    except KeyboardInterrupt:
+        print(f"interrupted: finished parts are kept in {cfg.output.uri}; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    except Exception as err:  # a failure mid-run: finished shards are already safe in the output
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: the run failed: {printable(_one_line(err))}\n"
+              f"finished parts are kept in {cfg.output.uri}; rerun the same command to resume", file=sys.stderr)
+        return EXIT_FAILED
+    print(summary(report, printable))
     return EXIT_OK if report["complete"] else EXIT_FAILED
 
 
 def _one_line(err: BaseException) -> str:
-    """An error in one line; for a Ray error that carries a worker's traceback, the worker's own exception."""
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    name = type(err).__name__
+    """An error in one line; for a Ray error that carries a worker's exception, that exception."""
+    cause = err
+    while getattr(cause, "cause", None) is not None and cause.cause is not cause:
+        cause = cause.cause
+    lines = [line for line in str(cause).splitlines() if line.strip()]
+    name = type(cause).__name__
     if len(lines) > 1 and re.match(r"[A-Za-z_][\w.]*(Error|Exception): ", lines[-1]):
         return f"{name}: {lines[-1]}"
     return f"{name}: {lines[0]}" if lines else name
-
-
-def _examples(cfg, n: int = 3) -> list[tuple[str, str, float]]:
-    """A few top-1 labels from the output, for the summary."""
-    from resnet_batch.writer import OutputStore
-
-    store = OutputStore(cfg.output.uri, dict(cfg.output.storage_options))
-    parts = sorted(store.done_parts())
-    if not parts:
-        return []
-    t = store.read_part(int(parts[0][5:11]), ["image_id", "status", "topk_labels", "topk_probs"])
-    out = []
-    for row in t.to_pylist():
-        if row["status"] == "ok":
-            out.append((row["image_id"], row["topk_labels"][0], row["topk_probs"][0]))
-        if len(out) == n:
-            break
-    return out
 
 
 def sample_data_main(args: argparse.Namespace) -> int:

@@ -25,12 +25,16 @@ class InputConfig(_Section):
     format: Literal["auto", "folder", "webdataset", "parquet"] = "auto"
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)  # may hold secrets: not in repr()
-    images_per_shard: int = Field(256, ge=1, description="Folder input: images per shard (unit of resume).")
+    images_per_shard: int = Field(
+        1000, ge=1, description="Images per output part (the unit of work and resume); a tar or Parquet file with more "
+                                "is written as several parts. 1000 crops are ~150 MB in flight.")
     image_column: str = "jpg"
     passthrough_columns: tuple[str, ...] = ()
     max_pixels: int = Field(100_000_000, ge=1, description="Images with more pixels are refused.")
+    max_bytes: int = Field(64 << 20, ge=1, description="Images (files, tar members, Parquet values) larger than "
+                                                       "this are refused unread.")
     jpeg_draft: bool = True
-    limit: Optional[int] = Field(None, ge=1, description="Process only the first N images (trial runs).")
+    limit: Optional[int] = Field(None, ge=1, description="Folder input: only the first N images listed (trial runs).")
 
     @model_validator(mode="after")
     def _lower_extensions(self) -> "InputConfig":
@@ -71,6 +75,9 @@ class ComputeConfig(_Section):
     decode_cpus: float = Field(1.0, gt=0, description="CPUs each decode task holds.")
     decode_batch_size: int = Field(16, ge=1)
     gpu_decode: bool = False
+    max_attempts: int = Field(3, ge=1, description="Tries of one shard before the run fails naming it.")
+    retry_window_s: float = Field(300.0, ge=0, description="How long transient I/O errors (connection refused or "
+                                  "reset, timeouts, HTTP 5xx, throttling) are retried with backoff.")
 
     @model_validator(mode="after")
     def _actor_range(self) -> "ComputeConfig":

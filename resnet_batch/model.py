@@ -3,19 +3,23 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import socket
+import threading
 import time
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from resnet_batch.decode import PreprocessSpec
-from resnet_batch.schema import (DEVICE_NO_CUDA, STATUS_DECODE_ERROR, STATUS_MODEL_ERROR, STATUS_OK,
-                                 embedding_array)
+from resnet_batch.schema import (CONTROL_END, CONTROL_FAILURE, DEVICE_NO_CUDA, EMBEDDING_DIM, PASSTHROUGH_PREFIX,
+                                 STATUS_DECODE_ERROR, STATUS_OK, embedding_array)
+from resnet_batch.writer import PartSettings, encode_part, part_name, read_parquet, write_bytes
 
-_CONSUMED = {"image_id", "path", "width", "height", "status", "error", "pixels", "bytes", "_device_ok"}
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -75,89 +79,186 @@ class ResNet50Embedder:
         return emb, self.fc(emb)
 
 
+@dataclass(frozen=True)
+class ActorSettings:
+    """Everything a model actor needs but the weights, in one small frozen object (passed inline, so a
+    restarted actor gets it again without anything in the object store)."""
+
+    spec: PreprocessSpec
+    categories: tuple[str, ...]
+    topk: int
+    precision: str
+    channels_last: bool
+    compile: bool
+    use_gpu: bool
+    require_cuda: bool
+    threads: Optional[int]
+    batch_size: int
+    max_pixels: int
+    draft: bool
+    output: PartSettings
+    # Python API only (benchmarks): a callable (state_dict, spec, device) -> object with .embed(pixels) and
+    # .device, used instead of ResNet-50. Neither a config key nor a flag reaches it.
+    embedder: Optional[Callable] = None
+
+
 class EmbedActor:
-    """Ray Data actor: decoded rows in, output rows (labels, probabilities, embedding) out."""
+    """A model actor: takes blocks of decoded chunks, runs ResNet-50 in sub-batches of batch_size, writes each
+    chunk's part itself (atomically, under its deterministic name) and returns one small record per chunk.
 
-    def __init__(self, state_dict, spec: PreprocessSpec, categories: tuple[str, ...], topk: int,
-                 precision: str, channels_last: bool, compile: bool, use_gpu: bool, threads: Optional[int],
-                 decode_opts: Optional[dict] = None, warmup_batch: int = 0, require_cuda: bool = False):
-        device = _actor_device(use_gpu, require_cuda)
-        if not isinstance(state_dict, dict):  # an ObjectRef: the driver put the weights in the object store once
-            import ray
+    Two calls run at once (the driver keeps up to three in flight): one computes while the other encodes and
+    uploads its part; the model itself runs one call at a time (a lock). The weights arrive with `ready()`,
+    which the driver calls when the actor starts and again whenever Ray has restarted it.
+    """
 
-            state_dict = ray.get(state_dict)
-        self.embedder = ResNet50Embedder(state_dict, spec, precision=precision, channels_last=channels_last,
-                                         compile=compile, device=device, threads=threads)
-        if warmup_batch and device == "cuda":
-            self.embedder.warmup(warmup_batch)
-        self.device_name = "cuda" if device == "cuda" else (DEVICE_NO_CUDA if use_gpu else "cpu")
-        self.categories = np.array(categories, dtype=object)
-        self.topk = topk
-        self.spec, self.decode_opts, self._decoder = spec, decode_opts or {}, None  # for JPEG bytes (gpu_decode)
+    def __init__(self, settings: ActorSettings):
+        s = self.settings = settings
+        self.device = _actor_device(s.use_gpu, s.require_cuda)
+        self.device_name = "cuda" if self.device == "cuda" else (DEVICE_NO_CUDA if s.use_gpu else "cpu")
+        self.embedder = None
+        self.categories = np.array(s.categories, dtype=object)
+        self._decoder = None  # gpu_decode: built on first use
         self.node = _node_name()
+        self.pid = os.getpid()
+        self.actor_id = _actor_id()
+        self.lock = threading.Lock()
+        self.fs, self.root = s.output.fs()
 
-    def __call__(self, batch: dict) -> pa.Table:
-        n = len(batch["image_id"])
-        status = np.array(batch["status"], dtype=object)
-        error = _nulls(batch["error"])
-        ok = status == STATUS_OK
-        t0 = time.perf_counter()  # the actor's busy time: device decode (gpu_decode) + forward pass
-        pixels, device_decode_s = batch.get("pixels"), np.zeros(n, dtype=np.float32)
-        if pixels is None and ok.any():  # compute.gpu_decode: JPEG bytes, decoded on this actor's device
-            pixels, ok, device_decode_s = self._decode_bytes(batch, status, error, ok)
-        elif pixels is not None:
-            pixels = pixels[ok]
-        emb = np.zeros((n, 2048), dtype=np.float32)
-        ids = np.zeros((n, self.topk), dtype=np.int32)
-        probs = np.zeros((n, self.topk), dtype=np.float32)
-        if ok.any():
-            _maybe_fault()
+    def ready(self, weights) -> dict:
+        """Build the model from the weights (the state dict, resolved by Ray from the driver's single copy in
+        the object store), once; then say where this actor runs and on what."""
+        with self.lock:
+            if self.embedder is None:
+                s = self.settings
+                if s.embedder is not None:
+                    self.embedder = s.embedder(weights, s.spec, self.device)
+                else:
+                    self.embedder = ResNet50Embedder(weights, s.spec, precision=s.precision,
+                                                     channels_last=s.channels_last, compile=s.compile,
+                                                     device=self.device, threads=s.threads)
+                    if self.device == "cuda":
+                        self.embedder.warmup(s.batch_size)  # cudnn autotuning now, while the reads fill the queue
+        return {"node": self.node, "pid": self.pid, "device": self.device_name, "actor": self.actor_id}
+
+    def process(self, block: pa.Table, span: Optional[tuple[int, int]] = None) -> list[dict]:
+        """One record per (shard, chunk) in the block (rows [start, end) of it when Ray Data handed over a
+        slice): a part written, or why the chunk failed."""
+        if span is not None:
+            block = block.slice(span[0], span[1] - span[0])
+        keys = pa.table({"s": block.column("_shard"), "c": block.column("_chunk")})
+        records = []
+        for s, c in dict.fromkeys(zip(keys.column("s").to_pylist(), keys.column("c").to_pylist())):
+            mask = pc.and_(pc.equal(block.column("_shard"), s), pc.equal(block.column("_chunk"), c))
             try:
-                e, logits = self.embedder.embed(pixels)
-                top = torch.softmax(logits, dim=1).topk(self.topk, dim=1)
-                emb[ok] = e.cpu().numpy()
-                ids[ok] = top.indices.cpu().numpy()
-                probs[ok] = top.values.cpu().numpy()
-            except Exception as err:  # e.g. out of memory: these rows are recorded, the job goes on
-                status[ok], error[ok] = STATUS_MODEL_ERROR, f"{type(err).__name__}: {err}"
-                ok = np.zeros(n, dtype=bool)
-        seconds = time.perf_counter() - t0
-        k = self.topk
+                records.append(self._chunk(block.filter(mask), s, c))
+            except Exception as err:  # the model or the write failed: the driver retries the shard
+                records.append(self._failure(s, c, f"{type(err).__name__}: {err}"))
+        return records
+
+    def _failure(self, shard: int, chunk: int, reason: str) -> dict:
+        return {"shard": shard, "chunk": chunk, "error": reason, "node": self.node, "pid": self.pid,
+                "actor": self.actor_id}
+
+    def _chunk(self, g: pa.Table, shard: int, chunk: int) -> dict:
+        status = np.array(g.column("status").to_pylist(), dtype=object)
+        if (status == CONTROL_FAILURE).any():
+            return self._failure(shard, chunk, g.column("error")[int(np.argmax(status == CONTROL_FAILURE))].as_py())
+        expected = g.column("_rows")[0].as_py()
+        if len(g) != expected:
+            return self._failure(shard, chunk, f"chunk arrived split ({len(g)} of {expected} rows in one block)")
+        end = status == CONTROL_END
+        at = int(np.argmax(end))
+        chunks, groups, skipped = ((int(g.column(c)[at].as_py()) for c in ("_chunks", "_groups", "_skipped"))
+                                   if end.any() else (-1, -1, 0))
+        images = g.filter(pa.array(~end))
+        record = {"part": "", "shard": shard, "chunk": chunk, "chunks": chunks, "groups": groups,
+                  "rows": len(images), "ok": 0,
+                  "failed": 0, "skipped": skipped, "decode_s": float(pc.sum(images.column("_decode_s")).as_py() or 0),
+                  "model_s": 0.0, "write_s": 0.0, "bytes": 0, "node": self.node, "pid": self.pid,
+                  "device": self.device_name, "actor": self.actor_id, "run": self.settings.output.run}
+        if not len(images):  # an empty last chunk: nothing to write, but the shard's chunk count arrives
+            record["written_at"] = time.time()
+            return record
+        t0 = time.perf_counter()
+        with self.lock:
+            table = self._rows(images)
+        record["model_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        name = part_name(shard, chunk)
+        out = self.settings.output
+        if images.column("_merge")[0].as_py():
+            table = self._merge(name, table)
+        ok = int(pc.sum(pc.equal(table.column("status"), STATUS_OK)).as_py() or 0)
+        record.update(part=name, rows=len(table), ok=ok, failed=len(table) - ok, written_at=time.time())
+        data = encode_part(table, out.schema, record, out.compression, self.node, self.pid)
+        write_bytes(self.fs, posixpath.join(self.root, name), data, out.retry_window_s)
+        record.update(write_s=time.perf_counter() - t1, bytes=len(data))
+        return record
+
+    def _merge(self, name: str, new: pa.Table) -> pa.Table:
+        """--retry-failed: the part's earlier rows with these images replaced (each image still once)."""
+        schema = self.settings.output.schema
+        old = read_parquet(self.fs, posixpath.join(self.root, name))
+        keep = old.filter(pc.invert(pc.is_in(old.column("image_id"), new.column("image_id"))))
+        return pa.concat_tables([keep.select(schema.names).cast(schema), new.select(schema.names).cast(schema)])
+
+    def _rows(self, images: pa.Table) -> pa.Table:
+        """Output rows for a chunk's images: the forward pass in sub-batches, then labels and embeddings."""
+        s = self.settings
+        n = len(images)
+        status = np.array(images.column("status").to_pylist(), dtype=object)
+        error = np.array(images.column("error").to_pylist(), dtype=object)
+        width, height = images.column("width").to_numpy().copy(), images.column("height").to_numpy().copy()
+        ok = status == STATUS_OK
+        if "pixels" in images.column_names:
+            pixels = images.column("pixels").combine_chunks().to_numpy_ndarray()[ok] if ok.any() else None
+        else:  # compute.gpu_decode: JPEG bytes, decoded on this actor's device
+            pixels, ok = self._decode_bytes(images, status, error, ok, width, height)
+        emb = np.zeros((n, EMBEDDING_DIM), dtype=np.float32)
+        ids = np.zeros((n, s.topk), dtype=np.int32)
+        probs = np.zeros((n, s.topk), dtype=np.float32)
+        rows = np.flatnonzero(ok)
+        for start in range(0, len(rows), s.batch_size):
+            e, logits = self.embedder.embed(pixels[start:start + s.batch_size])
+            top = torch.softmax(logits.float(), dim=1).topk(s.topk, dim=1)
+            at = rows[start:start + s.batch_size]
+            emb[at] = e.cpu().numpy()
+            ids[at] = top.indices.cpu().numpy()
+            probs[at] = top.values.cpu().numpy()
+        k = s.topk
         offsets = pa.array(np.arange(n + 1, dtype=np.int32) * k)
         mask = pa.array(~ok)
-        width, height = np.asarray(batch["width"]), np.asarray(batch["height"])
-        return pa.table({
-            **{c: batch[c] for c in ("image_id", "path")},
+        columns = {
+            "image_id": images.column("image_id"), "path": images.column("path"),
             "width": pa.array(width, pa.int32(), mask=width < 0),
             "height": pa.array(height, pa.int32(), mask=height < 0),
             "topk_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.ravel()), mask=mask),
-            "topk_labels": pa.ListArray.from_arrays(offsets, pa.array(self.categories[ids.ravel()], pa.string()), mask=mask),
+            "topk_labels": pa.ListArray.from_arrays(offsets, pa.array(self.categories[ids.ravel()], pa.string()),
+                                                    mask=mask),
             "topk_probs": pa.ListArray.from_arrays(offsets, pa.array(probs.ravel()), mask=mask),
-            "embedding": embedding_array(emb, ok),
+            "embedding": embedding_array(emb, ok, s.output.embedding_dtype),
             "status": pa.array(status, pa.string()),
             "error": pa.array(error, pa.string()),
-            **{c: _nulls(batch[c]) for c in batch if c not in _CONSUMED},  # internal (_*) and pass-through
-            "_model_s": np.full(n, seconds / max(n, 1), dtype=np.float32),
-            "_device_decode_s": device_decode_s,  # the part of _model_s spent decoding (gpu_decode)
-            "_node": np.full(n, self.node, dtype=object),
-            "_worker": np.full(n, f"{self.node}:{os.getpid()}", dtype=object),
-            "_device": np.full(n, self.device_name, dtype=object),
-        })
+        }
+        for name in images.column_names:  # pass-through columns, under their own names
+            if name.startswith(PASSTHROUGH_PREFIX):
+                columns[name[len(PASSTHROUGH_PREFIX):]] = images.column(name)
+        return pa.table(columns)
 
-    def _decode_bytes(self, batch: dict, status: np.ndarray, error: np.ndarray, ok: np.ndarray):
-        """The `ok` rows' bytes -> (crops on the device, new ok mask, seconds per row); failures become
-        decode_error rows."""
+    def _decode_bytes(self, images: pa.Table, status, error, ok, width, height):
+        """The `ok` rows' bytes -> (crops on the device, new ok mask); failures become decode_error rows."""
         if self._decoder is None:
             from resnet_batch.gpu_decode import DeviceJpegDecoder
 
-            self._decoder = DeviceJpegDecoder(self.spec, self.embedder.device, **self.decode_opts)
-        out = self._decoder.decode(batch["bytes"], batch["_device_ok"], todo=ok)
+            self._decoder = DeviceJpegDecoder(self.settings.spec, self.embedder.device,
+                                              max_pixels=self.settings.max_pixels, draft=self.settings.draft)
+        out = self._decoder.decode(images.column("bytes").to_pylist(), images.column("_device_ok").to_pylist(),
+                                   todo=ok)
         failed = ok & ~out.ok
         status[failed] = STATUS_DECODE_ERROR
         error[failed] = np.array(out.error, dtype=object)[failed]
-        for dim in ("width", "height"):  # unknown for a failed image, as on the CPU path
-            batch[dim] = np.where(failed, -1, batch[dim])
-        return out.pixels, out.ok, out.seconds
+        width[failed], height[failed] = -1, -1  # unknown for a failed image, as on the CPU path
+        return out.pixels, out.ok
 
 
 def _actor_device(use_gpu: bool, require_cuda: bool) -> str:
@@ -184,19 +285,12 @@ def _node_name() -> str:
     return socket.gethostname()
 
 
-def _nulls(values: np.ndarray) -> np.ndarray:
-    """Ray's numpy batches carry missing strings as NaN; give Arrow None instead."""
-    values = np.asarray(values)
-    if values.dtype != object:
-        return values
-    return np.array([None if isinstance(v, float) and v != v else v for v in values], dtype=object)
+def _actor_id() -> str:
+    """This actor's Ray id (stable across its restarts); the pid outside Ray."""
+    import ray
 
-
-def _maybe_fault() -> None:
-    """Test-only fault hook: RESNET_BATCH_FAULT_KILL_ACTOR=<file> kills this actor once (the file is the latch)."""
-    latch = os.environ.get("RESNET_BATCH_FAULT_KILL_ACTOR")
-    if latch and not os.path.exists(latch):
-        with open(latch, "w") as f:
-            f.write(str(os.getpid()))
-        os._exit(1)
-
+    if ray.is_initialized():
+        actor = ray.get_runtime_context().get_actor_id()
+        if actor:
+            return actor
+    return f"pid-{os.getpid()}"

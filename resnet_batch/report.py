@@ -1,9 +1,9 @@
-"""report module: per-stage timing while the job runs, the reconciled run report, the success marker, the summary."""
+"""report module: what a run did, from the per-chunk records: counts, per-stage seconds, per actor and node,
+where the time went (model-, input- or write-bound, with the numbers), failures by reason, and the summary."""
 from __future__ import annotations
 
 import collections
-import sys
-import threading
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -11,197 +11,202 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from resnet_batch.listing import Listing
-from resnet_batch.reader import SHARD_END
 from resnet_batch.schema import DEVICE_NO_CUDA, STATUS_OK
-from resnet_batch.writer import INCOMPLETE_REPORT_FILE, REPORT_FILE, SUCCESS_FILE, OutputStore
+
+JUDGE_MIN_S = 20.0  # a steady window shorter than this is too short to say what limits the run
+JUDGE_MIN_PARTS = 4
+BUSY = 0.8
 
 
 @dataclass
 class RunStats:
-    """Counters the driver accumulates from result batches (thread-safe for the writer threads)."""
+    """Counters the driver accumulates from the chunk records of this run."""
 
-    shards_total: int = 0
-    shards_before: int = 0
-    shards_written: int = 0
-    rows: int = 0
+    images: int = 0
     ok: int = 0
+    parts: int = 0
     decode_s: float = 0.0
-    device_decode_s: float = 0.0
     model_s: float = 0.0
     write_s: float = 0.0
-    startup_s: float = 0.0
-    first_result_s: float = 0.0
-    pipeline_s: float = 0.0
-    wall_s: float = 0.0
-    gpu_requested: bool = False
-    actors: dict = field(default_factory=dict)  # "node:pid" -> {"node", "device", "images"}
-    _t0: float = field(default_factory=time.perf_counter)
-    _first: Optional[tuple[float, int]] = None
-    _last: float = 0.0
-    _last_print: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    bytes: int = 0
+    copied: int = 0
+    dropped: int = 0
+    actors: dict = field(default_factory=dict)  # actor id -> {node, pid, device, images, model_s, write_s}
+    t0: float = field(default_factory=time.perf_counter)
+    first: Optional[tuple[float, int]] = None  # (time, images) at the first record
+    last: float = 0.0
+    steady_model_s: float = 0.0  # model/write seconds of the records after the first one
+    steady_write_s: float = 0.0
 
-    def absorb(self, table: pa.Table, now: float) -> None:
-        rows = table.filter(pc.not_equal(table.column("status"), SHARD_END))
-        if not self.rows:
-            self._first = (now, len(rows))
-        self._last = now
-        self.rows += len(rows)
-        self.ok += pc.sum(pc.equal(rows.column("status"), STATUS_OK)).as_py() or 0
-        self.decode_s += pc.sum(rows.column("_decode_s")).as_py() or 0.0
-        if "_device_decode_s" in rows.column_names:  # gpu_decode: decoding done inside the model actors
-            self.device_decode_s += pc.sum(rows.column("_device_decode_s")).as_py() or 0.0
-        self.model_s += pc.sum(rows.column("_model_s")).as_py() or 0.0
-        for (worker, node, device), n in collections.Counter(
-                zip(*(rows.column(c).to_pylist() for c in ("_worker", "_node", "_device")))).items():
-            actor = self.actors.setdefault(worker, {"node": node, "device": device, "images": 0})
-            actor["images"] += n
+    def absorb(self, r: dict) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (now, r["rows"])
+        else:
+            self.steady_model_s += r["model_s"]
+            self.steady_write_s += r["write_s"]
+        self.last = now
+        self.images += r["rows"]
+        self.ok += r["ok"]
+        self.parts += bool(r["part"])
+        self.decode_s += r["decode_s"]
+        self.model_s += r["model_s"]
+        self.write_s += r["write_s"]
+        self.bytes += r["bytes"]
+        a = self.actors.setdefault(r["actor"], {"node": r["node"], "pid": r["pid"], "device": r["device"],
+                                                "images": 0, "parts": 0, "model_s": 0.0, "write_s": 0.0})
+        a["images"] += r["rows"]
+        a["parts"] += bool(r["part"])
+        a["model_s"] += r["model_s"]
+        a["write_s"] += r["write_s"]
+
+    @property
+    def failed(self) -> int:
+        return self.images - self.ok
+
+    def window(self) -> float:
+        return self.last - self.first[0] if self.first else 0.0
+
+    def steady_img_per_s(self) -> Optional[float]:
+        """Throughput after the first result arrived (start-up excluded)."""
+        w = self.window()
+        return (self.images - self.first[1]) / w if self.first and w > 0 else None
 
     def per_node(self) -> dict[str, int]:
-        """Images embedded by each node's actors."""
         nodes: collections.Counter = collections.Counter()
         for a in self.actors.values():
             nodes[a["node"]] += a["images"]
         return dict(nodes)
 
     def devices(self) -> str:
-        """What the model actors really ran on: "cuda", "cpu", or a mix such as "cpu (no CUDA)+cuda"."""
         return "+".join(sorted({a["device"] for a in self.actors.values()})) or "none"
 
-    def first_result_at(self) -> Optional[float]:
-        """perf_counter time of the first result batch (None when none came)."""
-        return self._first[0] if self._first else None
 
-    def steady_img_per_s(self) -> Optional[float]:
-        """Throughput after the first result arrived (start-up excluded)."""
-        if self._first is None or self._last <= self._first[0]:
-            return None
-        return (self.rows - self._first[1]) / (self._last - self._first[0])
-
-    def wrote_part(self, seconds: float) -> None:
-        with self._lock:
-            self.shards_written += 1
-            self.write_s += seconds
-
-    def report_progress(self, enabled: bool, every_s: float = 10.0) -> None:
-        now = time.perf_counter()
-        if not enabled or now - self._last_print < every_s:
-            return
-        self._last_print = now
-        done = self.shards_before + self.shards_written
-        rate = self.rows / max(now - self._t0, 1e-9)
-        todo = self.shards_total - done
-        eta = ""
-        if self.shards_written and todo:
-            per_shard = (now - self._t0) / self.shards_written
-            eta = f", ETA {_hms(per_shard * todo)}"
-        print(f"[resnet-batch] shards {done}/{self.shards_total}, images {self.rows:,} "
-              f"({self.rows - self.ok} failed), {rate:.1f} img/s{eta}", file=sys.stderr, flush=True)
-
-
-def _hms(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def bottleneck(stats: RunStats) -> dict:
-    """Where the time went, and whether the model actors were waiting for decoded images."""
-    actors = max(len(stats.actors), 1)
-    # Busy share of the steady window (first result -> last result), so start-up does not count as starving.
-    window = stats._last - stats._first[0] if stats._first else 0.0
-    if window > 0 and stats.rows > stats._first[1]:
-        busy = stats.model_s * (stats.rows - stats._first[1]) / stats.rows / (window * actors)
+def stages(stats: RunStats, actors: int) -> dict:
+    """Where the time went, and what limited the run (only when it did enough work to judge)."""
+    actors = max(actors, 1)
+    window = stats.window()
+    out = {"decode_s": round(stats.decode_s, 3), "model_s": round(stats.model_s, 3), "write_s": round(stats.write_s, 3),
+           "model_actors": actors, "steady_window_s": round(window, 3), "model_busy_fraction": None,
+           "write_busy_fraction": None, "verdict": None}
+    if window < JUDGE_MIN_S or stats.parts < JUDGE_MIN_PARTS:
+        out["verdict"] = "too little work to judge" if stats.images else "nothing to do"
+        return out
+    model_busy = min(stats.steady_model_s / (window * actors), 1.0)
+    write_busy = min(stats.steady_write_s / (window * actors), 1.0)
+    out["model_busy_fraction"], out["write_busy_fraction"] = round(model_busy, 3), round(write_busy, 3)
+    if model_busy >= BUSY:
+        out["verdict"] = "model-bound"
+    elif write_busy >= BUSY or write_busy > model_busy:
+        out["verdict"] = "write-bound"
     else:
-        busy = stats.model_s / max(stats.pipeline_s * actors, 1e-9)
-    return {
-        "decode_s": round(stats.decode_s, 3),
-        "device_decode_s": round(stats.device_decode_s, 3),  # part of model_s when compute.gpu_decode
-        "model_s": round(stats.model_s, 3),
-        "write_s": round(stats.write_s, 3),
-        "model_actors": actors,
-        "model_busy_fraction": round(min(busy, 1.0), 3),
-        "verdict": "model-bound" if busy >= 0.8 else "starved by decode or I/O (add CPUs / decode tasks)",
-    }
+        out["verdict"] = "input-bound"
+    return out
 
 
-def finalize(cfg, store: OutputStore, listing: Listing, provenance: dict, stats: RunStats, config: dict) -> dict:
-    """Reconcile every part against the plan; write the run report, and _SUCCESS only when it balances."""
-    done = store.done_parts()
-    counts = collections.Counter()
-    missing = []
-    mismatched = []
-    for shard in listing.shards:
-        name = store.part_name(shard.index)
-        if name not in done:
-            missing.append(name)
-            continue
-        ps = store.part_stats(name)
-        counts.update({k: ps.get(k, 0) for k in ("rows", "ok", "failed", "skipped")})
-        if shard.kind == "files" and ps.get("rows") != len(shard.paths):
-            mismatched.append(f"{name}: {ps.get('rows')} rows for {len(shard.paths)} files")
-    skipped = len(listing.skipped) + counts["skipped"]
-    inputs = counts["rows"] + skipped
-    complete = not missing and not mismatched and counts["ok"] + counts["failed"] == counts["rows"]
-    img_s = stats.rows / stats.pipeline_s if stats.pipeline_s else None
-    report = {
-        "output": store.display(),
-        "complete": complete,
-        "counts": {"inputs": inputs, "ok": counts["ok"], "failed": counts["failed"], "skipped": skipped,
-                   "this_run": {"images": stats.rows, "ok": stats.ok, "failed": stats.rows - stats.ok}},
-        "shards": {"total": len(listing.shards), "done_before": stats.shards_before,
-                   "written": stats.shards_written, "missing": missing[:20], "mismatched": mismatched[:20]},
-        "skipped_files": listing.skipped[:1000],
-        "seconds": {"wall": round(stats.wall_s, 3), "startup": round(stats.startup_s, 3),
-                    "first_result": round(stats.first_result_s, 3), "pipeline": round(stats.pipeline_s, 3)},
-        "img_per_s": round(img_s, 2) if img_s else None,
-        "steady_img_per_s": round(steady, 2) if (steady := stats.steady_img_per_s()) else None,
-        "device": stats.devices(),
-        "gpu_requested": stats.gpu_requested,
-        "actors": [{"worker": w, **a} for w, a in sorted(stats.actors.items())],
-        "stages": bottleneck(stats),
-        "per_node": stats.per_node(),
-        "provenance": provenance,
-        "config": config,
-    }
-    if complete:  # the final report and the marker only when everything reconciles
-        store.write_json(REPORT_FILE, report)
-        store.write_json(SUCCESS_FILE, {"inputs": inputs, "ok": counts["ok"], "failed": counts["failed"],
-                                        "skipped": skipped})
-        store.remove(INCOMPLETE_REPORT_FILE)
-    else:
-        store.write_json(INCOMPLETE_REPORT_FILE, report)
-    return report
+ADVICE = {
+    "model-bound": "the model actors were busy: add GPUs (compute.max_actors, gpu nodes) to go faster",
+    "input-bound": "the model actors waited for decoded images: add CPU nodes or decode CPUs, or try "
+                   "compute.gpu_decode",
+    "write-bound": "the actors spent their time writing parts: the output store is the limit (more actors "
+                   "spread the writes; check the store's throughput)",
+}
 
 
-def summary(report: dict, examples: Optional[list[tuple[str, str, float]]] = None) -> str:
-    """A few lines for the terminal at the end of a run."""
-    c = report["counts"]
-    st = report["stages"]
-    lines = [
-        f"resnet-batch: {'complete' if report['complete'] else 'INCOMPLETE'} -> {report['output']}",
-        f"  images: {c['ok']} ok, {c['failed']} failed, {c['skipped']} skipped (of {c['inputs']} inputs); "
-        f"this run {c['this_run']['images']} images",
-        f"  speed: {report['img_per_s'] or 0:.1f} img/s on {report['device']} "
-        f"(steady {report['steady_img_per_s'] or 0:.1f}) "
-        f"(wall {report['seconds']['wall']:.1f}s, first result after {report['seconds']['first_result']:.1f}s)",
-        f"  time: decode {st['decode_s']:.1f}s, model {st['model_s']:.1f}s, write {st['write_s']:.1f}s "
-        f"({st['model_actors']} actor(s), model busy {st['model_busy_fraction']:.0%}: {st['verdict']})",
-    ]
+# -- failures ----------------------------------------------------------------------------------------
+
+
+def reason_key(error: str) -> str:
+    """Errors that differ only in numbers, sizes or quoted names group together."""
+    key = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", error or "")
+    key = re.sub(r"\d+", "N", key)
+    return key[:120]
+
+
+def failure_groups(tables: list[pa.Table], examples: int = 3) -> list[dict]:
+    """Failed rows (image_id, status, error) grouped by reason, most frequent first, a few ids each."""
+    groups: dict[str, dict] = {}
+    for t in tables:
+        t = t.filter(pc.not_equal(t.column("status"), STATUS_OK))
+        for image_id, status, error in zip(*(t.column(c).to_pylist() for c in ("image_id", "status", "error"))):
+            g = groups.setdefault(reason_key(f"{status}: {error}"), {"status": status, "reason": error, "count": 0,
+                                                                     "examples": []})
+            g["count"] += 1
+            if len(g["examples"]) < examples:
+                g["examples"].append(image_id)
+    return sorted(groups.values(), key=lambda g: -g["count"])
+
+
+def read_failures(store, ledger: pa.Table, max_parts: int = 200) -> list[dict]:
+    """Failure groups from the parts that have failed rows (their image_id/status/error columns only)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from resnet_batch.writer import read_parquet
+
+    parts = ledger.filter(pc.and_(pc.greater(ledger.column("failed"), 0),
+                                  pc.not_equal(ledger.column("part"), ""))).column("part").to_pylist()[:max_parts]
+    if not parts:
+        return []
+    with ThreadPoolExecutor(16) as pool:
+        tables = list(pool.map(lambda n: read_parquet(store.fs, store.path(n), ["image_id", "status", "error"]),
+                               parts))
+    return failure_groups(tables)
+
+
+# -- the summary ---------------------------------------------------------------------------------------
+
+
+def summary(report: dict, printable=str) -> str:
+    """What a person reads at the end of a run: counts, what failed and why, the speed and what limited
+    it, where the output is and what to run next."""
+    c, st, out = report["counts"], report["stages"], report["output"]
+    this = c["this_run"]
+    status = "complete" if report["complete"] else "INCOMPLETE"
+    lines = [f"resnet-batch: {status} -> {out}",
+             f"  images: {c['ok']:,} ok, {c['failed']:,} failed, {c['skipped']:,} skipped (of {c['inputs']:,} "
+             f"inputs)"]
+    sync = report.get("sync") or {}
+    changes = [f"{this['images']:,} embedded"] + [f"{sync[k]:,} {label}" for k, label in
+                                                   (("reused", "reused (moved/copied)"), ("removed", "removed"))
+                                                   if sync.get(k)]
+    lines.append(f"  this run: {', '.join(changes)}" + (f" ({sync.get('unchanged', 0):,} unchanged)"
+                                                         if "unchanged" in sync else ""))
+    if this["images"]:
+        lines.append(f"  speed: {report['img_per_s'] or 0:,.1f} img/s on {report['device']} "
+                     f"(steady {report['steady_img_per_s'] or 0:,.1f}; wall {report['seconds']['wall']:.1f}s, first "
+                     f"result after {report['seconds']['first_result']:.1f}s)")
+        verdict = st["verdict"]
+        if st["model_busy_fraction"] is not None:
+            lines.append(f"  time: decode {st['decode_s']:.1f} CPU-s, model {st['model_s']:.1f}s, write "
+                         f"{st['write_s']:.1f}s over {st['model_actors']} actor(s); model busy "
+                         f"{st['model_busy_fraction']:.0%}, writing {st['write_busy_fraction']:.0%}: {verdict}")
+            lines.append(f"    {ADVICE[verdict]}")
+        else:
+            lines.append(f"  time: decode {st['decode_s']:.1f} CPU-s, model {st['model_s']:.1f}s, write "
+                         f"{st['write_s']:.1f}s ({verdict})")
     no_cuda = [a for a in report["actors"] if a["device"] == DEVICE_NO_CUDA]
     if no_cuda:
         lines.append(f"  warning: {len(no_cuda)} model actor(s) were given a GPU but their torch sees no CUDA device, "
                      f"so they ran on the CPU ({sum(a['images'] for a in no_cuda)} images); "
                      "compute.device=cuda makes this an error")
     if len(report["per_node"]) > 1:
-        short = len({node[:12] for node in report["per_node"]}) == len(report["per_node"])  # as `ray list nodes`
-        lines.append("  per node: " + ", ".join(f"{node[:12] if short else node}={n}"
+        short = len({node[:12] for node in report["per_node"]}) == len(report["per_node"])
+        lines.append("  per node: " + ", ".join(f"{node[:12] if short else node}={n:,}"
                                                 for node, n in sorted(report["per_node"].items())))
+    for g in report.get("failures", [])[:5]:
+        ids = ", ".join(printable(i) for i in g["examples"])
+        lines.append(f"  {g['count']:,} × {g['status']}: {printable(g['reason'] or '')[:100]} (e.g. {ids})")
+    if c["failed"]:
+        lines.append(f"  all failures: resnet-batch status {report['output_arg']} --failed")
+    for f in report.get("failed_shards", [])[:5]:
+        lines.append(f"  shard {f['shard']} failed {f['attempts']} times: {printable(f['reason'])[:200]}")
     if str(report["provenance"].get("weights_id", "")).startswith("random"):
         lines.append("  note: random weights (model.weights=random): labels are not meaningful, embeddings are "
                      "only self-consistent")
-    for image_id, label, prob in examples or []:
-        lines.append(f"  e.g. {image_id}: {label} ({prob:.2f})")
-    if not report["complete"]:
-        lines.append(f"  missing shards: {report['shards']['missing'][:5]}; rerun the same command to resume")
+    if report["complete"]:
+        lines.append(f"  next: resnet-batch index --embeddings {report['output_arg']} --out INDEX_DIR")
+    else:
+        lines.append("  rerun the same command to finish (done parts are kept)")
+    if report.get("ray_logs"):
+        lines.append(f"  Ray's logs: {report['ray_logs']}")
     return "\n".join(lines)

@@ -1,109 +1,153 @@
-"""runner module: plan the run (resume, retry), build the Ray Data pipeline, stream results to the writer."""
+"""runner module: one embed run, start to end: check, lock, plan (stream or sync), run the shards, reconcile.
+
+The driver lists and plans, hands shards to the scheduler and keeps one small record per chunk; the reading,
+decoding, embedding and writing happen in Ray tasks and actors. The run ends with the folder reconciled
+against the manifest (every current image exactly once) and `_SUCCESS` only when everything balances.
+"""
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
+import posixpath
+import socket
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from resnet_batch.config import JobConfig, redacted
 from resnet_batch.decode import PreprocessSpec, decode_table
-from resnet_batch.listing import Listing, Shard, list_input
-from resnet_batch.provenance import build_provenance, check_compatible
-from resnet_batch.reader import SHARD_END, ShardDatasource, extra_fields
-from resnet_batch.report import RunStats, finalize
+from resnet_batch.errors import InputError, OutputError, RunFailed
+from resnet_batch.ledger import LedgerWriter, compact, read_ledger, recover, records_table
+from resnet_batch.listing import FORMATS, Shard, list_entries, shard_of
+from resnet_batch.lock import OutputLock
+from resnet_batch.manifest import MANIFEST_SCHEMA, read_manifest
+from resnet_batch.plan import (StreamPlanner, complete_shards, detect, diff, expected_counts, layout_of, no_input,
+                               select, todo_shards)
+from resnet_batch.errors import ProvenanceMismatch
+from resnet_batch.provenance import build_provenance, differences
+from resnet_batch.reader import CHUNK_BYTES, ReadSettings, check_passthrough_names, passthrough_fields
+from resnet_batch.report import RunStats, read_failures, stages
+from resnet_batch.scheduler import ShardQueue
 from resnet_batch.schema import output_schema, with_provenance
-from resnet_batch.storage import prepare as prepare_storage
-from resnet_batch.writer import MANIFEST_FILE, PROVENANCE_FILE, OutputError, OutputStore, failed_ids
+from resnet_batch.state import OutputState, load, save, schema_to_text, stamp
+from resnet_batch.storage import display_path, prepare as prepare_storage
+from resnet_batch.writer import (INCOMPLETE_REPORT_FILE, LEGACY_MANIFEST, PROVENANCE_FILE, REPORT_FILE,
+                                 SUCCESS_FILE, OutputStore, PartSettings, read_parquet)
+
+log = logging.getLogger("resnet_batch")
+CROP_ROW_BYTES = 224 * 224 * 3 + 512  # a decoded row in flight
 
 
-@dataclass
-class Plan:
-    """What this invocation will do: the full shard list, and the shards (or images) to (re)process."""
-
-    listing: Listing
-    todo: list[Shard]
-    only: Optional[dict[int, frozenset]] = None  # --retry-failed: shard -> failed image_ids
-    done_before: int = 0
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
-@dataclass
-class _Pending:
-    tables: list = field(default_factory=list)
-    rows: int = 0
-    expected: Optional[int] = None
-    skipped: int = 0
+def init_ray(address: Optional[str], verbose: bool = False) -> None:
+    """Connect to the given cluster (else RAY_ADDRESS), or start a local Ray; no-op when already connected.
+    Ray's own INFO/WARNING lines stay in its log folder unless `verbose`."""
+    import ray
 
-
-# Input settings that shape the shards and the output columns, by format: a resume must use the same ones.
-LAYOUT_KEYS = {"folder": ("format", "extensions", "images_per_shard", "limit"),
-               "webdataset": ("format", "extensions", "passthrough_columns"),
-               "parquet": ("format", "image_column", "passthrough_columns")}
-
-
-def _layout(cfg: JobConfig) -> dict:
-    keys = {k for ks in LAYOUT_KEYS.values() for k in ks}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.input.model_dump(include=keys).items()}
-
-
-def _listing_to_manifest(listing: Listing, cfg: JobConfig) -> dict:
-    return {"input": cfg.input.uri, "layout": _layout(cfg),
-            "format": listing.format, "root": listing.root, "protocol": listing.protocol,
-            "images": listing.images, "skipped": listing.skipped,
-            "shards": [{"index": s.index, "kind": s.kind, "paths": list(s.paths)} for s in listing.shards]}
-
-
-def _manifest_to_listing(m: dict) -> Listing:
-    shards = [Shard(s["index"], s["kind"], tuple(s["paths"])) for s in m["shards"]]
-    return Listing(m["root"], m["protocol"], m["format"], shards, m["skipped"], m["images"])
-
-
-def plan_run(cfg: JobConfig, store: OutputStore, provenance: dict, *, fresh: bool, retry_failed: bool,
-             progress: bool = True) -> Plan:
-    """Decide what to (re)do. A new output is listed and stamped; an existing one is resumed or refused."""
-    if fresh:
-        store.clear()
-    if store.exists():
-        check_compatible(store.read_json(PROVENANCE_FILE), provenance, f"output {store.display()}")
-        manifest = store.read_json(MANIFEST_FILE)
-        if manifest is None:
-            raise OutputError(f"output {store.display()} has {PROVENANCE_FILE} but no {MANIFEST_FILE}; "
-                              "rerun with --fresh to start over")
-        if manifest["input"] != cfg.input.uri:
-            raise OutputError(f"output {store.display()} holds a run over input {manifest['input']!r}, "
-                              f"not {cfg.input.uri!r}; use another output.uri or --fresh")
-        layout = _layout(cfg)
-        diffs = [f"input.{k}: {manifest['layout'].get(k)!r} != {layout[k]!r}" for k in LAYOUT_KEYS[manifest["format"]]
-                 if manifest["layout"].get(k) != layout[k]]
-        if diffs:
-            raise OutputError(f"output {store.display()} was planned with other input settings: " + "; ".join(diffs)
-                              + "; use the earlier settings, another output.uri, or --fresh")
-        listing = _manifest_to_listing(manifest)
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    quiet = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
+    if address:
+        ray.init(address=address, **quiet)
     else:
-        if retry_failed:
-            raise OutputError(f"--retry-failed: nothing to retry, {store.display()} holds no earlier run")
-        listing = list_input(cfg.input, progress=progress)
-        store.write_json(MANIFEST_FILE, _listing_to_manifest(listing, cfg))
-        store.write_json(PROVENANCE_FILE, provenance)
-    done = store.done_parts()
-    todo = [s for s in listing.shards if store.part_name(s.index) not in done]
-    plan = Plan(listing, todo, done_before=len(listing.shards) - len(todo))
-    if retry_failed:
-        plan.only = {s.index: None for s in todo}  # unfinished shards run whole
-        for s in listing.shards:
-            if store.part_name(s.index) in done and store.part_stats(store.part_name(s.index)).get("failed", 0):
-                ids = failed_ids(store.read_part(s.index, ["image_id", "status"]))
-                if ids:
-                    plan.only[s.index] = ids
-                    plan.todo.append(s)
-    return plan
+        ray.init(include_dashboard=False, **quiet)
+    quiet_ray_data(verbose)
+
+
+def quiet_ray_data(verbose: bool) -> None:
+    """Ray Data logs every execution at INFO on the console; keep that in its log file (the session's
+    logs folder) and show only errors, unless `verbose`."""
+    import ray.data  # noqa: F401 (configures the "ray.data" logger)
+    from ray.data._internal.logging import SessionFileHandler
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, SessionFileHandler):
+            handler.setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def ray_logs_dir() -> Optional[str]:
+    """Where this Ray session keeps its logs (on the head node for a cluster)."""
+    try:
+        import ray
+
+        return ray._private.worker.global_worker.node.get_logs_dir_path()
+    except Exception:
+        return None
+
+
+def wants_gpu(device: str, cluster_gpus: float) -> bool:
+    """Whether the model actors ask Ray for GPUs (compute.device; `auto` looks at the cluster now)."""
+    return device == "cuda" or (device == "auto" and cluster_gpus > 0)
+
+
+def check_overlap(cfg: JobConfig) -> None:
+    """Input and output must be different folders, neither inside the other (a run would read its own
+    parts as photos, and --fresh would delete photos)."""
+    from fsspec.core import split_protocol
+
+    def norm(uri: str) -> tuple[str, str]:
+        proto, path = split_protocol(uri)
+        proto = proto or "file"
+        if proto in ("file", "local"):
+            return "file", os.path.realpath(os.path.expanduser(path)).rstrip("/") + "/"
+        return proto.replace("s3a", "s3"), path.rstrip("/") + "/"
+
+    (pi, i), (po, o) = norm(cfg.input.uri), norm(cfg.output.uri)
+    if pi == po and (i.startswith(o) or o.startswith(i)):
+        what = "the same folder" if i == o else ("inside the input" if o.startswith(i) else "around the input")
+        raise OutputError(f"output.uri {cfg.output.uri} is {what} ({cfg.input.uri}): the job would read its own "
+                          "output as photos; use an output folder outside the input")
+
+
+class Progress:
+    """What the scheduler reports as it goes (the CLI's progress display implements it)."""
+
+    def planned(self, images: int, final: bool) -> None: ...
+
+    def update(self, stats: RunStats, waiting: int, actors: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, progress: Optional[Progress] = None,
+        verbose: bool = False, embedder: Optional[Callable] = None) -> dict:
+    """Run (or resume, or sync) an embed job; returns the run report.
+
+    Raises a UserError before any work when the configuration, input, output, weights or provenance is
+    wrong, and RunFailed when shards failed every attempt (finished parts are kept). `embedder` is for
+    benchmarks only (Python API): a stand-in for ResNet-50, see model.ActorSettings.
+    """
+    t_start = time.perf_counter()
+    progress = progress or Progress()
+    check_overlap(cfg)
+    cfg = prepare_storage(cfg)  # storage options resolved; input readable, output writable, before any work
+    store = OutputStore(cfg.output.uri, dict(cfg.output.storage_options), cfg.compute.retry_window_s)
+    names = store.names()
+    if LEGACY_MANIFEST in names and not fresh:
+        raise OutputError(f"{store.display()} was written by resnet-batch 0.1 (one _manifest.json); this version "
+                          "keeps a Parquet manifest and a part ledger: rerun with --fresh, or use another output.uri")
+    with OutputLock(store, on_takeover=_say), ThreadPoolExecutor(2, thread_name_prefix="start") as pool:
+        resolving = pool.submit(_resolve_weights, cfg)  # imports torch while Ray starts and the input is listed
+        starting = pool.submit(init_ray, cfg.compute.ray_address, verbose)
+        if fresh:
+            deleted = store.clear()
+            if deleted:
+                _say(f"--fresh: deleted {len(deleted)} files an earlier run wrote in {store.display()}")
+        weights, state_dict = resolving.result()
+        spec = PreprocessSpec.from_weights(weights.transforms)
+        provenance = build_provenance(cfg, weights, spec)
+        job = _Job(cfg, store, provenance, spec, state_dict, weights, starting, t_start, progress, embedder)
+        return job.run(retry_failed)
 
 
 def _resolve_weights(cfg: JobConfig):
@@ -112,161 +156,415 @@ def _resolve_weights(cfg: JobConfig):
     return resolve_weights(cfg.model, dict(cfg.input.storage_options))
 
 
-def init_ray(address: Optional[str]) -> None:
-    """Connect to the given cluster (else RAY_ADDRESS), or start a local Ray; no-op when already connected."""
-    import ray
+class _Job:
+    """The state of one run while it lasts."""
 
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+    def __init__(self, cfg, store, provenance, spec, state_dict, weights, starting, t_start, progress, embedder):
+        self.cfg, self.store, self.provenance, self.spec = cfg, store, provenance, spec
+        self.state_dict, self.weights, self.starting = state_dict, weights, starting
+        self.t_start, self.progress, self.embedder = t_start, progress, embedder
+        self.stats = RunStats()
+        self.sync: dict = {}
+        self.failures: list = []
+        self.ledger: Optional[LedgerWriter] = None
+        self.unpublished = False
+        self.merge_chunks: dict[tuple[int, int], int] = {}  # --retry-failed: (shard, chunk) -> the shard's chunks
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self, retry_failed: bool) -> dict:
+        cfg, store = self.cfg, self.store
+        state = load(store)
+        old_prov = store.read_json(PROVENANCE_FILE)
+        if old_prov is not None and (diffs := differences(old_prov, self.provenance)):
+            raise ProvenanceMismatch(f"output {store.display()} was written with a different setup: "
+                                     + "; ".join(diffs) + "; use the earlier settings, another output.uri, or --fresh "
+                                     "to start over")
+        listing = list_entries(cfg.input, cfg.compute.retry_window_s)
+        if state is None:
+            if retry_failed:
+                raise OutputError(f"--retry-failed: nothing to retry, {store.display()} holds no earlier run")
+            return self._first_run(listing)
+        self._check_state(state)
+        return self._sync_run(state, listing, retry_failed)
+
+    def _check_state(self, state: OutputState) -> None:
+        from resnet_batch.redact import safe_uri
+
+        if state.input != safe_uri(self.cfg.input.uri):
+            raise OutputError(f"output {self.store.display()} holds a run over input {state.input!r}, not "
+                              f"{safe_uri(self.cfg.input.uri)!r}; use another output.uri, or --fresh to start over")
+        layout = layout_of(self.cfg.input, state.format)
+        diffs = [f"input.{k}: {state.layout.get(k)!r} != {v!r}" for k, v in layout.items()
+                 if state.layout.get(k) != v]
+        if diffs:
+            raise OutputError(f"output {self.store.display()} was made with other input settings: " + "; ".join(diffs)
+                              + "; use the earlier settings, another output.uri, or --fresh to start over")
+
+    def _first_run(self, listing) -> dict:
+        """A new output: the listing streams into shards, each stored in the manifest, then run."""
+        from resnet_batch.redact import safe_uri
+
+        cfg, store = self.cfg, self.store
+        fmt, pages = detect(cfg.input, listing)
+        check_passthrough_names(cfg.input.passthrough_columns, fmt)
+        passthrough, pages = self._passthrough(fmt, listing, pages)
+        state = OutputState(safe_uri(cfg.input.uri), fmt, listing.root, listing.protocol, layout_of(cfg.input, fmt),
+                            schema_to_text(tuple(passthrough)))
+        run_no = state.next_run()
+        state.runs.append(self._run_entry(run_no))
+        store.write_json(PROVENANCE_FILE, self.provenance)
+        save(store, state)
+        queue = ShardQueue()
+        planner = StreamPlanner(cfg.input, fmt, listing.root, pages, store, release=queue.put, close=queue.close)
+        planner.start()
+        self._execute(state, run_no, queue, planner=planner)
+        if planner.error is not None:
+            raise planner.error
+        if planner.images == 0 and planner.shards == 0:
+            store.remove(PROVENANCE_FILE)
+            from resnet_batch.writer import STATE_FILE
+
+            store.remove(STATE_FILE)
+            raise no_input(cfg.input, fmt, planner.listed)
+        state.next_shard = planner.next_shard
+        return self._finish(state, run_no, planner.expected, planner.skipped, planner.listed)
+
+    def _passthrough(self, fmt: str, listing, pages):
+        """The pass-through output columns, from the first shard file that can be read (buffered pages are
+        handed on), or strings when none of the first five can."""
+        names = self.cfg.input.passthrough_columns
+        if fmt == "folder" or (fmt == "parquet" and not names):
+            return ([] if fmt == "folder" else []), pages
+        from resnet_batch.listing import extension, from_raw, hidden
+        from resnet_batch.reader import WDS_FIELDS
+
+        wanted = FORMATS[fmt].wanted(self.cfg.input)
+        seen, candidates = [], []
+        for page in pages:
+            seen.append(page)
+            candidates += [r for r in map(from_raw, page.column("path").to_pylist())
+                           if not hidden(r) and extension(r) in wanted]
+            if len(candidates) >= 5:
+                break
+        fs = ReadSettings.fs.__get__(self._read_settings(fmt, listing.root, listing.protocol, ()))()
+        fields = None
+        for rel in candidates[:5]:
+            path = posixpath.join(listing.root, rel)
+            try:
+                fields = passthrough_fields(fmt, fs, path, names, self.cfg.input.extensions,
+                                            self.cfg.input.image_column, display_path(listing.protocol, path))
+                break
+            except Exception as err:
+                _say(f"{display_path(listing.protocol, path)}: cannot read its columns ({type(err).__name__}: "
+                     f"{err}); trying the next file")
+        if fields is None:
+            fields = (list(WDS_FIELDS) if fmt == "webdataset" else []) + [pa.field(n, pa.string()) for n in names]
+
+        def again():
+            yield from seen
+            yield from pages
+
+        return fields, again()
+
+    def _sync_run(self, state: OutputState, listing, retry_failed: bool) -> dict:
+        """An existing output: compare the input with the manifest, apply the difference, run what is left."""
+        from resnet_batch import sync as syncing
+
+        cfg, store = self.cfg, self.store
+        run_no = state.next_run()
+        if state.pending:  # a sync that was committed but not finished: roll it forward first
+            self._apply(state, state.pending["run"], syncing)
+        ledger, parts = self._ledger()
+        manifest = read_manifest(store)
+        done, _ = complete_shards(ledger)
+        t0 = time.perf_counter()
+        current, skipped = select(cfg.input, state.format, listing.pages)
+        listed_s = time.perf_counter() - t0
+        plan = diff(cfg.input, state.format, state.root, current, manifest, done, state.next_shard)
+        self.sync = {**plan.counts, "listing_s": round(listed_s, 3), "removed": plan.counts["deleted"]}
+        state.runs.append(self._run_entry(run_no))
+        if plan.touches_output():
+            self._unpublish()
+            syncing.store_plan(store, run_no, plan)
+            state.pending, state.next_shard = {"run": run_no}, plan.next_shard
+            save(store, state)  # committed: a kill from here on is rolled forward by the next run
+            self._apply(state, run_no, syncing)
+            dropped = pc.is_in(_keys(manifest), value_set=_keys(plan.drops))
+            manifest = pa.concat_tables([manifest.filter(pc.invert(dropped)), plan.new_entries.cast(MANIFEST_SCHEMA)])
+            ledger, parts = self._ledger()
+            done, _ = complete_shards(ledger)
+        else:
+            save(store, state)
+        if not len(manifest):
+            raise no_input(cfg.input, state.format, len(current))
+        todo = todo_shards(cfg.input, state.format, state.root, manifest, done)
+        if retry_failed:
+            todo += self._retry_shards(state, ledger, manifest, done)
+        queue = ShardQueue(maxsize=len(todo) + 1)
+        queue.put(todo)
+        queue.close()
+        if todo:
+            self._execute(state, run_no, queue)
+        return self._finish(state, run_no, expected_counts(manifest), skipped, len(current))
+
+    def _apply(self, state: OutputState, plan_run: int, syncing) -> None:
+        """Carry out the stored sync plan of run `plan_run` (copies, drops, manifest), then uncommit it."""
+        entries, drops, copies = syncing.load_plan(self.store, plan_run)
+        ledger, parts = self._ledger()
+        records: dict[int, list[dict]] = {}
+        for r in ledger.to_pylist():
+            records.setdefault(r["shard"], []).append(r)
+        self._ensure_ledger(state.next_run() - 1 if state.runs else 1)
+        self._ray()
+        counts = syncing.apply(self.store, self._part_settings(state, state.runs[-1]["run"] if state.runs else 1),
+                               state.format, state.root, state.protocol, entries, drops, copies, parts, records,
+                               self.ledger.add)
+        self.ledger.flush()
+        self.stats.copied += counts["copied"]
+        self.stats.dropped += counts["dropped"]
+        state.pending = None
+        save(self.store, state)
+        syncing.clear_plan(self.store)
+
+    def _ledger(self) -> tuple[pa.Table, dict]:
+        """The ledger, with records recovered for parts that a killed driver never logged; and the parts."""
+        names = self.store.names()
+        parts = self.store.parts(names)
+        ledger = read_ledger(self.store)
+        logged = set(pc.filter(ledger.column("part"), pc.not_equal(ledger.column("part"), "")).to_pylist())
+        missing = sorted(n for n in parts if n not in logged)
+        if missing:
+            ledger = read_ledger_with(ledger, recover(self.store, missing))
+        present = pc.or_(pc.equal(ledger.column("part"), ""), pc.is_in(ledger.column("part"),
+                                                                         pa.array(list(parts), pa.string())))
+        return ledger.filter(present), parts
+
+    def _retry_shards(self, state: OutputState, ledger: pa.Table, manifest: pa.Table, done: set) -> list[Shard]:
+        """--retry-failed: the failed rows of finished parts, each to be merged into the part that holds it."""
+        failed = ledger.filter(pc.and_(pc.greater(ledger.column("failed"), 0), pc.not_equal(ledger.column("part"), "")))
+        chunks = {}
+        for r in ledger.select(["shard", "chunks"]).to_pylist():
+            if r["chunks"] and r["chunks"] > 0:
+                chunks[r["shard"]] = r["chunks"]
+        only: dict[int, dict] = {}
+        for r in failed.select(["shard", "chunk", "part"]).to_pylist():
+            if r["shard"] not in done:
+                continue
+            t = read_parquet(self.store.fs, self.store.path(r["part"]), ["image_id", "status"])
+            ids = t.filter(pc.not_equal(t.column("status"), "ok")).column("image_id").to_pylist()
+            only.setdefault(r["shard"], {}).update({i: r["chunk"] for i in ids})
+            self.merge_chunks[(r["shard"], r["chunk"])] = chunks.get(r["shard"], -1)
+        shards = []
+        kind = FORMATS[state.format].shard_kind
+        for shard, ids in sorted(only.items()):
+            entries = manifest.filter(pc.equal(manifest.column("shard"), shard))
+            shards.append(shard_of(shard, kind, state.root, entries, only=ids))
+        return shards
+
+    # -- running shards --------------------------------------------------------------------------
+    def _ray(self) -> None:
+        self.starting.result()
+
+    def _ensure_ledger(self, run_no: int) -> None:
+        if self.ledger is None:
+            self.ledger = LedgerWriter(self.store, run_no)
+
+    def _unpublish(self) -> None:
+        if not self.unpublished:
+            self.store.unpublish()
+            self.unpublished = True
+
+    def _read_settings(self, fmt: str, root: str, protocol: str, passthrough) -> ReadSettings:
+        c, i = self.cfg.compute, self.cfg.input
+        if c.gpu_decode and self._use_gpu():
+            from resnet_batch.gpu_decode import probe_table
+
+            decode = functools.partial(probe_table, max_pixels=i.max_pixels)
+            chunk_bytes = CHUNK_BYTES
+        else:
+            decode = functools.partial(decode_table, spec=self.spec, max_pixels=i.max_pixels, draft=i.jpeg_draft)
+            chunk_bytes = max(CHUNK_BYTES, i.images_per_shard * CROP_ROW_BYTES)
+        return ReadSettings(root, protocol, i.uri, dict(i.storage_options), tuple(i.extensions), i.image_column,
+                            tuple(passthrough), i.max_bytes, i.images_per_shard, c.decode_batch_size,
+                            c.retry_window_s, decode, chunk_bytes)
+
+    def _use_gpu(self) -> bool:
+        if not hasattr(self, "_gpu"):
+            import ray
+
+            self._ray()
+            gpus = ray.cluster_resources().get("GPU", 0)
+            self._gpu = wants_gpu(self.cfg.compute.device, gpus)
+            if self._gpu and not gpus:
+                _say("compute.device=cuda: no GPU in the cluster yet; the model actors wait for the autoscaler to "
+                     "add GPU nodes")
+        return self._gpu
+
+    def _part_settings(self, state: OutputState, run_no: int) -> PartSettings:
+        schema = with_provenance(output_schema(state.passthrough_fields, self.cfg.output.embedding_dtype),
+                                 self.provenance)
+        o = self.cfg.output
+        return PartSettings(o.uri, dict(o.storage_options), schema, None if o.compression == "none" else o.compression,
+                            o.embedding_dtype, self.cfg.compute.retry_window_s, run_no)
+
+    def _execute(self, state: OutputState, run_no: int, queue: ShardQueue,
+                 planner: Optional[StreamPlanner] = None) -> None:
+        import ray
+
+        from resnet_batch.model import ActorSettings
+        from resnet_batch.pool import ModelPool
+        from resnet_batch.scheduler import Scheduler
+        from resnet_batch.weights import categories
+
+        cfg, c = self.cfg, self.cfg.compute
+        self._unpublish()
+        self._ensure_ledger(run_no)
+        self._ray()
+        t0 = time.perf_counter()
+        use_gpu = self._use_gpu()
+        self.gpu_requested = use_gpu
+        read = self._read_settings(state.format, state.root, state.protocol, state.passthrough_fields)
+        actor = ActorSettings(
+            spec=self.spec, categories=categories(self.weights.transforms),
+            topk=cfg.model.topk, precision=cfg.model.precision, channels_last=cfg.model.channels_last,
+            compile=cfg.model.compile, use_gpu=use_gpu, require_cuda=c.device == "cuda",
+            threads=c.torch_threads or max(1, math.ceil(c.cpus_per_actor)), batch_size=c.batch_size,
+            max_pixels=cfg.input.max_pixels, draft=cfg.input.jpeg_draft, output=self._part_settings(state, run_no),
+            embedder=self.embedder)
+        pool = ModelPool(actor, ray.put(self.state_dict), min_actors=c.min_actors, max_actors=c.max_actors, num_cpus=c.cpus_per_actor,
+                         num_gpus=c.gpus_per_actor if use_gpu else 0)
+        self.pool = pool
+        self.stats.t0 = t0
+        self.startup_s = time.perf_counter() - t0
+
+        def on_record(record: dict) -> None:
+            if (record["shard"], record["chunk"]) in self.merge_chunks:
+                record["chunks"] = self.merge_chunks[(record["shard"], record["chunk"])]
+            self.ledger.add(record)
+            self.stats.absorb(record)
+
+        def on_tick() -> None:
+            if planner is not None:
+                self.progress.planned(planner.images, planner.done.is_set())
+            self.progress.update(self.stats, scheduler.waiting_blocks, pool.ready_count())
+            self.ledger.tick()
+
+        if planner is None:
+            self.progress.planned(sum(len(s.only) if s.only is not None else len(s.paths) for s in queue.new), True)
+        scheduler = Scheduler(read, pool, decode_cpus=c.decode_cpus, max_attempts=c.max_attempts,
+                              on_record=on_record, on_tick=on_tick, target_block_bytes=2 * read.chunk_bytes + (16 << 20))
+        try:
+            self.failures = scheduler.run(queue)
+        finally:
+            self.pipeline_s = time.perf_counter() - t0
+            self.ledger.flush()
+            self.progress.close()
+            self.actor_info = dict(pool.seen)
+            pool.shutdown()
+
+    # -- the end ---------------------------------------------------------------------------------
+    def _finish(self, state: OutputState, run_no: int, expected: dict[int, int], skipped, listed: int) -> dict:
+        """Reconcile the folder with the manifest, write the report, _SUCCESS only when everything balances."""
+        store = self.store
+        if self.ledger is not None:
+            self.ledger.flush()
+        ledger, parts = self._ledger()
+        done, by_shard = complete_shards(ledger)
+        stale = [n for n, (s, _) in parts.items() if s not in expected]
+        for n in stale:  # parts of shards the manifest no longer has (an interrupted sync's leftovers)
+            store.remove(n)
+        missing = sorted(s for s in expected if s not in done)
+        kinds = FORMATS[state.format]
+        mismatched = [f"shard {s}: {by_shard[s]['rows']} rows for {n} files" for s, n in expected.items()
+                      if kinds.name == "folder" and s in done and by_shard[s]["rows"] != n]
+        totals = {k: sum(by_shard[s][k] for s in expected if s in by_shard) for k in ("rows", "ok", "failed",
+                                                                                      "skipped")}
+        skipped_total = skipped.count + totals["skipped"]
+        complete = not missing and not mismatched and not self.failures
+        report = self._report(state, run_no, complete, totals, skipped, skipped_total, expected, missing, mismatched,
+                              ledger)
+        if complete:
+            store.write_json(REPORT_FILE, report)
+            store.write_json(SUCCESS_FILE, {"inputs": report["counts"]["inputs"], "ok": totals["ok"],
+                                            "failed": totals["failed"], "skipped": skipped_total})
+            store.remove(INCOMPLETE_REPORT_FILE)
+        else:
+            store.write_json(INCOMPLETE_REPORT_FILE, report)
+        entry = state.run(run_no)
+        entry.update(finished=stamp(), status="complete" if complete else "incomplete",
+                     embedded=self.stats.images, failed=self.stats.failed, reused=self.sync.get("reused", 0),
+                     removed=self.sync.get("removed", 0), wall_s=report["seconds"]["wall"],
+                     img_per_s=report["img_per_s"])
+        save(store, state)
+        compact(store, run_no)
+        if self.failures:
+            names = "; ".join(f"shard {f.shard.index} ({_shard_desc(f.shard, state)}): {f.reason}"
+                              for f in self.failures[:5])
+            err = RunFailed(f"{len(self.failures)} shard(s) failed {self.cfg.compute.max_attempts} times: {names}")
+            err.report = report
+            raise err
+        return report
+
+    def _run_entry(self, run_no: int) -> dict:
+        m = self.cfg.model
+        return {"run": run_no, "started": stamp(), "status": "running", "host": socket.gethostname(),
+                "pid": os.getpid(), "weights_id": self.provenance["weights_id"], "precision": m.precision,
+                "embedding_dtype": self.cfg.output.embedding_dtype}
+
+    def _report(self, state, run_no, complete, totals, skipped, skipped_total, expected, missing, mismatched,
+                ledger) -> dict:
+        st = self.stats
+        wall = time.perf_counter() - self.t_start
+        pipeline = getattr(self, "pipeline_s", 0.0)
+        actors = getattr(self, "actor_info", {})
+        first = (st.first[0] - st.t0) if st.first else 0.0
+        report = {
+            "output": self.store.display(),
+            "output_arg": self.cfg.output.uri if "://" in self.cfg.output.uri else self.store.display(),
+            "complete": complete,
+            "run": run_no,
+            "counts": {"inputs": totals["rows"] + skipped_total, "ok": totals["ok"], "failed": totals["failed"],
+                       "skipped": skipped_total,
+                       "this_run": {"images": st.images, "ok": st.ok, "failed": st.failed}},
+            "shards": {"total": len(expected), "parts_written": st.parts, "missing": missing[:20],
+                       "mismatched": mismatched[:20]},
+            "sync": self.sync,
+            "skipped_files": skipped.examples,
+            "seconds": {"wall": round(wall, 3), "startup": round(getattr(self, "startup_s", 0.0), 3),
+                        "first_result": round(first, 3), "pipeline": round(pipeline, 3)},
+            "img_per_s": round(st.images / pipeline, 2) if pipeline and st.images else None,
+            "steady_img_per_s": round(v, 2) if (v := st.steady_img_per_s()) else None,
+            "device": st.devices(),
+            "gpu_requested": getattr(self, "gpu_requested", False),
+            "actors": [{"actor": k, **{f: a[f] for f in ("node", "pid", "device", "images", "parts")}}
+                       for k, a in sorted(st.actors.items())],
+            "stages": stages(st, max(len(actors), len(st.actors), 1)),
+            "per_node": st.per_node(),
+            "driver": {"pid": os.getpid(), "host": socket.gethostname()},
+            "failures": read_failures(self.store, ledger),
+            "ray_logs": ray_logs_dir(),
+            "failed_shards": [{"shard": f.shard.index, "attempts": f.attempts, "reason": f.reason,
+                               "what": _shard_desc(f.shard, state)} for f in self.failures],
+            "provenance": self.provenance,
+            "config": redacted(self.cfg),
+        }
+        return report
 
 
-def wants_gpu(device: str, cluster_gpus: float) -> bool:
-    """Whether the model actors ask Ray for GPUs (compute.device; `auto` looks at the cluster now)."""
-    return device == "cuda" or (device == "auto" and cluster_gpus > 0)
+def _shard_desc(shard: Shard, state: OutputState) -> str:
+    from resnet_batch.listing import relative_id
+
+    first = relative_id(shard.paths[0], state.root) if shard.paths else "?"
+    return first if len(shard.paths) == 1 else f"{len(shard.paths)} files from {first}"
 
 
-def build_dataset(cfg: JobConfig, plan: Plan, spec: PreprocessSpec, extra: list, state_dict_ref,
-                  labels: tuple[str, ...], use_gpu: bool):
-    """read + decode shards (CPU tasks) -> ResNet-50 actor pool."""
-    import ray
-
-    c = cfg.compute
-    decode = functools.partial(decode_table, spec=spec, max_pixels=cfg.input.max_pixels, draft=cfg.input.jpeg_draft)
-    if c.gpu_decode and use_gpu:  # the read tasks only probe headers; the actors decode JPEGs with nvJPEG
-        from resnet_batch.gpu_decode import probe_table
-
-        decode = functools.partial(probe_table, max_pixels=cfg.input.max_pixels)
-    elif c.gpu_decode:
-        _log("compute.gpu_decode: the model actors run without a GPU, decoding on the CPUs")
-    source = ShardDatasource(cfg.input, plan.listing, plan.todo, extra, chunk=c.decode_batch_size, decode=decode,
-                             only=plan.only)
-    ds = ray.data.read_datasource(source, num_cpus=c.decode_cpus)
-    threads = c.torch_threads or max(1, math.ceil(c.cpus_per_actor))
-    from resnet_batch.model import EmbedActor
-
-    return ds.map_batches(
-        EmbedActor,
-        fn_constructor_args=(state_dict_ref, spec, labels, cfg.model.topk, cfg.model.precision,
-                             cfg.model.channels_last, cfg.model.compile, use_gpu, threads),
-        fn_constructor_kwargs={"require_cuda": c.device == "cuda",  # no CUDA in torch: fail, not run on the CPU
-                               "decode_opts": {"max_pixels": cfg.input.max_pixels, "draft": cfg.input.jpeg_draft},
-                               "warmup_batch": c.batch_size if use_gpu else 0},  # cudnn autotuning
-        batch_size=c.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=c.min_actors, max_size=c.max_actors),
-        num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor if use_gpu else 0,
-    )
+def _keys(table: pa.Table) -> pa.Array:
+    """shard + NUL + path, for matching manifest entries."""
+    return pc.binary_join_element_wise(pc.cast(pc.cast(table.column("shard"), pa.string()), pa.binary()),
+                                       table.column("path"), pa.scalar(b"\x00"))
 
 
-def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, progress: bool = True) -> dict:
-    """Run (or resume) an embed job; returns the run report. Raises on configuration or output errors."""
-    t_start = time.perf_counter()
-    cfg = prepare_storage(cfg)  # storage options resolved; input readable, output writable, before any work
-    store = OutputStore(cfg.output.uri, dict(cfg.output.storage_options), cfg.output.compression)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights") as pool:
-        resolving = pool.submit(_resolve_weights, cfg)  # imports torch: overlaps with Ray's start
-        if fresh or retry_failed or not store.published():
-            init_ray(cfg.compute.ray_address)  # Ray starts while the weights load; a finished output needs no Ray at all
-        weights, state_dict = resolving.result()
-    spec = PreprocessSpec.from_weights(weights.transforms)
-    provenance = build_provenance(cfg, weights, spec)
-    plan = plan_run(cfg, store, provenance, fresh=fresh, retry_failed=retry_failed, progress=progress)
-    extra = extra_fields(cfg.input, plan.listing)
-    schema = with_provenance(output_schema(extra), provenance)
-    stats = RunStats(shards_total=len(plan.listing.shards), shards_before=plan.done_before)
-    _log(f"input {cfg.input.uri}: {plan.listing.format}, {len(plan.listing.shards)} shards"
-         f"{f', {plan.listing.images} images' if plan.listing.images is not None else ''}, "
-         f"{len(plan.listing.skipped)} non-image files skipped; {plan.done_before} shards already done, "
-         f"{len(plan.todo)} to do")
-    if plan.todo:
-        store.unpublish()
-        store.remove_temp_files()
-        _execute(cfg, plan, spec, extra, schema, state_dict, weights, store, stats, progress)
-    stats.wall_s = time.perf_counter() - t_start
-    return finalize(cfg, store, plan.listing, provenance, stats, redacted(cfg))
+def read_ledger_with(ledger: pa.Table, records: list[dict]) -> pa.Table:
+    from resnet_batch.ledger import latest
 
-
-def _execute(cfg, plan, spec, extra, schema, state_dict, weights, store, stats, progress) -> None:
-    import ray
-    from ray.data import DataContext
-
-    t0 = time.perf_counter()
-    init_ray(cfg.compute.ray_address)  # usually already started by run(); not when a published output lost a part
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = progress
-    ctx.execution_options.preserve_order = False
-    from resnet_batch.weights import categories
-
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    use_gpu = stats.gpu_requested = wants_gpu(cfg.compute.device, cluster_gpus)
-    if use_gpu and not cluster_gpus:
-        _log("compute.device=cuda: no GPU in the cluster yet; the model actors wait for the autoscaler to add GPU nodes")
-    ds = build_dataset(cfg, plan, spec, extra, ray.put(state_dict), categories(weights.transforms), use_gpu)
-    stats.startup_s = time.perf_counter() - t0
-    shards = {s.index: s for s in plan.todo}
-    pending: dict[int, _Pending] = {}
-    writes: list[Future] = []
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="write") as pool:
-        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
-            stats.absorb(table, time.perf_counter())
-            for s in pc.unique(table.column("_shard")).to_pylist():
-                part = table.filter(pc.equal(table.column("_shard"), s))
-                p = pending.setdefault(s, _Pending())
-                ends = pc.equal(part.column("status"), SHARD_END)
-                end_rows = part.filter(ends)
-                if len(end_rows):
-                    p.expected = end_rows.column("_count")[0].as_py()
-                    p.skipped = end_rows.column("_skipped")[0].as_py()
-                rows = part.filter(pc.invert(ends))
-                if len(rows):
-                    p.tables.append(rows)
-                    p.rows += len(rows)
-                if p.expected is not None and p.rows == p.expected:
-                    del pending[s]  # complete: assembled and written in a writer thread, off this loop
-                    writes.append(pool.submit(_write, store, shards[s], p, plan, schema, stats))
-            writes = _pending_writes(writes)
-            stats.report_progress(progress)
-        for w in writes:
-            w.result()
-    stats.pipeline_s = time.perf_counter() - t0
-    if (first := stats.first_result_at()) is not None:
-        stats.first_result_s = first - t0
-    if pending:
-        raise RuntimeError(f"pipeline ended with {len(pending)} incomplete shards: {sorted(pending)[:10]}")
-
-
-def _merge(store: OutputStore, shard: Shard, p: _Pending, plan: Plan, schema: pa.Schema) -> pa.Table:
-    """A shard's new rows; for --retry-failed, folded into the part's earlier rows (each image once)."""
-    new = pa.concat_tables([t.select(schema.names) for t in p.tables]) if p.tables else schema.empty_table()
-    only = plan.only.get(shard.index) if plan.only else None
-    if only is None:
-        return new
-    old = store.read_part(shard.index)
-    keep = old.filter(pc.invert(pc.is_in(old.column("image_id"), pa.array(list(only)))))
-    return pa.concat_tables([keep.select(schema.names).cast(schema), new.cast(schema)])
-
-
-def _write(store: OutputStore, shard: Shard, p: _Pending, plan: Plan, schema: pa.Schema, stats) -> None:
-    t0 = time.perf_counter()
-    table = _merge(store, shard, p, plan, schema)
-    status = table.column("status").to_numpy(zero_copy_only=False)
-    part_stats = {"rows": len(table), "ok": int((status == "ok").sum()), "failed": int((status != "ok").sum()),
-                  "skipped": p.skipped}
-    store.write_part(shard, table, schema, part_stats)
-    stats.wrote_part(time.perf_counter() - t0)
-
-
-def _pending_writes(writes: list[Future]) -> list[Future]:
-    """Raise the first failed part write; return the writes still running."""
-    for w in writes:
-        if w.done():
-            w.result()
-    return [w for w in writes if not w.done()]
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    return latest(pa.concat_tables([ledger, records_table(records)]))

@@ -14,8 +14,11 @@ PROVENANCE_KEY = b"resnet_batch.provenance"
 STATUS_OK = "ok"
 STATUS_READ_ERROR = "read_error"  # the bytes could not be fetched
 STATUS_DECODE_ERROR = "decode_error"  # not an image, truncated, too large, ...
-STATUS_MODEL_ERROR = "model_error"  # the forward pass failed for this image
-STATUSES = (STATUS_OK, STATUS_READ_ERROR, STATUS_DECODE_ERROR, STATUS_MODEL_ERROR)
+STATUSES = (STATUS_OK, STATUS_READ_ERROR, STATUS_DECODE_ERROR)
+# (A forward pass that raises fails its whole shard, which is retried and, if it keeps failing, named.)
+# Control rows between the read tasks and the model actors (never written to a part):
+CONTROL_END = "_end"  # closes a shard; its _chunks / _skipped say how many chunks and non-image members
+CONTROL_FAILURE = "_failure"  # the whole shard failed this time (error = why); the driver retries it
 DEVICE_NO_CUDA = "cpu (no CUDA)"  # a model actor given a GPU that its torch could not use
 
 # One row per input image, success or failure. Extra per-format columns (WebDataset json fields,
@@ -73,6 +76,56 @@ def embeddings_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         raise ValueError("embedding column has nulls; filter status == 'ok' first")
     flat = column.flatten().to_numpy(zero_copy_only=False)
     return flat.reshape(len(column), EMBEDDING_DIM).astype(np.float32, copy=False)
+
+
+# -- the stage contract: what travels from the read tasks to the model actors -------------------------
+# One block holds whole chunks (a folder shard is one chunk; a tar or Parquet file is one or more).
+# Written by reader.read_shard (+ decode.decode_table / gpu_decode.probe_table), read by model.EmbedActor.
+IN_FLIGHT_COLUMNS = {
+    "image_id": "output column: path relative to the input root (+ member key)",
+    "path": "output column: full path or URL of the image",
+    "status": "ok, read_error or decode_error so far",
+    "error": "the reason, null when ok",
+    "width": "int32, original width as displayed; -1 when unknown",
+    "height": "int32, original height as displayed; -1 when unknown",
+    "pixels": "CPU decode: the uint8 crop (crop x crop x 3)",
+    "bytes": "compute.gpu_decode: the encoded image, decoded in the actor",
+    "_device_ok": "compute.gpu_decode: the device decoder can take this image",
+    "_decode_s": "float32, seconds this row took in the read task (fetch excluded)",
+    "_shard": "int64, the shard index",
+    "_chunk": "int32, the part of the shard (-1: a folder shard, written as one part)",
+    "_rows": "int32, rows of this chunk: the actor refuses a chunk that arrived split",
+    "_chunks": "int32, on the shard's last chunk: how many chunks the shard has (1 for a folder); else -1",
+    "_groups": "int32, on the shard's last chunk: how many chunks this read produced (completion)",
+    "_skipped": "int32, on the last chunk: members/rows of the shard that are not images",
+    "_merge": "bool, --retry-failed: merge these rows into the chunk's existing part",
+}
+# Status values CONTROL_END and CONTROL_FAILURE mark rows that are not images (see above).
+PASSTHROUGH_PREFIX = "pt:"  # pass-through columns travel as "pt:<name>", so no input column can clash
+
+# One record per part written, from the actor that wrote it to the driver (and the part ledger).
+PART_RECORD_SCHEMA = pa.schema([
+    pa.field("part", pa.string(), nullable=False),  # file name, e.g. part-000012.parquet
+    pa.field("shard", pa.int64(), nullable=False),
+    pa.field("chunk", pa.int32(), nullable=False),  # -1 for a folder shard
+    pa.field("chunks", pa.int32()),  # set on the last chunk of a tar/Parquet shard; 1 for a folder shard
+    pa.field("rows", pa.int64()),
+    pa.field("ok", pa.int64()),
+    pa.field("failed", pa.int64()),
+    pa.field("skipped", pa.int64()),
+    pa.field("decode_s", pa.float64()),  # summed over the part's rows, in the read tasks
+    pa.field("model_s", pa.float64()),  # the actor's forward passes (and gpu_decode) for this part
+    pa.field("write_s", pa.float64()),  # assembling + encoding + uploading the part
+    pa.field("bytes", pa.int64()),  # the part file's size
+    pa.field("node", pa.string()),
+    pa.field("pid", pa.int64()),
+    pa.field("device", pa.string()),
+    pa.field("actor", pa.string()),
+    pa.field("run", pa.int32()),
+    pa.field("written_at", pa.float64()),  # unix time
+])
+PART_STATS_KEY = b"resnet_batch.part_stats"  # the part's record, also in its own Parquet metadata
+WRITER_KEY = b"resnet_batch.writer"  # {"node_id": ..., "pid": ...} of the process that wrote the part
 
 
 def with_provenance(schema: pa.Schema, provenance: dict) -> pa.Schema:

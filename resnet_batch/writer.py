@@ -1,147 +1,230 @@
-"""writer module: the output folder: one Parquet part per shard, written atomically, plus run bookkeeping."""
+"""writer module: the output folder: Parquet parts (written by the model actors, atomically, under names that
+only this job uses), the run's bookkeeping files, and deleting exactly what this job wrote, nothing else."""
 from __future__ import annotations
 
 import json
+import os
 import posixpath
-import time
-from typing import Callable, Optional, TypeVar
+import re
+import socket
+from dataclasses import dataclass
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from resnet_batch.listing import Shard
-from resnet_batch.schema import STATUS_OK
+from resnet_batch.errors import OutputError  # noqa: F401 (re-exported)
+from resnet_batch.retry import retrying
+from resnet_batch.schema import PART_STATS_KEY, STATUS_OK, WRITER_KEY
 from resnet_batch.storage import display_path, filesystem, list_folder, protocols, put_bytes
 
 PROVENANCE_FILE = "_provenance.json"
-MANIFEST_FILE = "_manifest.json"
+STATE_FILE = "_state.json"
 REPORT_FILE = "_run_report.json"
 INCOMPLETE_REPORT_FILE = "_run_report.incomplete.json"
 SUCCESS_FILE = "_SUCCESS"
-PART_STATS_KEY = b"resnet_batch.part_stats"
-T = TypeVar("T")
+LOCK_FILE = "_lock"
+MANIFEST_DIR = "_manifest"
+LEDGER_DIR = "_ledger"
+SYNC_DIR = "_sync"
+LEGACY_MANIFEST = "_manifest.json"  # the layout before 0.2 (one JSON plan); refused with a clear message
+OUR_FILES = (PROVENANCE_FILE, STATE_FILE, REPORT_FILE, INCOMPLETE_REPORT_FILE, SUCCESS_FILE, LOCK_FILE)
+OUR_DIRS = (MANIFEST_DIR, LEDGER_DIR, SYNC_DIR)
+PART_RE = re.compile(r"^part-(\d{6,})(?:-(\d{4,}))?\.parquet$")
+# put_bytes' temporary names for our own files only: ".NAME.tmp-xxxxxxxx"
+TEMP_RE = re.compile(r"^\.(part-\d{6,}(?:-\d{4,})?\.parquet|_[A-Za-z_.]+|[ml]-[\d-]+\.parquet)\.tmp-[0-9a-f]{8}$")
 
 
-from resnet_batch.errors import OutputError  # noqa: F401 (re-exported)
+def part_name(shard: int, chunk: int = -1) -> str:
+    """part-SSSSSS.parquet for a folder shard; part-SSSSSS-CCCC.parquet for chunk C of a tar/Parquet shard."""
+    return f"part-{shard:06d}.parquet" if chunk < 0 else f"part-{shard:06d}-{chunk:04d}.parquet"
+
+
+def parse_part(name: str) -> Optional[tuple[int, int]]:
+    """(shard, chunk) of a part file name of ours (chunk -1 for a folder shard), else None."""
+    m = PART_RE.match(name)
+    if not m:
+        return None
+    return int(m.group(1)), int(m.group(2)) if m.group(2) is not None else -1
+
+
+# -- parts (written by the model actors) ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PartSettings:
+    """Where and how the actors write parts; one frozen object handed to every actor."""
+
+    uri: str
+    storage_options: dict
+    schema: pa.Schema  # output schema with pass-through columns and the provenance metadata
+    compression: Optional[str]
+    embedding_dtype: str
+    retry_window_s: float
+    run: int
+
+    def fs(self):
+        return filesystem(self.uri, dict(self.storage_options))
+
+
+def encode_part(table: pa.Table, schema: pa.Schema, record: dict, compression: Optional[str],
+                node_id: str, pid: int) -> bytes:
+    """A part's Parquet bytes: rows sorted by image_id, cast to the output schema, stamped with the
+    provenance (in `schema`), the part's record and who wrote it."""
+    table = table.select(schema.names).cast(schema)
+    table = table.take(pc.sort_indices(table, sort_keys=[("image_id", "ascending")]))
+    meta = dict(schema.metadata or {})
+    meta[PART_STATS_KEY] = json.dumps(record, sort_keys=True).encode()
+    meta[WRITER_KEY] = json.dumps({"node_id": node_id, "pid": pid, "host": socket.gethostname()}).encode()
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.replace_schema_metadata(meta), sink, compression=compression,
+                   row_group_size=max(len(table), 1))
+    return sink.getvalue().to_pybytes()
+
+
+def write_bytes(fs, path: str, data: bytes, window_s: float) -> None:
+    """put_bytes (atomic) with transient errors retried for the window."""
+    retrying(lambda: put_bytes(fs, path, data), window_s, f"writing {path}")
+
+
+def read_parquet(fs, path: str, columns: Optional[list[str]] = None) -> pa.Table:
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def part_record(fs, path: str) -> Optional[dict]:
+    """The record a part carries in its own metadata (None when it has none: not written by this job)."""
+    with fs.open(path, "rb") as f:
+        meta = pq.read_metadata(f).metadata or {}
+    raw = meta.get(PART_STATS_KEY)
+    return json.loads(raw) if raw else None
+
+
+def failed_ids(table: pa.Table) -> list[str]:
+    """The image_ids of a part's failed rows."""
+    return table.filter(pc.not_equal(table.column("status"), STATUS_OK)).column("image_id").to_pylist()
+
+
+# -- the output folder ------------------------------------------------------------------------------
 
 
 class OutputStore:
-    """Reads and writes the files of one output location (local path or any fsspec URL)."""
+    """Reads and writes the bookkeeping of one output location (local path or any fsspec URL)."""
 
-    def __init__(self, uri: str, storage_options: dict, compression: str = "zstd"):
+    def __init__(self, uri: str, storage_options: dict, retry_window_s: float = 300.0):
         self.uri = uri
-        self.fs, self.root = filesystem(uri, dict(storage_options))
-        self.compression = None if compression == "none" else compression
-        self.attempts = 5
+        self.storage_options = dict(storage_options)
+        self.fs, self.root = filesystem(uri, self.storage_options)
+        self.window = retry_window_s
 
-    # -- paths -------------------------------------------------------------------------------
     def path(self, name: str) -> str:
         return posixpath.join(self.root, name)
 
     def display(self, name: str = "") -> str:
         return display_path(protocols(self.fs)[0], self.path(name) if name else self.root)
 
-    @staticmethod
-    def part_name(shard_index: int) -> str:
-        return f"part-{shard_index:06d}.parquet"
+    def is_local(self) -> bool:
+        return "file" in protocols(self.fs)
 
-    # -- small JSON files ----------------------------------------------------------------------
+    # -- small files -----------------------------------------------------------------------------
     def read_json(self, name: str) -> Optional[dict]:
+        def read():
+            try:
+                with self.fs.open(self.path(name), "rb") as f:
+                    return json.loads(f.read())
+            except FileNotFoundError:
+                return None
         try:
-            with self.fs.open(self.path(name), "rb") as f:
-                return json.loads(f.read())
-        except FileNotFoundError:
-            return None
+            return retrying(read, self.window, f"reading {self.display(name)}")
+        except ValueError as err:
+            raise OutputError(f"{self.display(name)} is not valid JSON ({err}); it was not written by this job, "
+                              "or was damaged: use another output.uri, or --fresh to start over") from None
 
     def write_json(self, name: str, value: dict) -> None:
-        self._atomic_write(name, json.dumps(value, indent=2, sort_keys=True).encode())
+        self.write_bytes(name, json.dumps(value, indent=2, sort_keys=True).encode())
 
-    def _atomic_write(self, name: str, data: bytes) -> None:
-        """Write with retries; a persistent failure raises OutputError and leaves nothing partial visible."""
-        try:
-            with_retries(lambda: put_bytes(self.fs, self.path(name), data), attempts=self.attempts)
-        except OSError as err:
-            raise OutputError(f"writing {self.display(name)} failed (transient errors retried {self.attempts} times): "
-                              f"{type(err).__name__}: {err}") from None
-
-
-    # -- state ---------------------------------------------------------------------------------
-    def exists(self) -> bool:
-        return self.fs.exists(self.path(PROVENANCE_FILE))
-
-    def published(self) -> bool:
-        """True when a completed run's _SUCCESS marker is here."""
-        return self.fs.exists(self.path(SUCCESS_FILE))
-
-    def _ls(self) -> list[str]:
-        return list_folder(self.fs, self.root)
-
-    def done_parts(self) -> set[str]:
-        names = (posixpath.basename(p) for p in self._ls())
-        return {n for n in names if n.startswith("part-") and n.endswith(".parquet")}
-
-    def clear(self) -> None:
-        """Remove what a previous run wrote here (our files only), for --fresh."""
-        for p in self._ls():
-            if posixpath.basename(p).startswith(("part-", "_", ".part-", "._")):
-                self.fs.rm(p)
-
-    def remove_temp_files(self) -> None:
-        for p in self._ls():
-            if ".tmp-" in posixpath.basename(p):
-                self.fs.rm(p)
+    def write_bytes(self, name: str, data: bytes) -> None:
+        write_bytes(self.fs, self.path(name), data, self.window)
 
     def remove(self, name: str) -> None:
-        if self.fs.exists(self.path(name)):
-            self.fs.rm(self.path(name))
+        def rm():
+            try:
+                self.fs.rm(self.path(name))
+            except FileNotFoundError:
+                pass
+        retrying(rm, self.window, f"deleting {self.display(name)}")
+
+    def invalidate(self) -> None:
+        """Forget listings cached by the filesystem (s3fs), so the next listing sees what workers wrote."""
+        self.fs.invalidate_cache(self.root)
+
+    # -- state -----------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """The names directly in the output folder (none when it does not exist yet)."""
+        self.invalidate()
+        return [posixpath.basename(p.rstrip("/")) for p in
+                retrying(lambda: list_folder(self.fs, self.root), self.window, f"listing {self.display()}")]
+
+    def list_dir(self, sub: str) -> list[str]:
+        """File names in a sub-folder of ours (_manifest, _ledger, _sync)."""
+        self.fs.invalidate_cache(self.path(sub))
+        paths = retrying(lambda: list_folder(self.fs, self.path(sub)), self.window, f"listing {self.display(sub)}")
+        return sorted(posixpath.basename(p) for p in paths)
+
+    def is_output(self, names: Optional[list[str]] = None) -> bool:
+        """True when this folder holds a resnet-batch output (its provenance or state file)."""
+        names = self.names() if names is None else names
+        return PROVENANCE_FILE in names or STATE_FILE in names
+
+    def published(self) -> bool:
+        return self.fs.exists(self.path(SUCCESS_FILE))
 
     def unpublish(self) -> None:
-        """A run that adds work removes the old success marker and final report first."""
+        """A run that changes the output removes the success marker and the final report first."""
         self.remove(SUCCESS_FILE)
         self.remove(REPORT_FILE)
 
-    # -- parts ---------------------------------------------------------------------------------
-    def write_part(self, shard: Shard, table: pa.Table, schema: pa.Schema, stats: dict) -> None:
-        """Write one shard's rows, sorted by image_id, cast to the output schema, atomically."""
-        table = table.select(schema.names).cast(schema)
-        table = table.take(pc.sort_indices(table, sort_keys=[("image_id", "ascending")]))
-        meta = dict(schema.metadata or {})
-        meta[PART_STATS_KEY] = json.dumps(stats, sort_keys=True).encode()
-        table = table.replace_schema_metadata(meta)
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression=self.compression, row_group_size=max(len(table), 1))
-        self._atomic_write(self.part_name(shard.index), sink.getvalue().to_pybytes())
+    def parts(self, names: Optional[list[str]] = None) -> dict[str, tuple[int, int]]:
+        """Part files of ours in the folder: name -> (shard, chunk)."""
+        names = self.names() if names is None else names
+        return {n: sc for n in names if (sc := parse_part(n)) is not None}
 
-    def read_part(self, shard_index: int, columns: Optional[list[str]] = None) -> pa.Table:
-        with self.fs.open(self.path(self.part_name(shard_index)), "rb") as f:
-            return pq.read_table(f, columns=columns)
+    # -- deleting only our own files -----------------------------------------------------------
+    def clear(self) -> list[str]:
+        """--fresh: delete what this job wrote here (exact names of ours), nothing else. Refuses a folder that
+        holds other files but is not a resnet-batch output. Returns what was deleted."""
+        names = self.names()
+        if names and not self.is_output(names) and set(names) != {LOCK_FILE}:
+            raise OutputError(f"--fresh: {self.display()} is not a resnet-batch output (no {PROVENANCE_FILE} or "
+                              f"{STATE_FILE}) and is not empty ({len(names)} entries, e.g. {names[0]!r}); "
+                              "refusing to delete anything there: use an empty or new output.uri")
+        ours = [n for n in names if n in OUR_FILES or n == LEGACY_MANIFEST or parse_part(n) or TEMP_RE.match(n)]
+        for n in ours:
+            if n != LOCK_FILE:  # the lock is this run's own
+                self.remove(n)
+        for d in OUR_DIRS:
+            if d in names:
+                for n in self.list_dir(d):
+                    self.remove(f"{d}/{n}")
+                self._rmdir(d)
+        return ours
 
-    def part_stats(self, name: str) -> dict:
-        with self.fs.open(self.path(name), "rb") as f:
-            meta = pq.read_metadata(f).metadata or {}
-        return json.loads(meta.get(PART_STATS_KEY, b"{}"))
+    def _rmdir(self, d: str) -> None:
+        if self.is_local():
+            try:
+                os.rmdir(self.path(d))
+            except OSError:
+                pass  # not empty: something of someone else's is in there; leave it
 
+    def remove_temp_files(self, names: Optional[list[str]] = None) -> int:
+        """Temporary files that an interrupted atomic write of ours left behind (exact pattern of ours)."""
+        stale = [n for n in (self.names() if names is None else names) if TEMP_RE.match(n)]
+        for n in stale:
+            self.remove(n)
+        for d in OUR_DIRS:
+            for n in self.list_dir(d) if names is None or d in names else ():
+                if TEMP_RE.match(n):
+                    self.remove(f"{d}/{n}")
+        return len(stale)
 
-def with_retries(fn: Callable[[], T], attempts: int = 5, base_delay: float = 0.5,
-                 retry_on: tuple[type[BaseException], ...] = (OSError,)) -> T:
-    """Call fn, retrying transient errors with exponential backoff; the last error propagates.
-
-    Permanent conditions (missing folder, permission) are not retried.
-    """
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
-            raise
-        except retry_on:
-            if attempt == attempts:
-                raise
-            time.sleep(base_delay * 2 ** (attempt - 1))
-    raise AssertionError("unreachable")
-
-
-def failed_ids(table: pa.Table) -> frozenset:
-    """The image_ids of a part's failed rows."""
-    mask = pc.not_equal(table.column("status"), STATUS_OK)
-    return frozenset(table.filter(mask).column("image_id").to_pylist())

@@ -1,0 +1,122 @@
+"""ledger module: one small record per finished chunk (its part, rows, ok, failed, seconds, who wrote it),
+appended by the driver as the actors report, in Parquet pieces, and read in one go by the next run, the
+status command and the index. A part whose record was lost with a killed driver is recovered from its own
+metadata (one footer read, for those parts only)."""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from resnet_batch.schema import PART_RECORD_SCHEMA
+from resnet_batch.writer import LEDGER_DIR, OutputStore, part_record, read_parquet
+
+FLUSH_RECORDS = 1000
+FLUSH_S = 10.0
+COMPACT_PIECES = 32  # more pieces than this are merged into one at the end of a run
+READERS = 16
+
+
+def records_table(records: Iterable[dict]) -> pa.Table:
+    """Records (dicts with the PART_RECORD_SCHEMA fields) as a table; missing fields are null."""
+    names = PART_RECORD_SCHEMA.names
+    return pa.Table.from_pylist([{k: r.get(k) for k in names} for r in records], schema=PART_RECORD_SCHEMA)
+
+
+class LedgerWriter:
+    """Appends records in pieces `_ledger/l-RRRR-NNNNNN.parquet` (every FLUSH_RECORDS or FLUSH_S)."""
+
+    def __init__(self, store: OutputStore, run: int):
+        self.store, self.run = store, run
+        self.buffer: list[dict] = []
+        self.seq = len([n for n in store.list_dir(LEDGER_DIR) if n.startswith(f"l-{run:04d}-")])
+        self.last = time.monotonic()
+
+    def add(self, record: dict) -> None:
+        self.buffer.append(record)
+        if len(self.buffer) >= FLUSH_RECORDS or time.monotonic() - self.last >= FLUSH_S:
+            self.flush()
+
+    def tick(self) -> None:
+        """Flush when records have waited FLUSH_S (called from the driver's loop)."""
+        if self.buffer and time.monotonic() - self.last >= FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last = time.monotonic()
+        if not self.buffer:
+            return
+        sink = pa.BufferOutputStream()
+        pq.write_table(records_table(self.buffer), sink, compression="zstd")
+        self.store.write_bytes(f"{LEDGER_DIR}/l-{self.run:04d}-{self.seq:06d}.parquet", sink.getvalue().to_pybytes())
+        self.seq += 1
+        self.buffer = []
+
+
+def read_ledger(store: OutputStore) -> pa.Table:
+    """The latest record of every (shard, chunk) ever written to this output (read concurrently)."""
+    names = [n for n in store.list_dir(LEDGER_DIR) if n.startswith("l-") and n.endswith(".parquet")]
+    if not names:
+        return PART_RECORD_SCHEMA.empty_table()
+    with ThreadPoolExecutor(READERS) as pool:
+        tables = list(pool.map(lambda n: read_parquet(store.fs, store.path(f"{LEDGER_DIR}/{n}")), names))
+    return latest(pa.concat_tables([t.cast(PART_RECORD_SCHEMA) for t in tables]))
+
+
+def latest(table: pa.Table) -> pa.Table:
+    """One row per (shard, chunk): the one written last."""
+    if not len(table):
+        return table
+    table = table.sort_by([("shard", "ascending"), ("chunk", "ascending"), ("written_at", "descending")])
+    s, c = table.column("shard").to_numpy(), table.column("chunk").to_numpy()
+    import numpy as np
+
+    first = np.ones(len(table), dtype=bool)
+    first[1:] = (s[1:] != s[:-1]) | (c[1:] != c[:-1])
+    return table.filter(pa.array(first))
+
+
+def recover(store: OutputStore, part_names: list[str]) -> list[dict]:
+    """Records of parts that have none in the ledger, read from the parts' own metadata. A part without it
+    (not written by this job) raises OutputError naming the file and the way out."""
+    from resnet_batch.errors import OutputError
+
+    def one(name: str) -> dict:
+        try:
+            record = part_record(store.fs, store.path(name))
+        except Exception as err:
+            raise OutputError(f"{store.display(name)} is not a readable Parquet part ({type(err).__name__}: {err}); "
+                              f"move it out of the output folder, or rerun with --fresh to start over") from None
+        if record is None:
+            raise OutputError(f"{store.display(name)} was not written by resnet-batch (no part record in its "
+                              "metadata); move it out of the output folder, or use another output.uri")
+        return record
+
+    if not part_names:
+        return []
+    with ThreadPoolExecutor(READERS) as pool:
+        return list(pool.map(one, part_names))
+
+
+def compact(store: OutputStore, run: int, table: Optional[pa.Table] = None) -> None:
+    """Merge the ledger's pieces into one when there are many (the merged piece first, then the old ones go)."""
+    names = [n for n in store.list_dir(LEDGER_DIR) if n.startswith("l-") and n.endswith(".parquet")]
+    if len(names) <= COMPACT_PIECES:
+        return
+    table = read_ledger(store) if table is None else table
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    merged = f"l-{run:04d}-compact.parquet"
+    store.write_bytes(f"{LEDGER_DIR}/{merged}", sink.getvalue().to_pybytes())
+    for n in names:
+        if n != merged:
+            store.remove(f"{LEDGER_DIR}/{n}")
+
+
+def totals(table: pa.Table) -> dict:
+    """Sums of rows / ok / failed / skipped over a ledger table."""
+    return {k: int(pc.sum(table.column(k)).as_py() or 0) for k in ("rows", "ok", "failed", "skipped")}

@@ -1,0 +1,116 @@
+"""pool module: the model actors: started, watched, restarted by Ray, grown with the work, stopped at the end.
+
+Each actor (one GPU, or CPUs) runs two calls at once (compute while the previous part uploads) and gets up
+to three (the third's block is fetched while the others run). The pool starts `min_actors` and adds one
+when blocks have been waiting for every actor for a while, up to `max_actors`: an actor that asks for a GPU
+no node has makes the cluster autoscaler add a GPU node, as Ray Data's own actor pools do.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import ray
+
+from resnet_batch.model import ActorSettings, EmbedActor
+
+CALLS_PER_ACTOR = 3  # in flight per actor (two run, one waits with its block fetched)
+CONCURRENCY = 2  # calls an actor runs at once
+GROW_AFTER_S = 5.0  # blocks waiting this long for busy actors: add one
+
+
+@dataclass
+class Member:
+    handle: object
+    ready_ref: Optional[object]  # the pending ready() call; None once ready
+    info: dict = field(default_factory=dict)  # node, pid, device, actor (from ready())
+    inflight: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_ref is None
+
+
+class ModelPool:
+    """Model actors between min and max; the driver dispatches blocks to the least busy ready actor."""
+
+    def __init__(self, settings: ActorSettings, weights, *, min_actors: int, max_actors: int, num_cpus: float,
+                 num_gpus: float):
+        self.settings, self.weights = settings, weights  # weights: an ObjectRef of the state dict
+        self.min, self.max = min_actors, max_actors
+        self.options = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0,
+                            max_concurrency=CONCURRENCY)
+        self.members: list[Member] = []
+        self.starved_since: Optional[float] = None
+        self.seen: dict[str, dict] = {}  # every actor that ever became ready: actor id -> info
+        self.cls = ray.remote(EmbedActor)
+        for _ in range(min_actors):
+            self._start()
+
+    def _start(self) -> None:
+        handle = self.cls.options(**self.options).remote(self.settings)
+        self.members.append(Member(handle, handle.ready.remote(self.weights)))
+
+    # -- readiness -------------------------------------------------------------------------------
+    def pending_refs(self) -> list:
+        return [m.ready_ref for m in self.members if m.ready_ref is not None]
+
+    def on_ready(self, ref) -> Optional[BaseException]:
+        """A ready() call finished: the actor is up (or, if it raised, why it could not start)."""
+        for m in self.members:
+            if m.ready_ref == ref:
+                m.ready_ref = None
+                try:
+                    m.info = ray.get(ref)
+                except Exception as err:  # could not start (e.g. require_cuda): the caller decides
+                    self.members.remove(m)
+                    return err
+                self.seen[m.info["actor"]] = m.info
+                return None
+        return None
+
+    def on_died(self, member: Member) -> None:
+        """A call failed because the actor died: Ray restarts it; wait for it to answer again."""
+        if member in self.members and member.ready_ref is None:
+            member.ready_ref = member.handle.ready.remote(self.weights)
+
+    # -- dispatch --------------------------------------------------------------------------------
+    def free(self) -> Optional[Member]:
+        """The ready actor with the fewest calls in flight, if it has room for one more."""
+        ready = [m for m in self.members if m.ready and m.inflight < CALLS_PER_ACTOR]
+        return min(ready, key=lambda m: m.inflight) if ready else None
+
+    def submit(self, member: Member, *args):
+        member.inflight += 1
+        return member.handle.process.remote(*args)
+
+    def done(self, member: Member) -> None:
+        member.inflight -= 1
+
+    def ready_count(self) -> int:
+        return sum(m.ready for m in self.members)
+
+    def maybe_grow(self, waiting_blocks: int) -> bool:
+        """Add an actor when blocks have waited GROW_AFTER_S for a full pool (and none is starting)."""
+        if waiting_blocks == 0 or len(self.members) >= self.max or self.pending_refs() or self.free():
+            self.starved_since = None
+            return False
+        now = time.monotonic()
+        if self.starved_since is None:
+            self.starved_since = now
+            return False
+        if now - self.starved_since < GROW_AFTER_S:
+            return False
+        self._start()
+        self.starved_since = None
+        return True
+
+    def shutdown(self) -> None:
+        for m in self.members:
+            try:
+                ray.kill(m.handle, no_restart=True)
+            except Exception:
+                pass
+        self.members = []

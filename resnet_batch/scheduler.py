@@ -1,0 +1,294 @@
+"""scheduler module: the driver's loop. Shards arrive from the planner (while the listing still runs), Ray Data
+reads and decodes them in windows, the model actors embed and write each chunk, and only a small record per
+chunk comes back here. Nothing per image passes through the driver, and every queue is bounded, so a slow
+model or store slows the reads instead of filling memory.
+
+A shard is tried up to compute.max_attempts times: a chunk that fails (the store stayed unreachable, the
+model raised, an actor or node died) makes its whole shard go round again (parts are rewritten under the
+same names, so nothing is counted twice); after the last try the shard is reported, the others finish.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import ray
+
+from resnet_batch.errors import RunFailed
+from resnet_batch.listing import Shard
+from resnet_batch.pool import CALLS_PER_ACTOR, ModelPool
+from resnet_batch.reader import ReadSettings, ShardDatasource
+
+log = logging.getLogger(__name__)
+WINDOW_SHARDS = 64  # shards per Ray Data read (a window); the next one starts as soon as this one is read
+READERS = 2  # windows read at once (one finishing its last tasks while the next starts)
+
+
+class ShardQueue:
+    """Shards waiting to be read: retries first, then new ones from the planner (bounded: a full queue
+    blocks the planner, so the listing never runs far ahead of the work)."""
+
+    def __init__(self, maxsize: int = 4 * WINDOW_SHARDS):
+        self.new: collections.deque = collections.deque()
+        self.retries: collections.deque = collections.deque()
+        self.maxsize = maxsize
+        self.closed = False
+        self.aborted = False
+        self.cv = threading.Condition()
+        self.added = 0
+
+    def put(self, shards: list[Shard]) -> None:
+        with self.cv:
+            for shard in shards:
+                while len(self.new) >= self.maxsize and not self.aborted:
+                    self.cv.wait(0.5)
+                if self.aborted:
+                    raise RunFailed("the run stopped")
+                self.new.append((shard, 1))
+                self.added += 1
+                self.cv.notify_all()
+
+    def retry(self, shard: Shard, attempt: int) -> None:
+        with self.cv:
+            self.retries.append((shard, attempt))
+            self.cv.notify_all()
+
+    def close(self) -> None:
+        """The planner has handed over every shard."""
+        with self.cv:
+            self.closed = True
+            self.cv.notify_all()
+
+    def abort(self) -> None:
+        with self.cv:
+            self.aborted = True
+            self.cv.notify_all()
+
+    def take(self, max_n: int, wait_s: float) -> list[tuple[Shard, int]]:
+        """Up to max_n shards, waiting up to wait_s for the first one."""
+        with self.cv:
+            if not self.retries and not self.new:
+                self.cv.wait(wait_s)
+            out = []
+            while len(out) < max_n and (self.retries or self.new):
+                out.append((self.retries or self.new).popleft())
+            self.cv.notify_all()
+            return out
+
+    def empty(self) -> bool:
+        with self.cv:
+            return self.closed and not self.new and not self.retries
+
+
+@dataclass
+class _Window:
+    shards: set
+    reading: bool = True
+    outstanding: int = 0
+    error: Optional[str] = None
+
+
+@dataclass
+class _ShardRun:
+    shard: Shard
+    attempt: int
+    window: int
+    groups: Optional[int] = None
+    done: set = field(default_factory=set)
+    error: Optional[str] = None
+
+    def complete(self) -> bool:
+        return self.groups is not None and len(self.done) >= self.groups
+
+
+@dataclass
+class Failure:
+    """A shard that failed every attempt."""
+
+    shard: Shard
+    attempts: int
+    reason: str
+
+
+class Scheduler:
+    """Runs the shards of a ShardQueue to the end; `on_record(record)` gets every chunk record."""
+
+    def __init__(self, read: ReadSettings, pool: ModelPool, *, decode_cpus: float, max_attempts: int,
+                 on_record: Callable[[dict], None], on_tick: Callable[[], None] = lambda: None,
+                 target_block_bytes: int = 256 << 20, window_shards: int = WINDOW_SHARDS):
+        self.read, self.pool = read, pool
+        self.decode_cpus, self.max_attempts = decode_cpus, max_attempts
+        self.on_record, self.on_tick = on_record, on_tick
+        self.target_block_bytes, self.window_shards = target_block_bytes, window_shards
+        self.items: queue.Queue = queue.Queue(maxsize=CALLS_PER_ACTOR * max(pool.max, 1) + 2)
+        self.stop = threading.Event()
+        self.windows: dict[int, _Window] = {}
+        self.runs: dict[int, _ShardRun] = {}
+        self.failures: list[Failure] = []
+        self.next_window = 0
+        self.window_lock = threading.Lock()
+        self.waiting_blocks = 0
+
+    # -- reading (threads) -----------------------------------------------------------------------
+    def _reader(self, source: ShardQueue) -> None:
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.max_errored_blocks = -1  # a read task that dies: its shard is retried here, not by Ray Data forever
+        ctx.target_max_block_size = self.target_block_bytes  # chunks are never sliced (see reader.ChunkBuilder)
+        ctx.enable_progress_bars = False
+        ctx.enable_auto_log_stats = False
+        ctx.print_on_execution_start = False
+        ctx.execution_options.preserve_order = False
+        while not self.stop.is_set():
+            taken = source.take(self.window_shards, wait_s=0.5)
+            if not taken:
+                continue
+            with self.window_lock:
+                wid = self.next_window
+                self.next_window += 1
+            self._put(("start", wid, taken))
+            error = None
+            try:
+                # One block per read task: override_num_blocks keeps Ray Data from splitting a shard's output
+                # to reach its own idea of parallelism.
+                ds = ray.data.read_datasource(ShardDatasource([s for s, _ in taken], self.read),
+                                              num_cpus=self.decode_cpus, override_num_blocks=len(taken))
+                for bundle in ds.iter_internal_ref_bundles():
+                    for i, entry in enumerate(bundle.blocks):
+                        cut = bundle.slices[i] if bundle.slices else None
+                        span = None if cut is None else (cut.start_offset, cut.end_offset)
+                        if not self._put(("block", wid, entry.ref, span)):
+                            return
+            except Exception as err:  # the whole window: its shards go round again
+                error = f"reading failed: {type(err).__name__}: {err}"
+            self._put(("end", wid, error))
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.items.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self, source: ShardQueue) -> list[Failure]:
+        """Until every shard is done or has failed max_attempts times; returns the failures."""
+        inflight: dict = {}
+        held = None
+        readers = ThreadPoolExecutor(READERS, thread_name_prefix="read-window")
+        futures = [readers.submit(self._reader, source) for _ in range(READERS)]
+        try:
+            while True:
+                held = self._dispatch(held, inflight)
+                refs = list(inflight) + self.pool.pending_refs()
+                if refs:
+                    done, _ = ray.wait(refs, num_returns=1, timeout=0.1)
+                    if done:
+                        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                    for ref in done:
+                        if ref in inflight:
+                            self._result(ref, *inflight.pop(ref))
+                        elif err := self.pool.on_ready(ref):
+                            if not self.pool.members:
+                                raise RunFailed(f"no model actor could start: {_one_line(err)}")
+                            log.warning("a model actor could not start: %s", _one_line(err))
+                else:
+                    time.sleep(0.02)
+                self._resolve(source)
+                self.waiting_blocks = self.items.qsize() + (held is not None and held[0] == "block")
+                self.pool.maybe_grow(self.waiting_blocks)
+                self.on_tick()
+                for f in futures:
+                    if f.done() and f.exception():
+                        raise f.exception()
+                if source.empty() and not self.windows and held is None and self.items.empty() and not inflight:
+                    return self.failures
+        finally:
+            self.stop.set()
+            source.abort()
+            readers.shutdown(wait=True, cancel_futures=True)
+
+    def _dispatch(self, held, inflight: dict):
+        while True:
+            if held is None:
+                try:
+                    held = self.items.get_nowait()
+                except queue.Empty:
+                    return None
+            kind, wid = held[0], held[1]
+            if kind == "start":
+                self.windows[wid] = _Window({s.index for s, _ in held[2]})
+                for shard, attempt in held[2]:
+                    self.runs[shard.index] = _ShardRun(shard, attempt, wid)
+            elif kind == "end":
+                self.windows[wid].reading = False
+                self.windows[wid].error = held[2]
+            else:
+                member = self.pool.free()
+                if member is None:
+                    return held
+                self.windows[wid].outstanding += 1
+                inflight[self.pool.submit(member, held[2], held[3])] = (member, wid)
+            held = None
+
+    def _result(self, ref, member, wid: int) -> None:
+        self.pool.done(member)
+        window = self.windows[wid]
+        window.outstanding -= 1
+        try:
+            records = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+            self.pool.on_died(member)
+            window.error = f"model actor lost ({_one_line(err)})"
+            return
+        except Exception as err:  # the block itself was lost with its node, or the call failed
+            window.error = _one_line(err)
+            return
+        for record in records:
+            run = self.runs.get(record["shard"])
+            if run is None or run.window != wid:
+                continue  # a late result of an earlier try of a shard that is done or going round again
+            if record.get("error"):
+                run.error = record["error"]
+                continue
+            if record.get("groups", -1) > 0:
+                run.groups = record["groups"]
+            run.done.add(record["chunk"])
+            self.on_record(record)
+            if run.complete():
+                del self.runs[record["shard"]]
+                window.shards.discard(record["shard"])
+
+    def _resolve(self, source: ShardQueue) -> None:
+        """Windows that are read and answered: their unfinished shards go round again, or fail for good."""
+        for wid, window in list(self.windows.items()):
+            if window.reading or window.outstanding:
+                continue
+            for index in sorted(window.shards):
+                run = self.runs.pop(index)
+                reason = run.error or window.error or "no result came back (its read task or model actor was lost)"
+                if run.attempt < self.max_attempts:
+                    log.warning("shard %d failed (try %d of %d), retrying: %s", index, run.attempt,
+                                self.max_attempts, reason)
+                    source.retry(run.shard, run.attempt + 1)
+                else:
+                    self.failures.append(Failure(run.shard, run.attempt, reason))
+            del self.windows[wid]
+
+
+def _one_line(err: BaseException) -> str:
+    """An error in one line; for a Ray error that carries a worker's exception, that exception."""
+    cause = err
+    while getattr(cause, "cause", None) is not None and cause.cause is not cause:
+        cause = cause.cause
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}".strip()

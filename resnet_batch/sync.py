@@ -1,0 +1,198 @@
+"""sync module: applying a sync plan to an output, idempotently, in Ray tasks (the driver moves no rows).
+
+Order matters and is kept: (1) copies (rows of moved or copied objects, written as new parts from the parts
+that hold them), (2) drops (rows of deleted and changed objects leave their parts; a part left empty is
+deleted; a changed tar or Parquet file's parts go), (3) the manifest (new entries stored, dropped ones
+removed). The plan is stored under `_sync/` and committed in `_state.json` before step 1, so a run killed in
+the middle is rolled forward by the next one: every step can be done twice with the same result.
+"""
+from __future__ import annotations
+
+import posixpath
+from collections import defaultdict
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from resnet_batch.listing import from_raw, storable
+from resnet_batch.manifest import MANIFEST_SCHEMA, drop_entries, write_entries
+from resnet_batch.plan import COPIES_SCHEMA, DROPS_SCHEMA, SyncPlan
+from resnet_batch.schema import STATUS_OK
+from resnet_batch.storage import display_path
+from resnet_batch.writer import (SYNC_DIR, OutputStore, PartSettings, encode_part, part_name, part_record,
+                                 read_parquet, write_bytes)
+
+COPY_CPUS = 0.5
+
+
+def store_plan(store: OutputStore, run: int, plan: SyncPlan) -> None:
+    """The plan's three tables under _sync/ (committed afterwards by the state file)."""
+    for name, table in (("entries", plan.new_entries), ("drops", plan.drops), ("copies", plan.copies)):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        store.write_bytes(f"{SYNC_DIR}/{name}-{run:04d}.parquet", sink.getvalue().to_pybytes())
+
+
+def load_plan(store: OutputStore, run: int) -> tuple[pa.Table, pa.Table, pa.Table]:
+    tables = []
+    for name, schema in (("entries", MANIFEST_SCHEMA), ("drops", DROPS_SCHEMA), ("copies", COPIES_SCHEMA)):
+        tables.append(read_parquet(store.fs, store.path(f"{SYNC_DIR}/{name}-{run:04d}.parquet")).cast(schema))
+    return tables[0], tables[1], tables[2]
+
+
+def clear_plan(store: OutputStore) -> None:
+    for n in store.list_dir(SYNC_DIR):
+        store.remove(f"{SYNC_DIR}/{n}")
+
+
+def apply(store: OutputStore, part: PartSettings, fmt: str, root: str, protocol: str, entries: pa.Table,
+          drops: pa.Table, copies: pa.Table, parts: dict[str, tuple[int, int]],
+          records: dict[int, list[dict]], on_record: Callable[[dict], None]) -> dict:
+    """Carry out a stored plan. `parts`: the output's part files now; `records`: ledger records by shard.
+    Returns counts: copied rows, dropped rows, parts rewritten / deleted."""
+    out = {"copied": 0, "dropped": 0, "rewritten": 0, "deleted": 0}
+    remote = ray.remote(num_cpus=COPY_CPUS, max_retries=2)
+    pending = []
+    by_shard: dict[int, list] = defaultdict(list)
+    for name, (s, c) in parts.items():
+        by_shard[s].append((c, name))
+    # (1) copies, grouped by the new shard
+    if len(copies):
+        for shard, group in _groups(copies, "shard"):
+            items = [(from_raw(p), o, from_raw(op)) for p, o, op in zip(group.column("path").to_pylist(),
+                                                                         group.column("old_shard").to_pylist(),
+                                                                         group.column("old_path").to_pylist())]
+            sources = {o: sorted(by_shard.get(o, [])) for _, o, _ in items}
+            meta = {o: {r["chunk"]: r for r in records.get(o, [])} for o in sources}
+            pending.append(remote(_copy).remote(part, fmt, root, protocol, shard, items, sources, meta))
+        for recs in ray.get(pending):
+            for r in recs:
+                on_record(r)
+                out["copied"] += r["rows"]
+        pending = []
+    # (2) drops, grouped by the shard they leave
+    if len(drops):
+        for shard, group in _groups(drops, "shard"):
+            ids = sorted(storable(from_raw(p)) for p in group.column("path").to_pylist())
+            pending.append(remote(_drop).remote(part, fmt, shard, ids, sorted(by_shard.get(shard, []))))
+        for recs, deleted in ray.get(pending):
+            for r in recs:
+                on_record(r)
+                out["rewritten"] += 1
+            out["deleted"] += deleted
+        out["dropped"] = len(drops)
+    # (3) the manifest
+    drop_entries(store, drops)
+    write_entries(store, entries)
+    return out
+
+
+def _groups(table: pa.Table, column: str):
+    table = table.sort_by([(column, "ascending")])
+    values = table.column(column).to_pylist()
+    start = 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            yield values[start], table.slice(start, i - start)
+            start = i
+
+
+def _copy(part: PartSettings, fmt: str, root: str, protocol: str, shard: int, items: list,
+          sources: dict[int, list], meta: dict[int, dict]) -> list[dict]:
+    """Rows of earlier parts written again as this shard's part(s), under their new ids and paths."""
+    import os
+    import time
+
+    from resnet_batch.model import _node_name
+
+    fs, out_root = part.fs()
+    records = []
+    if fmt == "folder":
+        wanted: dict[int, dict[str, tuple[str, str]]] = defaultdict(dict)
+        for new_rel, old_shard, old_rel in items:
+            wanted[old_shard][storable(old_rel)] = (storable(new_rel),
+                                                    display_path(protocol, storable(posixpath.join(root, new_rel))))
+        tables = []
+        for old_shard, ids in wanted.items():
+            for _, name in sources[old_shard]:
+                t = read_parquet(fs, posixpath.join(out_root, name))
+                t = t.filter(pc.is_in(t.column("image_id"), pa.array(list(ids), pa.string())))
+                new_ids = [ids[i][0] for i in t.column("image_id").to_pylist()]
+                new_paths = [ids[i][1] for i in t.column("image_id").to_pylist()]
+                t = t.set_column(t.schema.get_field_index("image_id"), "image_id", pa.array(new_ids, pa.string()))
+                t = t.set_column(t.schema.get_field_index("path"), "path", pa.array(new_paths, pa.string()))
+                tables.append(t)
+        outputs = [(-1, pa.concat_tables(tables), 1, 0)]
+    else:
+        (new_rel, old_shard, old_rel), = items
+        old_id, new_id = storable(old_rel), storable(new_rel)
+        old_shown = display_path(protocol, storable(posixpath.join(root, old_rel)))
+        new_shown = display_path(protocol, storable(posixpath.join(root, new_rel)))
+        outputs = []
+        for chunk, name in sources[old_shard]:
+            t = read_parquet(fs, posixpath.join(out_root, name))
+            ids = [new_id + i[len(old_id):] if i.startswith(old_id + "/") else i for i in t.column("image_id").to_pylist()]
+            paths = [new_shown + p[len(old_shown):] if p.startswith(old_shown) else p for p in t.column("path").to_pylist()]
+            t = t.set_column(t.schema.get_field_index("image_id"), "image_id", pa.array(ids, pa.string()))
+            t = t.set_column(t.schema.get_field_index("path"), "path", pa.array(paths, pa.string()))
+            m = meta[old_shard].get(chunk, {})
+            outputs.append((chunk, t, m.get("chunks", -1), m.get("skipped", 0)))
+        for chunk, m in meta[old_shard].items():  # an empty last chunk has a record but no part
+            if not m.get("part"):
+                outputs.append((chunk, None, m.get("chunks", -1), m.get("skipped", 0)))
+    for chunk, table, chunks, skipped in outputs:
+        record = {"part": "", "shard": shard, "chunk": chunk, "chunks": chunks, "rows": 0, "ok": 0, "failed": 0,
+                  "skipped": skipped, "decode_s": 0.0, "model_s": 0.0, "write_s": 0.0, "bytes": 0,
+                  "node": _node_name(), "pid": os.getpid(), "device": "copy", "actor": "", "run": part.run,
+                  "written_at": time.time()}
+        if table is not None:
+            name = part_name(shard, chunk)
+            ok = int(pc.sum(pc.equal(table.column("status"), STATUS_OK)).as_py() or 0)
+            record.update(part=name, rows=len(table), ok=ok, failed=len(table) - ok)
+            data = encode_part(table, part.schema, record, part.compression, record["node"], record["pid"])
+            write_bytes(fs, posixpath.join(out_root, name), data, part.retry_window_s)
+            record["bytes"] = len(data)
+        records.append(record)
+    return records
+
+
+def _drop(part: PartSettings, fmt: str, shard: int, ids: list[str], sources: list) -> tuple[list[dict], int]:
+    """This shard's rows of deleted or changed objects leave its part(s): a folder part is rewritten without
+    them (deleted when nothing is left); a tar or Parquet shard's parts all go (the file is gone or new)."""
+    fs, out_root = part.fs()
+    records, deleted = [], 0
+    for chunk, name in sources:
+        path = posixpath.join(out_root, name)
+        if fmt != "folder":
+            _rm(fs, path)
+            deleted += 1
+            continue
+        t = read_parquet(fs, path)
+        keep = t.filter(pc.invert(pc.is_in(t.column("image_id"), pa.array(ids, pa.string()))))
+        if len(keep) == len(t):
+            continue
+        if not len(keep):
+            _rm(fs, path)
+            deleted += 1
+            continue
+        record = dict(part_record(fs, path) or {})
+        ok = int(pc.sum(pc.equal(keep.column("status"), STATUS_OK)).as_py() or 0)
+        import time
+
+        record.update(part=name, shard=shard, chunk=chunk, rows=len(keep), ok=ok, failed=len(keep) - ok,
+                      run=part.run, written_at=time.time())
+        data = encode_part(keep, part.schema, record, part.compression, record.get("node", ""), record.get("pid", 0))
+        write_bytes(fs, path, data, part.retry_window_s)
+        records.append(record)
+    return records, deleted
+
+
+def _rm(fs, path: str) -> None:
+    try:
+        fs.rm(path)
+    except FileNotFoundError:
+        pass
+
