@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -12,8 +13,7 @@ DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 
 from resnet_batch.errors import ConfigError  # noqa: E402 (re-exported: a configuration problem, before any work)
-from resnet_batch.redact import (MASK, is_secret_name, redact_options, redact_text,  # noqa: E402,F401 (re-exported)
-                                 redact_value, safe_uri)
+from resnet_batch.redact import MASK, is_secret_name, redact_options, redact_value, safe_uri  # noqa: E402,F401
 
 
 class _Section(BaseModel):
@@ -122,8 +122,9 @@ def _shown_input(loc: tuple, value: Any) -> Any:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse one `section.key=value` override; the value is read as YAML (so `4`, `true`, `[a, b]` work)."""
-    if "=" not in text:
-        raise ConfigError(f"override {redact_text(text)!r} is not of the form section.key=value")
+    if "=" not in text:  # echo only what reads as a key: a value typed after ':' or a space may be a secret
+        key = re.split(r"[\s:]", text.strip(), maxsplit=1)[0]
+        raise ConfigError(f"override {key!r}{'...' if key != text else ''} is not of the form section.key=value")
     key, raw = text.split("=", 1)
     path = [p for p in key.strip().split(".") if p]
     if not path:

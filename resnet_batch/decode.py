@@ -117,13 +117,14 @@ def open_image(data: bytes, max_pixels: int,
 
 
 def _unidentified(data: bytes, formats: Sequence[str]) -> str:
-    """Why no allowed decoder took the bytes: another format's data, a broken header, or not an image at all."""
+    """Why no allowed decoder took the bytes: another format's data (by its signature), a broken header, or not
+    an image at all."""
     found = sniff_format(data)
     if found is None:
         return "not an image (format not recognised)"
     if found in formats:
         return f"corrupt image: not a readable {found} header"
-    return (f"not a {'/'.join(formats) or 'allowed'} image: the data is {found}, a format input.extensions "
+    return (f"not a {'/'.join(formats) or 'allowed'} image: it looks like {found}, a format input.extensions "
             "does not allow (not decoded)")
 
 
