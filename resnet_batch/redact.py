@@ -21,10 +21,11 @@ _SECRET_PARTS = ("secret", "token", "password", "passwd", "credential", "signatu
 # ... or is one of these short names, too short to look for inside other names.
 _SECRET_NAMES = ("sig", "pwd", "pw", "pass")
 
-_NAME = (r"(?:[\w.-]*(?:" + "|".join(_SECRET_PARTS) + r")[\w.-]*|" + "|".join(_SECRET_NAMES) + r")")
+# (lengths are bounded so that a long run of name characters costs linear time, not quadratic)
+_NAME = r"(?:[\w.-]{0,64}(?:" + "|".join(_SECRET_PARTS) + r")[\w.-]{0,64}|" + "|".join(_SECRET_NAMES) + ")"
 _PATTERNS = (
     # scheme://user:password@host -> scheme://***@host
-    (re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/\s@'\"]+@", re.IGNORECASE), r"\1" + MASK + "@"),
+    (re.compile(r"\b([a-z][a-z0-9+.-]{0,31}://)[^/\s@'\"]+@", re.IGNORECASE), r"\1" + MASK + "@"),
     # name=value with a secret name: query strings, connection strings, AWS4 Authorization headers
     (re.compile(r"(?<![\w.-])(" + _NAME + r")=[^;&\s'\",]*", re.IGNORECASE), r"\1=" + MASK),
     # 'name': 'value' (a dict or JSON inside a message)

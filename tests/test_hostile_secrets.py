@@ -104,6 +104,13 @@ def test_redacted_config_records_safe_uris_and_no_secret():
         assert secret not in text
 
 
+def test_a_config_without_secrets_is_reported_as_it_is():
+    cfg = build_config({"input": {"uri": "s3://photos/2026", "passthrough_columns": ["url", "key_points"],
+                                  "storage_options": {"anon": True, "endpoint_url": "http://10.0.0.1:9000"}},
+                        "model": {"weights": "/models/r50.pth"}, "output": {"uri": "/data/embeddings"}})
+    assert redacted(cfg) == cfg.model_dump(mode="json")  # no key of the config itself reads as a secret
+
+
 def test_config_errors_do_not_echo_secrets(tmp_path):
     base = {"input": {"uri": "photos"}, "output": {"uri": "out"}}
     with pytest.raises(ConfigError) as err:  # a mapping expected: the string holds the secret
