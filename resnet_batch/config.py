@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -12,6 +13,7 @@ DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 
 from resnet_batch.errors import ConfigError  # noqa: E402 (re-exported: a configuration problem, before any work)
+from resnet_batch.redact import MASK, is_secret_name, redact_options, redact_value, safe_uri  # noqa: E402,F401
 
 
 class _Section(BaseModel):
@@ -114,18 +116,26 @@ def _format_errors(err: ValidationError) -> str:
         elif e["type"] == "missing":
             lines.append(f"missing required key '{key}'")
         else:
-            lines.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"'{key}': {e['msg']} (got {_shown_input(e['loc'], e.get('input'))!r})")
     return "invalid config: " + "; ".join(lines)
+
+
+def _shown_input(loc: tuple, value: Any) -> Any:
+    """A rejected value as an error message may echo it: nothing under storage_options or a secret-looking key."""
+    if "storage_options" in loc or any(is_secret_name(str(p)) for p in loc):
+        return MASK
+    return redact_value(value)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse one `section.key=value` override; the value is read as YAML (so `4`, `true`, `[a, b]` work)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    if "=" not in text:  # echo only what reads as a key: a value typed after ':' or a space may be a secret
+        key = re.split(r"[\s:]", text.strip(), maxsplit=1)[0]
+        raise ConfigError(f"override {key!r}{'...' if key != text else ''} is not of the form section.key=value")
     key, raw = text.split("=", 1)
     path = [p for p in key.strip().split(".") if p]
     if not path:
-        raise ConfigError(f"override {text!r} names no key")
+        raise ConfigError(f"override {key!r}=... names no key")
     return path, yaml.safe_load(raw) if raw.strip() else ""
 
 
@@ -140,7 +150,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         for part in path[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+                raise ConfigError(f"override {'.'.join(path)!r}: '{part}' is not a section")
             node = child
         node[path[-1]] = value
     return data
@@ -167,8 +177,15 @@ def load_config(path: Optional[str | os.PathLike], overrides: list[str] = ()) ->
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+            raise ConfigError(f"config file {p} is not valid YAML: {_yaml_problem(err)}") from None
     return build_config(apply_overrides(data, list(overrides)))
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What is wrong and where, without PyYAML's quote of the offending line (which may hold a secret)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or type(err).__name__
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def _lists_to_tuples(value: Any) -> Any:
@@ -181,24 +198,9 @@ def _lists_to_tuples(value: Any) -> Any:
 
 
 def redacted(cfg: JobConfig) -> dict:
-    """The config as a plain dict with storage secrets masked, for logs and reports."""
-    data = cfg.model_dump(mode="json")
-    for section in ("input", "output"):
-        data[section]["storage_options"] = redact_options(data[section]["storage_options"])
+    """The config as a plain dict for logs and reports: input/output URIs and checkpoint URLs without userinfo,
+    query or fragment; every other value masked where its key or its shape says secret (storage_options...)."""
+    data = redact_value(cfg.model_dump(mode="json"))
+    data["input"]["uri"], data["output"]["uri"] = safe_uri(cfg.input.uri), safe_uri(cfg.output.uri)
+    data["model"]["weights"] = safe_uri(cfg.model.weights)
     return data
-
-
-_SECRET_WORDS = ("secret", "token", "password", "key", "credential", "session")
-
-
-def redact_options(options: dict) -> dict:
-    """Mask values whose key looks like a secret; recurse into nested dicts (client_kwargs...)."""
-    out = {}
-    for k, v in options.items():
-        if isinstance(v, dict):
-            out[k] = redact_options(v)
-        elif any(w in k.lower() for w in _SECRET_WORDS):
-            out[k] = "***"
-        else:
-            out[k] = v
-    return out

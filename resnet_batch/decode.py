@@ -7,12 +7,13 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps
 
+from resnet_batch.config import DEFAULT_EXTENSIONS
 from resnet_batch.schema import STATUS_DECODE_ERROR, STATUS_OK
 
 # Orientations 5-8 swap width and height when applied.
@@ -21,6 +22,28 @@ _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 
 class DecodeError(Exception):
     """The bytes are not a usable image; the message says why."""
+
+
+def pillow_formats(extensions: Iterable[str]) -> tuple[str, ...]:
+    """The Pillow formats that may open files with these extensions (jpg/jpeg -> JPEG, tif -> TIFF, ico -> ICO, ...,
+    as Pillow registers them), in order, each once; an extension no Pillow plugin claims gives none."""
+    registered = Image.registered_extensions()
+    found = (registered.get("." + e.lower().lstrip(".")) for e in extensions)
+    return tuple(dict.fromkeys(f for f in found if f))
+
+
+# What decoding allows when the caller does not say: the formats of the default input.extensions.
+DEFAULT_FORMATS = pillow_formats(DEFAULT_EXTENSIONS)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The Pillow format whose signature check accepts these bytes, without opening them with any decoder."""
+    prefix = data[:16]  # what Image.open hands the plugins' checks
+    for fmt in Image.ID:
+        accept = Image.OPEN[fmt][1]
+        if accept is not None and accept(prefix):
+            return fmt
+    return None
 
 
 @dataclass(frozen=True)
@@ -60,18 +83,20 @@ def crop_offsets(width: int, height: int, crop: int) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def open_image(data: bytes, max_pixels: int) -> Iterator[tuple[Image.Image, int, int, int]]:
+def open_image(data: bytes, max_pixels: int,
+               formats: Sequence[str] = DEFAULT_FORMATS) -> Iterator[tuple[Image.Image, int, int, int]]:
     """Open image bytes lazily (header only) and check them: yields (image, width, height, EXIF orientation).
 
-    width/height are as displayed (after orientation). Every failure, here or in the caller's block,
-    becomes a DecodeError with a human-readable reason.
+    Only the Pillow `formats` given are tried (see pillow_formats): a .jpg that is really EPS, PSD or ICNS
+    never reaches that decoder. width/height are as displayed (after orientation). Every failure, here or in
+    the caller's block, becomes a DecodeError with a human-readable reason.
     """
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data), formats=list(formats)) as im:
                 width, height = im.size
                 if width * height > max_pixels:
                     raise DecodeError(
@@ -86,18 +111,31 @@ def open_image(data: bytes, max_pixels: int) -> Iterator[tuple[Image.Image, int,
     except Image.DecompressionBombError as err:
         raise DecodeError(f"decompression bomb refused: {err}") from None
     except Image.UnidentifiedImageError:
-        raise DecodeError("not an image (format not recognised)") from None
+        raise DecodeError(_unidentified(data, formats)) from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise DecodeError(f"corrupt image: {err}") from None
 
 
-def decode_image(data: bytes, spec: PreprocessSpec, *, max_pixels: int, draft: bool) -> tuple[np.ndarray, int, int]:
-    """Decode, orient, convert to RGB, resize and centre-crop one image.
+def _unidentified(data: bytes, formats: Sequence[str]) -> str:
+    """Why no allowed decoder took the bytes: another format's data (by its signature), a broken header, or not
+    an image at all."""
+    found = sniff_format(data)
+    if found is None:
+        return "not an image (format not recognised)"
+    if found in formats:
+        return f"corrupt image: not a readable {found} header"
+    return (f"not a {'/'.join(formats) or 'allowed'} image: it looks like {found}, a format input.extensions "
+            "does not allow (not decoded)")
+
+
+def decode_image(data: bytes, spec: PreprocessSpec, *, max_pixels: int, draft: bool,
+                 formats: Sequence[str] = DEFAULT_FORMATS) -> tuple[np.ndarray, int, int]:
+    """Decode, orient, convert to RGB, resize and centre-crop one image (opened only as one of `formats`).
 
     Returns (HWC uint8 crop, width, height) where width/height are the original size as displayed
     (after EXIF orientation). Raises DecodeError with a human-readable reason.
     """
-    with open_image(data, max_pixels) as (im, width, height, _):
+    with open_image(data, max_pixels, formats) as (im, width, height, _):
         return _crop(im, spec, draft), width, height
 
 
@@ -119,9 +157,11 @@ def _crop(im: Image.Image, spec: PreprocessSpec, draft: bool) -> np.ndarray:
     return np.asarray(im.crop((left, top, left + c, top + c)), dtype=np.uint8)
 
 
-def decode_table(table: pa.Table, spec: PreprocessSpec, max_pixels: int, draft: bool) -> pa.Table:
+def decode_table(table: pa.Table, spec: PreprocessSpec, max_pixels: int, draft: bool,
+                 formats: Sequence[str] = DEFAULT_FORMATS) -> pa.Table:
     """The read task's decode stage: rows with `bytes` -> rows with a `pixels` tensor column (N, C, C, 3)
-    uint8 and the decode outcome (see with_outcome). Rows that fail keep zero pixels and a reason."""
+    uint8 and the decode outcome (see with_outcome). Rows that fail keep zero pixels and a reason.
+    `formats`: the Pillow formats allowed (pillow_formats(input.extensions))."""
     from ray.data.extensions import ArrowTensorArray
 
     n, c = len(table), spec.crop_size
@@ -129,7 +169,8 @@ def decode_table(table: pa.Table, spec: PreprocessSpec, max_pixels: int, draft: 
     widths, heights = np.full(n, -1, dtype=np.int32), np.full(n, -1, dtype=np.int32)
 
     def decode(i: int, data: bytes) -> None:
-        pixels[i], widths[i], heights[i] = decode_image(data, spec, max_pixels=max_pixels, draft=draft)
+        pixels[i], widths[i], heights[i] = decode_image(data, spec, max_pixels=max_pixels, draft=draft,
+                                                        formats=formats)
 
     status, error, seconds = each_image(table, decode)
     out = with_outcome(table.drop_columns(["bytes"]), status, error, widths, heights, seconds)

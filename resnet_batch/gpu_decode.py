@@ -5,8 +5,9 @@ the header gives width/height, size limits and whether nvJPEG can take it) and p
 the model actor decodes a whole batch with `torchvision.io.decode_jpeg(..., device="cuda")`, then
 resizes (bilinear, antialiased; images of one size together) and centre-crops on the device
 following the weights' transforms (`PreprocessSpec`). Other formats, EXIF-rotated or CMYK JPEGs,
-and any image nvJPEG rejects are decoded per image on the CPU by `decode.decode_image`, so every
-row ends `ok` or `decode_error` exactly as on the CPU path. Everything here also runs with device="cpu" (the tests do that).
+any image nvJPEG rejects, and any image whose device resize fails (out of memory, a kernel error) are
+decoded per image on the CPU by `decode.decode_image`, so every row ends `ok` or `decode_error` exactly
+as on the CPU path. Everything here also runs with device="cpu" (the tests do that).
 """
 from __future__ import annotations
 
@@ -19,27 +20,27 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from resnet_batch.decode import (DecodeError, PreprocessSpec, crop_offsets, decode_image, each_image, open_image,
-                                 resized_size, with_outcome)
+from resnet_batch.decode import (DEFAULT_FORMATS, DecodeError, PreprocessSpec, crop_offsets, decode_image, each_image,
+                                 open_image, resized_size, with_outcome)
 
 _DEVICE_MODES = ("RGB", "L")  # JPEG colour spaces nvJPEG turns into RGB the way Pillow does
 _JPEG_EOI = b"\xff\xd9"
 _CHUNK_PIXELS = 64 << 20  # source pixels resized at once (768 MB as float32 RGB)
 
 
-def probe_image(data: bytes, max_pixels: int) -> tuple[int, int, bool]:
+def probe_image(data: bytes, max_pixels: int, formats: Sequence[str] = DEFAULT_FORMATS) -> tuple[int, int, bool]:
     """Read only the header: (width, height as displayed, whether the device decoder can take it).
 
     Raises DecodeError for what the CPU path would refuse before decoding pixels (empty, not an
     image, over max_pixels); a truncated or corrupt body is found later, when decoding.
     """
-    with open_image(data, max_pixels) as (im, width, height, orientation):
+    with open_image(data, max_pixels, formats) as (im, width, height, orientation):
         device_ok = (im.format == "JPEG" and im.mode in _DEVICE_MODES and orientation in (None, 1)
                      and data[-64:].rstrip(b"\0")[-2:] == _JPEG_EOI)  # truncated: Pillow decides
         return width, height, device_ok
 
 
-def probe_table(table: pa.Table, max_pixels: int) -> pa.Table:
+def probe_table(table: pa.Table, max_pixels: int, formats: Sequence[str] = DEFAULT_FORMATS) -> pa.Table:
     """The read task's stage in gpu_decode mode: like decode.decode_table, but `bytes` stay and no pixels.
 
     Adds the decode outcome (decode.with_outcome; _decode_s is the probe time) and `_device_ok` per row.
@@ -49,7 +50,7 @@ def probe_table(table: pa.Table, max_pixels: int) -> pa.Table:
     device_ok = np.zeros(n, dtype=bool)
 
     def probe(i: int, data: bytes) -> None:
-        widths[i], heights[i], device_ok[i] = probe_image(data, max_pixels)
+        widths[i], heights[i], device_ok[i] = probe_image(data, max_pixels, formats)
 
     status, error, seconds = each_image(table, probe)
     return with_outcome(table, status, error, widths, heights, seconds).append_column("_device_ok", pa.array(device_ok))
@@ -70,9 +71,9 @@ class DeviceJpegDecoder:
     """Decodes batches of image bytes to centre crops on `device`; one per model actor."""
 
     def __init__(self, spec: PreprocessSpec, device: str | torch.device, *, max_pixels: int = 100_000_000,
-                 draft: bool = True):
+                 draft: bool = True, formats: Sequence[str] = DEFAULT_FORMATS):
         self.spec, self.device = spec, torch.device(device)
-        self.max_pixels, self.draft = max_pixels, draft
+        self.max_pixels, self.draft, self.formats = max_pixels, draft, tuple(formats)
 
     def decode(self, data: Sequence[bytes], device_ok: Sequence[bool],
                todo: Optional[np.ndarray] = None) -> DecodedBatch:
@@ -90,11 +91,13 @@ class DeviceJpegDecoder:
             torch.cuda.synchronize(self.device)
         if on_device:
             seconds[on_device] = (time.perf_counter() - t0) / len(on_device)
+        device_done = sum(crops[i] is not None for i in on_device)
         for i in range(n):
             if todo[i] and crops[i] is None:  # not a plain JPEG, or the device decoder refused it
                 t1 = time.perf_counter()
                 try:
-                    hwc, _, _ = decode_image(data[i], self.spec, max_pixels=self.max_pixels, draft=self.draft)
+                    hwc, _, _ = decode_image(data[i], self.spec, max_pixels=self.max_pixels, draft=self.draft,
+                                             formats=self.formats)
                     crops[i] = torch.from_numpy(np.array(hwc)).to(self.device)  # Pillow arrays are read-only
                 except DecodeError as err:
                     error[i] = str(err)
@@ -105,7 +108,7 @@ class DeviceJpegDecoder:
         c = self.spec.crop_size
         pixels = torch.stack([x for x in crops if x is not None]) if ok.any() else \
             torch.zeros((0, c, c, 3), dtype=torch.uint8, device=self.device)
-        return DecodedBatch(pixels, ok, error, seconds, sum(crops[i] is not None for i in on_device))
+        return DecodedBatch(pixels, ok, error, seconds, device_done)
 
     def _device_crops(self, data: list[bytes]) -> list[Optional[torch.Tensor]]:
         """One batched device decode; if the batch fails, image by image; None where an image fails."""
@@ -129,7 +132,8 @@ class DeviceJpegDecoder:
 
     def resize_crop_many(self, images: Sequence[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
         """resize_crop for a batch: images of one size (a camera's photos, a resized dataset) are resized
-        together, in chunks of at most _CHUNK_PIXELS source pixels, instead of one kernel launch each."""
+        together, in chunks of at most _CHUNK_PIXELS source pixels, instead of one kernel launch each.
+        A chunk whose resize fails on the device (out of memory...) is left None: the CPU path decodes it."""
         by_shape: dict[tuple, list[int]] = {}
         for i, im in enumerate(images):
             if im is not None:
@@ -139,7 +143,10 @@ class DeviceJpegDecoder:
             step = max(1, _CHUNK_PIXELS // (h * w))
             for k in range(0, len(rows), step):
                 chunk = rows[k:k + step]
-                out = self._resize_crop_batch(torch.stack([images[i] for i in chunk]))
+                try:
+                    out = self._resize_crop_batch(torch.stack([images[i] for i in chunk]))
+                except Exception:  # out of device memory, a kernel error: these images go to the CPU path
+                    out = None
                 if out is not None:  # else too small: None, decoded (and refused) by the CPU path
                     for i, crop in zip(chunk, out):
                         crops[i] = crop

@@ -9,6 +9,7 @@ import numpy as np
 
 from resnet_batch.config import ModelConfig
 from resnet_batch.decode import PreprocessSpec, decode_image
+from resnet_batch.errors import WeightsError
 from resnet_batch.index import SimilarityIndex
 from resnet_batch.provenance import ProvenanceMismatch
 from resnet_batch.weights import is_enum_name, resolve_weights
@@ -37,6 +38,14 @@ def model_config_for(provenance: dict, weights: Optional[str] = None) -> ModelCo
     raise ValueError(f"cannot reproduce weights {wid!r} from the index provenance; pass --weights")
 
 
+def _weights_hint(weights_id: str) -> str:
+    """What to do when the weights an index names cannot be had again."""
+    if weights_id.startswith("checkpoint:"):
+        return (f"the index records the weights as {weights_id}, a URL without its query or password, so a "
+                "pre-signed URL cannot be fetched again: pass --weights with the checkpoint's path or full URL")
+    return "or pass --weights with a checkpoint of the same weights"
+
+
 def preprocess_spec_for(provenance: dict) -> PreprocessSpec:
     """The resize / crop / normalisation recorded in a provenance."""
     p = provenance["preprocessing"]
@@ -51,7 +60,13 @@ class QueryEmbedder:
                  device: Optional[str] = None):
         from resnet_batch.model import ResNet50Embedder
 
-        info, state_dict = resolve_weights(model_config_for(provenance, weights), dict(storage_options or {}))
+        try:
+            info, state_dict = resolve_weights(model_config_for(provenance, weights), dict(storage_options or {}))
+        except WeightsError as err:
+            if weights:
+                raise
+            raise WeightsError(f"{err} ({_weights_hint(provenance['weights_id'])}; their sha256 is checked against "
+                               "the index's)") from None
         if info.sha256 != provenance["weights_sha256"]:
             raise ProvenanceMismatch(f"weights {info.weights_id} hash {info.sha256[:12]}... differ from the index's "
                                      f"{provenance['weights_id']} ({provenance['weights_sha256'][:12]}...)")

@@ -20,6 +20,9 @@ from typing import Callable, Optional
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
 
+from resnet_batch.redact import redact_text
+from resnet_batch.text import printable
+
 S3_PROTOCOLS = ("s3", "s3a")
 # s3fs options that are not parameters of S3FileSystem.__init__ but are accepted through **kwargs.
 _S3_EXTRA_OPTIONS = {"profile", "session_vars", "use_listings_cache", "listings_expiry_time", "max_paths",
@@ -35,7 +38,10 @@ class StorageOptionsError(ValueError):
 
 
 class StorageAccessError(OSError):
-    """The store cannot be used as configured; the message says what to fix (no secrets in it)."""
+    """The store cannot be used as configured; the message says what to fix, secrets masked (see `explain`)."""
+
+    def __init__(self, message: str):
+        super().__init__(_secret_free(message))
 
 
 def is_s3(uri: str) -> bool:
@@ -222,7 +228,16 @@ class ListingProgress:
 
 # -- explaining errors ----------------------------------------------------------------------------
 def explain(err: BaseException, uri: str, side: str, endpoint: str = "") -> str:
-    """A one-line, secret-free explanation of a storage error, naming what to fix."""
+    """A one-line explanation of a storage error, naming what to fix; no secret from the URI, the endpoint or the
+    store's own message (`user:pass@`, a token in a query, an Authorization header) survives in it."""
+    return _secret_free(_explanation(err, uri, side, endpoint))
+
+
+def _secret_free(message: str) -> str:
+    return printable(redact_text(message))
+
+
+def _explanation(err: BaseException, uri: str, side: str, endpoint: str) -> str:
     where = f" at {endpoint}" if endpoint else ""
     opts = f"{side}.storage_options"
     code, message = _error_code(err)

@@ -3,22 +3,25 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import re
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from resnet_batch.config import ModelConfig
-
-
-from resnet_batch.errors import WeightsError as WeightsUnavailableError  # noqa: E402 (the configured weights cannot be had)
+from resnet_batch.errors import WeightsError as WeightsUnavailableError  # the configured weights cannot be had
+from resnet_batch.redact import redact_text, safe_uri
+from resnet_batch.text import printable
 
 
 @dataclass(frozen=True)
 class WeightsInfo:
     """What the output's provenance records about the weights."""
 
-    weights_id: str  # "IMAGENET1K_V2", "checkpoint:<uri>" or "random(seed=N)"
+    weights_id: str  # "IMAGENET1K_V2", "checkpoint:<uri without userinfo/query>" or "random(seed=N)"
     sha256: str  # content hash of the state dict (keys, dtypes, shapes, values)
     transforms: str  # the torchvision enum whose preprocessing and labels are used
 
@@ -62,55 +65,82 @@ def random_state_dict(seed: int) -> dict[str, torch.Tensor]:
 
 
 def _load_enum(name: str) -> dict[str, torch.Tensor]:
-    """torchvision weights through the torch hub cache (downloaded there if the network allows)."""
-    import os
-
-    from torch.hub import get_dir
     from torchvision.models import ResNet50_Weights
 
-    w = ResNet50_Weights[name]
-    fname = w.url.rsplit("/", 1)[-1]
+    return hub_state_dict(ResNet50_Weights[name].url, f"torchvision weights ResNet50_Weights.{name}")
+
+
+def hub_state_dict(url: str, what: str) -> dict[str, torch.Tensor]:
+    """Published weights through the torch hub cache ($TORCH_HOME/hub/checkpoints), downloaded there if missing
+    and the network allows; the sha256 prefix in the file's name (resnet50-11ad3fa6.pth) is the published hash.
+
+    The cached bytes are hashed before anything reads them, then loaded with weights_only=True: a file planted
+    in the cache can neither pass as the weights nor run code (torchvision's own loader unpickles it first).
+    """
+    from torch.hub import HASH_REGEX, download_url_to_file, get_dir
+
+    fname = url.rsplit("/", 1)[-1]
+    expected = HASH_REGEX.search(fname).group(1)
     cached = os.path.join(get_dir(), "checkpoints", fname)
-    try:
-        sd = w.get_state_dict(progress=False, check_hash=True)
-    except Exception as err:
-        raise WeightsUnavailableError(
-            f"could not load torchvision weights ResNet50_Weights.{name} ({type(err).__name__}: {err}). "
-            f"Download {w.url} on a machine with internet and place it at {cached} "
-            "(or set TORCH_HOME), or set model.weights to a checkpoint path or URL (s3://...)."
-        ) from None
-    # torch only checks the hash when it downloads; a cached file is checked here too.
-    expected = fname.rsplit("-", 1)[-1].split(".")[0]
+    if not os.path.exists(cached):
+        print(f"downloading {url} to {cached}", file=sys.stderr, flush=True)
+        try:
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            download_url_to_file(url, cached, hash_prefix=expected, progress=False)
+        except Exception as err:
+            raise WeightsUnavailableError(
+                f"could not download {what} ({type(err).__name__}: {printable(redact_text(str(err)))}). Download "
+                f"{url} on a machine with internet and place it at {cached} (or set TORCH_HOME), or set "
+                "model.weights to a checkpoint path or URL (s3://...).") from None
     with open(cached, "rb") as f:
-        actual = hashlib.file_digest(f, "sha256").hexdigest()
+        data = f.read()  # read once: the bytes hashed are the bytes loaded
+    actual = hashlib.sha256(data).hexdigest()
     if not actual.startswith(expected):
         raise WeightsUnavailableError(
-            f"cached weights {cached} do not match the published hash ({actual[:8]} != {expected}): "
-            f"delete the file and download {w.url} again, or set model.weights to a checkpoint path.")
-    return sd
+            f"cached weights {cached} do not match the published hash ({actual[:8]} != {expected}), so nothing was "
+            f"loaded from them: delete the file and download {url} again, or set model.weights to a checkpoint path.")
+    return _state_dict_from_bytes(data, f"cached weights {cached}", f"delete the file and download {url} again")
 
 
 def _load_checkpoint(uri: str, storage_options: Optional[dict]) -> dict[str, torch.Tensor]:
     import fsspec
 
+    shown = printable(safe_uri(uri))
     try:
         with fsspec.open(uri, "rb", **(storage_options or {})) as f:
             data = f.read()
     except FileNotFoundError:
-        raise WeightsUnavailableError(f"checkpoint not found: {uri} (model.weights)") from None
+        raise WeightsUnavailableError(f"checkpoint not found: {shown} (model.weights)") from None
     except Exception as err:
-        raise WeightsUnavailableError(f"could not read checkpoint {uri}: {type(err).__name__}: {err}") from None
+        raise WeightsUnavailableError(
+            f"could not read checkpoint {shown}: {type(err).__name__}: {printable(redact_text(str(err)))}") from None
+    return _state_dict_from_bytes(data, f"checkpoint {shown}", "save it with torch.save(model.state_dict(), path)")
+
+
+def _state_dict_from_bytes(data: bytes, source: str, fix: str) -> dict[str, torch.Tensor]:
+    """A state dict from serialised bytes, through torch.load(weights_only=True) only: tensors and plain
+    containers, never code. `fix` says what to do when the bytes are something else."""
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:
         raise WeightsUnavailableError(
-            f"checkpoint {uri} is not a loadable state dict (torch.load weights_only=True): {err}"
-        ) from None
+            f"{source} is not a plain state dict; torch.load(weights_only=True) refused it ({_refusal(err)}): "
+            f"{fix}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsUnavailableError(f"checkpoint {uri} does not hold a ResNet-50 state dict")
+        raise WeightsUnavailableError(f"{source} does not hold a ResNet-50 state dict: {fix}")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _refusal(err: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused, in one line (torch's own text suggests weights_only=False)."""
+    text = str(err)
+    if m := re.search(r"Unsupported global: GLOBAL ([\w.]+)", text):
+        return f"it names {m.group(1)}, which is code, not data"
+    detail = text.split("WeightsUnpickler error:", 1)[-1]
+    line = next((ln.strip() for ln in detail.splitlines() if ln.strip()), "")
+    return printable(redact_text(f"{type(err).__name__}: {line}"[:300]))
 
 
 def check_state_dict(state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -142,6 +172,6 @@ def resolve_weights(cfg: ModelConfig, storage_options: Optional[dict] = None) ->
         sd, wid, transforms = _load_enum(cfg.weights), cfg.weights, cfg.weights
     else:
         sd = _load_checkpoint(cfg.weights, storage_options)
-        wid, transforms = f"checkpoint:{cfg.weights}", cfg.transforms
+        wid, transforms = f"checkpoint:{safe_uri(cfg.weights)}", cfg.transforms  # no token, no password
     check_state_dict(sd, wid)
     return WeightsInfo(wid, state_dict_sha256(sd), transforms), sd

@@ -1,4 +1,5 @@
-"""Decode + preprocess, without Ray: torchvision-identical crops, EXIF, modes, reduced-size JPEG, failures."""
+"""Decode + preprocess, without Ray: torchvision-identical crops, EXIF, modes, reduced-size JPEG, failures, and only
+the Pillow formats input.extensions allows."""
 import io
 
 import numpy as np
@@ -8,7 +9,9 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.models import ResNet50_Weights
 
-from resnet_batch.decode import DecodeError, PreprocessSpec, decode_image, decode_table, resized_size
+from resnet_batch.config import DEFAULT_EXTENSIONS
+from resnet_batch.decode import (DEFAULT_FORMATS, DecodeError, PreprocessSpec, decode_image, decode_table,
+                                 pillow_formats, resized_size)
 from resnet_batch.sample_data import jpeg_bytes, source_photos
 from tests.catalogue import catalogue, exif_rotated_jpeg, png_bomb
 
@@ -141,3 +144,54 @@ def test_decode_table_arrow_types():
     assert out.schema.field("error").type == pa.string()
     assert out.column("status").to_pylist() == ["ok", "decode_error"]
     assert out.column("pixels").combine_chunks().to_numpy().shape == (2, 224, 224, 3)
+
+
+# -- only the formats input.extensions allows are opened --------------------------------------------
+
+def _encoded(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    source_photos()["coffee"].resize((300, 240)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_extensions_name_the_pillow_formats():
+    assert DEFAULT_FORMATS == pillow_formats(DEFAULT_EXTENSIONS) == ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+    assert pillow_formats(["JPG", ".tif", "ico", "icns", "psd"]) == ("JPEG", "TIFF", "ICO", "ICNS", "PSD")
+    assert pillow_formats(["jpeg", "jpg", "heic-without-a-plugin"]) == ("JPEG",)
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "ICNS", "ICO", "PCX", "SGI", "JPEG2000"])
+def test_a_jpg_in_another_format_is_refused_without_running_its_decoder(fmt, monkeypatch):
+    data = _encoded(fmt)
+    assert Image.open(io.BytesIO(data)).format == fmt  # a real file of that format: Pillow alone would open it
+    opened = []
+    plugin = Image.OPEN[fmt][0]
+    monkeypatch.setattr(plugin, "_open", lambda self: opened.append(fmt))
+    with pytest.raises(DecodeError) as err:
+        decode_image(data, SPEC, max_pixels=LIMIT, draft=True)
+    assert str(err.value) == (f"not a JPEG/PNG/WEBP/BMP/GIF/TIFF image: it looks like {fmt}, a format "
+                              "input.extensions does not allow (not decoded)")
+    assert opened == []
+
+
+def test_formats_from_the_config_are_threaded_through_decode_table():
+    ico, jpg = _encoded("ICO"), catalogue()["good.jpg"][0]
+    table = pa.table({"bytes": [ico, jpg], "status": ["ok", "ok"], "error": pa.array([None, None], pa.string())})
+    default = decode_table(table, SPEC, LIMIT, True)
+    assert default.column("status").to_pylist() == ["decode_error", "ok"]
+    assert default.column("error")[0].as_py().startswith("not a JPEG/PNG/WEBP/BMP/GIF/TIFF image: it looks like ICO")
+    only_jpeg = decode_table(table, SPEC, LIMIT, True, formats=pillow_formats(["jpg"]))
+    assert only_jpeg.column("error")[0].as_py().startswith("not a JPEG image: it looks like ICO")
+    with_ico = decode_table(table, SPEC, LIMIT, True, formats=pillow_formats(["jpg", "ico"]))
+    assert with_ico.column("status").to_pylist() == ["ok", "ok"]
+    np.testing.assert_array_equal(with_ico.column("pixels").combine_chunks().to_numpy()[1],
+                                  default.column("pixels").combine_chunks().to_numpy()[1])
+    png = catalogue()["gray.png"][0]  # an allowed-by-default format the config left out
+    with pytest.raises(DecodeError, match="^not a JPEG image: it looks like PNG"):
+        decode_image(png, SPEC, max_pixels=LIMIT, draft=True, formats=("JPEG",))
+
+
+def test_a_broken_header_of_an_allowed_format_is_called_corrupt():
+    with pytest.raises(DecodeError) as err:
+        decode_image(b"\x89PNG\r\n\x1a\n" + bytes(40), SPEC, max_pixels=LIMIT, draft=True)
+    assert str(err.value) == "corrupt image: not a readable PNG header"

@@ -172,6 +172,35 @@ def test_a_bad_image_in_a_batch_falls_back_alone():
     assert out.pixels.shape[0] == expected.sum()
 
 
+class _ResizeFailsOn(DeviceJpegDecoder):
+    """A device whose resize runs out of memory for images of some sizes (the fault lives in the test)."""
+
+    def __init__(self, *args, failing_widths=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.failing_widths, self.failures = set(failing_widths), 0
+
+    def _resize_crop_batch(self, nchw):
+        if nchw.shape[-1] in self.failing_widths:
+            self.failures += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super()._resize_crop_batch(nchw)
+
+
+def test_a_failed_device_resize_falls_back_to_the_cpu_per_image(jpegs):
+    widths = [Image.open(io.BytesIO(b)).size[0] for b in jpegs]
+    failing = {widths[0], widths[6]}  # every image of these sizes fails on the device
+    dec = _ResizeFailsOn(SPEC, "cpu", draft=False, failing_widths=failing)
+    out = dec.decode(jpegs, [True] * len(jpegs))
+    fell_back = [w in failing for w in widths]
+    assert dec.failures >= 2 and out.ok.all() and out.error == [None] * len(jpegs)
+    assert out.on_device == len(jpegs) - sum(fell_back)  # only what the device really produced counts
+    device = DeviceJpegDecoder(SPEC, "cpu", draft=False).decode(jpegs, [True] * len(jpegs)).pixels.numpy()
+    cpu = _cpu_crops(jpegs, draft=False)
+    for i, back in enumerate(fell_back):  # fallen back: exactly the CPU path's crop; the rest: the device's
+        np.testing.assert_array_equal(out.pixels[i].numpy(), cpu[i] if back else device[i])
+    assert not np.array_equal(device[0], cpu[0])  # the two paths differ, so the comparison above tells them apart
+
+
 # -- the actor with JPEG bytes (what the read task hands it in gpu_decode mode) ---------------------
 
 def _actor(state_dict, use_gpu=False, precision="fp32"):
