@@ -59,6 +59,9 @@ class ModelConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     channels_last: bool = True
     compile: bool = False
+    storage_options: Optional[dict[str, Any]] = Field(
+        None, repr=False, description="fsspec options for a checkpoint URL; default: input.storage_options when the "
+                                      "checkpoint is on the input's protocol, else none.")
 
 
 class ComputeConfig(_Section):

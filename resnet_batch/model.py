@@ -96,6 +96,7 @@ class ActorSettings:
     batch_size: int
     max_pixels: int
     draft: bool
+    formats: tuple[str, ...]  # the Pillow formats input.extensions allows
     output: PartSettings
     # Python API only (benchmarks): a callable (state_dict, spec, device) -> object with .embed(pixels) and
     # .device, used instead of ResNet-50. Neither a config key nor a flag reaches it.
@@ -251,7 +252,8 @@ class EmbedActor:
             from resnet_batch.gpu_decode import DeviceJpegDecoder
 
             self._decoder = DeviceJpegDecoder(self.settings.spec, self.embedder.device,
-                                              max_pixels=self.settings.max_pixels, draft=self.settings.draft)
+                                              max_pixels=self.settings.max_pixels, draft=self.settings.draft,
+                                              formats=self.settings.formats)
         out = self._decoder.decode(images.column("bytes").to_pylist(), images.column("_device_ok").to_pylist(),
                                    todo=ok)
         failed = ok & ~out.ok

@@ -23,14 +23,11 @@ GROW_AFTER_S = 5.0  # blocks waiting this long for busy actors: add one
 @dataclass
 class Member:
     handle: object
-    ready_ref: Optional[object]  # the pending ready() call; None once ready
+    ready_ref: Optional[object]  # the pending ready() call
+    ready: bool = False
     info: dict = field(default_factory=dict)  # node, pid, device, actor (from ready())
     inflight: int = 0
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def ready(self) -> bool:
-        return self.ready_ref is None
+    ask_again_at: Optional[float] = None  # restarting: ask ready() again at this time
 
 
 class ModelPool:
@@ -58,23 +55,40 @@ class ModelPool:
         return [m.ready_ref for m in self.members if m.ready_ref is not None]
 
     def on_ready(self, ref) -> Optional[BaseException]:
-        """A ready() call finished: the actor is up (or, if it raised, why it could not start)."""
+        """A ready() call finished: the actor is up; or Ray is restarting it (ask again soon); or it could
+        not start at all (returned, for the caller to decide)."""
         for m in self.members:
             if m.ready_ref == ref:
                 m.ready_ref = None
                 try:
                     m.info = ray.get(ref)
-                except Exception as err:  # could not start (e.g. require_cuda): the caller decides
+                except ray.exceptions.ActorUnavailableError:  # restarting: ask again in a moment
+                    m.ask_again_at = time.monotonic() + 1.0
+                    return None
+                except Exception as err:  # could not start (e.g. require_cuda), or gone for good
                     self.members.remove(m)
-                    return err
+                    if m.info and len(self.members) < self.min:
+                        self._start()  # it had been working: replace it
+                    return None if m.info else err
+                m.ready = True
                 self.seen[m.info["actor"]] = m.info
                 return None
         return None
 
     def on_died(self, member: Member) -> None:
-        """A call failed because the actor died: Ray restarts it; wait for it to answer again."""
-        if member in self.members and member.ready_ref is None:
-            member.ready_ref = member.handle.ready.remote(self.weights)
+        """A call failed because the actor died: Ray restarts it; wait until it answers ready() again (which
+        also gives a restarted actor its weights)."""
+        if member in self.members and member.ready:
+            member.ready = False
+            member.ask_again_at = time.monotonic()
+
+    def poll(self) -> None:
+        """Ask restarting actors whether they are back."""
+        now = time.monotonic()
+        for m in self.members:
+            if m.ask_again_at is not None and now >= m.ask_again_at and m.ready_ref is None:
+                m.ask_again_at = None
+                m.ready_ref = m.handle.ready.remote(self.weights)
 
     # -- dispatch --------------------------------------------------------------------------------
     def free(self) -> Optional[Member]:
@@ -94,7 +108,8 @@ class ModelPool:
 
     def maybe_grow(self, waiting_blocks: int) -> bool:
         """Add an actor when blocks have waited GROW_AFTER_S for a full pool (and none is starting)."""
-        if waiting_blocks == 0 or len(self.members) >= self.max or self.pending_refs() or self.free():
+        if waiting_blocks == 0 or len(self.members) >= self.max or any(not m.ready for m in self.members) \
+                or self.free():
             self.starved_since = None
             return False
         now = time.monotonic()

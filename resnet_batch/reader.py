@@ -472,44 +472,60 @@ def _cast(value, type_: pa.DataType):
 
 def passthrough_fields(fmt: str, fs, first: str, names: tuple[str, ...], extensions: tuple[str, ...],
                        image_column: str, shown: str) -> list[pa.Field]:
-    """The pass-through output columns of one readable shard file (the first that opens): webdataset's
-    caption/json plus lifted json fields (types from its first samples), Parquet's own column types.
-    Raises OSError/ValueError when that file cannot be read (the caller tries the next one)."""
+    """The pass-through output columns, from the first readable shard file: webdataset's caption/json plus
+    lifted json fields (types from its first samples), Parquet's own column types.
+
+    Raises InputError for a setting that file shows to be wrong (no such image column or pass-through
+    column: a typo, refused before any work), other errors when the file cannot be read (the caller tries
+    the next one)."""
+    from resnet_batch.errors import InputError
+
     if fmt == "webdataset":
-        types = json_field_types(fs, first, names, extensions)
-        return list(WDS_FIELDS) + [pa.field(c, types.get(c, pa.string())) for c in names]
+        types, seen, n = json_field_types(fs, first, names, extensions)
+        missing = [c for c in names if c not in seen]
+        if missing:
+            raise InputError(f"input.passthrough_columns {missing} not found in the json of the first {n} samples "
+                             f"of {shown}; fields seen: {sorted(seen)}")
+        return list(WDS_FIELDS) + [pa.field(c, types[c]) for c in names]
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
         with fs.open(first, "rb") as f:
             schema = pq.ParquetFile(f).schema_arrow
-        return [schema.field(c) if c in schema.names else pa.field(c, pa.string()) for c in names]
+        if image_column not in schema.names:
+            raise InputError(f"{shown} has no image column '{image_column}' (input.image_column); "
+                             f"columns: {schema.names}")
+        missing = [c for c in names if c not in schema.names]
+        if missing:
+            raise InputError(f"input.passthrough_columns {missing} not in {shown}; columns: {schema.names}")
+        return [schema.field(c) for c in names]
     return []
 
 
 def json_field_types(fs, tar_path: str, names: tuple[str, ...], extensions: tuple[str, ...],
-                     samples: int = JSON_PEEK_SAMPLES) -> dict[str, pa.DataType]:
-    """Arrow types for json fields, from the first `samples` samples of one tar (read as a stream, stopping early).
+                     samples: int = JSON_PEEK_SAMPLES) -> tuple[dict[str, pa.DataType], set[str], int]:
+    """Arrow types for json fields, from the first `samples` samples of one tar (read as a stream, stopping
+    early); also every field name seen and how many samples were looked at.
 
     bool -> bool, int -> int64, float (or int and float) -> float64, str -> string; lists, objects, mixed
-    or always-null fields -> string (JSON text). Fields no sample has are strings.
+    or always-null fields -> string (JSON text).
     """
-    if not names:
-        return {}
     seen: dict[str, set] = {n: set() for n in names}
+    fields: set[str] = set()
     n = 0
     with fs.open(tar_path, "rb", block_size=1 << 20) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for member in tar:
             if not member.isfile() or tar_key(member.name)[1] != "json" or member.size > META_MAX_BYTES:
                 continue
             meta = parse_json(tar.extractfile(member).read().decode("utf-8", "replace"))
+            fields.update(meta)
             for name in names:
                 if meta.get(name) is not None:
                     seen[name].add(type(meta[name]))
             n += 1
-            if n >= samples:
+            if n >= samples or not names:
                 break
-    return {name: _arrow_type(kinds) for name, kinds in seen.items()}
+    return {name: _arrow_type(kinds) for name, kinds in seen.items()}, fields, n
 
 
 def _arrow_type(kinds: set) -> pa.DataType:

@@ -167,10 +167,11 @@ def summary(report: dict, printable=str) -> str:
              f"inputs)"]
     sync = report.get("sync") or {}
     changes = [f"{this['images']:,} embedded"] + [f"{sync[k]:,} {label}" for k, label in
-                                                   (("reused", "reused (moved/copied)"), ("removed", "removed"))
+                                                   (("reused", "reused (moved or copied)"),
+                                                    ("deleted", "removed (deleted)"),
+                                                    ("changed", "changed"))
                                                    if sync.get(k)]
-    lines.append(f"  this run: {', '.join(changes)}" + (f" ({sync.get('unchanged', 0):,} unchanged)"
-                                                         if "unchanged" in sync else ""))
+    lines.append(f"  this run: {', '.join(changes)}; {c['done_before']:,} already done")
     if this["images"]:
         lines.append(f"  speed: {report['img_per_s'] or 0:,.1f} img/s on {report['device']} "
                      f"(steady {report['steady_img_per_s'] or 0:,.1f}; wall {report['seconds']['wall']:.1f}s, first "

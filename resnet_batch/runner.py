@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from resnet_batch.config import JobConfig, redacted
-from resnet_batch.decode import PreprocessSpec, decode_table
+from resnet_batch.decode import PreprocessSpec, decode_table, pillow_formats
 from resnet_batch.errors import InputError, OutputError, RunFailed
 from resnet_batch.ledger import LedgerWriter, compact, read_ledger, recover, records_table
 from resnet_batch.listing import FORMATS, Shard, list_entries, shard_of
@@ -36,7 +36,7 @@ from resnet_batch.report import RunStats, read_failures, stages
 from resnet_batch.scheduler import ShardQueue
 from resnet_batch.schema import output_schema, with_provenance
 from resnet_batch.state import OutputState, load, save, schema_to_text, stamp
-from resnet_batch.storage import display_path, prepare as prepare_storage
+from resnet_batch.storage import display_path, filesystem, prepare as prepare_storage
 from resnet_batch.writer import (INCOMPLETE_REPORT_FILE, LEGACY_MANIFEST, PROVENANCE_FILE, REPORT_FILE,
                                  SUCCESS_FILE, OutputStore, PartSettings, read_parquet)
 
@@ -151,9 +151,15 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
 
 
 def _resolve_weights(cfg: JobConfig):
+    from fsspec.core import split_protocol
+
     from resnet_batch.weights import resolve_weights
 
-    return resolve_weights(cfg.model, dict(cfg.input.storage_options))
+    options = cfg.model.storage_options
+    if options is None:  # the input's credentials only go to the input's kind of store
+        same = (split_protocol(cfg.model.weights)[0] or "file") == (split_protocol(cfg.input.uri)[0] or "file")
+        options = dict(cfg.input.storage_options) if same else {}
+    return resolve_weights(cfg.model, dict(options))
 
 
 class _Job:
@@ -169,6 +175,7 @@ class _Job:
         self.ledger: Optional[LedgerWriter] = None
         self.unpublished = False
         self.merge_chunks: dict[tuple[int, int], int] = {}  # --retry-failed: (shard, chunk) -> the shard's chunks
+        self.done_before = 0  # images in parts that were already complete when this run started its work
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self, retry_failed: bool) -> dict:
@@ -233,8 +240,8 @@ class _Job:
         """The pass-through output columns, from the first shard file that can be read (buffered pages are
         handed on), or strings when none of the first five can."""
         names = self.cfg.input.passthrough_columns
-        if fmt == "folder" or (fmt == "parquet" and not names):
-            return ([] if fmt == "folder" else []), pages
+        if fmt == "folder":
+            return [], pages
         from resnet_batch.listing import extension, from_raw, hidden
         from resnet_batch.reader import WDS_FIELDS
 
@@ -246,7 +253,7 @@ class _Job:
                            if not hidden(r) and extension(r) in wanted]
             if len(candidates) >= 5:
                 break
-        fs = ReadSettings.fs.__get__(self._read_settings(fmt, listing.root, listing.protocol, ()))()
+        fs = filesystem(self.cfg.input.uri, dict(self.cfg.input.storage_options))[0]
         fields = None
         for rel in candidates[:5]:
             path = posixpath.join(listing.root, rel)
@@ -254,6 +261,8 @@ class _Job:
                 fields = passthrough_fields(fmt, fs, path, names, self.cfg.input.extensions,
                                             self.cfg.input.image_column, display_path(listing.protocol, path))
                 break
+            except InputError:
+                raise
             except Exception as err:
                 _say(f"{display_path(listing.protocol, path)}: cannot read its columns ({type(err).__name__}: "
                      f"{err}); trying the next file")
@@ -298,12 +307,15 @@ class _Job:
         if not len(manifest):
             raise no_input(cfg.input, state.format, len(current))
         todo = todo_shards(cfg.input, state.format, state.root, manifest, done)
+        _, by_shard = complete_shards(ledger)
+        self.done_before = sum(by_shard[s]["rows"] for s in done if s in by_shard)
         if retry_failed:
             todo += self._retry_shards(state, ledger, manifest, done)
         queue = ShardQueue(maxsize=len(todo) + 1)
         queue.put(todo)
         queue.close()
         if todo:
+            self.progress.planned(sum(len(s.only) if s.only is not None else len(s.paths) for s in todo), True)
             self._execute(state, run_no, queue)
         return self._finish(state, run_no, expected_counts(manifest), skipped, len(current))
 
@@ -376,13 +388,15 @@ class _Job:
 
     def _read_settings(self, fmt: str, root: str, protocol: str, passthrough) -> ReadSettings:
         c, i = self.cfg.compute, self.cfg.input
+        formats = pillow_formats(i.extensions)
         if c.gpu_decode and self._use_gpu():
             from resnet_batch.gpu_decode import probe_table
 
-            decode = functools.partial(probe_table, max_pixels=i.max_pixels)
+            decode = functools.partial(probe_table, max_pixels=i.max_pixels, formats=formats)
             chunk_bytes = CHUNK_BYTES
         else:
-            decode = functools.partial(decode_table, spec=self.spec, max_pixels=i.max_pixels, draft=i.jpeg_draft)
+            decode = functools.partial(decode_table, spec=self.spec, max_pixels=i.max_pixels, draft=i.jpeg_draft,
+                                       formats=formats)
             chunk_bytes = max(CHUNK_BYTES, i.images_per_shard * CROP_ROW_BYTES)
         return ReadSettings(root, protocol, i.uri, dict(i.storage_options), tuple(i.extensions), i.image_column,
                             tuple(passthrough), i.max_bytes, i.images_per_shard, c.decode_batch_size,
@@ -429,7 +443,8 @@ class _Job:
             topk=cfg.model.topk, precision=cfg.model.precision, channels_last=cfg.model.channels_last,
             compile=cfg.model.compile, use_gpu=use_gpu, require_cuda=c.device == "cuda",
             threads=c.torch_threads or max(1, math.ceil(c.cpus_per_actor)), batch_size=c.batch_size,
-            max_pixels=cfg.input.max_pixels, draft=cfg.input.jpeg_draft, output=self._part_settings(state, run_no),
+            max_pixels=cfg.input.max_pixels, draft=cfg.input.jpeg_draft,
+            formats=pillow_formats(cfg.input.extensions), output=self._part_settings(state, run_no),
             embedder=self.embedder)
         pool = ModelPool(actor, ray.put(self.state_dict), min_actors=c.min_actors, max_actors=c.max_actors, num_cpus=c.cpus_per_actor,
                          num_gpus=c.gpus_per_actor if use_gpu else 0)
@@ -449,8 +464,6 @@ class _Job:
             self.progress.update(self.stats, scheduler.waiting_blocks, pool.ready_count())
             self.ledger.tick()
 
-        if planner is None:
-            self.progress.planned(sum(len(s.only) if s.only is not None else len(s.paths) for s in queue.new), True)
         scheduler = Scheduler(read, pool, decode_cpus=c.decode_cpus, max_attempts=c.max_attempts,
                               on_record=on_record, on_tick=on_tick, target_block_bytes=2 * read.chunk_bytes + (16 << 20))
         try:
@@ -524,7 +537,7 @@ class _Job:
             "complete": complete,
             "run": run_no,
             "counts": {"inputs": totals["rows"] + skipped_total, "ok": totals["ok"], "failed": totals["failed"],
-                       "skipped": skipped_total,
+                       "skipped": skipped_total, "done_before": self.done_before,
                        "this_run": {"images": st.images, "ok": st.ok, "failed": st.failed}},
             "shards": {"total": len(expected), "parts_written": st.parts, "missing": missing[:20],
                        "mismatched": mismatched[:20]},

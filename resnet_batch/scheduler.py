@@ -189,6 +189,7 @@ class Scheduler:
         try:
             while True:
                 held = self._dispatch(held, inflight)
+                self.pool.poll()
                 refs = list(inflight) + self.pool.pending_refs()
                 if refs:
                     done, _ = ray.wait(refs, num_returns=1, timeout=0.1)

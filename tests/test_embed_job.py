@@ -120,7 +120,7 @@ def test_rerun_resumes_without_recomputing(first_run):
     cfg, out, _ = first_run
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     report = run(cfg, progress=False)
-    assert report["shards"]["done_before"] == len(before) and report["shards"]["written"] == 0
+    assert report["shards"]["parts_written"] == 0 and report["sync"]["unchanged"] == 54
     assert report["counts"]["this_run"]["images"] == 0 and report["complete"]
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == before
 
@@ -131,7 +131,7 @@ def test_resume_redoes_only_missing_shards(first_run):
     (out / "part-000002.parquet").unlink()
     (out / "_SUCCESS").unlink()
     report = run(cfg, progress=False)
-    assert report["shards"]["written"] == 1 and report["counts"]["this_run"]["images"] == 8
+    assert report["shards"]["parts_written"] == 1 and report["counts"]["this_run"]["images"] == 8
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     assert {k: v for k, v in after.items() if k != "part-000002.parquet"} == \
         {k: v for k, v in before.items() if k != "part-000002.parquet"}
@@ -149,7 +149,7 @@ def test_resume_with_other_setup_is_refused(first_run):
 def test_resume_with_other_input_layout_is_refused(first_run):
     cfg, out, _ = first_run
     other = cfg.model_copy(update={"input": cfg.input.model_copy(update={"images_per_shard": 16})})
-    with pytest.raises(OutputError, match=r"was planned with other input settings: input.images_per_shard: 8 != 16; "
+    with pytest.raises(OutputError, match=r"was made with other input settings: input.images_per_shard: 8 != 16; "
                                           r"use the earlier settings, another output.uri, or --fresh"):
         run(other, progress=False)
 
