@@ -16,11 +16,12 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-from resnet_batch.decode import PreprocessSpec, decode_image, decode_table
+from resnet_batch.decode import DEFAULT_FORMATS, PreprocessSpec, decode_image, decode_table
 from resnet_batch.gpu_decode import DeviceJpegDecoder, probe_image, probe_table
-from resnet_batch.model import EmbedActor
+from resnet_batch.model import ActorSettings, EmbedActor
+from resnet_batch.writer import PartSettings
 from resnet_batch.sample_data import jpeg_bytes, source_photos, variant
-from resnet_batch.schema import STATUS_OK, STATUS_READ_ERROR
+from resnet_batch.schema import STATUS_OK, STATUS_READ_ERROR, output_schema
 from resnet_batch.weights import categories
 from tests.catalogue import catalogue, png_bomb
 
@@ -55,15 +56,7 @@ def _read_table(blobs: list[bytes]) -> pa.Table:
         "bytes": pa.array(blobs + [b""], pa.binary()),
         "status": [STATUS_OK] * n + [STATUS_READ_ERROR],
         "error": [None] * n + ["PermissionError: denied"],
-        "_shard": pa.array([0] * (n + 1), pa.int32()),
     })
-
-
-def _numpy_batch(table: pa.Table) -> dict:
-    """What Ray Data hands a map_batches UDF with batch_format="numpy" (its own conversion, no runtime)."""
-    from ray.data.block import BlockAccessor
-
-    return BlockAccessor.for_block(table).to_batch_format("numpy")
 
 
 def _cpu_crops(blobs, draft=False) -> np.ndarray:
@@ -203,17 +196,41 @@ def test_a_failed_device_resize_falls_back_to_the_cpu_per_image(jpegs):
 
 # -- the actor with JPEG bytes (what the read task hands it in gpu_decode mode) ---------------------
 
-def _actor(state_dict, use_gpu=False, precision="fp32"):
-    return EmbedActor(state_dict, SPEC, categories("IMAGENET1K_V2"), 5, precision, True, False, use_gpu, 2,
-                      decode_opts={"max_pixels": LIMIT, "draft": True})
+def _actor(state_dict, out, use_gpu=False, precision="fp32"):
+    part = PartSettings(str(out), {}, output_schema(), "zstd", "float32", 5.0, run=1)
+    actor = EmbedActor(ActorSettings(spec=SPEC, categories=categories("IMAGENET1K_V2"), topk=5, precision=precision,
+                                     channels_last=True, compile=False, use_gpu=use_gpu, require_cuda=False,
+                                     threads=2, batch_size=4, max_pixels=LIMIT, draft=True,
+                                     formats=DEFAULT_FORMATS, output=part))
+    actor.ready(state_dict)
+    return actor
 
 
-def test_actor_decodes_bytes_and_matches_the_cpu_decode_path(state_dict, jpegs):
+def _block(table: pa.Table, shard: int) -> pa.Table:
+    """A read task's chunk: the decoded (or probed) rows with the in-flight columns of one folder shard."""
+    n = len(table)
+    for name, value, type_ in (("_shard", shard, pa.int64()), ("_chunk", -1, pa.int32()), ("_rows", n, pa.int32()),
+                               ("_chunks", -1, pa.int32()), ("_groups", -1, pa.int32()), ("_skipped", 0, pa.int32()),
+                               ("_merge", False, pa.bool_())):
+        table = table.drop_columns([name]) if name in table.column_names else table
+        table = table.append_column(name, pa.array([value] * n, type_))
+    return table
+
+
+def _embed(actor, table: pa.Table, shard: int) -> tuple[dict, pa.Table]:
+    """The actor's record for the chunk, and the part it wrote (rows in input order)."""
+    (record,) = actor.process(_block(table, shard))
+    part = pq.read_table(f"{actor.root}/{record['part']}")
+    order = {i: k for k, i in enumerate(table.column("image_id").to_pylist())}
+    return record, part.take(pa.array(sorted(range(len(part)), key=lambda r: order[part["image_id"][r].as_py()])))
+
+
+def test_actor_decodes_bytes_and_matches_the_cpu_decode_path(state_dict, jpegs, tmp_path):
     blobs = jpegs + [catalogue()["cmyk.jpg"][0], catalogue()["truncated.jpg"][0]]
     table = _read_table(blobs)
-    actor = _actor(state_dict)
-    probed = actor(_numpy_batch(probe_table(table, max_pixels=LIMIT)))
-    decoded = actor(_numpy_batch(decode_table(table, SPEC, LIMIT, False)))  # CPU path, full-size decode
+    actor = _actor(state_dict, tmp_path)
+    rec_gpu_path, probed = _embed(actor, probe_table(table, max_pixels=LIMIT), 0)
+    rec_cpu_path, decoded = _embed(actor, decode_table(table, SPEC, LIMIT, False), 1)  # CPU path, full-size decode
     assert probed.column("status").to_pylist() == decoded.column("status").to_pylist() == \
         ["ok"] * (len(blobs) - 1) + ["decode_error", "read_error"]
     assert probed.column("error").to_pylist() == decoded.column("error").to_pylist()
@@ -225,28 +242,26 @@ def test_actor_decodes_bytes_and_matches_the_cpu_decode_path(state_dict, jpegs):
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() > 0.999, cos
     assert "bytes" not in probed.column_names and "_device_ok" not in probed.column_names
-    device_s = probed.column("_device_decode_s").to_numpy()
-    assert device_s[:-1].min() > 0 and device_s[-1] == 0  # every row the actor tried; not the unreadable one
-    assert probed.column("_model_s").to_numpy().sum() >= device_s.sum()  # ...part of the actor's busy time
-    assert decoded.column("_device_decode_s").to_numpy().max() == 0
+    assert (rec_gpu_path["ok"], rec_gpu_path["failed"]) == (rec_cpu_path["ok"], rec_cpu_path["failed"]) == (ok, 2)
+    assert rec_gpu_path["model_s"] > 0  # the device decode is part of the actor's busy time
 
 
 @pytest.mark.ray
-def test_bytes_pass_through_ray_data_to_the_actor(ray_local, state_dict, jpegs):
-    """The binary and bool columns survive Ray's numpy batches; decoding happens in the actor."""
+def test_bytes_travel_to_a_ray_actor_and_are_decoded_there(ray_local, state_dict, jpegs, tmp_path):
+    """In gpu_decode mode the block holds encoded bytes; they reach a real Ray actor through the object store."""
     import ray
 
     probed = probe_table(_read_table(jpegs), max_pixels=LIMIT)
-    ds = ray.data.from_arrow(probed).map_batches(
-        EmbedActor, batch_size=4, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
-        fn_constructor_args=(ray.put(state_dict), SPEC, categories("IMAGENET1K_V2"), 5, "fp32", True, False,
-                             False, 1),
-        fn_constructor_kwargs={"decode_opts": {"max_pixels": LIMIT, "draft": True}})
-    rows = sorted(ds.take_all(), key=lambda r: r["image_id"])
-    assert [r["status"] for r in rows] == ["ok"] * len(jpegs) + ["read_error"]
-    local = _actor(state_dict)(_numpy_batch(probed))
-    for row, emb in zip(rows[:len(jpegs)], local.column("embedding").to_pylist()):
-        np.testing.assert_allclose(row["embedding"], emb, rtol=1e-3, atol=1e-3)
+    local = _actor(state_dict, tmp_path / "local")
+    remote = ray.remote(EmbedActor).remote(local.settings)
+    ray.get(remote.ready.remote(ray.put(state_dict)))
+    (record,) = ray.get(remote.process.remote(ray.put(_block(probed, 3))))
+    assert record["part"] == "part-000003.parquet" and (record["ok"], record["failed"]) == (len(jpegs), 1)
+    rows = sorted(pq.read_table(tmp_path / "local" / record["part"]).to_pylist(), key=lambda r: r["image_id"])
+    _, here = _embed(local, probed, 4)
+    for row, emb in zip(rows[:len(jpegs)], sorted(here.to_pylist(), key=lambda r: r["image_id"])):
+        np.testing.assert_allclose(row["embedding"], emb["embedding"], rtol=1e-3, atol=1e-3)
+    ray.kill(remote)
 
 
 # -- on a real GPU ------------------------------------------------------------------------------------
@@ -273,12 +288,12 @@ def test_nvjpeg_catalogue_statuses_equal_the_cpu_path():
 
 
 @pytest.mark.gpu
-def test_cuda_actor_fp16_with_device_decode_is_close_to_cpu_fp32(state_dict, jpegs):
+def test_cuda_actor_fp16_with_device_decode_is_close_to_cpu_fp32(state_dict, jpegs, tmp_path):
     table = _read_table(jpegs)
-    gpu = _actor(state_dict, use_gpu=True, precision="fp16")
+    gpu = _actor(state_dict, tmp_path / "gpu", use_gpu=True, precision="fp16")
     assert gpu.embedder.device.type == "cuda" and torch.backends.cudnn.benchmark
-    got = gpu(_numpy_batch(probe_table(table, max_pixels=LIMIT)))
-    ref = _actor(state_dict)(_numpy_batch(decode_table(table, SPEC, LIMIT, False)))
+    _, got = _embed(gpu, probe_table(table, max_pixels=LIMIT), 0)
+    _, ref = _embed(_actor(state_dict, tmp_path / "cpu"), decode_table(table, SPEC, LIMIT, False), 0)
     assert got.column("status").to_pylist() == ref.column("status").to_pylist()
     n = len(jpegs)
     a = np.array(got.column("embedding").to_pylist()[:n])

@@ -1,17 +1,25 @@
 """The model stage without Ray: one forward pass equals plain torchvision; weights resolution and its errors."""
+import functools
 import io
+import json
 import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 from torchvision.models import ResNet50_Weights, resnet50
 
 from resnet_batch.config import ModelConfig
-from resnet_batch.decode import PreprocessSpec, decode_image
-from resnet_batch.model import EmbedActor, ResNet50Embedder
+from resnet_batch.decode import PreprocessSpec, decode_image, decode_table
+from resnet_batch.listing import Shard
+from resnet_batch.model import ActorSettings, EmbedActor, ResNet50Embedder
+from resnet_batch.reader import ChunkBuilder, ReadSettings
+from resnet_batch.schema import PART_STATS_KEY, output_schema
+from resnet_batch.writer import PartSettings
 from resnet_batch.sample_data import jpeg_bytes, source_photos, variant
 from resnet_batch.weights import (WeightsUnavailableError, categories, random_state_dict, resolve_weights,
                                   state_dict_sha256)
@@ -66,30 +74,58 @@ def test_fc_of_embedding_is_the_logits_and_bf16_is_close(state_dict, images):
     assert cos.min() > 0.99
 
 
-def test_actor_rows(state_dict, images):
-    actor = EmbedActor(state_dict, SPEC, categories("IMAGENET1K_V2"), 5, "fp32", True, False, False, 2)
-    pixels = np.stack([decode_image(b, SPEC, max_pixels=10**8, draft=True)[0] for b in images[:2]]
-                      + [np.zeros((224, 224, 3), np.uint8)])
-    batch = {"image_id": np.array(["a", "b", "c"], dtype=object), "path": np.array(["/a", "/b", "/c"], dtype=object),
-             "status": np.array(["ok", "ok", "decode_error"], dtype=object),
-             "error": np.array([None, None, "corrupt image: x"], dtype=object),
-             "width": np.array([640, 480, -1], np.int32), "height": np.array([480, 640, -1], np.int32),
-             "pixels": pixels, "_shard": np.array([0, 0, 0], np.int32), "caption": np.array(["x", float("nan"), "z"], dtype=object)}
-    t = actor(batch)
-    rows = t.to_pylist()
-    assert [r["status"] for r in rows] == ["ok", "ok", "decode_error"]
-    for r in rows[:2]:
+def _actor(tmp_path, extra=(), **kw):
+    part = PartSettings(str(tmp_path / "out"), {}, output_schema(extra), "zstd", "float32", 5.0, run=1)
+    settings = ActorSettings(spec=SPEC, categories=categories("IMAGENET1K_V2"), topk=5, precision="fp32",
+                             channels_last=True, compile=False, use_gpu=False, require_cuda=False, threads=2,
+                             batch_size=2, max_pixels=10**8, draft=True, formats=("JPEG", "PNG"), output=part, **kw)
+    return EmbedActor(settings)
+
+
+def _block(images, shard=0, extra=(), chunked=False, passthrough=None):
+    """A decoded chunk as a read task hands it over: two photos, a corrupt file, the shard's end row."""
+    settings = ReadSettings("/in", "file", "/in", {}, ("jpg",), "jpg", tuple(extra), 1 << 26, 100, 2, 5.0,
+                            decode=functools.partial(decode_table, spec=SPEC, max_pixels=10**8, draft=True))
+    rows = ChunkBuilder(Shard(shard, "files", ()), settings, chunked=chunked)
+    for i, data in enumerate([images[0], images[1], b"\xff\xd8 not a jpeg"]):
+        list(rows.add(f"img-{i}.jpg", f"/in/img-{i}.jpg", data, extra=passthrough))
+    return next(rows.finish())
+
+
+def test_actor_writes_the_part_and_returns_only_a_record(state_dict, images, tmp_path):
+    actor = _actor(tmp_path, extra=[pa.field("caption", pa.string())])
+    info = actor.ready(state_dict)
+    assert info["device"] == "cpu" and info["pid"] > 0
+    (record,) = actor.process(_block(images, shard=7, extra=[pa.field("caption", pa.string())],
+                                     passthrough={"caption": "a cat"}))
+    assert record["part"] == "part-000007.parquet" and (record["rows"], record["ok"], record["failed"]) == (3, 2, 1)
+    assert record["chunks"] == record["groups"] == 1 and record["bytes"] > 0 and record["model_s"] > 0
+    t = pq.read_table(tmp_path / "out" / "part-000007.parquet")
+    assert t.schema.remove_metadata().equals(output_schema([pa.field("caption", pa.string())]))
+    rows = {r["image_id"]: r for r in t.to_pylist()}
+    assert [rows[i]["status"] for i in sorted(rows)] == ["ok", "ok", "decode_error"]
+    for r in (rows["img-0.jpg"], rows["img-1.jpg"]):
         assert r["topk_probs"] == sorted(r["topk_probs"], reverse=True)
-        assert all(0.0 <= p <= 1.0 for p in r["topk_probs"])
         assert r["topk_labels"] == [categories("IMAGENET1K_V2")[i] for i in r["topk_ids"]]
-        assert len(r["embedding"]) == 2048
-    assert rows[2]["embedding"] is None and rows[2]["topk_ids"] is None and rows[2]["width"] is None
-    assert rows[2]["error"] == "corrupt image: x"
-    assert t.column("caption").to_pylist() == ["x", None, "z"]  # Ray's NaN-for-missing becomes null
-    emb, logits = actor.embedder.embed(pixels[:2])
-    top = torch.softmax(logits, 1).topk(5)
-    assert rows[0]["topk_ids"] == top.indices[0].tolist()
-    np.testing.assert_allclose(rows[1]["embedding"], emb[1].numpy(), rtol=1e-6)
+        assert r["caption"] == "a cat"
+    bad = rows["img-2.jpg"]
+    assert bad["embedding"] is None and bad["topk_ids"] is None and bad["width"] is None
+    pixels = np.stack([decode_image(b, SPEC, max_pixels=10**8, draft=True)[0] for b in images[:2]])
+    emb, logits = actor.embedder.embed(pixels)
+    np.testing.assert_allclose(rows["img-1.jpg"]["embedding"], emb[1].numpy(), rtol=1e-5, atol=1e-5)
+    assert rows["img-0.jpg"]["topk_ids"] == torch.softmax(logits, 1).topk(5).indices[0].tolist()
+    assert json.loads(pq.read_metadata(tmp_path / "out" / "part-000007.parquet").metadata[PART_STATS_KEY])["ok"] == 2
+
+
+def test_actor_reports_failures_instead_of_raising(state_dict, images, tmp_path):
+    actor = _actor(tmp_path)
+    actor.ready(state_dict)
+    block = _block(images)
+    (split,) = actor.process(block.slice(0, 2))  # a chunk that arrived in pieces is never written
+    assert split["error"] == "chunk arrived split (2 of 4 rows in one block)" and "part" not in split
+    actor.embedder = None  # the model is gone: the forward pass raises
+    (failed,) = actor.process(block)
+    assert failed["error"].startswith("AttributeError") and not (tmp_path / "out" / "part-000000.parquet").exists()
 
 
 def test_checkpoint_weights_resolved_with_hash(checkpoint, state_dict):
@@ -115,7 +151,8 @@ def test_bad_checkpoints_are_refused(tmp_path):
         resolve_weights(ModelConfig(weights=str(tmp_path / "nope.pth")))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsUnavailableError, match=r"is not a loadable state dict \(torch.load weights_only=True\)"):
+    with pytest.raises(WeightsUnavailableError, match=r"is not a plain state dict; torch.load\(weights_only=True\) "
+                                                      r"refused it"):
         resolve_weights(ModelConfig(weights=str(junk)))
     other = tmp_path / "resnet18.pth"
     from torchvision.models import resnet18
@@ -136,13 +173,14 @@ def test_pretrained_weights_unavailable_says_how_to_provide(tmp_path):
     torch.save(random_state_dict(0), cache / "resnet50-11ad3fa6.pth")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={"TORCH_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}).stdout
-    assert out.startswith(f"WeightsUnavailableError cached weights {cache}/resnet50-11ad3fa6.pth do not match "
+    assert out.startswith(f"WeightsError cached weights {cache}/resnet50-11ad3fa6.pth do not match "
                           "the published hash (")
-    assert "!= 11ad3fa6): delete the file and download https://download.pytorch.org/models/resnet50-11ad3fa6.pth" in out
+    assert ("!= 11ad3fa6), so nothing was loaded from them: delete the file and download "
+            "https://download.pytorch.org/models/resnet50-11ad3fa6.pth") in out
     # With an empty cache the download is tried; with no network the error says how to provide the file.
     (cache / "resnet50-11ad3fa6.pth").unlink()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={"TORCH_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}).stdout
-    assert "WeightsUnavailableError could not load torchvision weights ResNet50_Weights.IMAGENET1K_V2 (" in out
+    assert "WeightsError could not download torchvision weights ResNet50_Weights.IMAGENET1K_V2 (" in out
     assert f"place it at {cache}/resnet50-11ad3fa6.pth (or set TORCH_HOME)" in out
     assert "or set model.weights to a checkpoint path or URL" in out

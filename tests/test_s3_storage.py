@@ -7,15 +7,18 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import s3fs
 
 from resnet_batch.config import InputConfig, build_config, redacted
-from resnet_batch.listing import InputError, list_input
+from resnet_batch.errors import InputError
+from resnet_batch.listing import list_entries
+from resnet_batch.plan import list_shards
 from resnet_batch.schema import embedding_array, output_schema
-from resnet_batch.storage import (ListingProgress, StorageOptionsError, filesystem, list_files, prepare,
+from resnet_batch.storage import (StorageOptionsError, filesystem, prepare,
                                   resolve_options)
-from resnet_batch.writer import OutputError, OutputStore
+from resnet_batch.writer import OutputError, encode_part, write_bytes
 from tests.conftest import REPO
 from tests.s3server import ACCESS_KEY, REGION, SECRET_KEY, free_ports
 
@@ -103,8 +106,8 @@ def test_credentials_and_endpoint_from_aws_environment(s3, clean_env):
     clean_env.setenv("AWS_REGION", REGION)
     cfg = prepare(_cfg("s3://storage-private/photos", "s3://storage-out/env", {}))
     assert cfg.input.storage_options == {"endpoint_url": s3.endpoint, "client_kwargs": {"region_name": REGION}}
-    listing = list_input(cfg.input, progress=False)
-    assert listing.images == 36 and listing.protocol == "s3"
+    fmt, listing, shards, _ = list_shards(cfg.input)
+    assert sum(len(s.paths) for s in shards) == 36 and listing.protocol == "s3"
 
 
 def test_credentials_from_an_aws_profile(s3, clean_env, tmp_path):
@@ -114,20 +117,20 @@ def test_credentials_from_an_aws_profile(s3, clean_env, tmp_path):
     clean_env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
     clean_env.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
     clean_env.setenv("AWS_PROFILE", "photos")
-    assert list_input(prepare(_cfg("s3://storage-private/photos", "/tmp/x", {})).input, progress=False).images == 36
+    assert _images(prepare(_cfg("s3://storage-private/photos", "/tmp/x", {})).input) == 36
     # or named in the config
     clean_env.delenv("AWS_PROFILE")
     cfg = prepare(_cfg("s3://storage-private/photos", "/tmp/x", {"profile": "photos"}))
-    assert list_input(cfg.input, progress=False).images == 36
+    assert _images(cfg.input) == 36
 
 
 def test_anonymous_read_of_a_public_read_bucket(s3, clean_env):
     anon = {"anon": True, "endpoint_url": s3.endpoint}
     cfg = prepare(_cfg("s3://storage-public/photos", "/tmp/x", anon))
-    listing = list_input(cfg.input, progress=False)
-    assert listing.images == 36
+    _, _, shards, _ = list_shards(cfg.input)
+    assert sum(len(s.paths) for s in shards) == 36
     fs, _ = filesystem(cfg.input.uri, cfg.input.storage_options)
-    assert fs.cat_file(listing.shards[0].paths[0])[:2] == b"\xff\xd8"  # a JPEG, read without credentials
+    assert fs.cat_file(shards[0].paths[0])[:2] == b"\xff\xd8"  # a JPEG, read without credentials
     with pytest.raises(InputError) as err:  # the private bucket refuses anonymous requests
         prepare(_cfg("s3://storage-private/photos", "/tmp/x", anon))
     assert str(err.value) == (f"input s3://storage-private/photos: access denied at {s3.endpoint} "
@@ -205,58 +208,44 @@ def test_cli_wrong_secret_exits_2_before_ray_starts(s3, tmp_path, checkpoint):
 
 
 # -- listing -------------------------------------------------------------------------------------
-def test_listing_is_one_paginated_walk_per_prefix(s3):
-    """Objects at the root and in sub-prefixes: one delimiter listing of the root, then one walk per
-    sub-prefix (pages of 1000), never a request per object."""
+def test_listing_walks_prefixes_level_by_level_in_pages(s3):
+    """Objects at the root and in sub-prefixes: one delimiter listing per prefix (pages of 1000, sub-prefixes
+    listed concurrently), never a request per object; every page arrives with size and ETag."""
     fs = s3.filesystem()
     s3.make_bucket("storage-listing")
     layout = {f"storage-listing/set/top-{i}.jpg": b"x" for i in range(3)}
-    layout.update({f"storage-listing/set/a/{i:04d}.jpg": b"x" for i in range(1100)})
+    layout.update({f"storage-listing/set/a/{i:04d}.jpg": b"xy" for i in range(1100)})
     layout.update({f"storage-listing/set/b/deep/{i}.jpg": b"x" for i in range(5)})
     layout["storage-listing/set-other/not-me.jpg"] = b"x"  # shares the prefix string, not the folder
     fs.pipe(layout)
-    lister, root = filesystem("s3://storage-listing/set", s3.storage_options())
+    listing = list_entries(InputConfig(uri="s3://storage-listing/set", storage_options=s3.storage_options()))
+    lister, _ = filesystem("s3://storage-listing/set", s3.storage_options())
     calls = []
     lister.s3.meta.events.register("before-parameter-build.s3.ListObjectsV2",
                                    lambda params, **kw: calls.append(dict(params)))
-    totals = []
-    found = list_files(lister, root, totals.append)
-    assert sorted(found) == sorted(k for k in layout if k.startswith("storage-listing/set/"))
-    assert sorted(found) == sorted(fs.find("storage-listing/set"))
-    # the root once with delimiter '/', then a/ in 2 pages of up to 1000 and b/ in one, without delimiter
+    pages = list(listing.pages)
+    found = {p.decode(): (size, etag) for page in pages for p, size, etag in
+             zip(page.column("path").to_pylist(), page.column("size").to_pylist(), page.column("etag").to_pylist())}
+    assert sorted(found) == sorted(k.split("/", 2)[2] for k in layout if k.startswith("storage-listing/set/"))
+    assert found["a/0001.jpg"][0] == 2 and len(found["a/0001.jpg"][1]) == 32  # size and MD5 ETag (hex)
     assert sorted((c["Prefix"], c.get("Delimiter")) for c in calls) == [
-        ("set/", "/"), ("set/a/", None), ("set/a/", None), ("set/b/", None)]
-    assert totals[-1] == 1108 and totals == sorted(totals)
+        ("set/", "/"), ("set/a/", "/"), ("set/a/", "/"), ("set/b/", "/"), ("set/b/deep/", "/")]
+    assert max(len(p) for p in pages) == 1000
 
 
-def test_listing_progress_lines(capsys):
-    progress = ListingProgress("s3://b/p", every_s=0.0)
-    progress(1000)
-    progress(25_000)
-    seconds = progress.done()
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 3 and seconds > 0
-    assert err[0].startswith("listing s3://b/p: 1,000 objects so far in ")
-    assert err[2].startswith("listing s3://b/p: 25,000 objects in total in ") and err[2].endswith(" objects/s)")
-    quiet = ListingProgress("s3://b/p", enabled=False, every_s=0.0)
-    quiet(50_000)
-    quiet.done()
-    assert capsys.readouterr().err == ""
-
-
-def test_list_input_on_s3_matches_local(s3, photos):
+def test_shards_on_s3_match_local(s3, photos):
     cfg = InputConfig(uri="s3://storage-private/photos", storage_options=s3.storage_options(), images_per_shard=8)
-    listing = list_input(cfg, progress=False)
-    local = list_input(InputConfig(uri=str(photos), images_per_shard=8), progress=False)
-    assert listing.root == "storage-private/photos" and listing.format == "folder"
-    assert [[p.split("/photos/", 1)[1] for p in s.paths] for s in listing.shards] == \
-        [[os.path.relpath(p, photos) for p in s.paths] for s in local.shards]
+    fmt, listing, shards, _ = list_shards(cfg)
+    _, _, local, _ = list_shards(InputConfig(uri=str(photos), images_per_shard=8))
+    assert listing.root == "storage-private/photos" and fmt == "folder"
+    rel = sorted(p.split("/photos/", 1)[1] for s in shards for p in s.paths)
+    assert rel == sorted(os.path.relpath(p, photos) for s in local for p in s.paths)
+    assert sorted(len(s.paths) for s in shards) == sorted(len(s.paths) for s in local)
 
 
 # -- output --------------------------------------------------------------------------------------
 def test_output_objects_are_never_visible_partially(s3):
     """A 24 MB part written while another client polls the prefix: it is either absent or complete."""
-    store = OutputStore("s3://storage-out/atomic", s3.storage_options())
     n = 3000
     schema = output_schema()
     rng = np.random.default_rng(0)
@@ -277,12 +266,11 @@ def test_output_objects_are_never_visible_partially(s3):
                 seen.append((info["name"], info["size"]))
             time.sleep(0.01)
 
-    from resnet_batch.listing import Shard
-
     t = threading.Thread(target=poll)
     t.start()
+    fs, root = filesystem("s3://storage-out/atomic", s3.storage_options())
     try:
-        store.write_part(Shard(0, "files", ()), table, schema, {"rows": n})
+        write_bytes(fs, f"{root}/part-000000.parquet", encode_part(table, schema, {"rows": n}, "zstd", "n", 1), 30)
         time.sleep(0.3)
     finally:
         stop.set()
@@ -290,8 +278,8 @@ def test_output_objects_are_never_visible_partially(s3):
     final = watcher.info("storage-out/atomic/part-000000.parquet")["size"]
     assert final > 20_000_000
     assert seen and {size for name, size in seen if name.endswith("part-000000.parquet")} == {final}
-    assert store.read_part(0, ["image_id"]).num_rows == n
-    assert store.done_parts() == {"part-000000.parquet"}
+    with fs.open(f"{root}/part-000000.parquet", "rb") as f:
+        assert pq.read_table(f, columns=["image_id"]).num_rows == n
 
 
 def test_local_paths_are_checked_too(tmp_path, photos):
@@ -305,3 +293,7 @@ def test_local_paths_are_checked_too(tmp_path, photos):
                              "(output.uri)"
     cfg = prepare(_cfg(str(photos), str(tmp_path / "new" / "out"), {}))
     assert cfg.input.storage_options == {} and not (tmp_path / "new").exists()  # checked, nothing created
+
+
+def _images(cfg_input) -> int:
+    return sum(len(shard.paths) for shard in list_shards(cfg_input)[2])
