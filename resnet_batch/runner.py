@@ -119,7 +119,7 @@ class Progress:
     def close(self) -> None: ...
 
 
-def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, progress: Optional[Progress] = None,
+def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, progress: "Progress | bool" = False,
         verbose: bool = False, embedder: Optional[Callable] = None) -> dict:
     """Run (or resume, or sync) an embed job; returns the run report.
 
@@ -128,7 +128,10 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
     benchmarks only (Python API): a stand-in for ResNet-50, see model.ActorSettings.
     """
     t_start = time.perf_counter()
-    progress = progress or Progress()
+    if not isinstance(progress, Progress):  # True: lines on stderr; False/None: nothing
+        from resnet_batch.progress import make_progress
+
+        progress = make_progress(quiet=not progress, every_s=30.0)
     check_overlap(cfg)
     cfg = prepare_storage(cfg)  # storage options resolved; input readable, output writable, before any work
     store = OutputStore(cfg.output.uri, dict(cfg.output.storage_options), cfg.compute.retry_window_s)

@@ -125,11 +125,12 @@ def test_folder_input_read_anonymously_from_a_public_bucket(s3_server, shards, r
     report, table, fs = _run_s3(s3_server, checkpoint, "s3://e2e-public/photos", "folder",
                                 {"anon": True, "endpoint_url": s3_server.endpoint})
     assert report["complete"] is True and report["output"] == "s3://e2e-out/folder"
-    assert report["counts"] == {"inputs": N, "ok": N, "failed": 0, "skipped": 0,
+    assert report["counts"] == {"inputs": N, "ok": N, "failed": 0, "skipped": 0, "done_before": 0,
                                 "this_run": {"images": N, "ok": N, "failed": 0}}
     assert sorted(fs.ls("e2e-out/folder", detail=False)) == sorted(
         [f"e2e-out/folder/part-{i:06d}.parquet" for i in range(3)] +
-        [f"e2e-out/folder/{n}" for n in ("_SUCCESS", "_manifest.json", "_provenance.json", "_run_report.json")])
+        [f"e2e-out/folder/{n}" for n in ("_SUCCESS", "_ledger", "_manifest", "_provenance.json", "_run_report.json",
+                                         "_state.json")])
     ids = table.column("image_id").to_pylist()
     assert sorted(ids) == sorted(shards.values())
     assert table.column("path").to_pylist()[0] == f"s3://e2e-public/photos/{ids[0]}"
@@ -203,13 +204,14 @@ def test_wrong_secret_fails_before_any_work_and_writes_nothing(s3_server, shards
 def test_resume_on_s3_skips_finished_shards(s3_server, shards, checkpoint):
     """A second run over the same S3 output finds every part done and writes nothing new."""
     cfg = job_config("s3://e2e-shards/pq", "s3://e2e-out/pq", checkpoint,
-                     input={"storage_options": s3_server.storage_options(),
+                     input={"storage_options": s3_server.storage_options(), "images_per_shard": 4,
                             "passthrough_columns": ["url", "caption", "original_width", "sha256"]},
                      output={"storage_options": s3_server.storage_options()})
     fs = s3_server.filesystem()
     before = {p: fs.info(p)["ETag"] for p in fs.find("e2e-out/pq") if p.endswith(".parquet")}
     report = run(cfg, progress=False)
-    assert report["complete"] is True and report["shards"]["done_before"] == 2 and report["shards"]["written"] == 0
+    assert report["complete"] is True and report["counts"]["done_before"] == N and report["shards"]["parts_written"] == 0
+    assert report["sync"]["unchanged"] == 2 and report["counts"]["this_run"]["images"] == 0
     assert {p: fs.info(p)["ETag"] for p in fs.find("e2e-out/pq") if p.endswith(".parquet")} == before
 
 
