@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import traceback
 from typing import Optional
@@ -29,7 +28,7 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
 def embed_main(args: argparse.Namespace) -> int:
     """Load and validate the config, run the job, print the summary; returns the exit code."""
     from resnet_batch.config import load_config
-    from resnet_batch.errors import RunFailed, UserError
+    from resnet_batch.errors import RunFailed, UserError, one_line
     from resnet_batch.text import printable
 
     overrides = list(args.overrides)
@@ -62,23 +61,12 @@ def embed_main(args: argparse.Namespace) -> int:
     except Exception as err:  # a failure mid-run: finished shards are already safe in the output
         if args.verbose:
             traceback.print_exc()
-        print(f"error: the run failed: {printable(_one_line(err))}\n"
+        print(f"error: the run failed: {printable(one_line(err))}\n"
               f"finished parts are kept in {cfg.output.uri}; rerun the same command to resume", file=sys.stderr)
         return EXIT_FAILED
     print(summary(report, printable))
     return EXIT_OK if report["complete"] else EXIT_FAILED
 
-
-def _one_line(err: BaseException) -> str:
-    """An error in one line; for a Ray error that carries a worker's exception, that exception."""
-    cause = err
-    while getattr(cause, "cause", None) is not None and cause.cause is not cause:
-        cause = cause.cause
-    lines = [line for line in str(cause).splitlines() if line.strip()]
-    name = type(cause).__name__
-    if len(lines) > 1 and re.match(r"[A-Za-z_][\w.]*(Error|Exception): ", lines[-1]):
-        return f"{name}: {lines[-1]}"
-    return f"{name}: {lines[0]}" if lines else name
 
 
 def sample_data_main(args: argparse.Namespace) -> int:
@@ -104,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=sample_data_main)
     from resnet_batch.search_cli import register  # index, similar, neighbors, gallery
     register(sub)
+    from resnet_batch.status import register as register_status
+    register_status(sub)
     return parser
 
 

@@ -159,22 +159,37 @@ def _crop(im: Image.Image, spec: PreprocessSpec, draft: bool) -> np.ndarray:
 
 def decode_table(table: pa.Table, spec: PreprocessSpec, max_pixels: int, draft: bool,
                  formats: Sequence[str] = DEFAULT_FORMATS) -> pa.Table:
-    """The read task's decode stage: rows with `bytes` -> rows with a `pixels` tensor column (N, C, C, 3)
-    uint8 and the decode outcome (see with_outcome). Rows that fail keep zero pixels and a reason.
-    `formats`: the Pillow formats allowed (pillow_formats(input.extensions))."""
-    from ray.data.extensions import ArrowTensorArray
-
-    n, c = len(table), spec.crop_size
-    pixels = np.zeros((n, c, c, 3), dtype=np.uint8)
+    """The read task's decode stage: rows with `bytes` -> rows with a `pixels` column (each ok row's uint8
+    C x C x 3 crop as bytes; a row that failed carries none, so broken files cost nothing in flight) and
+    the decode outcome (see with_outcome). `formats`: the Pillow formats allowed (pillow_formats(extensions))."""
+    n = len(table)
+    crops: list[bytes] = [b""] * n
     widths, heights = np.full(n, -1, dtype=np.int32), np.full(n, -1, dtype=np.int32)
 
     def decode(i: int, data: bytes) -> None:
-        pixels[i], widths[i], heights[i] = decode_image(data, spec, max_pixels=max_pixels, draft=draft,
-                                                        formats=formats)
+        crop, widths[i], heights[i] = decode_image(data, spec, max_pixels=max_pixels, draft=draft, formats=formats)
+        crops[i] = crop.tobytes()
 
     status, error, seconds = each_image(table, decode)
     out = with_outcome(table.drop_columns(["bytes"]), status, error, widths, heights, seconds)
-    return out.append_column("pixels", ArrowTensorArray.from_numpy(pixels))
+    return out.append_column("pixels", pa.array(crops, pa.binary()))
+
+
+def crops_of(column: pa.ChunkedArray | pa.Array, ok: np.ndarray, crop: int) -> np.ndarray:
+    """(number of ok rows, crop, crop, 3) uint8 from a `pixels` column (decode_table's), without copying:
+    the rows that failed hold no bytes, so the ok rows' crops lie back to back in one buffer."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset:arr.offset + len(arr) + 1]
+    size = crop * crop * 3
+    lengths = np.diff(offsets)
+    if not (lengths[ok] == size).all() or lengths[~ok].any():
+        raise ValueError("pixels column does not match the rows' decode status")
+    values = arr.buffers()[2]
+    count = int(ok.sum())
+    if count == 0:
+        return np.zeros((0, crop, crop, 3), dtype=np.uint8)
+    return np.frombuffer(values, dtype=np.uint8, count=count * size, offset=int(offsets[0])).reshape(
+        count, crop, crop, 3)
 
 
 def each_image(table: pa.Table, fn: Callable[[int, bytes], None]) -> tuple[list, list, np.ndarray]:

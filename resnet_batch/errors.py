@@ -45,3 +45,18 @@ class LockedError(UserError):
 
 class RunFailed(Exception):
     """A run that started could not finish everything; finished work is kept, a rerun resumes."""
+
+
+def one_line(err: BaseException) -> str:
+    """An error in one line. For a Ray error that carries a worker's exception (a task's, or an actor's
+    constructor's), that exception: "RuntimeError: compute.device=cuda: ..." rather than Ray's wrapper."""
+    import re
+
+    cause = err
+    while getattr(cause, "cause", None) is not None and cause.cause is not cause:
+        cause = cause.cause
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    inner = [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Exhausted|Failed)\b: ", line)]
+    if inner:
+        return inner[-1]
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from resnet_batch.decode import PreprocessSpec
+from resnet_batch.decode import PreprocessSpec, crops_of
 from resnet_batch.schema import (CONTROL_END, CONTROL_FAILURE, DEVICE_NO_CUDA, EMBEDDING_DIM, PASSTHROUGH_PREFIX,
                                  STATUS_DECODE_ERROR, STATUS_OK, embedding_array)
 from resnet_batch.writer import PartSettings, encode_part, part_name, read_parquet, write_bytes
@@ -212,7 +212,7 @@ class EmbedActor:
         width, height = images.column("width").to_numpy().copy(), images.column("height").to_numpy().copy()
         ok = status == STATUS_OK
         if "pixels" in images.column_names:
-            pixels = images.column("pixels").combine_chunks().to_numpy_ndarray()[ok] if ok.any() else None
+            pixels = crops_of(images.column("pixels"), ok, s.spec.crop_size)
         else:  # compute.gpu_decode: JPEG bytes, decoded on this actor's device
             pixels, ok = self._decode_bytes(images, status, error, ok, width, height)
         emb = np.zeros((n, EMBEDDING_DIM), dtype=np.float32)

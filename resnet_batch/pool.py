@@ -107,9 +107,9 @@ class ModelPool:
         return sum(m.ready for m in self.members)
 
     def maybe_grow(self, waiting_blocks: int) -> bool:
-        """Add an actor when blocks have waited GROW_AFTER_S for a full pool (and none is starting)."""
-        if waiting_blocks == 0 or len(self.members) >= self.max or any(not m.ready for m in self.members) \
-                or self.free():
+        """Add an actor when decoded blocks have kept waiting for GROW_AFTER_S (called right after dispatch,
+        so waiting blocks mean every ready actor is full), up to max_actors, one starting at a time."""
+        if waiting_blocks == 0 or len(self.members) >= self.max or any(not m.ready for m in self.members):
             self.starved_since = None
             return False
         now = time.monotonic()

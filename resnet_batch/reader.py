@@ -29,7 +29,12 @@ WDS_FIELDS = (pa.field("caption", pa.string()), pa.field("json", pa.string()))  
 JSON_PEEK_SAMPLES = 64
 META_MAX_BYTES = 1 << 20  # a sample's .json / .txt larger than this is not read
 CHUNK_BYTES = 192 << 20  # in-flight bytes per chunk (gpu_decode carries encoded images)
-PARQUET_BATCH = 16  # Parquet rows decoded at a time (bounded buffers)
+PARQUET_BATCH = 16  # Parquet rows decoded at a time at most ...
+PARQUET_BATCH_BYTES = 16 << 20  # ... and fewer when a row group's values are large (bounded buffers)
+# pyarrow decodes a row group's image column as a whole: larger row groups are refused (their rows fail, saying
+# how to rewrite the file). img2dataset writes 100 samples per row group, Hugging Face a few hundred MB at most.
+ROW_GROUP_MAX_BYTES = 96 << 20
+GROUP_BYTES = 8 << 20  # encoded bytes a read task holds before decoding them (a few copies exist meanwhile)
 _READ_FIELDS = (pa.field("image_id", pa.string()), pa.field("path", pa.string()), pa.field("bytes", pa.binary()),
                 pa.field("status", pa.string()), pa.field("error", pa.string()))
 
@@ -76,6 +81,7 @@ class ChunkBuilder:
         self.shard, self.s, self.chunked = shard, s, chunked
         self.schema = in_flight_schema(s.passthrough)
         self.rows: list[dict] = []
+        self.group_bytes = 0
         self.decoded: list[pa.Table] = []
         self.chunk_rows = 0
         self.chunk_bytes = 0
@@ -104,7 +110,8 @@ class ChunkBuilder:
                 self.merge.setdefault(self.shard.only[image_id], []).append(row)
             return
         self.rows.append(row)
-        if len(self.rows) >= self.s.fetch_batch:
+        self.group_bytes += len(data or b"")
+        if len(self.rows) >= self.s.fetch_batch or self.group_bytes >= GROUP_BYTES:
             self._decode_group()
         if self.chunked and (self.chunk_rows >= self.s.chunk_images or self.chunk_bytes >= self.s.chunk_bytes):
             yield self._emit(self.chunk if self.chunked else -1)
@@ -116,7 +123,7 @@ class ChunkBuilder:
         self.decoded.append(table)
         self.chunk_rows += len(table)
         self.chunk_bytes += table.nbytes
-        self.rows = []
+        self.rows, self.group_bytes = [], 0
 
     def _control(self, status: str, error: Optional[str] = None) -> None:
         """A row that is not an image (CONTROL_END, CONTROL_FAILURE); decoding passes it through untouched."""
@@ -386,6 +393,11 @@ def _read_parquet(fs, shard: Shard, s: ReadSettings) -> Iterator[pa.Table]:
     with f:
         schema = pf.schema_arrow
         problem = _image_column_problem(schema, s.image_column, shown)
+        image_type = schema.field(s.image_column).type if not problem else None
+        if image_type is not None and (pa.types.is_binary(image_type) or pa.types.is_dictionary(image_type)):
+            # Kept as a dictionary when the file has one: one large value repeated on every row (a bomb) is
+            # then never materialised row by row beyond what the batch takes.
+            pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20, read_dictionary=[s.image_column])
         key_col = "key" if "key" in schema.names else None
         present = [p for p in s.passthrough if p.name in schema.names]
         if problem:
@@ -396,14 +408,17 @@ def _read_parquet(fs, shard: Shard, s: ReadSettings) -> Iterator[pa.Table]:
         skipped, row = 0, 0
         try:
             for rg in range(pf.num_row_groups):
-                too_big = _oversized_row_group(pf, rg, s) if not problem else None
+                too_big, per_row = _row_group_size(pf, rg, s) if not problem else (None, 0)
                 group_cols = [c for c in cols if c != s.image_column] if too_big else cols
                 if not group_cols:  # nothing to read in this group: its rows fail by number
                     batches = [pa.RecordBatch.from_pydict({"_": [None] * pf.metadata.row_group(rg).num_rows})]
                 else:
-                    batches = pf.iter_batches(batch_size=PARQUET_BATCH, row_groups=[rg], columns=group_cols)
+                    size = max(1, min(PARQUET_BATCH, PARQUET_BATCH_BYTES // max(per_row, 1)))
+                    batches = pf.iter_batches(batch_size=size, row_groups=[rg], columns=group_cols)
                 for batch in batches:
-                    data = batch.to_pydict()
+                    images = batch.column(s.image_column) if s.image_column in batch.schema.names else None
+                    data = batch.drop_columns([s.image_column]).to_pydict() if images is not None \
+                        else batch.to_pydict()
                     for i in range(batch.num_rows):
                         key = data[key_col][i] if key_col and key_col in data else None
                         key = storable(key.decode("utf-8", "surrogateescape")) if isinstance(key, bytes) \
@@ -414,7 +429,7 @@ def _read_parquet(fs, shard: Shard, s: ReadSettings) -> Iterator[pa.Table]:
                         if problem or too_big:
                             yield from rows.add(image_id, f"{shown}#{key}", None, problem or too_big, extra)
                             continue
-                        img = data[s.image_column][i]
+                        img = images[i].as_py()  # one value at a time (a dictionary's too)
                         if isinstance(img, dict):
                             img = img.get("bytes")
                         if img is None:
@@ -439,6 +454,8 @@ def _image_column_problem(schema: pa.Schema, column: str, shown: str) -> Optiona
     if column not in schema.names:
         return f"{shown} has no image column '{column}' (input.image_column); columns: {schema.names}"
     t = schema.field(column).type
+    if pa.types.is_dictionary(t):
+        t = t.value_type
     if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0:
         t = t.field("bytes").type
     if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
@@ -446,15 +463,22 @@ def _image_column_problem(schema: pa.Schema, column: str, shown: str) -> Optiona
     return f"{shown}: image column '{column}' holds {t}, not image bytes (input.image_column)"
 
 
-def _oversized_row_group(pf, rg: int, s: ReadSettings) -> Optional[str]:
-    """A row group whose image values average more than input.max_bytes is refused unread (its rows fail)."""
+def _row_group_size(pf, rg: int, s: ReadSettings) -> tuple[Optional[str], int]:
+    """(why the row group is refused unread, or None; its image bytes per row). A row group whose image
+    values average more than input.max_bytes is refused (its rows fail); others are read in batches sized
+    to their values."""
     meta = pf.metadata.row_group(rg)
     idx = [i for i in range(meta.num_columns) if meta.column(i).path_in_schema.split(".")[0] == s.image_column]
     size = sum(meta.column(i).total_uncompressed_size for i in idx)
-    if meta.num_rows and size / meta.num_rows > s.max_bytes:
+    per_row = size // max(meta.num_rows, 1)
+    if meta.num_rows and per_row > s.max_bytes:
         return (f"row group {rg} holds {size} bytes of images in {meta.num_rows} rows, over input.max_bytes "
-                f"({s.max_bytes}) each; not read")
-    return None
+                f"({s.max_bytes}) each; not read"), per_row
+    if size > max(ROW_GROUP_MAX_BYTES, s.max_bytes):
+        return (f"row group {rg} holds {size} bytes of images, more than a read task buffers "
+                f"({max(ROW_GROUP_MAX_BYTES, s.max_bytes)}); not read: rewrite the file with smaller row groups "
+                "(e.g. pyarrow row_group_size=100)"), per_row
+    return None, per_row
 
 
 def _cast(value, type_: pa.DataType):

@@ -472,6 +472,7 @@ class _Job:
         try:
             self.failures = scheduler.run(queue)
         finally:
+            self.driver_bytes = scheduler.bytes_received
             self.pipeline_s = time.perf_counter() - t0
             self.ledger.flush()
             self.progress.close()
@@ -556,7 +557,9 @@ class _Job:
                        for k, a in sorted(st.actors.items())],
             "stages": stages(st, max(len(actors), len(st.actors), 1)),
             "per_node": st.per_node(),
-            "driver": {"pid": os.getpid(), "host": socket.gethostname()},
+            "driver": {"pid": os.getpid(), "host": socket.gethostname(), "peak_rss_bytes": _peak_rss(),
+                       "bytes_received": getattr(self, "driver_bytes", 0),
+                       "bytes_per_image": round(getattr(self, "driver_bytes", 0) / st.images, 2) if st.images else None},
             "failures": read_failures(self.store, ledger),
             "ray_logs": ray_logs_dir(),
             "failed_shards": [{"shard": f.shard.index, "attempts": f.attempts, "reason": f.reason,
@@ -565,6 +568,13 @@ class _Job:
             "config": redacted(self.cfg),
         }
         return report
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _shard_desc(shard: Shard, state: OutputState) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import pickle
 import queue
 import threading
 import time
@@ -20,7 +21,7 @@ from typing import Callable, Optional
 
 import ray
 
-from resnet_batch.errors import RunFailed
+from resnet_batch.errors import RunFailed, one_line as _one_line
 from resnet_batch.listing import Shard
 from resnet_batch.pool import CALLS_PER_ACTOR, ModelPool
 from resnet_batch.reader import ReadSettings, ShardDatasource
@@ -134,6 +135,7 @@ class Scheduler:
         self.next_window = 0
         self.window_lock = threading.Lock()
         self.waiting_blocks = 0
+        self.bytes_received = 0  # what came back to the driver from the actors (records), serialized
 
     # -- reading (threads) -----------------------------------------------------------------------
     def _reader(self, source: ShardQueue) -> None:
@@ -189,6 +191,9 @@ class Scheduler:
         try:
             while True:
                 held = self._dispatch(held, inflight)
+                # Blocks still waiting right after dispatch: every actor slot is taken.
+                self.waiting_blocks = self.items.qsize() + (held is not None and held[0] == "block")
+                self.pool.maybe_grow(self.waiting_blocks)
                 self.pool.poll()
                 refs = list(inflight) + self.pool.pending_refs()
                 if refs:
@@ -205,8 +210,6 @@ class Scheduler:
                 else:
                     time.sleep(0.02)
                 self._resolve(source)
-                self.waiting_blocks = self.items.qsize() + (held is not None and held[0] == "block")
-                self.pool.maybe_grow(self.waiting_blocks)
                 self.on_tick()
                 for f in futures:
                     if f.done() and f.exception():
@@ -247,6 +250,7 @@ class Scheduler:
         window.outstanding -= 1
         try:
             records = ray.get(ref)
+            self.bytes_received += len(pickle.dumps(records))
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
             self.pool.on_died(member)
             window.error = f"model actor lost ({_one_line(err)})"
@@ -285,11 +289,3 @@ class Scheduler:
                     self.failures.append(Failure(run.shard, run.attempt, reason))
             del self.windows[wid]
 
-
-def _one_line(err: BaseException) -> str:
-    """An error in one line; for a Ray error that carries a worker's exception, that exception."""
-    cause = err
-    while getattr(cause, "cause", None) is not None and cause.cause is not cause:
-        cause = cause.cause
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[-1] if text else ''}".strip()

@@ -88,7 +88,7 @@ IN_FLIGHT_COLUMNS = {
     "error": "the reason, null when ok",
     "width": "int32, original width as displayed; -1 when unknown",
     "height": "int32, original height as displayed; -1 when unknown",
-    "pixels": "CPU decode: the uint8 crop (crop x crop x 3)",
+    "pixels": "CPU decode: the uint8 crop (crop x crop x 3) as bytes; empty for a row that failed",
     "bytes": "compute.gpu_decode: the encoded image, decoded in the actor",
     "_device_ok": "compute.gpu_decode: the device decoder can take this image",
     "_decode_s": "float32, seconds this row took in the read task (fetch excluded)",

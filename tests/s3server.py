@@ -107,9 +107,22 @@ class S3Server:
                 self.stop()
         raise RuntimeError(f"SeaweedFS did not start after 3 tries: {last}")
 
-    def _launch(self, identities: Path) -> None:
+    def crash(self) -> None:
+        """SIGKILL, as when the machine behind the store dies (the data stays on disk)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def restart(self) -> None:
+        """Start again on the same ports and data (after crash()); waits until it serves requests."""
+        self._launch(self.workdir / "identities.json", keep_ports=True)
+        self._wait_ready()
+
+    def _launch(self, identities: Path, keep_ports: bool = False) -> None:
         names = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc")
-        self.ports = dict(zip(names, free_ports(len(names))))
+        if not keep_ports:
+            self.ports = dict(zip(names, free_ports(len(names))))
         data = self.workdir / f"data-{self.ports['s3']}"
         data.mkdir(parents=True, exist_ok=True)
         p = self.ports

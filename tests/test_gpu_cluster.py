@@ -80,7 +80,7 @@ def test_half_a_gpu_per_actor_packs_two_replicas_on_one_gpu(gpu_cluster, photos,
     assert res.returncode == 0, logs[-4000:]
     assert report["complete"] and report["counts"]["ok"] == 36 and report["gpu_requested"] is True
     actors = report["actors"]
-    assert len(actors) == 2 and len({a["worker"] for a in actors}) == 2  # two replicas ...
+    assert len(actors) == 2 and len({a["actor"] for a in actors}) == 2  # two replicas ...
     assert len({a["node"] for a in actors}) == 1 and actors[0]["node"] in gpu_nodes  # ... on one 1-GPU node
     assert sum(a["images"] for a in actors) == 36
     # torch has no CUDA here: the actors ran on the CPU, and the summary says so
@@ -90,8 +90,9 @@ def test_half_a_gpu_per_actor_packs_two_replicas_on_one_gpu(gpu_cluster, photos,
 
 
 def test_actor_pool_grows_with_the_gpu_nodes_the_autoscaler_adds(gpu_cluster, many_photos, tmp_path):
-    """One GPU node at the start and max_actors=2: the second actor needs a GPU node that does not
-    exist yet; Ray Data asks the autoscaler for it, and the second actor embeds on that new node."""
+    """One GPU node at the start and max_actors=2: when decoded blocks keep waiting for the busy actor, the
+    pool starts a second one; it needs a GPU node that does not exist yet, the autoscaler adds it, and the
+    second actor embeds on that new node."""
     photos = many_photos
     gpu_cluster.wait_for_nodes(2)  # an extra node from an earlier test has been let go (idle)
     before = _gpu_nodes(gpu_cluster)
@@ -111,8 +112,9 @@ def test_device_cuda_fails_the_run_where_torch_has_no_cuda(gpu_cluster, photos, 
     out = tmp_path / "out"
     res, logs, report = _embed(gpu_cluster, photos, out, "-o", "compute.device=cuda")
     assert res.returncode == 1, logs[-4000:]
-    error = [line for line in res.stderr.splitlines() if line.startswith("error: the run failed:")]
-    assert error and "compute.device=cuda: this model actor was given a GPU by Ray" in error[0], error
+    error = [line for line in res.stderr.splitlines() if line.startswith("error: the run did not finish:")]
+    assert error and "no model actor could start: RuntimeError: compute.device=cuda: this model actor was given " \
+                     "a GPU by Ray" in error[0], error
     assert "sees no CUDA device" in error[0]
     assert not (out / "_SUCCESS").exists() and not list(out.glob("part-*.parquet"))
 

@@ -1,0 +1,145 @@
+"""status module: `resnet-batch status OUTPUT`: what an output holds, without running anything.
+
+Complete or not (and whether a run holds it now), images ok / failed / skipped, the history of runs, and
+the most common failure reasons with a few image ids each; `--failed` lists every failed image. Exit 0
+complete, 1 incomplete, 2 not an output.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from resnet_batch.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from resnet_batch.ledger import read_ledger, totals
+from resnet_batch.lock import OutputLock
+from resnet_batch.report import read_failures
+from resnet_batch.state import load
+from resnet_batch.text import printable
+from resnet_batch.writer import (INCOMPLETE_REPORT_FILE, PROVENANCE_FILE, REPORT_FILE, SUCCESS_FILE, OutputStore,
+                                 read_parquet)
+
+
+def output_status(uri: str, storage_options: Optional[dict] = None) -> Optional[dict]:
+    """Everything `status` shows, as a dict; None when `uri` is not a resnet-batch output."""
+    store = OutputStore(uri, dict(storage_options or {}), retry_window_s=30.0)
+    names = store.names()
+    if not store.is_output(names):
+        return None
+    state = load(store)
+    holder = OutputLock(store).read() if "_lock" in names else None
+    live = holder is not None and time.time() - holder.heartbeat < 180
+    ledger = read_ledger(store)
+    parts = store.parts(names)
+    present = ledger.filter(pc.or_(pc.equal(ledger.column("part"), ""),
+                                   pc.is_in(ledger.column("part"), pa.array(list(parts), pa.string()))))
+    report = store.read_json(REPORT_FILE) if SUCCESS_FILE in names else store.read_json(INCOMPLETE_REPORT_FILE)
+    counts = (report or {}).get("counts") or {**totals(present), "inputs": None}
+    provenance = store.read_json(PROVENANCE_FILE) or {}
+    runs = (state.runs if state else [])
+    last = runs[-1] if runs else {}
+    if SUCCESS_FILE in names and not live:
+        verdict = "complete"
+    elif live:
+        verdict = "running"
+    else:
+        verdict = "incomplete"
+    return {
+        "output": store.display(),
+        "status": verdict,
+        "complete": verdict == "complete",
+        "held_by": holder.__dict__ if live else None,
+        "stale_lock": holder.__dict__ if holder is not None and not live else None,
+        "input": state.input if state else None,
+        "format": state.format if state else None,
+        "counts": {k: counts.get(k) for k in ("inputs", "ok", "failed", "skipped")},
+        "parts": len(parts),
+        "model": {k: provenance.get(k) for k in ("weights_id", "weights_sha256", "precision")},
+        "runs": runs,
+        "last_run_finished": last.get("status") not in (None, "running") or live,
+        "failures": read_failures(store, present),
+        "ledger_rows": len(present),
+    }
+
+
+def format_status(s: dict) -> str:
+    """The status as a few lines for a person."""
+    lines = [f"{s['output']}: {s['status']}"]
+    if s["held_by"]:
+        h = s["held_by"]
+        lines.append(f"  a run holds it now: pid {h['pid']} on {h['host']}, started "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(h['started']))}")
+    elif not s["last_run_finished"]:
+        lines.append("  the last run did not finish (killed or lost); rerun the same command to finish it")
+    c = s["counts"]
+    inputs = f" (of {c['inputs']:,} inputs)" if c.get("inputs") is not None else ""
+    lines.append(f"  images: {c['ok'] or 0:,} ok, {c['failed'] or 0:,} failed, {c['skipped'] or 0:,} skipped{inputs}; "
+                 f"{s['parts']:,} parts")
+    if s["input"]:
+        m = s["model"]
+        lines.append(f"  input: {s['input']} ({s['format']}); weights {m['weights_id']}, {m['precision']}")
+    if s["runs"]:
+        lines.append("  runs:")
+        for r in s["runs"][-10:]:
+            speed = f", {r['img_per_s']:,.1f} img/s" if r.get("img_per_s") else ""
+            wall = f" in {r['wall_s']:.0f}s" if r.get("wall_s") is not None else ""
+            lines.append(f"    #{r['run']} {r.get('started', '?')} {r.get('status', '?')}: "
+                         f"{r.get('embedded', 0):,} embedded, {r.get('reused', 0):,} reused, "
+                         f"{r.get('removed', 0):,} removed{wall}{speed}; {r.get('weights_id')} {r.get('precision')}")
+    if s["failures"]:
+        lines.append("  failures:")
+        for g in s["failures"][:5]:
+            ids = ", ".join(printable(i) for i in g["examples"])
+            lines.append(f"    {g['count']:,} × {g['status']}: {printable(g['reason'] or '')[:100]} (e.g. {ids})")
+        lines.append(f"  all of them: resnet-batch status {s['output']} --failed")
+    return "\n".join(lines)
+
+
+def failed_rows(uri: str, storage_options: Optional[dict] = None):
+    """(image_id, status, error) of every failed image, part by part."""
+    store = OutputStore(uri, dict(storage_options or {}), retry_window_s=30.0)
+    ledger = read_ledger(store)
+    parts = ledger.filter(pc.and_(pc.greater(ledger.column("failed"), 0), pc.not_equal(ledger.column("part"), "")))
+    for name in sorted(parts.column("part").to_pylist()):
+        try:
+            t = read_parquet(store.fs, store.path(name), ["image_id", "status", "error"])
+        except FileNotFoundError:
+            continue
+        t = t.filter(pc.not_equal(t.column("status"), "ok"))
+        yield from zip(*(t.column(c).to_pylist() for c in ("image_id", "status", "error")))
+
+
+def status_main(args) -> int:
+    from resnet_batch.errors import UserError
+
+    options = json.loads(args.storage_options) if args.storage_options else {}
+    try:
+        s = output_status(args.output, options)
+    except UserError as err:
+        print(f"error: {printable(str(err))}")
+        return EXIT_USAGE
+    except FileNotFoundError:
+        s = None
+    if s is None:
+        print(f"{printable(args.output)}: not a resnet-batch output (no _provenance.json or _state.json)")
+        return EXIT_USAGE
+    if args.failed:
+        for image_id, status, error in failed_rows(args.output, options):
+            print(f"{printable(image_id)}\t{status}\t{printable(error or '')}")
+    elif args.json:
+        print(json.dumps(s, indent=2, sort_keys=True, default=str))
+    else:
+        print(format_status(s))
+    return EXIT_OK if s["complete"] else EXIT_FAILED
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("status", help="what an embed output holds: complete?, counts, runs, failures")
+    p.add_argument("output", metavar="OUTPUT", help="the embed output folder (local path or s3://...)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--failed", action="store_true", help="list every failed image: image_id, status, error")
+    p.add_argument("--storage-options", help="fsspec options as JSON")
+    p.set_defaults(func=status_main)
