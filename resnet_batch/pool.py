@@ -18,6 +18,7 @@ from resnet_batch.model import ActorSettings, EmbedActor
 CALLS_PER_ACTOR = 3  # in flight per actor (two run, one waits with its block fetched)
 CONCURRENCY = 2  # calls an actor runs at once
 GROW_AFTER_S = 5.0  # blocks waiting this long for busy actors: add one
+MIN_ACTORS_WAIT_S = 30.0  # at the start, wait this long after the first actor for the other min_actors
 
 
 @dataclass
@@ -41,6 +42,8 @@ class ModelPool:
                             max_concurrency=CONCURRENCY)
         self.members: list[Member] = []
         self.starved_since: Optional[float] = None
+        self.first_ready: Optional[float] = None
+        self.waiting_for_min = True
         self.seen: dict[str, dict] = {}  # every actor that ever became ready: actor id -> info
         self.cls = ray.remote(EmbedActor)
         for _ in range(min_actors):
@@ -71,6 +74,7 @@ class ModelPool:
                         self._start()  # it had been working: replace it
                     return None if m.info else err
                 m.ready = True
+                self.first_ready = self.first_ready or time.monotonic()
                 self.seen[m.info["actor"]] = m.info
                 return None
         return None
@@ -92,7 +96,15 @@ class ModelPool:
 
     # -- dispatch --------------------------------------------------------------------------------
     def free(self) -> Optional[Member]:
-        """The ready actor with the fewest calls in flight, if it has room for one more."""
+        """The ready actor with the fewest calls in flight, if it has room for one more. At the start the
+        pool waits for its min_actors (up to MIN_ACTORS_WAIT_S after the first is up), so that the work of a
+        run is shared by the actors it asked for rather than taken by whichever imported torch first."""
+        if self.first_ready is None:
+            return None
+        if self.waiting_for_min and (sum(m.ready for m in self.members) < min(self.min, len(self.members))
+                                     and time.monotonic() - self.first_ready < MIN_ACTORS_WAIT_S):
+            return None
+        self.waiting_for_min = False
         ready = [m for m in self.members if m.ready and m.inflight < CALLS_PER_ACTOR]
         return min(ready, key=lambda m: m.inflight) if ready else None
 
@@ -105,6 +117,10 @@ class ModelPool:
 
     def ready_count(self) -> int:
         return sum(m.ready for m in self.members)
+
+    def reserved_cpus(self) -> float:
+        """CPUs the pool's actors hold (or are about to): reads must leave them free."""
+        return max(len(self.members), self.min) * self.options["num_cpus"]
 
     def maybe_grow(self, waiting_blocks: int) -> bool:
         """Add an actor when decoded blocks have kept waiting for GROW_AFTER_S (called right after dispatch,

@@ -553,8 +553,7 @@ class _Job:
             "steady_img_per_s": round(v, 2) if (v := st.steady_img_per_s()) else None,
             "device": st.devices(),
             "gpu_requested": getattr(self, "gpu_requested", False),
-            "actors": [{"actor": k, **{f: a[f] for f in ("node", "pid", "device", "images", "parts")}}
-                       for k, a in sorted(st.actors.items())],
+            "actors": _actors(actors, st.actors),
             "stages": stages(st, max(len(actors), len(st.actors), 1)),
             "per_node": st.per_node(),
             "driver": {"pid": os.getpid(), "host": socket.gethostname(), "peak_rss_bytes": _peak_rss(),
@@ -568,6 +567,15 @@ class _Job:
             "config": redacted(self.cfg),
         }
         return report
+
+
+def _actors(started: dict, worked: dict) -> list[dict]:
+    """Every model actor that came up (those that got no work too), with what it did."""
+    out = {k: {"node": i["node"], "pid": i["pid"], "device": i["device"], "images": 0, "parts": 0}
+           for k, i in started.items()}
+    for k, a in worked.items():
+        out[k] = {f: a[f] for f in ("node", "pid", "device", "images", "parts")}
+    return [{"actor": k, **v} for k, v in sorted(out.items())]
 
 
 def _peak_rss() -> int:

@@ -139,7 +139,7 @@ class Scheduler:
 
     # -- reading (threads) -----------------------------------------------------------------------
     def _reader(self, source: ShardQueue) -> None:
-        from ray.data import DataContext
+        from ray.data import DataContext, ExecutionResources
 
         ctx = DataContext.get_current()
         ctx.max_errored_blocks = -1  # a read task that dies: its shard is retried here, not by Ray Data forever
@@ -155,6 +155,10 @@ class Scheduler:
             with self.window_lock:
                 wid = self.next_window
                 self.next_window += 1
+                # Ray Data sizes its reads by the cluster; leave the model actors' CPUs to them, so a read
+                # window never keeps an actor from being placed.
+                free = ray.cluster_resources().get("CPU", 0) - self.pool.reserved_cpus()
+                ctx.execution_options.resource_limits = ExecutionResources(cpu=max(free, self.decode_cpus))
             self._put(("start", wid, taken))
             error = None
             try:

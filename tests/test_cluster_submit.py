@@ -69,9 +69,9 @@ def test_job_submit_spreads_over_both_nodes(cluster, photos, checkpoint, tmp_pat
     assert res.returncode == 0, logs[-4000:]
     assert _job_status(cluster, "embed-ok") == "SUCCEEDED"
     assert "resnet-batch: complete" in logs and "36 ok, 0 failed" in logs  # the summary is in the job logs
-    assert "per node:" in logs
 
     report = json.loads((out / "_run_report.json").read_text())
+    assert "per node:" in logs, report["actors"]
     assert report["complete"] and (out / "_SUCCESS").exists()
     assert report["counts"]["ok"] == 36
     node_ids = {n["node_id"] for n in cluster.alive_nodes()}
