@@ -74,7 +74,7 @@ class ModelPool:
                         self._start()  # it had been working: replace it
                     return None if m.info else err
                 m.ready = True
-                self.first_ready = self.first_ready or time.monotonic()
+                self.first_ready = self.first_ready or time.perf_counter()
                 self.seen[m.info["actor"]] = m.info
                 return None
         return None
@@ -102,7 +102,7 @@ class ModelPool:
         if self.first_ready is None:
             return None
         if self.waiting_for_min and (sum(m.ready for m in self.members) < min(self.min, len(self.members))
-                                     and time.monotonic() - self.first_ready < MIN_ACTORS_WAIT_S):
+                                     and time.perf_counter() - self.first_ready < MIN_ACTORS_WAIT_S):
             return None
         self.waiting_for_min = False
         ready = [m for m in self.members if m.ready and m.inflight < CALLS_PER_ACTOR]

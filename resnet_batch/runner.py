@@ -140,8 +140,15 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
         raise OutputError(f"{store.display()} was written by resnet-batch 0.1 (one _manifest.json); this version "
                           "keeps a Parquet manifest and a part ledger: rerun with --fresh, or use another output.uri")
     with OutputLock(store, on_takeover=_say), ThreadPoolExecutor(2, thread_name_prefix="start") as pool:
-        resolving = pool.submit(_resolve_weights, cfg)  # imports torch while Ray starts and the input is listed
-        starting = pool.submit(init_ray, cfg.compute.ray_address, verbose)
+        marks: dict[str, float] = {}  # when each start-up step was done, seconds after the command began
+
+        def timed(name, fn, *args):
+            out = fn(*args)
+            marks[name] = time.perf_counter() - t_start
+            return out
+
+        resolving = pool.submit(timed, "weights", _resolve_weights, cfg)  # torch imports while Ray starts
+        starting = pool.submit(timed, "ray", init_ray, cfg.compute.ray_address, verbose)
         if fresh:
             deleted = store.clear()
             if deleted:
@@ -150,6 +157,7 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
         spec = PreprocessSpec.from_weights(weights.transforms)
         provenance = build_provenance(cfg, weights, spec)
         job = _Job(cfg, store, provenance, spec, state_dict, weights, starting, t_start, progress, embedder)
+        job.marks = marks
         return job.run(retry_failed)
 
 
@@ -292,8 +300,10 @@ class _Job:
         t0 = time.perf_counter()
         current, skipped = select(cfg.input, state.format, listing.pages)
         listed_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
         plan = diff(cfg.input, state.format, state.root, current, manifest, done, state.next_shard)
-        self.sync = {**plan.counts, "listing_s": round(listed_s, 3), "removed": plan.counts["deleted"]}
+        self.sync = {**plan.counts, "listing_s": round(listed_s, 3), "diff_s": round(time.perf_counter() - t0, 3),
+                     "removed": plan.counts["deleted"]}
         state.runs.append(self._run_entry(run_no))
         if plan.touches_output():
             self._unpublish()
@@ -449,6 +459,7 @@ class _Job:
             max_pixels=cfg.input.max_pixels, draft=cfg.input.jpeg_draft,
             formats=pillow_formats(cfg.input.extensions), output=self._part_settings(state, run_no),
             embedder=self.embedder)
+        self.marks["pool"] = time.perf_counter() - self.t_start
         pool = ModelPool(actor, ray.put(self.state_dict), min_actors=c.min_actors, max_actors=c.max_actors, num_cpus=c.cpus_per_actor,
                          num_gpus=c.gpus_per_actor if use_gpu else 0)
         self.pool = pool
@@ -472,6 +483,11 @@ class _Job:
         try:
             self.failures = scheduler.run(queue)
         finally:
+            self.marks.update({k: v - self.t_start for k, v in scheduler.marks.items()})
+            if pool.first_ready is not None:
+                self.marks["first_actor_ready"] = pool.first_ready - self.t_start
+            if self.stats.first:
+                self.marks["first_result"] = self.stats.first[0] - self.t_start
             self.driver_bytes = scheduler.bytes_received
             self.pipeline_s = time.perf_counter() - t0
             self.ledger.flush()
@@ -547,6 +563,7 @@ class _Job:
                        "mismatched": mismatched[:20]},
             "sync": self.sync,
             "skipped_files": skipped.examples,
+            "startup": {k: round(v, 3) for k, v in sorted(self.marks.items(), key=lambda kv: kv[1])},
             "seconds": {"wall": round(wall, 3), "startup": round(getattr(self, "startup_s", 0.0), 3),
                         "first_result": round(first, 3), "pipeline": round(pipeline, 3)},
             "img_per_s": round(st.images / pipeline, 2) if pipeline and st.images else None,

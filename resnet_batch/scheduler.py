@@ -136,6 +136,7 @@ class Scheduler:
         self.window_lock = threading.Lock()
         self.waiting_blocks = 0
         self.bytes_received = 0  # what came back to the driver from the actors (records), serialized
+        self.marks: dict[str, float] = {}  # perf_counter of the first window, block and dispatch
 
     # -- reading (threads) -----------------------------------------------------------------------
     def _reader(self, source: ShardQueue) -> None:
@@ -159,6 +160,7 @@ class Scheduler:
                 # window never keeps an actor from being placed.
                 free = ray.cluster_resources().get("CPU", 0) - self.pool.reserved_cpus()
                 ctx.execution_options.resource_limits = ExecutionResources(cpu=max(free, self.decode_cpus))
+            self.marks.setdefault("first_window", time.perf_counter())
             self._put(("start", wid, taken))
             error = None
             try:
@@ -241,9 +243,11 @@ class Scheduler:
                 self.windows[wid].reading = False
                 self.windows[wid].error = held[2]
             else:
+                self.marks.setdefault("first_block", time.perf_counter())
                 member = self.pool.free()
                 if member is None:
                     return held
+                self.marks.setdefault("first_dispatch", time.perf_counter())
                 self.windows[wid].outstanding += 1
                 inflight[self.pool.submit(member, held[2], held[3])] = (member, wid)
             held = None
