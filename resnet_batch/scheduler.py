@@ -33,7 +33,9 @@ READERS = 2  # windows read at once (one finishing its last tasks while the next
 
 class ShardQueue:
     """Shards waiting to be read: retries first, then new ones from the planner (bounded: a full queue
-    blocks the planner, so the listing never runs far ahead of the work)."""
+    blocks the planner, so the listing never runs far ahead of the work). Shards a reader has taken count
+    as in hand until it has announced their window (`handed_over`): the queue is not empty before that,
+    or the scheduler could finish while a reader still holds the last shards."""
 
     def __init__(self, maxsize: int = 4 * WINDOW_SHARDS):
         self.new: collections.deque = collections.deque()
@@ -43,6 +45,7 @@ class ShardQueue:
         self.aborted = False
         self.cv = threading.Condition()
         self.added = 0
+        self.in_hand = 0  # taken by a reader, window not announced yet
 
     def put(self, shards: list[Shard]) -> None:
         with self.cv:
@@ -79,12 +82,19 @@ class ShardQueue:
             out = []
             while len(out) < max_n and (self.retries or self.new):
                 out.append((self.retries or self.new).popleft())
+            self.in_hand += len(out)
             self.cv.notify_all()
             return out
 
+    def handed_over(self, n: int) -> None:
+        """A reader has announced the window of n shards it took: the scheduler tracks them from here."""
+        with self.cv:
+            self.in_hand -= n
+            self.cv.notify_all()
+
     def empty(self) -> bool:
         with self.cv:
-            return self.closed and not self.new and not self.retries
+            return self.closed and not self.new and not self.retries and not self.in_hand
 
 
 @dataclass
@@ -161,7 +171,9 @@ class Scheduler:
                 free = ray.cluster_resources().get("CPU", 0) - self.pool.reserved_cpus()
                 ctx.execution_options.resource_limits = ExecutionResources(cpu=max(free, self.decode_cpus))
             self.marks.setdefault("first_window", time.perf_counter())
-            self._put(("start", wid, taken))
+            if not self._put(("start", wid, taken)):
+                return
+            source.handed_over(len(taken))
             error = None
             try:
                 # One block per read task: override_num_blocks keeps Ray Data from splitting a shard's output
