@@ -1,4 +1,5 @@
-# resnet-batch: `make demo` runs the job on sample photos; `make test` runs the whole suite.
+# resnet-batch: `make demo` runs the job on sample photos; `make test` runs the whole suite;
+# `make cluster-demo` runs it on a 2-node Ray cluster started (and stopped) on this machine.
 # Both create (or update) the virtual environment in .venv themselves.
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DEMO_IMAGES ?= 200
 
-.PHONY: install demo test browser bench clean
+.PHONY: install demo cluster-demo test browser bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +24,11 @@ demo: install
 	$(VENV)/bin/resnet-batch embed --config configs/local.yaml --fresh
 	$(VENV)/bin/resnet-batch index --embeddings out/sample --out out/sample-index
 	$(VENV)/bin/resnet-batch similar --index out/sample-index --id shard-000/astronaut-00000.jpg -k 5
+
+# Two Ray nodes on 127.0.0.1 (own temp dirs and ports, token auth), the job sent with `ray job submit`,
+# the images each node embedded, then the nodes stopped. Uses data/sample (written if missing).
+cluster-demo: install
+	$(PY) -m resnet_batch.cluster_demo --photos data/sample -n $(DEMO_IMAGES) --output out/cluster-demo
 
 test: install browser
 	$(VENV)/bin/pytest -q

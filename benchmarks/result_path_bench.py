@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/result_path_bench.py [--sizes 20000 100000]
 
-A 2-node Ray cluster on loopback (tests/raycluster.py; each node 2 logical CPUs, one model actor each)
+A 2-node Ray cluster on loopback (resnet_batch/localcluster.py; each node 2 logical CPUs, one model actor each)
 runs the real pipeline (listing, Ray Data reads, decode, the actor pool, part writes, ledger, reconcile)
 over tiny JPEGs, with a stand-in model that returns deterministic embeddings at no compute cost
 (tests/standin.py, reached only through the Python API). For each size it prints
@@ -82,11 +82,11 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000])
     ap.add_argument("--workdir", default="/tmp/resnet-batch-bench")
     args = ap.parse_args(argv)
-    from tests.raycluster import LoopbackCluster
+    from resnet_batch.localcluster import LocalCluster
 
     results = {}
     root = Path(tempfile.mkdtemp(prefix="rb-rp-", dir="/tmp"))
-    cluster = LoopbackCluster(root)
+    cluster = LocalCluster(root)
     try:
         cluster.start_head(num_cpus=2, resources={"head_node": 1})
         cluster.add_node(num_cpus=2, resources={"second_node": 1})

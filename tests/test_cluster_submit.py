@@ -1,6 +1,6 @@
 """The cluster path for real: `ray start --head` + a second `ray start --address` node on loopback,
 the embed job sent with `ray job submit --working-dir`, token auth on. The cluster is private to
-this module (tests/raycluster.py).
+this module (resnet_batch/localcluster.py, through tests/raycluster.py).
 """
 from __future__ import annotations
 
