@@ -107,7 +107,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         say(f"$ RAY_AUTH_TOKEN_PATH={cluster.token_file} ray {shlex.join(cmd)}")
         cluster.ray(*cmd, capture=False, timeout=None)
         status = cluster.job_status(job_id)
-        say(f"job {job_id}: {status}")
+        say(f"job {job_id}: {status or 'not found (the submission failed, see above)'}")
         report_file = output / "_run_report.json"
         if status != "SUCCEEDED" or not report_file.exists():
             return 1
