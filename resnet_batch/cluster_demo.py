@@ -6,7 +6,8 @@ Starts a head and a second node on 127.0.0.1 (localcluster.LocalCluster: own tem
 token auth with a private token file), submits jobs/embed.py with `ray job submit --working-dir .`
 and streams the job's log (its summary ends with `per node: ...`), then prints how many images each
 node embedded, from the output's `_run_report.json`, and stops the nodes it started, also on Ctrl-C,
-SIGTERM or a failure. Sample photos are written to --photos first when that folder holds none.
+SIGTERM or a failure (whose Ray logs it keeps). Sample photos are written to --photos first when that
+folder holds none.
 Exit status: 0 when the job succeeded, 1 when it did not, 130 when interrupted.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -95,6 +97,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     handlers[signal.SIGINT] = signal.getsignal(signal.SIGINT)
     root = Path(tempfile.mkdtemp(prefix="rb-demo-", dir="/tmp"))  # short: Ray's socket paths live under it
     cluster = LocalCluster(root)
+    failed = False  # a failed job keeps the nodes' temp dirs: Ray's logs are there
     try:
         say(f"starting a head and a second node on 127.0.0.1, {NODE_CPUS} CPUs each (temp dirs and auth token "
             f"under {root})")
@@ -110,6 +113,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         say(f"job {job_id}: {status or 'not found (the submission failed, see above)'}")
         report_file = output / "_run_report.json"
         if status != "SUCCEEDED" or not report_file.exists():
+            failed = True
             return 1
         say(f"images per node ({report_file}):")
         for line in per_node_lines(json.loads(report_file.read_text()), nodes):
@@ -118,14 +122,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         say("interrupted")
         return 130
+    except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as err:  # a node did not start
+        failed = True
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave the nodes running
         count = len(cluster.processes())
-        cluster.stop()
+        cluster.stop(keep_logs=failed)
         left = cluster.processes()
-        shutil.rmtree(root, ignore_errors=True)
         say(f"stopped the {len(cluster.sessions)} node(s) it started ({count} processes)" if not left else
             f"warning: {len(left)} process(es) of the cluster are still running: {left}")
+        if failed:
+            say(f"Ray's logs of both nodes are kept in {cluster.temp_dir}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
 

@@ -200,9 +200,9 @@ class LocalCluster:
             return []
         return [int(p) for p in os.listdir("/proc") if p.isdigit() and _session_of(int(p)) in self.sessions]
 
-    def stop(self, grace_s: float = 8.0) -> None:
+    def stop(self, grace_s: float = 8.0, keep_logs: bool = False) -> None:
         """SIGTERM every process of this cluster's sessions, SIGKILL what is left after grace_s; then
-        remove the nodes' temp dirs."""
+        remove the nodes' temp dirs (unless keep_logs: Ray's logs are in them)."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
             pids = self.processes()
             for pid in pids:
@@ -213,5 +213,6 @@ class LocalCluster:
             deadline = time.monotonic() + grace_s
             while pids and self.processes() and time.monotonic() < deadline:
                 time.sleep(0.25)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if not keep_logs:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 

@@ -1,12 +1,14 @@
 """`make cluster-demo` end to end: its entry point (python -m resnet_batch.cluster_demo) starts a real 2-node
 Ray cluster on loopback, submits the embed job with `ray job submit`, prints the images per node and stops
-every process it started, also when interrupted while the job runs. ~/.ray is never touched.
+every process it started, also when interrupted while the job runs or when the job fails (whose Ray logs
+it keeps). ~/.ray is never touched.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,3 +106,23 @@ def test_cluster_demo_interrupted_while_the_job_runs_stops_its_nodes(tmp_path):
     root = _cluster_root(text)
     assert "cluster-demo: stopped the 2 node(s) it started" in text, text[-3000:]
     assert not root.exists() and _processes_of(root) == []
+
+
+def test_cluster_demo_with_a_failing_job_says_so_keeps_ray_logs_and_stops_its_nodes(tmp_path):
+    photos, out, home = tmp_path / "photos", tmp_path / "out", tmp_path / "home"
+    res = subprocess.run([*_demo(photos, out), "-o", "model.precision=fp8"], cwd=REPO, env=_env(home),
+                         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    text = res.stdout + res.stderr
+    assert res.returncode == 1, text[-4000:]
+    assert "model.precision" in text  # the job's own error, in its streamed log
+    assert re.search(r"cluster-demo: job resnet-batch-demo-\S+: FAILED", text), text[-4000:]
+    assert "images per node" not in text
+    root = _cluster_root(text)
+    try:
+        assert "cluster-demo: stopped the 2 node(s) it started" in text
+        assert _processes_of(root) == []
+        kept = re.search(r"cluster-demo: Ray's logs of both nodes are kept in (\S+)", text)
+        assert kept and Path(kept.group(1)) == root / "ray", text[-2000:]
+        assert len(list((root / "ray").glob("node*/session_latest/logs/raylet.out"))) == 2
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
