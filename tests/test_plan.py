@@ -6,7 +6,7 @@ import pytest
 from resnet_batch.config import InputConfig
 from resnet_batch.listing import ENTRY_SCHEMA, ShardCutter
 from resnet_batch.manifest import MANIFEST_SCHEMA
-from resnet_batch.plan import complete_shards, diff, expected_counts, todo_shards
+from resnet_batch.plan import complete_shards, diff, expected_counts, pending_entries, todo_shards
 from resnet_batch.report import RunStats, failure_groups, reason_key, stages
 from resnet_batch.scheduler import ShardQueue, _ShardRun
 from resnet_batch.schema import PART_RECORD_SCHEMA
@@ -75,7 +75,7 @@ def test_completion_of_shards_from_the_ledger():
     manifest = _manifest([("a", 1, 1, None, 0), ("t.tar", 1, 1, None, 1), ("u.tar", 1, 1, None, 2),
                           ("v.tar", 1, 1, None, 3)])
     assert expected_counts(manifest) == {0: 1, 1: 1, 2: 1, 3: 1}
-    todo = todo_shards(InputConfig(uri="/in"), "webdataset", "/in", manifest, done)
+    todo = list(todo_shards("webdataset", "/in", pending_entries(manifest, done)))
     assert [(s.index, s.kind, s.paths) for s in todo] == [(2, "webdataset", ("/in/u.tar",)),
                                                          (3, "webdataset", ("/in/v.tar",))]
 
