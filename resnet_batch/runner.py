@@ -366,7 +366,7 @@ class _Job:
         logged = set(pc.filter(ledger.column("part"), pc.not_equal(ledger.column("part"), "")).to_pylist())
         missing = sorted(n for n in parts if n not in logged)
         if missing:
-            ledger = read_ledger_with(ledger, recover(self.store, missing))
+            ledger = read_ledger_with(ledger, recover(self.store, missing, self.provenance))
         present = pc.or_(pc.equal(ledger.column("part"), ""), pc.is_in(ledger.column("part"),
                                                                          pa.array(list(parts), pa.string())))
         return ledger.filter(present), parts
