@@ -18,7 +18,6 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from resnet_batch.config import InputConfig
 from resnet_batch.errors import LockedError, OutputError
