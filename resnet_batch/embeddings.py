@@ -43,16 +43,17 @@ def list_parts(uri: str, storage_options: Optional[dict] = None) -> tuple[object
     listing here.)
     """
     fs, root = filesystem(uri, dict(storage_options or {}))
+    fs.invalidate_cache(root)  # a listing cached before workers wrote would miss their parts
     try:
         if fs.isfile(root):
             return fs, [root]
         entries = fs.ls(root, detail=True)
     except FileNotFoundError:
-        raise SimilarityIndexError(f"embeddings not found: {uri}") from None
+        raise SimilarityIndexError(f"not found: {uri}") from None
     parts = sorted(e["name"] for e in entries
                    if e.get("type") == "file" and is_part_name(posixpath.basename(e["name"])))
     if not parts:
-        raise SimilarityIndexError(f"no embed output parts (part-*.parquet) under {uri}")
+        raise SimilarityIndexError(f"no parts (part-*.parquet) under {uri}")
     return fs, parts
 
 
