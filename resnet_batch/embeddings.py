@@ -50,8 +50,8 @@ def list_parts(uri: str, storage_options: Optional[dict] = None) -> tuple[object
         entries = fs.ls(root, detail=True)
     except FileNotFoundError:
         raise SimilarityIndexError(f"not found: {uri}") from None
-    parts = sorted(e["name"] for e in entries
-                   if e.get("type") == "file" and is_part_name(posixpath.basename(e["name"])))
+    parts = sorted(e["name"] for e in entries  # files, and links to files
+                   if e.get("type") != "directory" and is_part_name(posixpath.basename(e["name"])))
     if not parts:
         raise SimilarityIndexError(f"no parts (part-*.parquet) under {uri}")
     return fs, parts

@@ -21,13 +21,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from resnet_batch.embeddings import Part, input_root, ok_chunks, sample_rows, scan_embeddings
+from resnet_batch.embeddings import CHUNK_ROWS, Part, input_root, ok_chunks, sample_rows, scan_embeddings
 from resnet_batch.errors import SimilarityIndexError
 from resnet_batch.index import FORMAT, IDS_FILE, IDS_SCHEMA, INDEX_FILE, META_FILE, normalize
 from resnet_batch.index_spec import DEFAULT_MAX_MEMORY, FLAT_MAX, PCA_AUTO, PCA_TRAIN_MAX, IndexSpec, resolve_pca
 from resnet_batch.schema import EMBEDDING_DIM, embeddings_to_numpy
 from resnet_batch.storage import filesystem, protocols, put_bytes
-from resnet_batch.tuning import ExactTopK, Tuning, drop_self, recall_at_k, tune_nprobe
+from resnet_batch.tuning import ExactTopK, Tuning, drop_self, matmul_t, recalls, tune_nprobe
 
 TUNE_K = 10
 TUNE_QUERIES = 1000
@@ -55,21 +55,28 @@ def build_index(uris: Sequence[str], out: str, *, kind: str = "auto", max_memory
     dim = int(provenance.get("embedding_dim", EMBEDDING_DIM))
     spec = IndexSpec.choose(n, kind=kind, dim=dim, max_memory=max_memory, pca=pca, flat_max=flat_max)
     queries = min(tune_queries, n) if spec.kind == "ivf" else 0
-    log(f"indexing {n} embeddings from {len(parts)} parts: {spec.factory} ({spec.bytes_per_vector()} bytes a vector; "
-        f"build memory ~{spec.build_memory(n, 8192, queries) / 2**30:.2f} GiB)")
+    import faiss
+
+    log(f"indexing {n} embeddings from {len(parts)} parts (scanned in {time.perf_counter() - t0:.1f} s): "
+        f"{spec.factory}, {spec.bytes_per_vector()} bytes a vector; build memory "
+        f"~{spec.build_memory(n, CHUNK_ROWS, queries) / 2**30:.2f} GiB")
     with _Staging(out, opts) as stage:
-        t_train = time.perf_counter()
+        t_sample = time.perf_counter()
         train, tune_ids, tune_vectors = _read_sample(parts, spec.train_size, queries, dim, seed)
+        t_train = time.perf_counter()
         index, pca_info, spec = _trained_index(spec, train, seed)
         del train
         train_s = time.perf_counter() - t_train
-        log(f"trained {spec.factory} on {spec.train_size} vectors in {train_s:.1f} s; adding")
+        log(f"read a sample of {spec.train_size} + {queries} vectors in {t_train - t_sample:.1f} s, trained "
+            f"{spec.factory} in {train_s:.1f} s; adding")
         exact = ExactTopK(tune_vectors, TUNE_K + 1)
         t_add = time.perf_counter()
         roots = _add_all(parts, index, exact, stage.path(IDS_FILE))
         add_s = time.perf_counter() - t_add
+        t_tune = time.perf_counter()
         tuning = _tune(index, tune_ids, tune_vectors, exact, spec, target_recall) if queries else None
-        import faiss
+        log(f"added in {add_s:.1f} s" + (f", tuned nprobe={tuning.nprobe} (recall@{TUNE_K} {tuning.recall:.4f}) "
+                                         f"in {time.perf_counter() - t_tune:.1f} s" if tuning else ""))
 
         faiss.write_index(index, stage.path(INDEX_FILE))
         meta = {
@@ -80,7 +87,8 @@ def build_index(uris: Sequence[str], out: str, *, kind: str = "auto", max_memory
             "pca": pca_info, "max_memory": max_memory, "train_size": spec.train_size, "seed": seed,
             "provenance": provenance, "sources": list(uris), "parts": len(parts),
             "part_uris": [p.uri for _, p in parts], "image_roots": _image_roots(uris, opts, roots),
-            "train_s": round(train_s, 3), "add_s": round(add_s, 3), "faiss": faiss.__version__,
+            "sample_s": round(t_train - t_sample, 3), "train_s": round(train_s, 3), "add_s": round(add_s, 3),
+            "faiss": faiss.__version__,
         }
         meta["build_s"] = round(time.perf_counter() - t0, 3)
         stage.publish(meta)
@@ -162,8 +170,7 @@ def _trained_index(spec: IndexSpec, train: np.ndarray, seed: int):
         transform, pca_info = fit_projection(train[:PCA_TRAIN_MAX], spec.pca)
         spec = spec.with_pca(pca_info["dims"])
         if transform is not None:
-            sample = np.concatenate([transform.apply(np.ascontiguousarray(train[s:s + 65536], dtype=np.float32))
-                                     for s in range(0, len(train), 65536)])
+            sample = np.concatenate([project(transform, train[s:s + 65536]) for s in range(0, len(train), 65536)])
     d = spec.stored_dim
     quantizer = faiss.IndexFlatIP(d)
     if spec.code.startswith("SQ"):
@@ -186,6 +193,14 @@ def _trained_index(spec: IndexSpec, train: np.ndarray, seed: int):
     return index, pca_info, spec
 
 
+def project(transform, x: np.ndarray) -> np.ndarray:
+    """x through a LinearTransform without bias (its A matrix), in torch's BLAS."""
+    import faiss
+
+    a = faiss.vector_to_array(transform.A).reshape(transform.d_out, transform.d_in)
+    return matmul_t(x, a)
+
+
 def fit_projection(sample: np.ndarray, dims: int):
     """An uncentred PCA (the top eigenvectors of E[x x^T]) as a FAISS LinearTransform with orthonormal rows.
 
@@ -196,14 +211,17 @@ def fit_projection(sample: np.ndarray, dims: int):
     """
     import faiss
 
-    x = np.asarray(sample, dtype=np.float64)
-    second = x.T @ x / len(x)
-    values, vectors = np.linalg.eigh(second)
+    import torch
+
+    x = np.asarray(sample, dtype=np.float32)
+    second = matmul_t(x.T, x.T).astype(np.float64) / len(x)  # float32 products, ample for the top components
+    values, vectors = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(second)))  # LAPACK through torch
     order = np.argsort(values)[::-1]
     values, vectors = values[order], vectors[:, order]
-    mean = x.mean(axis=0)
+    mean = x.mean(axis=0, dtype=np.float64)
     centred = second - np.outer(mean, mean)
-    kept = np.cumsum(np.sum(vectors * (centred @ vectors), axis=0)) / max(float(np.trace(centred)), 1e-30)
+    spread = (torch.from_numpy(centred) @ torch.from_numpy(vectors)).numpy()  # variance along each eigenvector
+    kept = np.cumsum(np.sum(vectors * spread, axis=0)) / max(float(np.trace(centred)), 1e-30)
     auto = dims == PCA_AUTO
     if auto:
         dims = resolve_pca(kept.tolist(), x.shape[1])
@@ -224,6 +242,7 @@ def fit_projection(sample: np.ndarray, dims: int):
 def _add_all(parts: list[tuple], index, exact: ExactTopK, ids_path: str) -> dict:
     """Pass 2: every ok row added with id = its ok-row number, id-map rows written as they come; returns the
     protocols and common folder of the image paths (for the gallery's input-root check)."""
+    import faiss
     import pyarrow.ipc as ipc
 
     next_id, protos, common = 0, set(), None
@@ -232,11 +251,17 @@ def _add_all(parts: list[tuple], index, exact: ExactTopK, ids_path: str) -> dict
             for chunk in ok_chunks(fs, part.path, _COLUMNS):
                 ids = np.arange(next_id, next_id + len(chunk), dtype=np.int64)
                 vec = normalize(embeddings_to_numpy(chunk.column("embedding")))
-                index.add_with_ids(vec, ids)
+                if isinstance(index, faiss.IndexPreTransform):  # project here: faster BLAS than FAISS's
+                    faiss.downcast_index(index.index).add_with_ids(
+                        project(faiss.downcast_VectorTransform(index.chain.at(0)), vec), ids)
+                else:
+                    index.add_with_ids(vec, ids)
                 exact.add(vec, ids)
                 writer.write_table(id_rows(chunk, ids, i))
                 next_id += len(chunk)
                 protos, common = _fold_paths(chunk.column("path").to_pylist(), protos, common)
+    if isinstance(index, faiss.IndexPreTransform):
+        index.ntotal = index.index.ntotal  # the adds went to the inner index
     return {"protocols": sorted(protos), "common": common}
 
 
@@ -287,15 +312,15 @@ def _tune(index, tune_ids: np.ndarray, tune_vectors: np.ndarray, exact: ExactTop
     import faiss
 
     ivf = faiss.extract_index_ivf(index)
-    exact_scores, exact_ids = exact.result()
+    _, exact_ids = exact.result()
     truth = drop_self(tune_ids, exact_ids, TUNE_K)
 
-    def recall_at(nprobe: int) -> float:
+    def per_query_recall(nprobe: int) -> np.ndarray:
         ivf.nprobe = nprobe
         _, found = index.search(tune_vectors, TUNE_K + 1)
-        return recall_at_k(drop_self(tune_ids, found, TUNE_K), truth, TUNE_K)
+        return recalls(drop_self(tune_ids, found, TUNE_K), truth, TUNE_K)
 
-    tuning = tune_nprobe(recall_at, spec.nlist, target, TUNE_K, len(tune_ids))
+    tuning = tune_nprobe(per_query_recall, spec.nlist, target, TUNE_K)
     ivf.nprobe = tuning.nprobe
     return tuning
 

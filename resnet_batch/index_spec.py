@@ -133,7 +133,7 @@ class IndexSpec:
         return cls("ivf", dim, out, nlist, code, train)
 
 
-PCA_TRAIN_MAX = 65_536  # vectors the projection is fitted on (a sub-sample of the training sample)
+PCA_TRAIN_MAX = 32_768  # vectors the projection is fitted on (a sub-sample of the training sample)
 TRAIN_MAX = 1_000_000
 
 

@@ -7,6 +7,14 @@ from typing import Callable
 import numpy as np
 
 
+def matmul_t(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b.T in float32 through torch's BLAS (several times numpy's here on the large products of a build)."""
+    import torch
+
+    return (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+            @ torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)).T).numpy()
+
+
 class ExactTopK:
     """The exact top-k (inner product) of fixed queries over vectors that arrive in chunks, with their ids."""
 
@@ -19,7 +27,7 @@ class ExactTopK:
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         if not len(self.queries) or not len(vectors):
             return
-        sims = self.queries @ np.ascontiguousarray(vectors, dtype=np.float32).T
+        sims = matmul_t(self.queries, vectors)
         scores = np.concatenate([self.scores, sims], axis=1)
         cand = np.concatenate([self.ids, np.broadcast_to(np.asarray(ids, np.int64), sims.shape)], axis=1)
         top = np.argpartition(-scores, self.k - 1, axis=1)[:, :self.k] if scores.shape[1] > self.k else \
@@ -39,10 +47,22 @@ def drop_self(query_ids: np.ndarray, ids: np.ndarray, k: int) -> list[np.ndarray
     return [row[m][:k] for row, m in zip(ids, keep)]
 
 
+def recalls(found: list[np.ndarray], truth: list[np.ndarray], k: int) -> np.ndarray:
+    """Per query, the share of its true k nearest that were found (one with fewer true ones counts those)."""
+    return np.array([len(np.intersect1d(f[:k], t[:k])) / max(1, min(k, len(t))) for f, t in zip(found, truth)])
+
+
 def recall_at_k(found: list[np.ndarray], truth: list[np.ndarray], k: int) -> float:
-    """Mean share of each query's true k nearest that were found (a query with fewer true ones counts those)."""
-    hits = [len(np.intersect1d(f[:k], t[:k])) / max(1, min(k, len(t))) for f, t in zip(found, truth)]
-    return float(np.mean(hits)) if hits else 1.0
+    """Mean recall@k over the queries."""
+    r = recalls(found, truth, k)
+    return float(r.mean()) if len(r) else 1.0
+
+
+def lower_bound(per_query: np.ndarray) -> float:
+    """The one-sided 95% lower confidence bound of the mean recall (normal approximation)."""
+    if len(per_query) < 2:
+        return float(per_query.mean()) if len(per_query) else 1.0
+    return float(per_query.mean() - 1.645 * per_query.std(ddof=1) / np.sqrt(len(per_query)))
 
 
 @dataclass
@@ -50,41 +70,45 @@ class Tuning:
     """What the nprobe search measured: the choice, its recall, and the curve it walked."""
 
     nprobe: int
-    recall: float
+    recall: float  # mean recall@k on the tuning queries
+    lower: float  # its 95% lower confidence bound: what must reach the target
     target: float
     k: int
     queries: int
     met: bool
-    curve: list = field(default_factory=list)  # [[nprobe, recall], ...] in the order tried
+    curve: list = field(default_factory=list)  # [[nprobe, recall, lower bound], ...] in the order tried
 
     def as_dict(self) -> dict:
-        return {"nprobe": self.nprobe, f"recall_at_{self.k}": round(self.recall, 4), "target_recall": self.target,
-                "k": self.k, "queries": self.queries, "target_met": self.met,
-                "curve": [[p, round(r, 4)] for p, r in self.curve]}
+        return {"nprobe": self.nprobe, f"recall_at_{self.k}": round(self.recall, 4),
+                "recall_lower_95": round(self.lower, 4), "target_recall": self.target, "k": self.k,
+                "queries": self.queries, "target_met": self.met,
+                "curve": [[p, round(r, 4), round(lb, 4)] for p, r, lb in self.curve]}
 
 
-def tune_nprobe(recall_at: Callable[[int], float], nlist: int, target: float, k: int, queries: int) -> Tuning:
-    """The smallest nprobe whose recall meets `target`: doubling from 1, then bisecting the last step.
+def tune_nprobe(per_query_recall: Callable[[int], np.ndarray], nlist: int, target: float, k: int) -> Tuning:
+    """The smallest nprobe whose recall meets `target` with 95% confidence: doubling from 1, then bisecting.
 
-    Recall grows with nprobe (more lists scanned can only add candidates), which is what the bisection relies on.
-    Where even nprobe = nlist (exhaustive over the codes) misses the target, that is returned with met=False.
+    A setting passes when the lower confidence bound of its mean recall reaches the target, so that queries the
+    tuning did not see (new images, other database rows) meet it too. Recall grows with nprobe (more lists
+    scanned only add candidates), which the bisection relies on. Where even nprobe = nlist (every code
+    scanned) misses, that is returned with met=False.
     """
-    curve: dict[int, float] = {}
+    curve: dict[int, tuple[float, float]] = {}
+    queries = 0
 
-    def measure(p: int) -> float:
+    def passes(p: int) -> bool:
+        nonlocal queries
         if p not in curve:
-            curve[p] = recall_at(p)
-        return curve[p]
+            r = per_query_recall(p)
+            queries = len(r)
+            curve[p] = (float(r.mean()), lower_bound(r))
+        return curve[p][1] >= target
 
     lo, hi = 0, 1
-    while measure(hi) < target and hi < nlist:
+    while not passes(hi) and hi < nlist:
         lo, hi = hi, min(2 * hi, nlist)
-    if curve[hi] < target:
-        return Tuning(hi, curve[hi], target, k, queries, False, list(curve.items()))
-    while hi - lo > 1:
+    met = passes(hi)
+    while met and hi - lo > 1:
         mid = (lo + hi) // 2
-        if measure(mid) >= target:
-            hi = mid
-        else:
-            lo = mid
-    return Tuning(hi, curve[hi], target, k, queries, True, list(curve.items()))
+        lo, hi = (lo, mid) if passes(mid) else (mid, hi)
+    return Tuning(hi, *curve[hi], target, k, queries, met, [[p, *v] for p, v in curve.items()])
