@@ -64,7 +64,7 @@ def build_index(uris: Sequence[str], out: str, *, kind: str = "auto", max_memory
         t_sample = time.perf_counter()
         train, tune_ids, tune_vectors = _read_sample(parts, spec.train_size, queries, dim, seed)
         t_train = time.perf_counter()
-        index, pca_info, spec = _trained_index(spec, train, seed)
+        index, pca_info, spec = _trained_index(spec, train, seed, n, max_memory)
         del train
         train_s = time.perf_counter() - t_train
         log(f"read a sample of {spec.train_size} + {queries} vectors in {t_train - t_sample:.1f} s, trained "
@@ -159,8 +159,9 @@ def _read_sample(parts: list[tuple], train_size: int, queries: int, dim: int,
     return train, tune_ids, tune
 
 
-def _trained_index(spec: IndexSpec, train: np.ndarray, seed: int):
-    """An empty, trained FAISS inner-product index for `spec`; returns (index, projection figures, final spec)."""
+def _trained_index(spec: IndexSpec, train: np.ndarray, seed: int, n: int, max_memory: int):
+    """An empty, trained FAISS inner-product index for `spec`; returns (index, projection figures, final spec:
+    with the projection resolved, its codes chosen again for the stored dimensions)."""
     import faiss
 
     if spec.kind == "flat":
@@ -168,7 +169,7 @@ def _trained_index(spec: IndexSpec, train: np.ndarray, seed: int):
     pca_info, transform, sample = None, None, train
     if spec.pca:
         transform, pca_info = fit_projection(train[:PCA_TRAIN_MAX], spec.pca)
-        spec = spec.with_pca(pca_info["dims"])
+        spec = IndexSpec.choose(n, kind="ivf", dim=spec.dim, max_memory=max_memory, pca=pca_info["dims"])
         if transform is not None:
             sample = np.concatenate([project(transform, train[s:s + 65536]) for s in range(0, len(train), 65536)])
     d = spec.stored_dim

@@ -65,13 +65,6 @@ class IndexSpec:
     def stored_dim(self) -> int:
         return self.pca if self.pca > 0 else self.dim
 
-    def with_pca(self, dims: int) -> "IndexSpec":
-        """This spec with the projection resolved (auto -> dims); codes scale with the stored dimensions."""
-        code = self.code
-        if code.startswith("PQ") and dims:
-            code = f"PQ{max(1, int(self.code[2:]) * dims // self.dim)}"
-        return IndexSpec(self.kind, self.dim, dims, self.nlist, code, self.train_size)
-
     @property
     def factory(self) -> str:
         """A readable description in faiss.index_factory's vocabulary (the build composes the index itself)."""
