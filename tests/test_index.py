@@ -72,8 +72,8 @@ def test_spec_is_chosen_from_the_count_and_the_memory_budget():
         IndexSpec.choose(999, kind="ivf")
     with pytest.raises(SimilarityIndexError, match=r"^unknown index kind 'lsh'; choose one of auto, flat, ivf$"):
         IndexSpec.choose(10, kind="lsh")
-    with pytest.raises(SimilarityIndexError, match=r"^100000000 vectors need at least 2\.24 GiB of --max-memory "
-                                                   r"\(codes PQ8: 1\.12 GiB, as much again to build\); got 1\.00 GiB$"):
+    with pytest.raises(SimilarityIndexError, match=r"^100000000 vectors need at least 2\.98 GiB of --max-memory "
+                                                   r"\(codes PQ8: 1\.49 GiB, as much again to build\); got 1\.00 GiB$"):
         IndexSpec.choose(100_000_000, pca=256, max_memory=g)
     with pytest.raises(SimilarityIndexError, match=r"^an exact index of 100000 vectors needs 0\.76 GiB, over "):
         IndexSpec.choose(100_000, kind="flat", max_memory=g // 2)
