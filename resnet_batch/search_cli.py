@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from resnet_batch.errors import EXIT_OK, EXIT_USAGE, ConfigError, UserError
+from resnet_batch.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, RunFailed, UserError
 from resnet_batch.terminal import printable
 
 INDEX_ENV = "RESNET_BATCH_INDEX"  # default --index for `similar`, `neighbors`, `gallery`
@@ -32,13 +32,17 @@ def _index_uri(args: argparse.Namespace) -> str:
 
 
 def _guarded(fn):
-    """Run a command; what the user can fix (UserError) is one line on stderr and exit code 2."""
+    """Run a command; what the user can fix (UserError, raised before any work) is one line on stderr and exit
+    code 2; a run that started and could not finish (RunFailed) exit code 1."""
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
         except UserError as err:
             print(f"error: {printable(str(err))}", file=sys.stderr)
             return EXIT_USAGE
+        except RunFailed as err:
+            print(f"error: the run failed: {printable(str(err))}; rerun the same command", file=sys.stderr)
+            return EXIT_FAILED
     return run
 
 
