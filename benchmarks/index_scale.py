@@ -157,7 +157,7 @@ def main() -> int:
     cost = ivf_cost(index.index, normalize(queries))
 
     t = meta["tuning"]
-    size = meta["index_bytes"] + meta["ids_bytes"]
+    size = sum(meta["files"].values())
     print(f"\nindex: {meta['factory']}, nprobe={tuned} tuned on {t['queries']} database queries "
           f"(recall@{K} {t[f'recall_at_{K}']:.4f}, target {t['target_recall']}); PCA {meta['pca']}")
     print(f"{'n':>9} {'build s':>8} {'peak RSS GiB':>12} {'size MiB':>9} {'recall@10 held-out':>18} "

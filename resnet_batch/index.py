@@ -3,8 +3,10 @@
 Folder layout (written by index_build.py, index.json last: a folder without it is incomplete):
   index.faiss  the FAISS index; every vector carries a 64-bit id (IndexIDMap2 or the inverted file's own ids)
   ids.arrow    the id map, Arrow IPC (uncompressed, memory-mappable): id, image_id, path, label, prob, part
+  refine.sq8   (IVF with lossy codes) row i of the id map as 8-bit full-dimension codes, for re-ranking
+  refine.faiss (with it) the trained 8-bit scalar quantizer that decodes them
   index.json   kind, spec, tuned nprobe and its measured recall, counts, provenance, sources, image roots
-Both data files are memory-mapped, so the actors of one node share one copy in the page cache; an index on
+The data files are memory-mapped, so the actors of one node share one copy in the page cache; an index on
 object storage is first copied to a node-local cache folder (once per node and build).
 """
 from __future__ import annotations
@@ -26,6 +28,8 @@ from resnet_batch.storage import filesystem, protocols
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.arrow"
 META_FILE = "index.json"  # written last: an index folder without it is incomplete
+REFINE_FILE = "refine.sq8"
+REFINE_SQ_FILE = "refine.faiss"
 FORMAT = 2  # index.json "format"; 1 was ids.parquet + positions
 CACHE_ENV = "RESNET_BATCH_CACHE"  # node-local folder for copies of remote indexes (default ~/.cache/resnet-batch)
 IDS_SCHEMA = pa.schema([
@@ -53,10 +57,11 @@ def normalize(x: np.ndarray) -> np.ndarray:
 class SimilarityIndex:
     """A FAISS inner-product index over L2-normalised embeddings (inner product = cosine), its id map and meta."""
 
-    def __init__(self, index, ids: pa.Table, meta: dict):
+    def __init__(self, index, ids: pa.Table, meta: dict, refine: Optional[tuple] = None):
         if index.ntotal != len(ids):
             raise SimilarityIndexError(f"index holds {index.ntotal} vectors but the id map {len(ids)} rows")
         self.index, self.ids, self.meta = index, ids, meta
+        self._refine = refine  # (decoder, codes aligned with the id map's rows), or None
         self._faiss_ids = ids.column("id").to_numpy()
         self._image_ids = ids.column("image_id")
         self._by_hash: Optional[tuple[np.ndarray, np.ndarray]] = None
@@ -95,7 +100,9 @@ class SimilarityIndex:
         q = normalize(np.atleast_2d(vectors))
         if q.shape[1] != self.index.d:
             raise SimilarityIndexError(f"query vectors have {q.shape[1]} dimensions, the index {self.index.d}")
-        return self.index.search(q, int(k))
+        if self._refine is None:
+            return self.index.search(q, int(k))
+        return refined_search(self.index, *self._refine, self.rows_of, q, int(k), self.meta["spec"]["refine"])
 
     # -- the id map ------------------------------------------------------------------------------
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
@@ -137,10 +144,15 @@ class SimilarityIndex:
         raise UnknownImageId(f"image_id {image_id!r} is not in the index")
 
     def vector(self, image_id: str) -> np.ndarray:
-        """The indexed vector of an image: exact for a flat index, its decoded code for an IVF one."""
+        """The indexed vector of an image: exact for a flat index, else decoded from its re-ranking code (or
+        from its IVF code where there is none)."""
         import faiss
 
         fid = self.faiss_id(image_id)
+        if self._refine is not None:
+            decoder, codes = self._refine
+            row = int(self.rows_of(np.array([fid]))[0])
+            return decoder.sa_decode(np.ascontiguousarray(codes[row:row + 1]))[0]
         ivf = self._ivf()
         if ivf is not None and not self._direct_map:
             try:  # ids 0..n-1 (a fresh build): an array; after incremental edits: a hash table
@@ -158,16 +170,43 @@ class SimilarityIndex:
 
         meta = read_meta(uri, storage_options)
         folder = local_folder(uri, meta, storage_options)
-        index_path, ids_path = os.path.join(folder, INDEX_FILE), os.path.join(folder, IDS_FILE)
-        for path, key in ((index_path, "index_bytes"), (ids_path, "ids_bytes")):
+        for name, expected in meta["files"].items():
+            path = os.path.join(folder, name)
             size = os.path.getsize(path) if os.path.exists(path) else None
-            if size != meta[key]:
-                raise SimilarityIndexError(f"{uri}/{os.path.basename(path)} has {size} bytes, "
-                                           f"{META_FILE} says {meta[key]}")
+            if size != expected:
+                raise SimilarityIndexError(f"{uri}/{name} has {size} bytes, {META_FILE} says {expected}")
         # Inverted lists are mapped as on-disk lists; a flat index's codes through the mapped-file reader.
-        index = faiss.read_index(index_path, faiss.IO_FLAG_MMAP if meta["kind"] == "ivf" else faiss.IO_FLAG_MMAP_IFC)
-        ids = pa.ipc.open_file(pa.memory_map(ids_path)).read_all()
-        return cls(index, ids, meta)
+        index = faiss.read_index(os.path.join(folder, INDEX_FILE),
+                                 faiss.IO_FLAG_MMAP if meta["kind"] == "ivf" else faiss.IO_FLAG_MMAP_IFC)
+        ids = pa.ipc.open_file(pa.memory_map(os.path.join(folder, IDS_FILE))).read_all()
+        refine = None
+        if REFINE_FILE in meta["files"]:
+            decoder = faiss.read_index(os.path.join(folder, REFINE_SQ_FILE))
+            codes = np.memmap(os.path.join(folder, REFINE_FILE), dtype=np.uint8, mode="r",
+                              shape=(len(ids), decoder.sa_code_size()))
+            refine = (decoder, codes)
+        return cls(index, ids, meta, refine)
+
+
+def refined_search(base, decoder, codes: np.ndarray, rows_of, q: np.ndarray, k: int, k_factor: int,
+                   block: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Search `base` for k_factor*k candidates, then re-score them with their 8-bit full-dimension codes
+    (codes[row] for the candidate's id-map row) and keep the k best: (scores, ids), best first."""
+    _, cand = base.search(q, k * k_factor)
+    scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+    ids = np.full((len(q), k), -1, dtype=np.int64)
+    for s in range(0, len(q), block):
+        c = cand[s:s + block]
+        rows = rows_of(c)
+        valid = rows >= 0
+        vec = decoder.sa_decode(np.ascontiguousarray(codes[np.where(valid, rows, 0).ravel()]))
+        sc = np.einsum("bd,bkd->bk", q[s:s + block], vec.reshape(*c.shape, -1))
+        sc[~valid] = -np.inf
+        top = np.argsort(-sc, axis=1, kind="stable")[:, :k]
+        scores[s:s + block, :top.shape[1]] = np.take_along_axis(sc, top, axis=1)
+        ids[s:s + block, :top.shape[1]] = np.where(np.take_along_axis(valid, top, axis=1),
+                                                   np.take_along_axis(c, top, axis=1), -1)
+    return scores, ids
 
 
 def read_meta(uri: str, storage_options: Optional[dict] = None) -> dict:
@@ -202,9 +241,9 @@ def local_folder(uri: str, meta: dict, storage_options: Optional[dict] = None) -
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        for name, key_bytes in ((INDEX_FILE, "index_bytes"), (IDS_FILE, "ids_bytes")):
+        for name, size in meta["files"].items():
             dest = folder / name
-            if dest.exists() and dest.stat().st_size == meta[key_bytes]:
+            if dest.exists() and dest.stat().st_size == size:
                 continue
             tmp = folder / f".{name}.tmp-{os.getpid()}"
             fs.get_file(posixpath.join(root, name), str(tmp))

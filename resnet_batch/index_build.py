@@ -23,7 +23,8 @@ import pyarrow.compute as pc
 
 from resnet_batch.embeddings import CHUNK_ROWS, Part, input_root, ok_chunks, sample_rows, scan_embeddings
 from resnet_batch.errors import SimilarityIndexError
-from resnet_batch.index import FORMAT, IDS_FILE, IDS_SCHEMA, INDEX_FILE, META_FILE, normalize
+from resnet_batch.index import (FORMAT, IDS_FILE, IDS_SCHEMA, INDEX_FILE, META_FILE, REFINE_FILE, REFINE_SQ_FILE,
+                                normalize, refined_search)
 from resnet_batch.index_spec import DEFAULT_MAX_MEMORY, FLAT_MAX, PCA_AUTO, PCA_TRAIN_MAX, IndexSpec, resolve_pca
 from resnet_batch.schema import EMBEDDING_DIM, embeddings_to_numpy
 from resnet_batch.storage import filesystem, protocols, put_bytes
@@ -65,20 +66,24 @@ def build_index(uris: Sequence[str], out: str, *, kind: str = "auto", max_memory
         train, tune_ids, tune_vectors = _read_sample(parts, spec.train_size, queries, dim, seed)
         t_train = time.perf_counter()
         index, pca_info, spec = _trained_index(spec, train, seed, n, max_memory)
+        refiner = _trained_refiner(train) if spec.refine else None
         del train
         train_s = time.perf_counter() - t_train
         log(f"read a sample of {spec.train_size} + {queries} vectors in {t_train - t_sample:.1f} s, trained "
             f"{spec.factory} in {train_s:.1f} s; adding")
         exact = ExactTopK(tune_vectors, TUNE_K + 1)
         t_add = time.perf_counter()
-        roots = _add_all(parts, index, exact, stage.path(IDS_FILE))
+        roots = _add_all(parts, index, exact, stage.path(IDS_FILE), refiner, stage.path(REFINE_FILE))
         add_s = time.perf_counter() - t_add
         t_tune = time.perf_counter()
-        tuning = _tune(index, tune_ids, tune_vectors, exact, spec, target_recall) if queries else None
+        search = _searcher(index, spec, refiner, stage.path(REFINE_FILE))
+        tuning = _tune(index, search, tune_ids, tune_vectors, exact, spec, target_recall) if queries else None
         log(f"added in {add_s:.1f} s" + (f", tuned nprobe={tuning.nprobe} (recall@{TUNE_K} {tuning.recall:.4f}) "
                                          f"in {time.perf_counter() - t_tune:.1f} s" if tuning else ""))
 
         faiss.write_index(index, stage.path(INDEX_FILE))
+        if refiner is not None:
+            faiss.write_index(refiner, stage.path(REFINE_SQ_FILE))
         meta = {
             "format": FORMAT, "build_id": uuid.uuid4().hex, "kind": spec.kind, "factory": spec.factory,
             "spec": spec.as_dict(), "metric": "cosine", "count": int(index.ntotal), "dim": dim,
@@ -240,14 +245,34 @@ def fit_projection(sample: np.ndarray, dims: int):
     return lt, figures
 
 
-def _add_all(parts: list[tuple], index, exact: ExactTopK, ids_path: str) -> dict:
-    """Pass 2: every ok row added with id = its ok-row number, id-map rows written as they come; returns the
-    protocols and common folder of the image paths (for the gallery's input-root check)."""
+def _trained_refiner(train: np.ndarray):
+    """The 8-bit scalar quantizer of full-dimension vectors that re-ranking decodes (per-dimension ranges)."""
+    import faiss
+
+    refiner = faiss.IndexScalarQuantizer(train.shape[1], faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+    refiner.train(np.ascontiguousarray(train[:PCA_TRAIN_MAX], dtype=np.float32))
+    return refiner
+
+
+def _searcher(index, spec: IndexSpec, refiner, codes_path: str):
+    """search(q, k) -> (scores, ids) as SimilarityIndex will answer it (ids are rows in a fresh build)."""
+    if refiner is None:
+        return index.search
+    codes = np.memmap(codes_path, dtype=np.uint8, mode="r", shape=(index.ntotal, refiner.sa_code_size()))
+    return lambda q, k: refined_search(index, refiner, codes, lambda ids: ids, q, k, spec.refine)
+
+
+def _add_all(parts: list[tuple], index, exact: ExactTopK, ids_path: str, refiner, codes_path: str) -> dict:
+    """Pass 2: every ok row added with id = its ok-row number, id-map rows (and re-ranking codes) written as
+    they come; returns the protocols and common folder of the image paths (for the gallery's root check)."""
+    import contextlib
+
     import faiss
     import pyarrow.ipc as ipc
 
     next_id, protos, common = 0, set(), None
-    with ipc.new_file(ids_path, IDS_SCHEMA) as writer:
+    with ipc.new_file(ids_path, IDS_SCHEMA) as writer, \
+            (open(codes_path, "wb") if refiner is not None else contextlib.nullcontext()) as codes:
         for i, (fs, part) in enumerate(parts):
             for chunk in ok_chunks(fs, part.path, _COLUMNS):
                 ids = np.arange(next_id, next_id + len(chunk), dtype=np.int64)
@@ -259,6 +284,8 @@ def _add_all(parts: list[tuple], index, exact: ExactTopK, ids_path: str) -> dict
                     index.add_with_ids(vec, ids)
                 exact.add(vec, ids)
                 writer.write_table(id_rows(chunk, ids, i))
+                if codes is not None:
+                    codes.write(refiner.sa_encode(vec).tobytes())
                 next_id += len(chunk)
                 protos, common = _fold_paths(chunk.column("path").to_pylist(), protos, common)
     if isinstance(index, faiss.IndexPreTransform):
@@ -307,7 +334,7 @@ def _image_roots(uris: Sequence[str], opts: dict, found: dict) -> dict:
     return {"from": "none", "roots": []}
 
 
-def _tune(index, tune_ids: np.ndarray, tune_vectors: np.ndarray, exact: ExactTopK, spec: IndexSpec,
+def _tune(index, search, tune_ids: np.ndarray, tune_vectors: np.ndarray, exact: ExactTopK, spec: IndexSpec,
           target: float) -> Tuning:
     """The smallest nprobe meeting the recall target on the tuning queries, and the score error there."""
     import faiss
@@ -318,7 +345,7 @@ def _tune(index, tune_ids: np.ndarray, tune_vectors: np.ndarray, exact: ExactTop
 
     def per_query_recall(nprobe: int) -> np.ndarray:
         ivf.nprobe = nprobe
-        _, found = index.search(tune_vectors, TUNE_K + 1)
+        _, found = search(tune_vectors, TUNE_K + 1)
         return recalls(drop_self(tune_ids, found, TUNE_K), truth, TUNE_K)
 
     tuning = tune_nprobe(per_query_recall, spec.nlist, target, TUNE_K)
@@ -349,12 +376,15 @@ class _Staging:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def publish(self, meta: dict) -> None:
-        meta["index_bytes"] = os.path.getsize(self.path(INDEX_FILE))
-        meta["ids_bytes"] = os.path.getsize(self.path(IDS_FILE))
+        names = [n for n in (INDEX_FILE, IDS_FILE, REFINE_SQ_FILE, REFINE_FILE) if os.path.exists(self.path(n))]
+        meta["files"] = {n: os.path.getsize(self.path(n)) for n in names}
         old = posixpath.join(self.root, META_FILE)
         if self.fs.exists(old):
             self.fs.rm(old)
-        for name in (INDEX_FILE, IDS_FILE):
+        for stale in {REFINE_SQ_FILE, REFINE_FILE} - set(names):  # an earlier build's, not this one's
+            if self.fs.exists(posixpath.join(self.root, stale)):
+                self.fs.rm(posixpath.join(self.root, stale))
+        for name in names:
             if self.local:
                 os.replace(self.path(name), os.path.join(self.root, name))
             else:

@@ -8,7 +8,9 @@ The rules (FAISS's guidelines, as autofaiss applies them):
 - optional PCA (an uncentred projection, so inner products = cosines stay unbiased): by default the smallest
   of 64, 128, ... dim/2 dimensions that keeps PCA_VARIANCE of the training sample's variance, else none;
 - codes: the most accurate that fit half the memory budget: SQ8 (1 byte a dimension), SQ4, then PQ with
-  4, 8, 16 ... dimensions a byte. The other half is for training and the chunks in flight.
+  4, 8, 16 ... dimensions a byte. The other half is for training and the chunks in flight;
+- re-ranking: unless the codes are SQ8 of the full vectors, the REFINE_K_FACTOR x k best candidates are
+  re-scored with 8-bit full-dimension vectors kept on disk (memory-mapped, not in the budget).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ DEFAULT_MAX_MEMORY = 4 * 2**30
 PCA_AUTO = -1  # --pca auto: chosen from the training sample's spectrum (resolve_pca)
 PCA_VARIANCE = 0.99  # the share of variance an automatic projection must keep
 ID_BYTES = 8  # every stored vector carries its 64-bit id
+REFINE_K_FACTOR = 4  # candidates re-scored per result
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -60,6 +63,7 @@ class IndexSpec:
     nlist: int  # inverted lists (0 for flat)
     code: str  # Flat | SQ8 | SQ4 | PQ<m>
     train_size: int  # vectors sampled for training (0: none)
+    refine: int = 0  # candidates per result re-scored with full 8-bit vectors (0: none)
 
     @property
     def stored_dim(self) -> int:
@@ -71,9 +75,10 @@ class IndexSpec:
         if self.kind == "flat":
             return "IDMap2,Flat"
         pca = {PCA_AUTO: "PCAauto,", 0: ""}.get(self.pca, f"PCA{self.pca},")
-        return f"{pca}IVF{self.nlist},{self.code}"
+        return f"{pca}IVF{self.nlist},{self.code}" + (",Refine(SQ8)" if self.refine else "")
 
     def bytes_per_vector(self) -> int:
+        """Bytes a vector takes in memory (its code and id); the re-ranking store adds `dim` on disk."""
         return code_bytes(self.code, self.stored_dim) + ID_BYTES
 
     def build_memory(self, n: int, chunk_rows: int, tune_queries: int) -> int:
@@ -123,7 +128,8 @@ class IndexSpec:
                                        f"got {_gib(max_memory)}")
         pq_min = 256 * 39 if code.startswith("PQ") else 0  # 256 centroids per sub-space
         train = int(min(n, max(40 * nlist, pq_min), TRAIN_MAX))
-        return cls("ivf", dim, out, nlist, code, train)
+        refine = 0 if (out == 0 and code == "SQ8") else REFINE_K_FACTOR
+        return cls("ivf", dim, out, nlist, code, train, refine)
 
 
 PCA_TRAIN_MAX = 32_768  # vectors the projection is fitted on (a sub-sample of the training sample)

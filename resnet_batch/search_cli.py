@@ -60,7 +60,7 @@ def index_main(args: argparse.Namespace) -> int:
     quality = "exact" if m["kind"] == "flat" else (f"nprobe={m['nprobe']}: recall@10 {t['recall_at_10']:.3f} on "
                                                    f"{t['queries']} queries (target {t['target_recall']})")
     print(f"indexed {m['count']} images ({m['factory']}, {quality}) in {m['build_s']:.1f} s -> {args.out} "
-          f"({(m['index_bytes'] + m['ids_bytes']) / 2**20:.1f} MiB)")
+          f"({sum(m['files'].values()) / 2**20:.1f} MiB)")
     return EXIT_OK
 
 

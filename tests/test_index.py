@@ -54,16 +54,17 @@ def test_spec_is_chosen_from_the_count_and_the_memory_budget():
     g = 2**30
     assert IndexSpec.choose(10) == IndexSpec("flat", 2048, 0, 0, "Flat", 0)
     assert IndexSpec.choose(50_000).kind == "flat"
-    assert IndexSpec.choose(50_001) == IndexSpec("ivf", 2048, PCA_AUTO, 1024, "SQ8", 40_960)
-    assert IndexSpec.choose(50_001).factory == "PCAauto,IVF1024,SQ8"
+    assert IndexSpec.choose(50_001) == IndexSpec("ivf", 2048, PCA_AUTO, 1024, "SQ8", 40_960, 4)
+    assert IndexSpec.choose(50_001).factory == "PCAauto,IVF1024,SQ8,Refine(SQ8)"
     one_m = IndexSpec.choose(1_000_000, pca=256)
-    assert (one_m.nlist, one_m.code, one_m.train_size, one_m.factory) == (4096, "SQ8", 163_840, "PCA256,IVF4096,SQ8")
+    assert (one_m.nlist, one_m.code, one_m.train_size, one_m.factory) == (4096, "SQ8", 163_840,
+                                                                          "PCA256,IVF4096,SQ8,Refine(SQ8)")
     assert one_m.bytes_per_vector() == 264
     ten_m = IndexSpec.choose(10_000_000, pca=256)  # 2.6 GB of SQ8 is over half of 4G: 4-bit codes
     assert (ten_m.nlist, ten_m.code) == (16384, "SQ4") and ten_m.bytes_per_vector() == 136
     assert IndexSpec.choose(10_000_000, pca=256, max_memory=8 * g).code == "SQ8"
     assert IndexSpec.choose(10_000_000, pca=0, max_memory=8 * g).code == "PQ256"  # no projection: PQ
-    assert IndexSpec.choose(3000, kind="ivf", pca=0) == IndexSpec("ivf", 2048, 0, 64, "SQ8", 2560)
+    assert IndexSpec.choose(3000, kind="ivf", pca=0) == IndexSpec("ivf", 2048, 0, 64, "SQ8", 2560, 0)  # no re-rank
     assert IndexSpec.choose(2000, flat_max=1000).kind == "ivf"
     assert IndexSpec.choose(500, flat_max=100).kind == "flat"  # too few to train lists: exact anyway
     assert IndexSpec.choose(40_000, max_memory=256 * 2**20).kind == "ivf"  # raw vectors over the budget
@@ -126,10 +127,11 @@ def test_the_folder_is_checked_when_opened(three_parts, tmp_path):
     meta = build_index([str(root)], str(tmp_path / "idx"), **QUIET)
     assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["ids.arrow", "index.faiss", "index.json"]
     on_disk = json.loads((tmp_path / "idx" / "index.json").read_text())
-    assert on_disk == meta and meta["index_bytes"] == (tmp_path / "idx" / INDEX_FILE).stat().st_size
-    assert meta["ids_bytes"] == (tmp_path / "idx" / IDS_FILE).stat().st_size and meta["sources"] == [str(root)]
+    assert on_disk == meta and meta["sources"] == [str(root)]
+    assert meta["files"] == {n: (tmp_path / "idx" / n).stat().st_size for n in (INDEX_FILE, IDS_FILE)}
     (tmp_path / "idx" / INDEX_FILE).write_bytes((tmp_path / "idx" / INDEX_FILE).read_bytes()[:1000])
-    with pytest.raises(SimilarityIndexError, match=f"index.faiss has 1000 bytes, index.json says {meta['index_bytes']}$"):
+    with pytest.raises(SimilarityIndexError, match=f"index.faiss has 1000 bytes, index.json says "
+                                                   f"{meta['files'][INDEX_FILE]}$"):
         SimilarityIndex.open(str(tmp_path / "idx"))
     with pytest.raises(SimilarityIndexError, match=r"^no index at .*/missing \(index.json missing; build one with "):
         SimilarityIndex.open(str(tmp_path / "missing"))
@@ -155,8 +157,11 @@ def test_streamed_ivf_build_matches_an_in_memory_build(ivf_build):
     meta, index, vectors = ivf_build
     spec = meta["spec"]
     assert (spec["kind"], spec["nlist"], meta["count"]) == ("ivf", 64, 3000)
-    assert meta["pca"]["auto"] and meta["factory"] == f"PCA{meta['pca']['dims']},IVF64,SQ8" if meta["pca"]["dims"] \
-        else meta["factory"] == "IVF64,SQ8"
+    pca = meta["pca"]["dims"]
+    assert meta["pca"]["auto"] and pca in (256, 512, 1024)  # the synthetic vectors keep 99% of their variance there
+    assert meta["factory"] == f"PCA{pca},IVF64,SQ8,Refine(SQ8)" and spec["refine"] == 4
+    assert sorted(meta["files"]) == ["ids.arrow", "index.faiss", "refine.faiss", "refine.sq8"]
+    assert meta["files"]["refine.sq8"] == 3000 * 2048  # 8-bit full-dimension vectors for re-ranking, on disk
     x = normalize(vectors)
     reference = faiss.index_factory(2048, "IVF64,SQ8", faiss.METRIC_INNER_PRODUCT)  # everything in memory
     reference.train(x)
@@ -251,7 +256,7 @@ def test_embeddings_and_index_on_s3(three_parts, s3_server, tmp_path, monkeypatc
     _, ref = brute_force(vectors, vectors[:3], 4)
     np.testing.assert_array_equal(loaded.search(vectors[:3], 4)[1], ref)
     cached = list((tmp_path / "cache" / "indexes").glob("*/index.faiss"))
-    assert len(cached) == 1 and cached[0].stat().st_size == meta["index_bytes"]  # the node-local copy it maps
+    assert len(cached) == 1 and cached[0].stat().st_size == meta["files"]["index.faiss"]  # the node-local copy
     with pytest.raises(Exception, match="(?i)signature|denied|forbidden"):
         SimilarityIndex.open(f"s3://{bucket}/idx", s3_server.storage_options(secret="wrong"))
 
