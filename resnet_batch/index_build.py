@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from resnet_batch.embeddings import CHUNK_ROWS, Part, input_root, ok_chunks, sample_rows, scan_embeddings
+from resnet_batch.embeddings import Part, input_root, ok_chunks, sample_rows, scan_embeddings
 from resnet_batch.errors import SimilarityIndexError
 from resnet_batch.index import (FORMAT, IDS_FILE, IDS_SCHEMA, INDEX_FILE, META_FILE, REFINE_FILE, REFINE_SQ_FILE,
                                 normalize, refined_search)
@@ -59,8 +59,7 @@ def build_index(uris: Sequence[str], out: str, *, kind: str = "auto", max_memory
     import faiss
 
     log(f"indexing {n} embeddings from {len(parts)} parts (scanned in {time.perf_counter() - t0:.1f} s): "
-        f"{spec.factory}, {spec.bytes_per_vector()} bytes a vector; build memory "
-        f"~{spec.build_memory(n, CHUNK_ROWS, queries) / 2**30:.2f} GiB")
+        f"{spec.factory}")
     with _Staging(out, opts) as stage:
         t_sample = time.perf_counter()
         train, tune_ids, tune_vectors = _read_sample(parts, spec.train_size, queries, dim, seed)
@@ -70,7 +69,9 @@ def build_index(uris: Sequence[str], out: str, *, kind: str = "auto", max_memory
         del train
         train_s = time.perf_counter() - t_train
         log(f"read a sample of {spec.train_size} + {queries} vectors in {t_train - t_sample:.1f} s, trained "
-            f"{spec.factory} in {train_s:.1f} s; adding")
+            f"{spec.factory} in {train_s:.1f} s; adding ({spec.bytes_per_vector()} bytes a vector in memory: "
+            f"{n * spec.bytes_per_vector() / 2**30:.2f} GiB" + (f", {spec.dim} on disk for re-ranking)"
+                                                                if spec.refine else ")"))
         exact = ExactTopK(tune_vectors, TUNE_K + 1)
         t_add = time.perf_counter()
         roots = _add_all(parts, index, exact, stage.path(IDS_FILE), refiner, stage.path(REFINE_FILE))

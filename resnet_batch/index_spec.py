@@ -81,15 +81,6 @@ class IndexSpec:
         """Bytes a vector takes in memory (its code and id); the re-ranking store adds `dim` on disk."""
         return code_bytes(self.code, self.stored_dim) + ID_BYTES
 
-    def build_memory(self, n: int, chunk_rows: int, tune_queries: int) -> int:
-        """An estimate of the build's peak memory: codes, training sample, chunks in flight, tuning queries."""
-        codes = n * self.bytes_per_vector()
-        train = self.train_size * (2 * self.dim + 4 * self.stored_dim)  # float16 sample + float32 projected copy
-        if self.pca:
-            train += min(self.train_size, PCA_TRAIN_MAX) * 4 * self.dim + 8 * self.dim ** 2
-        chunk = 3 * chunk_rows * 4 * self.dim
-        return codes + train + chunk + tune_queries * 4 * self.dim + 64 * 2**20
-
     def as_dict(self) -> dict:
         return {**asdict(self), "factory": self.factory}
 

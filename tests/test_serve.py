@@ -10,7 +10,6 @@ import threading
 from pathlib import Path
 
 import aiohttp
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
