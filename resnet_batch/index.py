@@ -3,8 +3,8 @@
 Folder layout (written by index_build.py, index.json last: a folder without it is incomplete):
   index.faiss  the FAISS index; every vector carries a 64-bit id (IndexIDMap2 or the inverted file's own ids)
   ids.arrow    the id map, Arrow IPC (uncompressed, memory-mappable): id, image_id, path, label, prob, part
-  refine.sq8   (IVF with lossy codes) row i of the id map as 8-bit full-dimension codes, for re-ranking
-  refine.faiss (with it) the trained 8-bit scalar quantizer that decodes them
+  refine.f16   (IVF) row i of the id map as its float16 offset from the mean, for re-ranking candidates
+  refine.faiss (IVF) the mean and the float16 coder that decode them
   index.json   kind, spec, tuned nprobe and its measured recall, counts, provenance, sources, image roots
 The data files are memory-mapped, so the actors of one node share one copy in the page cache; an index on
 object storage is first copied to a node-local cache folder (once per node and build).
@@ -28,7 +28,7 @@ from resnet_batch.storage import filesystem, protocols
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.arrow"
 META_FILE = "index.json"  # written last: an index folder without it is incomplete
-REFINE_FILE = "refine.sq8"
+REFINE_FILE = "refine.f16"
 REFINE_SQ_FILE = "refine.faiss"
 FORMAT = 2  # index.json "format"; 1 was ids.parquet + positions
 CACHE_ENV = "RESNET_BATCH_CACHE"  # node-local folder for copies of remote indexes (default ~/.cache/resnet-batch)
@@ -61,7 +61,7 @@ class SimilarityIndex:
         if index.ntotal != len(ids):
             raise SimilarityIndexError(f"index holds {index.ntotal} vectors but the id map {len(ids)} rows")
         self.index, self.ids, self.meta = index, ids, meta
-        self._refine = refine  # (decoder, codes aligned with the id map's rows), or None
+        self._refine = refine  # (mean, float16 offsets as bytes, row i = id-map row i), or None
         self._faiss_ids = ids.column("id").to_numpy()
         self._image_ids = ids.column("image_id")
         self._by_hash: Optional[tuple[np.ndarray, np.ndarray]] = None
@@ -150,9 +150,9 @@ class SimilarityIndex:
 
         fid = self.faiss_id(image_id)
         if self._refine is not None:
-            decoder, codes = self._refine
+            mean, codes = self._refine
             row = int(self.rows_of(np.array([fid]))[0])
-            return decoder.sa_decode(np.ascontiguousarray(codes[row:row + 1]))[0]
+            return codes[row].view(np.float16).astype(np.float32) + mean
         ivf = self._ivf()
         if ivf is not None and not self._direct_map:
             try:  # ids 0..n-1 (a fresh build): an array; after incremental edits: a hash table
@@ -184,29 +184,37 @@ class SimilarityIndex:
             decoder = faiss.read_index(os.path.join(folder, REFINE_SQ_FILE))
             codes = np.memmap(os.path.join(folder, REFINE_FILE), dtype=np.uint8, mode="r",
                               shape=(len(ids), decoder.sa_code_size()))
-            refine = (decoder, codes)
+            refine = (refine_mean(decoder), codes)
         return cls(index, ids, meta, refine)
 
 
-def refined_search(base, decoder, codes: np.ndarray, rows_of, q: np.ndarray, k: int, k_factor: int,
+def refined_search(base, mean: np.ndarray, codes: np.ndarray, rows_of, q: np.ndarray, k: int, k_factor: int,
                    block: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Search `base` for k_factor*k candidates, then re-score them with their 8-bit full-dimension codes
-    (codes[row] for the candidate's id-map row) and keep the k best: (scores, ids), best first."""
+    """Search `base` for k_factor*k candidates, then re-score them with their full-dimension vectors (the
+    float16 offsets codes[row] of the candidates' id-map rows, plus `mean`) and keep the k best:
+    (scores, ids), best first."""
     _, cand = base.search(q, k * k_factor)
     scores = np.full((len(q), k), -np.inf, dtype=np.float32)
     ids = np.full((len(q), k), -1, dtype=np.int64)
     for s in range(0, len(q), block):
-        c = cand[s:s + block]
+        c, qb = cand[s:s + block], q[s:s + block]
         rows = rows_of(c)
         valid = rows >= 0
-        vec = decoder.sa_decode(np.ascontiguousarray(codes[np.where(valid, rows, 0).ravel()]))
-        sc = np.einsum("bd,bkd->bk", q[s:s + block], vec.reshape(*c.shape, -1))
+        offsets = codes[np.where(valid, rows, 0).ravel()].view(np.float16).astype(np.float32)
+        sc = np.matmul(offsets.reshape(*c.shape, -1), qb[:, :, None])[..., 0] + (qb @ mean)[:, None]
         sc[~valid] = -np.inf
         top = np.argsort(-sc, axis=1, kind="stable")[:, :k]
         scores[s:s + block, :top.shape[1]] = np.take_along_axis(sc, top, axis=1)
         ids[s:s + block, :top.shape[1]] = np.where(np.take_along_axis(valid, top, axis=1),
                                                    np.take_along_axis(c, top, axis=1), -1)
     return scores, ids
+
+
+def refine_mean(decoder) -> np.ndarray:
+    """The mean the re-ranking offsets are taken from (the coder's centering transform)."""
+    import faiss
+
+    return faiss.vector_to_array(faiss.downcast_VectorTransform(decoder.chain.at(0)).mean).astype(np.float32)
 
 
 def read_meta(uri: str, storage_options: Optional[dict] = None) -> dict:

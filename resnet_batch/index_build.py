@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from resnet_batch.embeddings import Part, input_root, ok_chunks, sample_rows, scan_embeddings
 from resnet_batch.errors import SimilarityIndexError
 from resnet_batch.index import (FORMAT, IDS_FILE, IDS_SCHEMA, INDEX_FILE, META_FILE, REFINE_FILE, REFINE_SQ_FILE,
-                                normalize, refined_search)
+                                normalize, refine_mean, refined_search)
 from resnet_batch.index_spec import DEFAULT_MAX_MEMORY, FLAT_MAX, PCA_AUTO, PCA_TRAIN_MAX, IndexSpec, resolve_pca
 from resnet_batch.schema import EMBEDDING_DIM, embeddings_to_numpy
 from resnet_batch.storage import filesystem, protocols, put_bytes
@@ -247,10 +247,13 @@ def fit_projection(sample: np.ndarray, dims: int):
 
 
 def _trained_refiner(train: np.ndarray):
-    """The 8-bit scalar quantizer of full-dimension vectors that re-ranking decodes (per-dimension ranges)."""
+    """The codes of full-dimension vectors that re-ranking decodes: float16 offsets from the mean (embeddings
+    crowd around it, so the offsets carry what tells neighbours apart; index_spec.py says why not 8 bits)."""
     import faiss
 
-    refiner = faiss.IndexScalarQuantizer(train.shape[1], faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+    d = train.shape[1]
+    refiner = faiss.IndexPreTransform(faiss.CenteringTransform(d), faiss.IndexScalarQuantizer(
+        d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT))
     refiner.train(np.ascontiguousarray(train[:PCA_TRAIN_MAX], dtype=np.float32))
     return refiner
 
@@ -260,7 +263,8 @@ def _searcher(index, spec: IndexSpec, refiner, codes_path: str):
     if refiner is None:
         return index.search
     codes = np.memmap(codes_path, dtype=np.uint8, mode="r", shape=(index.ntotal, refiner.sa_code_size()))
-    return lambda q, k: refined_search(index, refiner, codes, lambda ids: ids, q, k, spec.refine)
+    mean = refine_mean(refiner)
+    return lambda q, k: refined_search(index, mean, codes, lambda ids: ids, q, k, spec.refine)
 
 
 def _add_all(parts: list[tuple], index, exact: ExactTopK, ids_path: str, refiner, codes_path: str) -> dict:

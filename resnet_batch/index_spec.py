@@ -9,8 +9,10 @@ The rules (FAISS's guidelines, as autofaiss applies them):
   of 64, 128, ... dim/2 dimensions that keeps PCA_VARIANCE of the training sample's variance, else none;
 - codes: the most accurate that fit half the memory budget: SQ8 (1 byte a dimension), SQ4, then PQ with
   4, 8, 16 ... dimensions a byte. The other half is for training and the chunks in flight;
-- re-ranking: unless the codes are SQ8 of the full vectors, the REFINE_K_FACTOR x k best candidates are
-  re-scored with 8-bit full-dimension vectors kept on disk (memory-mapped, not in the budget).
+- re-ranking: the REFINE_K_FACTOR x k best candidates by code are re-scored with float16 full-dimension
+  offsets from the mean, kept on disk (memory-mapped, not in the memory budget): embeddings crowd around
+  their mean so tightly that 8-bit codes of the full vectors rank their 10th and 11th neighbours no better
+  than the projection does.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ class IndexSpec:
     nlist: int  # inverted lists (0 for flat)
     code: str  # Flat | SQ8 | SQ4 | PQ<m>
     train_size: int  # vectors sampled for training (0: none)
-    refine: int = 0  # candidates per result re-scored with full 8-bit vectors (0: none)
+    refine: int = 0  # candidates per result re-scored with full-dimension float16 vectors (0: none)
 
     @property
     def stored_dim(self) -> int:
@@ -75,10 +77,10 @@ class IndexSpec:
         if self.kind == "flat":
             return "IDMap2,Flat"
         pca = {PCA_AUTO: "PCAauto,", 0: ""}.get(self.pca, f"PCA{self.pca},")
-        return f"{pca}IVF{self.nlist},{self.code}" + (",Refine(SQ8)" if self.refine else "")
+        return f"{pca}IVF{self.nlist},{self.code}" + (",Refine(FP16)" if self.refine else "")
 
     def bytes_per_vector(self) -> int:
-        """Bytes a vector takes in memory (its code and id); the re-ranking store adds `dim` on disk."""
+        """Bytes a vector takes in memory (its code and id); the re-ranking store adds 2 x dim on disk."""
         return code_bytes(self.code, self.stored_dim) + ID_BYTES
 
     def as_dict(self) -> dict:
@@ -119,8 +121,7 @@ class IndexSpec:
                                        f"got {_gib(max_memory)}")
         pq_min = 256 * 39 if code.startswith("PQ") else 0  # 256 centroids per sub-space
         train = int(min(n, max(40 * nlist, pq_min), TRAIN_MAX))
-        refine = 0 if (out == 0 and code == "SQ8") else REFINE_K_FACTOR
-        return cls("ivf", dim, out, nlist, code, train, refine)
+        return cls("ivf", dim, out, nlist, code, train, REFINE_K_FACTOR)
 
 
 PCA_TRAIN_MAX = 32_768  # vectors the projection is fitted on (a sub-sample of the training sample)

@@ -55,16 +55,16 @@ def test_spec_is_chosen_from_the_count_and_the_memory_budget():
     assert IndexSpec.choose(10) == IndexSpec("flat", 2048, 0, 0, "Flat", 0)
     assert IndexSpec.choose(50_000).kind == "flat"
     assert IndexSpec.choose(50_001) == IndexSpec("ivf", 2048, PCA_AUTO, 1024, "SQ8", 40_960, 4)
-    assert IndexSpec.choose(50_001).factory == "PCAauto,IVF1024,SQ8,Refine(SQ8)"
+    assert IndexSpec.choose(50_001).factory == "PCAauto,IVF1024,SQ8,Refine(FP16)"
     one_m = IndexSpec.choose(1_000_000, pca=256)
     assert (one_m.nlist, one_m.code, one_m.train_size, one_m.factory) == (4096, "SQ8", 163_840,
-                                                                          "PCA256,IVF4096,SQ8,Refine(SQ8)")
+                                                                          "PCA256,IVF4096,SQ8,Refine(FP16)")
     assert one_m.bytes_per_vector() == 264
     ten_m = IndexSpec.choose(10_000_000, pca=256)  # 2.6 GB of SQ8 is over half of 4G: 4-bit codes
     assert (ten_m.nlist, ten_m.code) == (16384, "SQ4") and ten_m.bytes_per_vector() == 136
     assert IndexSpec.choose(10_000_000, pca=256, max_memory=8 * g).code == "SQ8"
     assert IndexSpec.choose(10_000_000, pca=0, max_memory=8 * g).code == "PQ256"  # no projection: PQ
-    assert IndexSpec.choose(3000, kind="ivf", pca=0) == IndexSpec("ivf", 2048, 0, 64, "SQ8", 2560, 0)  # no re-rank
+    assert IndexSpec.choose(3000, kind="ivf", pca=0) == IndexSpec("ivf", 2048, 0, 64, "SQ8", 2560, 4)
     assert IndexSpec.choose(2000, flat_max=1000).kind == "ivf"
     assert IndexSpec.choose(500, flat_max=100).kind == "flat"  # too few to train lists: exact anyway
     assert IndexSpec.choose(40_000, max_memory=256 * 2**20).kind == "ivf"  # raw vectors over the budget
@@ -159,9 +159,9 @@ def test_streamed_ivf_build_matches_an_in_memory_build(ivf_build):
     assert (spec["kind"], spec["nlist"], meta["count"]) == ("ivf", 64, 3000)
     pca = meta["pca"]["dims"]
     assert meta["pca"]["auto"] and pca in (256, 512, 1024)  # the synthetic vectors keep 99% of their variance there
-    assert meta["factory"] == f"PCA{pca},IVF64,SQ8,Refine(SQ8)" and spec["refine"] == 4
-    assert sorted(meta["files"]) == ["ids.arrow", "index.faiss", "refine.faiss", "refine.sq8"]
-    assert meta["files"]["refine.sq8"] == 3000 * 2048  # 8-bit full-dimension vectors for re-ranking, on disk
+    assert meta["factory"] == f"PCA{pca},IVF64,SQ8,Refine(FP16)" and spec["refine"] == 4
+    assert sorted(meta["files"]) == ["ids.arrow", "index.faiss", "refine.f16", "refine.faiss"]
+    assert meta["files"]["refine.f16"] == 3000 * 2048 * 2  # float16 full-dimension offsets, on disk
     x = normalize(vectors)
     reference = faiss.index_factory(2048, "IVF64,SQ8", faiss.METRIC_INNER_PRODUCT)  # everything in memory
     reference.train(x)
