@@ -199,11 +199,12 @@ def neighbours(args, work: Path, idx: Path, meta: dict, cost: dict) -> None:
     search_qps = r["images"] / r["search_s"]
     print(f"\nneighbours job: {r['images']} queries (k={K}, nprobe={r['nprobe']}) in {r['wall_s']:.1f} s wall "
           f"(Ray start and index open included); in the actor {qps:.0f} queries/s (read + search + write), "
-          f"search alone {search_qps:.0f} queries/s, on {cores} cores")
+          f"search alone {search_qps:.0f} queries/s, on {cores} cores at load average {os.getloadavg()[0]:.1f}; "
+          f"{r['cpu_ms_per_query']:.2f} CPU-ms a query")
     n10 = 10_000_000
     spec10 = IndexSpec.choose(n10, dim=meta["dim"], pca=meta["pca"]["dims"] if meta["pca"] else 0)
     nlist1, nlist10 = meta["spec"]["nlist"], spec10.nlist
-    per_core_ms = 1000 * cores / qps  # core-milliseconds per query, whole job
+    per_core_ms = r["cpu_ms_per_query"]  # CPU time the actor spent a query (read + search + write), all threads
     other_ms = max(per_core_ms - cost["coarse_ms"] - cost["scan_ms"], 0.0)
     for what, scan_scale in (("same nprobe (FAISS's usual case: nlist ~ sqrt(n))",
                               (n10 / nlist10) / (args.n / nlist1)),

@@ -221,7 +221,8 @@ def fit_projection(sample: np.ndarray, dims: int):
     import torch
 
     x = np.asarray(sample, dtype=np.float32)
-    second = matmul_t(x.T, x.T).astype(np.float64) / len(x)  # float32 products, ample for the top components
+    t = torch.from_numpy(x)
+    second = (t.T @ t).numpy().astype(np.float64) / len(x)  # float32 products, ample for the top components
     values, vectors = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(second)))  # LAPACK through torch
     order = np.argsort(values)[::-1]
     values, vectors = values[order], vectors[:, order]
@@ -262,9 +263,12 @@ def _searcher(index, spec: IndexSpec, refiner, codes_path: str):
     """search(q, k) -> (scores, ids) as SimilarityIndex will answer it (ids are rows in a fresh build)."""
     if refiner is None:
         return index.search
-    codes = np.memmap(codes_path, dtype=np.uint8, mode="r", shape=(index.ntotal, refiner.sa_code_size()))
-    mean = refine_mean(refiner)
-    return lambda q, k: refined_search(index, mean, codes, lambda ids: ids, q, k, spec.refine)
+    mean, shape = refine_mean(refiner), (index.ntotal, refiner.sa_code_size())
+
+    def search(q, k):  # mapped per call: the pages it touched leave this process's RSS when it returns
+        codes = np.memmap(codes_path, dtype=np.uint8, mode="r", shape=shape)
+        return refined_search(index, mean, codes, lambda ids: ids, q, k, spec.refine)
+    return search
 
 
 def _add_all(parts: list[tuple], index, exact: ExactTopK, ids_path: str, refiner, codes_path: str) -> dict:

@@ -184,10 +184,10 @@ class NeighborsActor:
         self.s = settings
 
     def __call__(self, batch: dict) -> dict:
-        keys = ("out", "source", "rows", "failed", "work_s", "search_s", "actor", "load_s", "strong")
+        keys = ("out", "source", "rows", "failed", "work_s", "search_s", "cpu_s", "actor", "load_s", "strong")
         out = {key: [] for key in keys}
         for source, name in zip(batch["source"], batch["out"]):
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             fs, path = filesystem(str(source), self.s.storage_options)
             with fs.open(path, "rb") as f:
                 total = pq.ParquetFile(f).metadata.num_rows
@@ -200,7 +200,8 @@ class NeighborsActor:
             pq.write_table(table.replace_schema_metadata(self.s.schema.metadata), sink, compression="zstd")
             put_bytes(self.fs, posixpath.join(self.root, str(name)), sink.getvalue().to_pybytes())
             for key, value in zip(keys, (str(name), str(source), len(table), total - len(rows),
-                                         time.perf_counter() - t0, search_s, self.actor_id, self.load_s,
+                                         time.perf_counter() - t0, search_s, time.process_time() - cpu0,
+                                         self.actor_id, self.load_s,
                                          to_text(strong_links(table, self.s.threshold)))):
                 out[key].append(value)
         return out
@@ -324,6 +325,8 @@ def run_neighbors(cfg: NeighborsConfig, progress: bool = True) -> dict:
         "parts_s": round(sum(float(s["work_s"]) for s in stats), 3),  # read + search + write, all actors
         "search_s": round(search_s, 3),  # the searches alone, all actors
         "search_ms_per_query": round(1000 * search_s / max(images, 1), 4),
+        "cpu_s": round(sum(float(s["cpu_s"]) for s in stats), 3),  # CPU time of the actors' part work, all threads
+        "cpu_ms_per_query": round(1000 * sum(float(s["cpu_s"]) for s in stats) / max(images, 1), 4),
         "groups_s": round(time.perf_counter() - t_groups, 3),
         "wall_s": round(time.perf_counter() - t0, 3),
         "outputs": {str(s["out"]): str(s["source"]) for s in sorted(stats, key=lambda s: str(s["out"]))},
