@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from resnet_batch.embeddings import Part, input_root, ok_chunks, sample_rows, scan_embeddings
 from resnet_batch.errors import SimilarityIndexError
 from resnet_batch.index import (FORMAT, IDS_FILE, IDS_SCHEMA, INDEX_FILE, META_FILE, REFINE_FILE, REFINE_SQ_FILE,
-                                normalize, refine_mean, refined_search)
+                                map_rows, normalize, refine_mean, refined_search)
 from resnet_batch.index_spec import DEFAULT_MAX_MEMORY, FLAT_MAX, PCA_AUTO, PCA_TRAIN_MAX, IndexSpec, resolve_pca
 from resnet_batch.schema import EMBEDDING_DIM, embeddings_to_numpy
 from resnet_batch.storage import filesystem, protocols, put_bytes
@@ -70,7 +70,7 @@ def build_index(uris: Sequence[str], out: str, *, kind: str = "auto", max_memory
         train_s = time.perf_counter() - t_train
         log(f"read a sample of {spec.train_size} + {queries} vectors in {t_train - t_sample:.1f} s, trained "
             f"{spec.factory} in {train_s:.1f} s; adding ({spec.bytes_per_vector()} bytes a vector in memory: "
-            f"{n * spec.bytes_per_vector() / 2**30:.2f} GiB" + (f", {spec.dim} on disk for re-ranking)"
+            f"{n * spec.bytes_per_vector() / 2**30:.2f} GiB" + (f", {2 * spec.dim} on disk for re-ranking)"
                                                                 if spec.refine else ")"))
         exact = ExactTopK(tune_vectors, TUNE_K + 1)
         t_add = time.perf_counter()
@@ -266,7 +266,7 @@ def _searcher(index, spec: IndexSpec, refiner, codes_path: str):
     mean, shape = refine_mean(refiner), (index.ntotal, refiner.sa_code_size())
 
     def search(q, k):  # mapped per call: the pages it touched leave this process's RSS when it returns
-        codes = np.memmap(codes_path, dtype=np.uint8, mode="r", shape=shape)
+        codes = map_rows(codes_path, shape)
         return refined_search(index, mean, codes, lambda ids: ids, q, k, spec.refine)
     return search
 
