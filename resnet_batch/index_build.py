@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from resnet_batch.embeddings import Part, input_root, ok_chunks, sample_rows, scan_embeddings
 from resnet_batch.errors import SimilarityIndexError
 from resnet_batch.index import (FORMAT, IDS_FILE, IDS_SCHEMA, INDEX_FILE, META_FILE, REFINE_FILE, REFINE_SQ_FILE,
-                                map_rows, normalize, refine_mean, refined_search)
+                                normalize, refine_mean, refined_search)
 from resnet_batch.index_spec import DEFAULT_MAX_MEMORY, FLAT_MAX, PCA_AUTO, PCA_TRAIN_MAX, IndexSpec, resolve_pca
 from resnet_batch.schema import EMBEDDING_DIM, embeddings_to_numpy
 from resnet_batch.storage import filesystem, protocols, put_bytes
@@ -263,12 +263,26 @@ def _searcher(index, spec: IndexSpec, refiner, codes_path: str):
     """search(q, k) -> (scores, ids) as SimilarityIndex will answer it (ids are rows in a fresh build)."""
     if refiner is None:
         return index.search
-    mean, shape = refine_mean(refiner), (index.ntotal, refiner.sa_code_size())
+    mean, rows = refine_mean(refiner), RowFile(codes_path, refiner.sa_code_size())
+    return lambda q, k: refined_search(index, mean, rows, lambda ids: ids, q, k, spec.refine)
 
-    def search(q, k):  # mapped per call: the pages it touched leave this process's RSS when it returns
-        codes = map_rows(codes_path, shape)
-        return refined_search(index, mean, codes, lambda ids: ids, q, k, spec.refine)
-    return search
+
+class RowFile:
+    """Fixed-size rows of a file, read with pread: the build's tuning reads a few thousand rows of a file it has
+    just written, all of it still in the page cache, where a memory map would fault its neighbours in too."""
+
+    def __init__(self, path: str, row_bytes: int):
+        self.path, self.row_bytes = path, row_bytes
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.row_bytes), dtype=np.uint8)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for i, r in enumerate(rows.tolist()):
+                out[i] = np.frombuffer(os.pread(fd, self.row_bytes, r * self.row_bytes), dtype=np.uint8)
+        finally:
+            os.close(fd)
+        return out
 
 
 def _add_all(parts: list[tuple], index, exact: ExactTopK, ids_path: str, refiner, codes_path: str) -> dict:
