@@ -9,6 +9,10 @@ import sys
 from resnet_batch.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, RunFailed, UserError
 from resnet_batch.text import printable
 
+# Seeded random weights (the demo's) give features that all point nearly the same way.
+RANDOM_WEIGHTS_NOTE = ("note: these embeddings come from random weights (model.weights=random, as in the demo): "
+                       "every pair of photos scores close to 1, so look at the ranking, not the score; the real "
+                       "ImageNet weights (IMAGENET1K_V2) spread the scores out")
 INDEX_ENV = "RESNET_BATCH_INDEX"  # default --index for `similar`, `neighbors`, `gallery`
 
 
@@ -89,6 +93,8 @@ def similar_main(args: argparse.Namespace) -> int:
         print(json.dumps([m.__dict__ for m in found], indent=2))
     else:
         print(format_matches(found))
+        if str(index.provenance.get("weights_id", "")).startswith("random"):
+            print(RANDOM_WEIGHTS_NOTE)
     return EXIT_OK
 
 
@@ -118,6 +124,9 @@ def gallery_main(args: argparse.Namespace) -> int:
                       thumb=args.thumb, neighbors_uri=args.neighbors, service=args.service)
     missing = f", {s['unavailable']} images unavailable" if s["unavailable"] else ""
     print(f"wrote {args.out}: {s['queries']} queries, {s['thumbnails']} thumbnails{missing} ({s['bytes']} bytes)")
+    print(f"open it: file://{os.path.abspath(args.out)}" if "://" not in args.out else f"open it: {args.out}")
+    if str(index.provenance.get("weights_id", "")).startswith("random"):
+        print(RANDOM_WEIGHTS_NOTE)
     return EXIT_OK
 
 

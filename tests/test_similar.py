@@ -123,7 +123,7 @@ def test_terminal_escapes_cannot_reach_the_screen(tmp_path, capsys):
     assert main(["similar", "--index", str(tmp_path / "idx"), "--id", "plain.jpg", "-k", "2"]) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\a" not in out and len(out.splitlines()) == 3
-    assert "evil\\x1b[2J\\x0arank 1 forged.jpg" in out and "bell\\x07.jpg" in out
+    assert "evil\\x1b[2J\\nrank 1 forged.jpg" in out and "bell\\x07.jpg" in out
     assert main(["similar", "--index", str(tmp_path / "idx"), "--id", "plain.jpg", "-k", "2", "--json"]) == 0
     assert {m["image_id"] for m in json.loads(capsys.readouterr().out)} == set(ids[1:])  # JSON escapes by itself
     assert main(["similar", "--index", str(tmp_path / "idx"), "--id", "no\x1b[2Jpe"]) == 2
