@@ -23,6 +23,7 @@ demo: install
 	$(PY) -m resnet_batch.cli sample-data --out data/sample -n $(DEMO_IMAGES)
 	$(VENV)/bin/resnet-batch embed --config configs/local.yaml --fresh
 	$(VENV)/bin/resnet-batch index --embeddings out/sample --out out/sample-index
+	$(VENV)/bin/resnet-batch gallery --index out/sample-index --out out/sample-gallery.html -n 8 -k 6
 	$(VENV)/bin/resnet-batch similar --index out/sample-index --id shard-000/astronaut-00000.jpg -k 5
 
 # Two Ray nodes on 127.0.0.1 (own temp dirs and ports, token auth), the job sent with `ray job submit`,

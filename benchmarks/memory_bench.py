@@ -59,7 +59,7 @@ def _role(pid: int) -> str:
         cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return "?"
-    for key, role in (("MapWorker", "model actor"), ("ReadShards", "read/decode task"), ("raylet", "raylet"),
+    for key, role in (("EmbedActor", "model actor"), ("ReadShards", "read/decode task"), ("raylet", "raylet"),
                       ("gcs_server", "gcs"), ("default_worker", "ray worker (idle/other)")):
         if key in cmd:
             return role

@@ -88,7 +88,7 @@ def run_product(data: Path, work: Path, precision: str, draft: bool, weights_see
     import pyarrow.parquet as pq
 
     from resnet_batch.config import load_config
-    from resnet_batch.index import build_index
+    from resnet_batch.index_build import build_index
     from resnet_batch.neighbors import NeighborsConfig, read_neighbors, run_neighbors
     from resnet_batch.runner import run
     from resnet_batch.schema import embeddings_to_numpy
@@ -102,7 +102,7 @@ def run_product(data: Path, work: Path, precision: str, draft: bool, weights_see
     report = run(cfg, fresh=True, progress=False)
     embed_s = time.perf_counter() - t0
     assert report["complete"], report
-    build_index([str(out)], log=lambda m: None).save(str(idx))
+    build_index([str(out)], str(idx), log=lambda m: None)
     run_neighbors(NeighborsConfig(index=str(idx), out=str(nb), k=10, threshold=0.9999), progress=False)
     table = read_neighbors(str(nb))
     name = {r: r.rsplit("/", 1)[-1] for r in table.column("image_id").to_pylist()}

@@ -4,6 +4,9 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
+import posixpath
+import urllib.parse
 from dataclasses import dataclass
 from typing import Optional
 
@@ -12,10 +15,50 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageOps
 
+from resnet_batch.decode import open_image
+from resnet_batch.errors import SimilarityIndexError
 from resnet_batch.index import SimilarityIndex
 from resnet_batch.neighbors import read_neighbors
 from resnet_batch.similar import similar_to_id
 from resnet_batch.storage import filesystem, put_bytes
+
+MAX_IMAGE_BYTES = 50 * 2**20  # a thumbnail's source is refused above this many bytes
+
+
+class ImageRoots:
+    """Where the gallery may read images: the input roots the index records (or its rows' common folder), with
+    their protocols; an index naming /etc/passwd or an internal URL gets an error tile, not a fetch."""
+
+    def __init__(self, meta: dict):
+        recorded = meta.get("image_roots") or {"from": "none", "roots": []}
+        self.source = recorded["from"]
+        self.roots = [(_family(r["protocol"]), _normal(r["protocol"], r["root"])) for r in recorded["roots"]]
+
+    def check(self, path: str) -> None:
+        """Raise PermissionError unless `path` lies under a recorded root, with the same protocol."""
+        from fsspec.core import split_protocol
+
+        proto, bare = split_protocol(path)
+        proto = proto or "file"
+        where = _normal(proto, bare)
+        for family, root in self.roots:
+            if family == _family(proto) and (where == root or where.startswith(root.rstrip("/") + "/")):
+                return
+        if not self.roots:
+            raise PermissionError("the index records no input root, so no image is read for thumbnails")
+        shown = ", ".join(f"{f}://{r}" for f, r in self.roots)
+        raise PermissionError(f"outside the indexed input root ({shown}, from the {self.source})")
+
+
+def _family(protocol: str) -> str:
+    return {"s3a": "s3", "local": "file"}.get(protocol, protocol)
+
+
+def _normal(protocol: str, path: str) -> str:
+    """A path with `..` resolved (and symlinks, for local files) so that a prefix test means "inside"."""
+    if _family(protocol) == "file":
+        return os.path.realpath(path)
+    return posixpath.normpath("/" + path)[1:]
 
 
 @dataclass(frozen=True)
@@ -29,13 +72,17 @@ class Tile:
     error: Optional[str] = None
 
 
-def thumbnail_uri(path: str, size: int, storage_options: Optional[dict] = None) -> str:
-    """A JPEG thumbnail (longest side `size`, EXIF orientation applied) of the image at `path`, as a data: URI."""
+def thumbnail_uri(path: str, size: int, storage_options: Optional[dict] = None, *, max_pixels: int,
+                  max_bytes: int = MAX_IMAGE_BYTES) -> str:
+    """A JPEG thumbnail (longest side `size`, EXIF orientation applied) of the image at `path`, as a data: URI;
+    refused above `max_bytes` or `max_pixels` (the embed job's own pixel cap)."""
     import fsspec
 
     with fsspec.open(path, "rb", **(storage_options or {})) as f:
-        data = f.read()
-    with Image.open(io.BytesIO(data)) as im:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"over {max_bytes} bytes, not read")
+    with open_image(data, max_pixels) as (im, _, _, _):
         im.draft("RGB", (size, size))  # JPEG: decode at a reduced size directly
         im = ImageOps.exif_transpose(im).convert("RGB")
         im.thumbnail((size, size), Image.Resampling.LANCZOS)
@@ -49,13 +96,17 @@ class _Thumbs:
 
     def __init__(self, index: SimilarityIndex, size: int, storage_options: Optional[dict]):
         self.index, self.size, self.storage_options, self.cache = index, size, storage_options, {}
+        self.roots = ImageRoots(index.meta)
+        self.max_pixels = int(index.provenance.get("preprocessing", {}).get("max_pixels", 100_000_000))
 
     def tile(self, image_id: str, score: Optional[float]) -> Tile:
-        row = self.index.row(self.index.position(image_id))
+        row = self.index.row(self.index.faiss_id(image_id))
         if image_id not in self.cache:
             try:
-                self.cache[image_id] = (thumbnail_uri(row["path"], self.size, self.storage_options), None)
-            except Exception as err:  # missing or unreadable file: say so on the page
+                self.roots.check(row["path"])
+                self.cache[image_id] = (thumbnail_uri(row["path"], self.size, self.storage_options,
+                                                      max_pixels=self.max_pixels), None)
+            except Exception as err:  # missing, unreadable, refused: say so on the page
                 self.cache[image_id] = (None, f"{type(err).__name__}: {err}")
         src, error = self.cache[image_id]
         return Tile(image_id, row["label"], score, src, error)
@@ -78,7 +129,7 @@ def neighbours_of(index: SimilarityIndex, queries: list[str], k: int, neighbors_
     found = {r["image_id"]: list(zip(r["neighbor_ids"], r["scores"]))[:k] for r in table.to_pylist()}
     missing = [q for q in queries if q not in found]
     if missing:
-        raise ValueError(f"{len(missing)} sampled images are not in the neighbours table {neighbors_uri} "
+        raise SimilarityIndexError(f"{len(missing)} sampled images are not in the neighbours table {neighbors_uri} "
                          f"(e.g. {missing[0]!r}); was it made from this index?")
     return found
 
@@ -92,7 +143,7 @@ def build_gallery(index: SimilarityIndex, *, n: int = 12, k: int = 8, seed: int 
     return [(thumbs.tile(q, None), [thumbs.tile(i, s) for i, s in found[q]]) for q in queries]
 
 
-def _figure(t: Tile, cls: str) -> str:
+def _figure(t: Tile, cls: str, service: Optional[str] = None) -> str:
     caption = [f'<span class="id">{html.escape(t.image_id)}</span>']
     if t.score is not None:
         caption.insert(0, f'<span class="score">{t.score:.4f}</span>')
@@ -102,6 +153,9 @@ def _figure(t: Tile, cls: str) -> str:
         pic = f'<img src="{t.src}" alt="{html.escape(t.image_id)}" loading="eager">'
     else:
         pic = f'<div class="missing">image unavailable: {html.escape(t.error or "")}</div>'
+    if service:  # the query service answers "more like this" live
+        query = urllib.parse.urlencode({"id": t.image_id, "k": 10})
+        pic = f'<a href="{html.escape(service)}/v1/neighbors?{html.escape(query)}">{pic}</a>'
     return f'<figure class="{cls}">{pic}<figcaption>{"<br>".join(caption)}</figcaption></figure>'
 
 
@@ -113,23 +167,30 @@ border-radius:4px}figcaption{font-size:12px;word-break:break-all;margin-top:.3em
 .missing{width:150px;height:100px;background:#eee;color:#a00;font-size:11px;padding:4px;overflow:hidden}"""
 
 
-def render_html(entries: list, meta: dict, title: str = "resnet-batch: similar images") -> str:
-    """The page: a header describing the index, then one row per query (query, then its neighbours)."""
+def render_html(entries: list, meta: dict, title: str = "resnet-batch: similar images",
+                service: Optional[str] = None) -> str:
+    """The page: a header describing the index, then one row per query (query, then its neighbours). With
+    `service` (a `resnet-batch serve` URL), pictures link to their live neighbours and a form uploads a photo."""
     prov = meta["provenance"]
-    rows = [f'<section>{_figure(q, "query")}<div class="nbrs">{"".join(_figure(t, "nbr") for t in nbrs)}</div>'
-            "</section>" for q, nbrs in entries]
+    rows = [f'<section>{_figure(q, "query", service)}<div class="nbrs">'
+            f'{"".join(_figure(t, "nbr", service) for t in nbrs)}</div></section>' for q, nbrs in entries]
+    form = "" if not service else (
+        f'<form action="{html.escape(service)}/v1/neighbors/image" method="post" enctype="multipart/form-data">'
+        '<label>Find images like a photo: <input type="file" name="image" accept="image/*"></label> '
+        '<button type="submit">search</button></form>')
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_CSS}</style></head><body><header><h1>{html.escape(title)}</h1>"
             f"<p>{meta['count']} images, {html.escape(meta['kind'])} index ({html.escape(meta['factory'])}), "
             f"cosine similarity; model {html.escape(prov['model'])}, weights {html.escape(prov['weights_id'])}, "
             f"{html.escape(prov['precision'])}.</p><p>Left: a sampled image with its top-1 label. Right: its nearest "
-            "images, best first, with scores.</p></header>\n" + "\n".join(rows) + "\n</body></html>\n")
+            f"images, best first, with scores.</p>{form}</header>\n" + "\n".join(rows) + "\n</body></html>\n")
 
 
-def write_gallery(index: SimilarityIndex, out: str, *, storage_options: Optional[dict] = None, **options) -> dict:
+def write_gallery(index: SimilarityIndex, out: str, *, storage_options: Optional[dict] = None,
+                  service: Optional[str] = None, **options) -> dict:
     """Build and write the page to `out` (local path or URL); returns counts for the caller to print."""
     entries = build_gallery(index, storage_options=storage_options, **options)
-    page = render_html(entries, index.meta)
+    page = render_html(entries, index.meta, service=service.rstrip("/") if service else None)
     fs, path = filesystem(out, dict(storage_options or {}))
     put_bytes(fs, path, page.encode())
     tiles = [t for q, nbrs in entries for t in (q, *nbrs)]

@@ -1,74 +1,49 @@
-"""index module: a FAISS cosine index over the embeddings, chosen by size, saved with its id map and provenance."""
+"""index module: an index folder (FAISS index, id map, index.json), opened memory-mapped and searched by cosine.
+
+Folder layout (written by index_build.py, index.json last: a folder without it is incomplete):
+  index.faiss  the FAISS index; every vector carries a 64-bit id (IndexIDMap2 or the inverted file's own ids)
+  ids.arrow    the id map, Arrow IPC (uncompressed, memory-mappable): id, image_id, path, label, prob, part
+  refine.f16   (IVF) row i of the id map as its float16 offset from the mean, for re-ranking candidates
+  refine.faiss (IVF) the mean and the float16 coder that decode them
+  index.json   kind, spec, tuned nprobe and its measured recall, counts, provenance, sources, image roots
+The data files are memory-mapped, so the actors of one node share one copy in the page cache; an index on
+object storage is first copied to a node-local cache folder (once per node and build).
+"""
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
-import math
+import os
 import posixpath
-import sys
-import time
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from resnet_batch.provenance import ProvenanceMismatch, differences
-from resnet_batch.schema import EMBEDDING_DIM, PROVENANCE_KEY, STATUS_OK, embeddings_to_numpy, read_provenance
-from resnet_batch.storage import display_path, filesystem, protocols, put_bytes
+from resnet_batch.errors import SimilarityIndexError
+from resnet_batch.storage import filesystem, protocols
 
 INDEX_FILE = "index.faiss"
-IDS_FILE = "ids.parquet"
+IDS_FILE = "ids.arrow"
 META_FILE = "index.json"  # written last: an index folder without it is incomplete
-FLAT_MAX = 50_000  # up to this many vectors the index is exact (flat); above, approximate
-IVFPQ_MIN = 1_000  # fewer vectors cannot train an IVF-PQ index
-REFINE_MAX = 4_000_000  # IVF-PQ up to this many vectors keeps 8-bit vectors to re-rank (about 9 GB there)
-K_FACTOR = 8  # re-ranked shortlist: k_factor x k PQ candidates
-KINDS = ("auto", "flat", "ivfpq", "hnsw")
-IDS_SCHEMA = pa.schema([pa.field("image_id", pa.string(), nullable=False), pa.field("path", pa.string()),
-                        pa.field("label", pa.string()), pa.field("prob", pa.float32())])
-_READ_COLUMNS = ["image_id", "path", "topk_labels", "topk_probs", "embedding", "status"]
+REFINE_FILE = "refine.f16"
+REFINE_SQ_FILE = "refine.faiss"
+FORMAT = 2  # index.json "format"; 1 was ids.parquet + positions
+CACHE_ENV = "RESNET_BATCH_CACHE"  # node-local folder for copies of remote indexes (default ~/.cache/resnet-batch)
+IDS_SCHEMA = pa.schema([
+    pa.field("id", pa.int64(), nullable=False),  # the FAISS id (ascending)
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("path", pa.string()),
+    pa.field("label", pa.string()),  # top-1 label and probability
+    pa.field("prob", pa.float32()),
+    pa.field("part", pa.int32(), nullable=False),  # position in index.json "part_uris": the row's embed part
+])
 
 
-from resnet_batch.errors import SimilarityIndexError  # noqa: E402 (re-exported)
-
-
-@dataclass(frozen=True)
-class IndexSpec:
-    """Which FAISS index to build for a count of vectors, and how to search it."""
-
-    kind: str  # flat | ivfpq | hnsw
-    factory: str  # faiss.index_factory string
-    train_size: int  # vectors sampled for training (0: no training)
-    search: str  # faiss.ParameterSpace string applied at load time ("" for flat)
-
-    @classmethod
-    def choose(cls, n: int, kind: str = "auto", dim: int = EMBEDDING_DIM, flat_max: int = FLAT_MAX) -> "IndexSpec":
-        """Exact flat up to `flat_max` vectors; above it IVF-PQ (compact) unless HNSW is asked for."""
-        if kind not in KINDS:
-            raise SimilarityIndexError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
-        if kind == "auto":
-            kind = "flat" if n <= max(flat_max, IVFPQ_MIN - 1) else "ivfpq"
-        if kind == "flat":
-            return cls("flat", "Flat", 0, "")
-        if kind == "hnsw":
-            m = 32 if n <= 1_000_000 else 48
-            return cls("hnsw", f"HNSW{m},Flat", 0, "efSearch=128")
-        # IVF-PQ: ~2*sqrt(n) lists (power of two), 1/16 of them probed; 16-d sub-vectors coded in 8 bits (fewer
-        # below 10k vectors, where 256 centroids per sub-space cannot be trained). Up to REFINE_MAX vectors the
-        # PQ shortlist (k_factor_rf x k) is re-ranked with 8-bit scalar-quantised vectors (2 KiB each).
-        if n < IVFPQ_MIN:
-            raise SimilarityIndexError(f"an IVF-PQ index needs at least {IVFPQ_MIN} vectors to train, got {n}; "
-                                       "use --kind flat")
-        nlist = int(min(65536, max(16, 2 ** round(math.log2(2 * math.sqrt(n))))))
-        m = next(m for m in (128, 64, 32, 16, 8, 4, 2, 1) if dim % m == 0)
-        nbits = int(min(8, max(4, math.floor(math.log2(n / 39)))))
-        train = min(n, max(40 * nlist, 10_000), 500_000)
-        refine = n <= REFINE_MAX
-        factory = f"IVF{nlist},PQ{m}x{nbits}" + (",Refine(SQ8)" if refine else "")
-        search = f"nprobe={max(1, nlist // 16)}" + (f",k_factor_rf={K_FACTOR}" if refine else "")
-        return cls("ivfpq", factory, train, search)
+class UnknownImageId(SimilarityIndexError):
+    """An image_id that the index does not hold."""
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -79,113 +54,20 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def new_faiss_index(spec: IndexSpec, train: Optional[np.ndarray], dim: int = EMBEDDING_DIM, seed: int = 0):
-    """An empty, trained FAISS inner-product index for `spec` (train: normalised vectors, or None)."""
-    import faiss
-
-    index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
-    if spec.kind == "hnsw":
-        faiss.downcast_index(index).hnsw.efConstruction = 80
-    if spec.kind == "ivfpq":
-        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-        ivf.do_polysemous_training = False  # polysemous codes are not used in search; training them is slow
-        ivf.cp.seed = seed
-        ivf.pq.cp.seed = seed
-    if not index.is_trained:
-        if train is None or len(train) == 0:
-            raise SimilarityIndexError(f"{spec.factory} needs training vectors")
-        index.train(np.ascontiguousarray(train, dtype=np.float32))
-    if spec.search:
-        faiss.ParameterSpace().set_index_parameters(index, spec.search)
-    return index
-
-
-# -- embeddings on storage ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Part:
-    """One Parquet file of embeddings and how many of its rows are usable (status 'ok')."""
-
-    uri: str  # as displayed: a local path or protocol://...
-    path: str  # filesystem path (no protocol)
-    ok_rows: int
-
-
-def list_parquet(uri: str, storage_options: Optional[dict] = None) -> tuple[object, list[str]]:
-    """The fsspec filesystem and the Parquet parts under `uri` (an embed output folder or one .parquet file)."""
-    fs, root = filesystem(uri, dict(storage_options or {}))
-    if fs.isfile(root):
-        return fs, [root]
-    try:
-        names = sorted(fs.ls(root, detail=False))
-    except FileNotFoundError:
-        raise SimilarityIndexError(f"embeddings not found: {uri}") from None
-    files = [p for p in names if p.endswith(".parquet") and not posixpath.basename(p).startswith(("_", "."))]
-    parts = [p for p in files if posixpath.basename(p).startswith("part-")]
-    if not (parts or files):
-        raise SimilarityIndexError(f"no Parquet files under {uri}")
-    return fs, parts or files
-
-
-def scan_embeddings(uris: Sequence[str], storage_options: Optional[dict] = None) -> tuple[list[tuple], dict]:
-    """[(fs, Part)] for every part under `uris` and their common provenance; mixed provenance is refused."""
-    found, provenance, first = [], None, None
-    for uri in uris:
-        fs, paths = list_parquet(uri, storage_options)
-        for path in paths:
-            shown = display_path(protocols(fs)[0], path)
-            with fs.open(path, "rb") as f:
-                pf = pq.ParquetFile(f)
-                prov = read_provenance(pf.schema_arrow)
-                if prov is None:
-                    raise SimilarityIndexError(f"{shown} has no {PROVENANCE_KEY.decode()} metadata: "
-                                               "cannot tell which model made these embeddings")
-                if "embedding" not in pf.schema_arrow.names:
-                    raise SimilarityIndexError(f"{shown} has no embedding column")
-                status = pf.read(columns=["status"]).column("status")
-            if provenance is None:
-                provenance, first = prov, shown
-            elif diffs := differences(provenance, prov):
-                raise ProvenanceMismatch(f"refusing to mix embeddings with different provenance: {shown} differs "
-                                         f"from {first}: " + "; ".join(diffs))
-            ok = int(pc.sum(pc.equal(status, STATUS_OK)).as_py() or 0)
-            found.append((fs, Part(shown, path, ok)))
-    if not found:
-        raise SimilarityIndexError("no embeddings given")
-    return found, provenance
-
-
-def read_ok_rows(fs, path: str, columns: Sequence[str] = _READ_COLUMNS) -> pa.Table:
-    """The rows of one Parquet part with status 'ok' (those with an embedding)."""
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f, columns=list(dict.fromkeys([*columns, "status"])))
-    return table.filter(pc.equal(table.column("status"), STATUS_OK))
-
-
-def id_rows(table: pa.Table) -> pa.Table:
-    """The id-map rows (image_id, path, top-1 label and probability) of embedding rows."""
-    return pa.table({
-        "image_id": table.column("image_id"),
-        "path": table.column("path"),
-        "label": pc.list_element(table.column("topk_labels"), 0),
-        "prob": pc.list_element(table.column("topk_probs"), 0),
-    }, schema=IDS_SCHEMA)
-
-
-# -- the index -----------------------------------------------------------------------------------
-
-
 class SimilarityIndex:
-    """A FAISS index over L2-normalised embeddings (inner product = cosine) plus its id map and metadata."""
+    """A FAISS inner-product index over L2-normalised embeddings (inner product = cosine), its id map and meta."""
 
-    def __init__(self, index, ids: pa.Table, meta: dict):
+    def __init__(self, index, ids: pa.Table, meta: dict, refine: Optional[tuple] = None):
         if index.ntotal != len(ids):
             raise SimilarityIndexError(f"index holds {index.ntotal} vectors but the id map {len(ids)} rows")
         self.index, self.ids, self.meta = index, ids, meta
-        self._image_ids = np.array(ids.column("image_id").to_pylist() + [None], dtype=object)  # [-1] -> None
-        self._positions: Optional[dict] = None
+        self._refine = refine  # (mean, float16 offsets as bytes, row i = id-map row i), or None
+        self._faiss_ids = ids.column("id").to_numpy()
+        self._image_ids = ids.column("image_id")
+        self._by_hash: Optional[tuple[np.ndarray, np.ndarray]] = None
         self._direct_map = False
+        if meta.get("nprobe"):
+            self.set_nprobe(int(meta["nprobe"]))
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -194,72 +76,155 @@ class SimilarityIndex:
     def provenance(self) -> dict:
         return self.meta["provenance"]
 
+    def _ivf(self):
+        import faiss
+
+        try:
+            return faiss.extract_index_ivf(self.index)
+        except RuntimeError:
+            return None
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """Lists scanned per query (IVF only): index.json records the tuned value, applied on open."""
+        ivf = self._ivf()
+        if ivf is not None:
+            ivf.nprobe = int(min(max(1, nprobe), ivf.nlist))
+
+    @property
+    def nprobe(self) -> Optional[int]:
+        ivf = self._ivf()
+        return None if ivf is None else int(ivf.nprobe)
+
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, positions), each (n, k): cosine similarity, best first; position -1 where fewer than k exist."""
+        """(scores, ids), each (n, k): cosine similarity, best first; id -1 where fewer than k exist."""
         q = normalize(np.atleast_2d(vectors))
         if q.shape[1] != self.index.d:
             raise SimilarityIndexError(f"query vectors have {q.shape[1]} dimensions, the index {self.index.d}")
-        return self.index.search(q, int(k))
+        if self._refine is None:
+            return self.index.search(q, int(k))
+        return refined_search(self.index, *self._refine, self.rows_of, q, int(k), self.meta["spec"]["refine"])
 
-    def image_ids(self, positions: np.ndarray) -> np.ndarray:
-        """image_id for each position (None for -1)."""
-        return self._image_ids[np.asarray(positions)]
+    # -- the id map ------------------------------------------------------------------------------
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Row numbers in the id map of FAISS ids (-1 for -1)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(self._faiss_ids):
+            return np.full(ids.shape, -1, dtype=np.int64)
+        rows = np.searchsorted(self._faiss_ids, ids).clip(0, len(self._faiss_ids) - 1)
+        return np.where((ids >= 0) & (self._faiss_ids[rows] == ids), rows, -1)
 
-    def position(self, image_id: str) -> int:
-        if self._positions is None:
-            self._positions = {v: i for i, v in enumerate(self._image_ids[:-1])}
-        try:
-            return self._positions[image_id]
-        except KeyError:
-            raise KeyError(f"image_id {image_id!r} is not in the index") from None
+    def image_ids(self, ids: np.ndarray) -> np.ndarray:
+        """image_id for each FAISS id (None for -1), same shape."""
+        ids = np.asarray(ids)
+        rows = self.rows_of(ids.ravel())
+        valid = rows >= 0
+        out = np.full(rows.shape, None, dtype=object)
+        if valid.any():
+            out[valid] = np.asarray(self._image_ids.take(pa.array(rows[valid])).to_pylist(), dtype=object)
+        return out.reshape(ids.shape)
+
+    def row(self, faiss_id: int) -> dict:
+        """The id-map row of one FAISS id."""
+        r = int(self.rows_of(np.array([faiss_id]))[0])
+        if r < 0:
+            raise SimilarityIndexError(f"id {faiss_id} is not in the index")
+        return {c: self.ids.column(c)[r].as_py() for c in self.ids.column_names}
+
+    def faiss_id(self, image_id: str) -> int:
+        """The FAISS id of an indexed image (a sorted table of string hashes: 16 bytes a row, built once)."""
+        if self._by_hash is None:
+            hashes = np.fromiter((hash(s) for s in self._image_ids.to_pylist()), dtype=np.int64, count=len(self))
+            order = np.argsort(hashes, kind="stable")
+            self._by_hash = (hashes[order], order)
+        hashes, order = self._by_hash
+        h = hash(image_id)
+        for i in range(np.searchsorted(hashes, h), np.searchsorted(hashes, h, side="right")):
+            if self._image_ids[int(order[i])].as_py() == image_id:
+                return int(self._faiss_ids[order[i]])
+        raise UnknownImageId(f"image_id {image_id!r} is not in the index")
 
     def vector(self, image_id: str) -> np.ndarray:
-        """The indexed (normalised) vector of an image; a quantised index gives its approximation."""
+        """The indexed vector of an image: exact for a flat index, else decoded from its re-ranking code (or
+        from its IVF code where there is none)."""
         import faiss
 
-        if self.meta["kind"] == "ivfpq" and not isinstance(self.index, faiss.IndexRefine) and not self._direct_map:
-            faiss.extract_index_ivf(self.index).make_direct_map()  # position -> list entry, built once
+        fid = self.faiss_id(image_id)
+        if self._refine is not None:
+            mean, codes = self._refine
+            row = int(self.rows_of(np.array([fid]))[0])
+            return codes[row].view(np.float16).astype(np.float32) + mean
+        ivf = self._ivf()
+        if ivf is not None and not self._direct_map:
+            try:  # ids 0..n-1 (a fresh build): an array; after incremental edits: a hash table
+                ivf.make_direct_map(True)
+            except RuntimeError:
+                ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
             self._direct_map = True
-        return self.index.reconstruct(self.position(image_id))
-
-    def row(self, position: int) -> dict:
-        return {c: self.ids.column(c)[position].as_py() for c in self.ids.column_names}
+        return self.index.reconstruct(fid)
 
     # -- storage ---------------------------------------------------------------------------------
-    def save(self, uri: str, storage_options: Optional[dict] = None) -> None:
-        """Write index.faiss, ids.parquet, then index.json (last) under `uri`."""
-        import faiss
-
-        fs, root = filesystem(uri, dict(storage_options or {}))
-        data = faiss.serialize_index(self.index).tobytes()
-        sink = pa.BufferOutputStream()
-        pq.write_table(self.ids, sink, compression="zstd")
-        if fs.exists(posixpath.join(root, META_FILE)):
-            fs.rm(posixpath.join(root, META_FILE))
-        put_bytes(fs, posixpath.join(root, INDEX_FILE), data)
-        put_bytes(fs, posixpath.join(root, IDS_FILE), sink.getvalue().to_pybytes())
-        meta = {**self.meta, "index_bytes": len(data)}
-        put_bytes(fs, posixpath.join(root, META_FILE), json.dumps(meta, indent=2, sort_keys=True).encode())
-        self.meta = meta
-
     @classmethod
-    def load(cls, uri: str, storage_options: Optional[dict] = None) -> "SimilarityIndex":
-        """Read an index folder written by `save`."""
+    def open(cls, uri: str, storage_options: Optional[dict] = None) -> "SimilarityIndex":
+        """Open an index folder: both files memory-mapped (remote folders via the node-local cache)."""
         import faiss
 
         meta = read_meta(uri, storage_options)
-        fs, root = filesystem(uri, dict(storage_options or {}))
-        with fs.open(posixpath.join(root, INDEX_FILE), "rb") as f:
-            data = f.read()
-        if len(data) != meta["index_bytes"]:
-            raise SimilarityIndexError(f"{uri}/{INDEX_FILE} has {len(data)} bytes, "
-                                       f"{META_FILE} says {meta['index_bytes']}")
-        with fs.open(posixpath.join(root, IDS_FILE), "rb") as f:
-            ids = pq.read_table(f)
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-        if meta.get("search"):
-            faiss.ParameterSpace().set_index_parameters(index, meta["search"])
-        return cls(index, ids, meta)
+        folder = local_folder(uri, meta, storage_options)
+        for name, expected in meta["files"].items():
+            path = os.path.join(folder, name)
+            size = os.path.getsize(path) if os.path.exists(path) else None
+            if size != expected:
+                raise SimilarityIndexError(f"{uri}/{name} has {size} bytes, {META_FILE} says {expected}")
+        # Inverted lists are mapped as on-disk lists; a flat index's codes through the mapped-file reader.
+        index = faiss.read_index(os.path.join(folder, INDEX_FILE),
+                                 faiss.IO_FLAG_MMAP if meta["kind"] == "ivf" else faiss.IO_FLAG_MMAP_IFC)
+        ids = pa.ipc.open_file(pa.memory_map(os.path.join(folder, IDS_FILE))).read_all()
+        refine = None
+        if REFINE_FILE in meta["files"]:
+            decoder = faiss.read_index(os.path.join(folder, REFINE_SQ_FILE))
+            codes = map_rows(os.path.join(folder, REFINE_FILE), (len(ids), decoder.sa_code_size()))
+            refine = (refine_mean(decoder), codes)
+        return cls(index, ids, meta, refine)
+
+
+def refined_search(base, mean: np.ndarray, codes: np.ndarray, rows_of, q: np.ndarray, k: int, k_factor: int,
+                   block: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Search `base` for k_factor*k candidates, then re-score them with their full-dimension vectors (the
+    float16 offsets codes[row] of the candidates' id-map rows, plus `mean`) and keep the k best:
+    (scores, ids), best first."""
+    _, cand = base.search(q, k * k_factor)
+    scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+    ids = np.full((len(q), k), -1, dtype=np.int64)
+    for s in range(0, len(q), block):
+        c, qb = cand[s:s + block], q[s:s + block]
+        rows = rows_of(c)
+        valid = rows >= 0
+        offsets = codes[np.where(valid, rows, 0).ravel()].view(np.float16).astype(np.float32)
+        sc = np.matmul(offsets.reshape(*c.shape, -1), qb[:, :, None])[..., 0] + (qb @ mean)[:, None]
+        sc[~valid] = -np.inf
+        top = np.argsort(-sc, axis=1, kind="stable")[:, :k]
+        scores[s:s + block, :top.shape[1]] = np.take_along_axis(sc, top, axis=1)
+        ids[s:s + block, :top.shape[1]] = np.where(np.take_along_axis(valid, top, axis=1),
+                                                   np.take_along_axis(c, top, axis=1), -1)
+    return scores, ids
+
+
+def map_rows(path: str, shape: tuple[int, int]) -> np.ndarray:
+    """A read-only memory map of fixed-size rows, read at random: no readahead, so a query pages in the rows
+    it reads (4 KiB each), not 128 KiB around each (which would page the whole file in after a few thousand)."""
+    import mmap
+
+    rows = np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
+    if shape[0]:
+        rows._mmap.madvise(mmap.MADV_RANDOM)
+    return rows
+
+
+def refine_mean(decoder) -> np.ndarray:
+    """The mean the re-ranking offsets are taken from (the coder's centering transform)."""
+    import faiss
+
+    return faiss.vector_to_array(faiss.downcast_VectorTransform(decoder.chain.at(0)).mean).astype(np.float32)
 
 
 def read_meta(uri: str, storage_options: Optional[dict] = None) -> dict:
@@ -267,61 +232,39 @@ def read_meta(uri: str, storage_options: Optional[dict] = None) -> dict:
     fs, root = filesystem(uri, dict(storage_options or {}))
     try:
         with fs.open(posixpath.join(root, META_FILE), "rb") as f:
-            return json.loads(f.read())
+            meta = json.loads(f.read())
     except FileNotFoundError:
         raise SimilarityIndexError(f"no index at {uri} ({META_FILE} missing; "
                                    "build one with `resnet-batch index`)") from None
+    if meta.get("format") != FORMAT:
+        raise SimilarityIndexError(f"the index at {uri} is in an older format; rebuild it with `resnet-batch index`")
+    return meta
 
 
-def _sample_rows(counts: list[int], size: int, seed: int) -> list[np.ndarray]:
-    """Per part, the sorted row numbers (among its ok rows) of a uniform sample of `size` rows overall."""
-    total = sum(counts)
-    picked = np.sort(np.random.default_rng(seed).choice(total, size=min(size, total), replace=False))
-    bounds = np.cumsum([0, *counts])
-    return [picked[(picked >= lo) & (picked < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "resnet-batch")
 
 
-def build_index(uris: Sequence[str], *, kind: str = "auto", flat_max: int = FLAT_MAX,
-                storage_options: Optional[dict] = None, seed: int = 0,
-                log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> SimilarityIndex:
-    """Index every 'ok' embedding under `uris` (all with one provenance): train on a sample, then add part by part."""
-    t0 = time.perf_counter()
-    parts, provenance = scan_embeddings(uris, storage_options)
-    n = sum(p.ok_rows for _, p in parts)
-    if n == 0:
-        raise SimilarityIndexError(f"no embeddings with status 'ok' under {', '.join(uris)}")
-    spec = IndexSpec.choose(n, kind, flat_max=flat_max)
-    log(f"indexing {n} embeddings from {len(parts)} parts: {spec.kind} ({spec.factory}"
-        f"{', ' + spec.search if spec.search else ''})")
-    train = None
-    t_train = time.perf_counter()
-    if spec.train_size:
-        chunks = []
-        for (fs, part), rows in zip(parts, _sample_rows([p.ok_rows for _, p in parts], spec.train_size, seed)):
-            if len(rows):
-                emb = read_ok_rows(fs, part.path, ["embedding"]).column("embedding").take(pa.array(rows))
-                chunks.append(normalize(embeddings_to_numpy(emb)))
-        train = np.concatenate(chunks)
-    index = new_faiss_index(spec, train, seed=seed)
-    train_s = time.perf_counter() - t_train
-    tables, seen = [], set()
-    for fs, part in parts:
-        table = read_ok_rows(fs, part.path)
-        for image_id in table.column("image_id").to_pylist():
-            if image_id in seen:
-                raise SimilarityIndexError(f"image_id {image_id!r} appears more than once (again in {part.uri}); "
-                                           "index one embed output per input root")
-            seen.add(image_id)
-        index.add(normalize(embeddings_to_numpy(table.column("embedding"))))
-        tables.append(id_rows(table))
-    meta = {"kind": spec.kind, "factory": spec.factory, "search": spec.search, "metric": "cosine",
-            "train_size": 0 if train is None else len(train), "count": int(index.ntotal), "dim": int(index.d),
-            "provenance": provenance, "sources": list(uris), "parts": len(parts), "seed": seed,
-            "train_s": round(train_s, 3), "build_s": round(time.perf_counter() - t0, 3), "faiss": _faiss_version()}
-    return SimilarityIndex(index, pa.concat_tables(tables), meta)
+def local_folder(uri: str, meta: dict, storage_options: Optional[dict] = None) -> str:
+    """A local folder holding the index's data files: the folder itself when local, else a node-local copy.
 
-
-def _faiss_version() -> str:
-    import faiss
-
-    return faiss.__version__
+    The copy is keyed by URI and build id, made once per node under a file lock (the actors of one node wait for
+    the first), each file downloaded to a temp name and renamed, so a copy is never seen half-written.
+    """
+    fs, root = filesystem(uri, dict(storage_options or {}))
+    if "file" in protocols(fs):
+        return root
+    key = hashlib.sha256(f"{uri}\0{meta['build_id']}".encode()).hexdigest()[:24]
+    folder = cache_root() / "indexes" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for name, size in meta["files"].items():
+            dest = folder / name
+            if dest.exists() and dest.stat().st_size == size:
+                continue
+            tmp = folder / f".{name}.tmp-{os.getpid()}"
+            fs.get_file(posixpath.join(root, name), str(tmp))
+            os.replace(tmp, dest)
+        (folder / "source.json").write_text(json.dumps({"uri": uri, "build_id": meta["build_id"]}))
+    return str(folder)

@@ -80,20 +80,25 @@ def latest(table: pa.Table) -> pa.Table:
     return table.filter(pa.array(first))
 
 
-def recover(store: OutputStore, part_names: list[str]) -> list[dict]:
+def recover(store: OutputStore, part_names: list[str], provenance: Optional[dict] = None) -> list[dict]:
     """Records of parts that have none in the ledger, read from the parts' own metadata. A part without it
-    (not written by this job) raises OutputError naming the file and the way out."""
+    (not written by this job), or made with another setup than `provenance`, raises OutputError naming the
+    file and the way out."""
     from resnet_batch.errors import OutputError
+    from resnet_batch.provenance import differences
 
     def one(name: str) -> dict:
         try:
-            record = part_record(store.fs, store.path(name))
+            record, theirs = part_record(store.fs, store.path(name), with_provenance=True)
         except Exception as err:
             raise OutputError(f"{store.display(name)} is not a readable Parquet part ({type(err).__name__}: {err}); "
                               f"move it out of the output folder, or rerun with --fresh to start over") from None
         if record is None:
             raise OutputError(f"{store.display(name)} was not written by resnet-batch (no part record in its "
                               "metadata); move it out of the output folder, or use another output.uri")
+        if provenance is not None and (diffs := differences(theirs or {}, provenance)):
+            raise OutputError(f"{store.display(name)} was made with another setup ({'; '.join(diffs)}); move it out "
+                              "of the output folder, or rerun with --fresh")
         return record
 
     if not part_names:

@@ -44,7 +44,7 @@ class Holder:
                 f"last seen {age:.0f}s ago")
 
 
-def _alive_here(holder: Holder) -> bool:
+def alive_here(holder: Holder) -> bool:
     """Whether the holder is a live process of this machine (False for another machine: unknown here)."""
     if holder.host != socket.gethostname():
         return True
@@ -86,7 +86,7 @@ class OutputLock:
             current = self.read()
             if current is None:
                 continue  # released in between: try again
-            stale = time.time() - current.heartbeat > STALE_S or not _alive_here(current)
+            stale = time.time() - current.heartbeat > STALE_S or not alive_here(current)
             if not stale:
                 raise LockedError(
                     f"output {self.store.display()} is in use by another run ({current.describe()}); wait for it "

@@ -269,21 +269,24 @@ def complete_shards(ledger: pa.Table) -> tuple[set[int], dict[int, dict]]:
     return done, by_shard
 
 
-def todo_shards(cfg: InputConfig, fmt: str, root: str, manifest: pa.Table, done: set[int]) -> list[Shard]:
-    """The shards of the manifest that are not done, in index order."""
+def pending_entries(manifest: pa.Table, done: set[int]) -> pa.Table:
+    """The manifest's entries whose shards are not done, in shard order (compact Arrow, not Python objects)."""
     if not len(manifest):
-        return []
+        return manifest
     pending = manifest.filter(pc.invert(pc.is_in(manifest.column("shard"), pa.array(sorted(done), pa.int64()))))
+    return pending.sort_by([("shard", "ascending"), ("path", "ascending")])
+
+
+def todo_shards(fmt: str, root: str, pending: pa.Table) -> Iterator[Shard]:
+    """The Shard of each run of equal shard indices in `pending` (pending_entries), made one at a time, so
+    a resumed run over millions of images never holds them all as Python objects."""
     if not len(pending):
-        return []
-    pending = pending.sort_by([("shard", "ascending"), ("path", "ascending")])
+        return
     kind = FORMATS[fmt].shard_kind
-    shards = []
     col = pending.column("shard").to_numpy()
     bounds = np.flatnonzero(np.diff(col)) + 1
     for start, end in zip(np.r_[0, bounds], np.r_[bounds, len(pending)]):
-        shards.append(shard_of(int(col[start]), kind, root, pending.slice(int(start), int(end - start))))
-    return shards
+        yield shard_of(int(col[start]), kind, root, pending.slice(int(start), int(end - start)))
 
 
 def expected_counts(manifest: pa.Table) -> dict[int, int]:

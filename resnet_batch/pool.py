@@ -50,7 +50,7 @@ class ModelPool:
             self._start()
 
     def _start(self) -> None:
-        handle = self.cls.options(**self.options).remote(self.settings)
+        handle = self.cls.options(**self.options).remote(settings=self.settings)
         self.members.append(Member(handle, handle.ready.remote(self.weights)))
 
     # -- readiness -------------------------------------------------------------------------------

@@ -21,11 +21,13 @@ class _Facts:
     """Rate over the last minute, ETA, and the stage that is the limit right now."""
 
     def __init__(self):
-        self.planned, self.final = 0, False
+        self.planned, self.final, self.unknown = 0, False, False
         self.samples: deque = deque(maxlen=120)
 
-    def planned_images(self, images: int, final: bool) -> None:
-        self.planned, self.final = max(self.planned, images), final
+    def planned_images(self, images: Optional[int], final: bool) -> None:
+        """Images to do (None: unknown, e.g. inside tar files), and whether that number is final."""
+        self.unknown = images is None
+        self.planned, self.final = max(self.planned, images or 0), final
 
     def observe(self, stats: RunStats, waiting: int, actors: int) -> dict:
         now = time.perf_counter()
@@ -33,7 +35,7 @@ class _Facts:
         t0, n0 = self.samples[0]
         rate = (stats.images - n0) / (now - t0) if now - t0 >= 2 else None
         left = max(self.planned - stats.images, 0)
-        eta = left / rate if rate and self.final else None
+        eta = left / rate if rate and self.final and not self.unknown else None
         if not actors:
             stage = "starting model actors"
         elif waiting:
@@ -42,7 +44,7 @@ class _Facts:
             stage = "waiting for input"
         else:
             stage = "reading"
-        total = f"{self.planned:,}" if self.final else f"{self.planned:,}+ (listing)"
+        total = "?" if self.unknown else (f"{self.planned:,}" if self.final else f"{self.planned:,}+ (listing)")
         return {"done": stats.images, "total": total, "planned": self.planned, "failed": stats.failed,
                 "rate": rate, "eta": eta, "stage": stage, "actors": actors}
 
@@ -56,7 +58,7 @@ class LineProgress(Progress):
         self.last = time.perf_counter()
         self.latest: Optional[dict] = None
 
-    def planned(self, images: int, final: bool) -> None:
+    def planned(self, images: Optional[int], final: bool) -> None:
         self.facts.planned_images(images, final)
 
     def update(self, stats: RunStats, waiting: int, actors: int) -> None:
@@ -92,7 +94,7 @@ class TerminalProgress(Progress):
         self.task = self.bar.add_task("embed", total=None, info="listing…")
         self.started = False
 
-    def planned(self, images: int, final: bool) -> None:
+    def planned(self, images: Optional[int], final: bool) -> None:
         self.facts.planned_images(images, final)
 
     def update(self, stats: RunStats, waiting: int, actors: int) -> None:
@@ -102,7 +104,7 @@ class TerminalProgress(Progress):
         f = self.facts.observe(stats, waiting, actors)
         rate = f"{f['rate']:,.1f} img/s" if f["rate"] is not None else "…"
         listing = "" if self.facts.final else ", listing…"
-        self.bar.update(self.task, completed=f["done"], total=f["planned"] or None,
+        self.bar.update(self.task, completed=f["done"], total=None if self.facts.unknown else (f["planned"] or None),
                         info=f"{f['failed']:,} failed, {rate}, {f['stage']}{listing}")
 
     def close(self) -> None:

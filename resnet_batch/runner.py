@@ -13,6 +13,7 @@ import os
 import posixpath
 import socket
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
@@ -28,7 +29,7 @@ from resnet_batch.listing import FORMATS, Shard, list_entries, shard_of
 from resnet_batch.lock import OutputLock
 from resnet_batch.manifest import MANIFEST_SCHEMA, read_manifest
 from resnet_batch.plan import (StreamPlanner, complete_shards, detect, diff, expected_counts, layout_of, no_input,
-                               select, todo_shards)
+                               pending_entries, select, todo_shards)
 from resnet_batch.errors import ProvenanceMismatch
 from resnet_batch.provenance import build_provenance, differences
 from resnet_batch.reader import CHUNK_BYTES, ReadSettings, check_passthrough_names, passthrough_fields
@@ -104,7 +105,8 @@ def check_overlap(cfg: JobConfig) -> None:
 
     (pi, i), (po, o) = norm(cfg.input.uri), norm(cfg.output.uri)
     if pi == po and (i.startswith(o) or o.startswith(i)):
-        what = "the same folder" if i == o else ("inside the input" if o.startswith(i) else "around the input")
+        what = "the input folder itself" if i == o else ("inside the input folder" if o.startswith(i)
+                                                          else "a folder that holds the input")
         raise OutputError(f"output.uri {cfg.output.uri} is {what} ({cfg.input.uri}): the job would read its own "
                           "output as photos; use an output folder outside the input")
 
@@ -112,11 +114,14 @@ def check_overlap(cfg: JobConfig) -> None:
 class Progress:
     """What the scheduler reports as it goes (the CLI's progress display implements it)."""
 
-    def planned(self, images: int, final: bool) -> None: ...
+    def planned(self, images: Optional[int], final: bool) -> None:
+        """Images to do (None when unknown: tar and Parquet files), and whether the listing has ended."""
 
-    def update(self, stats: RunStats, waiting: int, actors: int) -> None: ...
+    def update(self, stats: RunStats, waiting: int, actors: int) -> None:
+        """Called from the driver's loop: what is done, blocks waiting for an actor, actors ready."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """The run's work is over (the summary follows)."""
 
 
 def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, progress: "Progress | bool" = False,
@@ -319,16 +324,18 @@ class _Job:
             save(store, state)
         if not len(manifest):
             raise no_input(cfg.input, state.format, len(current))
-        todo = todo_shards(cfg.input, state.format, state.root, manifest, done)
+        pending = pending_entries(manifest, done)
         _, by_shard = complete_shards(ledger)
         self.done_before = sum(by_shard[s]["rows"] for s in done if s in by_shard)
-        if retry_failed:
-            todo += self._retry_shards(state, ledger, manifest, done)
-        queue = ShardQueue(maxsize=len(todo) + 1)
-        queue.put(todo)
-        queue.close()
-        if todo:
-            self.progress.planned(sum(len(s.only) if s.only is not None else len(s.paths) for s in todo), True)
+        retries = self._retry_shards(state, ledger, manifest, done) if retry_failed else []
+        if len(pending) or retries:
+            queue = ShardQueue()
+            feeder = threading.Thread(target=_feed, args=(queue, retries, todo_shards(state.format, state.root,
+                                                                                     pending)), daemon=True)
+            feeder.start()
+            # tar and Parquet files hold an unknown number of images until they are read
+            self.progress.planned(len(pending) + sum(len(s.only) for s in retries) if state.format == "folder"
+                                  else None, True)
             self._execute(state, run_no, queue)
         return self._finish(state, run_no, expected_counts(manifest), skipped, len(current))
 
@@ -359,7 +366,7 @@ class _Job:
         logged = set(pc.filter(ledger.column("part"), pc.not_equal(ledger.column("part"), "")).to_pylist())
         missing = sorted(n for n in parts if n not in logged)
         if missing:
-            ledger = read_ledger_with(ledger, recover(self.store, missing))
+            ledger = read_ledger_with(ledger, recover(self.store, missing, self.provenance))
         present = pc.or_(pc.equal(ledger.column("part"), ""), pc.is_in(ledger.column("part"),
                                                                          pa.array(list(parts), pa.string())))
         return ledger.filter(present), parts
@@ -474,7 +481,7 @@ class _Job:
 
         def on_tick() -> None:
             if planner is not None:
-                self.progress.planned(planner.images, planner.done.is_set())
+                self.progress.planned(planner.images if state.format == "folder" else None, planner.done.is_set())
             self.progress.update(self.stats, scheduler.waiting_blocks, pool.ready_count())
             self.ledger.tick()
 
@@ -593,6 +600,18 @@ def _actors(started: dict, worked: dict) -> list[dict]:
     for k, a in worked.items():
         out[k] = {f: a[f] for f in ("node", "pid", "device", "images", "parts")}
     return [{"actor": k, **v} for k, v in sorted(out.items())]
+
+
+def _feed(queue: ShardQueue, first: list, shards) -> None:
+    """Hand shards to the scheduler as it takes them (the queue is bounded)."""
+    try:
+        queue.put(first)
+        for shard in shards:
+            queue.put([shard])
+    except RunFailed:
+        pass  # the run stopped
+    finally:
+        queue.close()
 
 
 def _peak_rss() -> int:

@@ -1,4 +1,4 @@
-"""search_cli module: the `index`, `similar`, `neighbors` and `gallery` subcommands of `resnet-batch`."""
+"""search_cli module: the `index`, `similar`, `neighbors`, `gallery` and `serve` subcommands of `resnet-batch`."""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +6,13 @@ import json
 import os
 import sys
 
-from resnet_batch.cli import EXIT_OK, EXIT_USAGE
+from resnet_batch.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, RunFailed, UserError
+from resnet_batch.text import printable
 
+# Seeded random weights (the demo's) give features that all point nearly the same way.
+RANDOM_WEIGHTS_NOTE = ("note: these embeddings come from random weights (model.weights=random, as in the demo): "
+                       "every pair of photos scores close to 1, so look at the ranking, not the score; the real "
+                       "ImageNet weights (IMAGENET1K_V2) spread the scores out")
 INDEX_ENV = "RESNET_BATCH_INDEX"  # default --index for `similar`, `neighbors`, `gallery`
 
 
@@ -17,50 +22,57 @@ def _storage_options(text: str | None) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"--storage-options is not JSON: {err}") from None
+        raise ConfigError(f"--storage-options is not JSON: {err}") from None
     if not isinstance(value, dict):
-        raise ValueError("--storage-options must be a JSON object, e.g. '{\"anon\": false}'")
+        raise ConfigError("--storage-options must be a JSON object, e.g. '{\"anon\": false}'")
     return value
 
 
 def _index_uri(args: argparse.Namespace) -> str:
     uri = args.index or os.environ.get(INDEX_ENV)
     if not uri:
-        raise ValueError(f"no index: pass --index URI or set {INDEX_ENV}")
+        raise ConfigError(f"no index: pass --index URI or set {INDEX_ENV}")
     return uri
 
 
-def _errors():
-    """The exceptions that are the user's to fix: reported in one line, exit code 2."""
-    from resnet_batch.decode import DecodeError
-    from resnet_batch.provenance import ProvenanceMismatch
-    from resnet_batch.weights import WeightsUnavailableError
-
-    return ValueError, KeyError, FileNotFoundError, ProvenanceMismatch, DecodeError, WeightsUnavailableError
-
-
 def _guarded(fn):
+    """Run a command; what the user can fix (UserError, raised before any work) is one line on stderr and exit
+    code 2; a run that started and could not finish (RunFailed) exit code 1."""
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except _errors() as err:
-            print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        except UserError as err:
+            print(f"error: {printable(str(err))}", file=sys.stderr)
             return EXIT_USAGE
+        except RunFailed as err:
+            print(f"error: the run failed: {printable(str(err))}; rerun the same command", file=sys.stderr)
+            return EXIT_FAILED
     return run
 
 
 @_guarded
 def index_main(args: argparse.Namespace) -> int:
-    from resnet_batch.index import build_index
+    from resnet_batch.index_build import build_index
+    from resnet_batch.index_spec import PCA_AUTO, parse_bytes
 
     options = _storage_options(args.storage_options)
-    index = build_index(args.embeddings, kind=args.kind, flat_max=args.flat_max, storage_options=options,
-                        seed=args.seed)
-    index.save(args.out, options)
-    m = index.meta
-    print(f"indexed {m['count']} images ({m['kind']}: {m['factory']}{', ' + m['search'] if m['search'] else ''}) "
-          f"in {m['build_s']:.1f} s -> {args.out} ({m['index_bytes'] / 2**20:.1f} MiB)")
+    pca = PCA_AUTO if args.pca == "auto" else _int(args.pca, "--pca")
+    m = build_index(args.embeddings, args.out, kind=args.kind, flat_max=args.flat_max, storage_options=options,
+                    max_memory=parse_bytes(args.max_memory), pca=pca, target_recall=args.target_recall,
+                    tune_queries=args.tune_queries, seed=args.seed)
+    t = m["tuning"]
+    quality = "exact" if m["kind"] == "flat" else (f"nprobe={m['nprobe']}: recall@10 {t['recall_at_10']:.3f} on "
+                                                   f"{t['queries']} queries (target {t['target_recall']})")
+    print(f"indexed {m['count']} images ({m['factory']}, {quality}) in {m['build_s']:.1f} s -> {args.out} "
+          f"({sum(m['files'].values()) / 2**20:.1f} MiB)")
     return EXIT_OK
+
+
+def _int(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{flag} must be auto or a whole number, got {text!r}") from None
 
 
 @_guarded
@@ -69,9 +81,9 @@ def similar_main(args: argparse.Namespace) -> int:
     from resnet_batch.similar import QueryEmbedder, format_matches, similar_to_id, similar_to_image
 
     if (args.image is None) == (args.id is None):
-        raise ValueError("give exactly one of IMAGE_PATH or --id IMAGE_ID")
+        raise ConfigError("give exactly one of IMAGE_PATH or --id IMAGE_ID")
     options = _storage_options(args.storage_options)
-    index = SimilarityIndex.load(_index_uri(args), options)
+    index = SimilarityIndex.open(_index_uri(args), options)
     if args.id is not None:
         found = similar_to_id(index, args.id, args.k)
     else:
@@ -81,6 +93,8 @@ def similar_main(args: argparse.Namespace) -> int:
         print(json.dumps([m.__dict__ for m in found], indent=2))
     else:
         print(format_matches(found))
+        if str(index.provenance.get("weights_id", "")).startswith("random"):
+            print(RANDOM_WEIGHTS_NOTE)
     return EXIT_OK
 
 
@@ -91,7 +105,7 @@ def neighbors_main(args: argparse.Namespace) -> int:
     cfg = NeighborsConfig(index=_index_uri(args), out=args.out, k=args.k, threshold=args.threshold,
                           embeddings=tuple(args.embeddings or ()), actors=args.actors,
                           storage_options=_storage_options(args.storage_options),
-                          cpus_per_actor=args.cpus_per_actor, ray_address=args.ray_address)
+                          cpus_per_actor=args.cpus_per_actor, nprobe=args.nprobe, ray_address=args.ray_address)
     r = run_neighbors(cfg, progress=not args.quiet)
     print(f"neighbours of {r['images']} images (k={cfg.k}) in {r['parts']} parts -> {cfg.out}; "
           f"{r['near_duplicate_groups']} near-duplicate groups (score >= {cfg.threshold}) holding "
@@ -105,11 +119,27 @@ def gallery_main(args: argparse.Namespace) -> int:
     from resnet_batch.index import SimilarityIndex
 
     options = _storage_options(args.storage_options)
-    index = SimilarityIndex.load(_index_uri(args), options)
+    index = SimilarityIndex.open(_index_uri(args), options)
     s = write_gallery(index, args.out, storage_options=options, n=args.n, k=args.k, seed=args.seed,
-                      thumb=args.thumb, neighbors_uri=args.neighbors)
+                      thumb=args.thumb, neighbors_uri=args.neighbors, service=args.service)
     missing = f", {s['unavailable']} images unavailable" if s["unavailable"] else ""
     print(f"wrote {args.out}: {s['queries']} queries, {s['thumbnails']} thumbnails{missing} ({s['bytes']} bytes)")
+    print(f"open it: file://{os.path.abspath(args.out)}" if "://" not in args.out else f"open it: {args.out}")
+    if str(index.provenance.get("weights_id", "")).startswith("random"):
+        print(RANDOM_WEIGHTS_NOTE)
+    return EXIT_OK
+
+
+@_guarded
+def serve_main(args: argparse.Namespace) -> int:
+    from resnet_batch.index_spec import parse_bytes
+    from resnet_batch.serve import ServiceConfig, serve
+
+    cfg = ServiceConfig(index=_index_uri(args), host=args.host, port=args.port, weights=args.weights,
+                        storage_options=_storage_options(args.storage_options),
+                        max_upload_bytes=parse_bytes(args.max_upload_bytes), max_k=args.max_k,
+                        threads=args.threads, embed=not args.no_upload)
+    serve(cfg)
     return EXIT_OK
 
 
@@ -123,7 +153,8 @@ def add_neighbors_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings", action="append", metavar="URI",
                    help="query with these embeddings (default: the ones the index was built from)")
     p.add_argument("--actors", type=int, default=1, help="index actors (each loads the index once)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and FAISS threads) per actor")
+    p.add_argument("--nprobe", type=int, help="lists scanned per query (default: the tuned value in index.json)")
     p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     p.add_argument("--storage-options", help="fsspec options as JSON, for every URI")
     p.add_argument("--quiet", action="store_true")
@@ -131,15 +162,23 @@ def add_neighbors_arguments(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers) -> None:
     """Add the similarity-search subcommands to the `resnet-batch` parser."""
-    from resnet_batch.index import FLAT_MAX, KINDS
+    from resnet_batch.index_spec import FLAT_MAX, KINDS
 
-    p = subparsers.add_parser("index", help="build a FAISS cosine index over embed output(s)")
+    p = subparsers.add_parser("index", help="build a FAISS cosine index over embed output(s), streaming")
     p.add_argument("--embeddings", action="append", required=True, metavar="URI",
                    help="embed output folder or Parquet file (repeatable; all must share one provenance)")
     p.add_argument("--out", required=True, help="index folder to write (local path or s3://...)")
     p.add_argument("--kind", choices=KINDS, default="auto",
-                   help="auto: exact flat up to --flat-max vectors, IVF-PQ above (default auto)")
+                   help="auto: exact flat up to --flat-max vectors, an inverted file (IVF) above (default auto)")
     p.add_argument("--flat-max", type=int, default=FLAT_MAX)
+    p.add_argument("--max-memory", default="4G",
+                   help="memory budget of the build and of the index (codes get half): 4G, 512M, ... (default 4G)")
+    p.add_argument("--pca", default="auto",
+                   help="IVF: project to this many dimensions; auto: the fewest of 64..1024 keeping 99%% of the "
+                        "variance, 0: none (default auto)")
+    p.add_argument("--target-recall", type=float, default=0.95,
+                   help="IVF: recall@10 against exact search that the tuned nprobe must reach (default 0.95)")
+    p.add_argument("--tune-queries", type=int, default=1000, help="IVF: queries nprobe is tuned on (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="training sample and k-means seed")
     p.add_argument("--storage-options", help="fsspec options as JSON, for every URI")
     p.set_defaults(func=index_main)
@@ -166,5 +205,19 @@ def register(subparsers) -> None:
     p.add_argument("-k", type=int, default=8, help="neighbours shown per query")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--thumb", type=int, default=160, help="thumbnail size in pixels")
+    p.add_argument("--service", metavar="URL", help="a `resnet-batch serve` address: pictures link to live neighbours")
     p.add_argument("--storage-options", help="fsspec options as JSON, for every URI")
     p.set_defaults(func=gallery_main)
+
+    p = subparsers.add_parser("serve", help="HTTP query service: neighbours of an image id, an uploaded image, "
+                                            "or a vector")
+    p.add_argument("--index", help=f"index folder; default ${INDEX_ENV}")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    p.add_argument("--weights", help="checkpoint to embed uploads with when the index's is elsewhere (hash-checked)")
+    p.add_argument("--max-upload-bytes", default="20M", help="uploads above this are refused with 413 (default 20M)")
+    p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for (default 100)")
+    p.add_argument("--threads", type=int, default=4, help="searches and embeddings run at once (default 4)")
+    p.add_argument("--no-upload", action="store_true", help="no model: answer id and vector queries only")
+    p.add_argument("--storage-options", help="fsspec options as JSON, for every URI")
+    p.set_defaults(func=serve_main)

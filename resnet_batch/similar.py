@@ -9,9 +9,9 @@ import numpy as np
 
 from resnet_batch.config import ModelConfig
 from resnet_batch.decode import PreprocessSpec, decode_image
-from resnet_batch.errors import WeightsError
+from resnet_batch.errors import InputError, ProvenanceMismatch, WeightsError
 from resnet_batch.index import SimilarityIndex
-from resnet_batch.provenance import ProvenanceMismatch
+from resnet_batch.text import printable
 from resnet_batch.weights import is_enum_name, resolve_weights
 
 
@@ -35,7 +35,7 @@ def model_config_for(provenance: dict, weights: Optional[str] = None) -> ModelCo
         return ModelConfig(weights=wid[len("checkpoint:"):], **common)
     if is_enum_name(wid) or weights:
         return ModelConfig(weights=wid, **common)
-    raise ValueError(f"cannot reproduce weights {wid!r} from the index provenance; pass --weights")
+    raise WeightsError(f"cannot reproduce weights {wid!r} from the index provenance; pass --weights")
 
 
 def _weights_hint(weights_id: str) -> str:
@@ -78,46 +78,62 @@ class QueryEmbedder:
         self.storage_options = dict(storage_options or {})
 
     def embed_bytes(self, data: bytes) -> np.ndarray:
-        """(2048,) float32 embedding of one encoded image (raises DecodeError for a bad one)."""
+        """(2048,) float32 embedding of one encoded image (raises DecodeError for a bad one, or one over the
+        pixel cap the index's provenance records)."""
         pixels, _, _ = decode_image(data, self.spec, max_pixels=self.max_pixels, draft=self.draft)
         emb, _ = self.embedder.embed(np.array(pixels[None]))  # writable: torch.from_numpy wants that
         return emb[0].cpu().numpy()
 
     def embed_uri(self, uri: str) -> np.ndarray:
+        """The embedding of the image at a local path or URL (InputError when it cannot be read or decoded)."""
         import fsspec
 
-        with fsspec.open(uri, "rb", **self.storage_options) as f:
-            return self.embed_bytes(f.read())
+        from resnet_batch.decode import DecodeError
+
+        try:
+            with fsspec.open(uri, "rb", **self.storage_options) as f:
+                data = f.read()
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
+            raise InputError(f"cannot read {uri}: {type(err).__name__}: {err}") from None
+        try:
+            return self.embed_bytes(data)
+        except DecodeError as err:
+            raise InputError(f"{uri}: {err}") from None
 
 
-def matches(index: SimilarityIndex, scores: np.ndarray, positions: np.ndarray, exclude: Optional[str] = None,
+def matches(index: SimilarityIndex, scores: np.ndarray, ids: np.ndarray, exclude: Optional[str] = None,
             k: Optional[int] = None) -> list[Match]:
     """One query's search result as Matches, best first, without `exclude` and empty slots."""
     out = []
-    for score, pos in zip(scores, positions):
-        if pos < 0:
+    for score, fid in zip(scores, ids):
+        if fid < 0:
             continue
-        row = index.row(int(pos))
+        row = index.row(int(fid))
         if row["image_id"] != exclude:
             out.append(Match(row["image_id"], row["path"], float(score), row["label"]))
     return out[:k]
 
 
+def similar_to_vector(index: SimilarityIndex, vector: np.ndarray, k: int = 10) -> list[Match]:
+    """The k indexed images nearest to an embedding (normalised here)."""
+    scores, ids = index.search(np.asarray(vector, dtype=np.float32)[None], k)
+    return matches(index, scores[0], ids[0])
+
+
 def similar_to_image(index: SimilarityIndex, embedder: QueryEmbedder, uri: str, k: int = 10) -> list[Match]:
     """The k indexed images nearest to the image at `uri` (an indexed copy of it included)."""
-    scores, positions = index.search(embedder.embed_uri(uri)[None], k)
-    return matches(index, scores[0], positions[0])
+    return similar_to_vector(index, embedder.embed_uri(uri), k)
 
 
 def similar_to_id(index: SimilarityIndex, image_id: str, k: int = 10) -> list[Match]:
     """The k indexed images nearest to an indexed image, itself excluded."""
-    scores, positions = index.search(index.vector(image_id)[None], k + 1)
-    return matches(index, scores[0], positions[0], exclude=image_id, k=k)
+    scores, ids = index.search(index.vector(image_id)[None], k + 1)
+    return matches(index, scores[0], ids[0], exclude=image_id, k=k)
 
 
 def format_matches(found: list[Match]) -> str:
-    """A plain table: rank, score, top-1 label, image_id."""
+    """A plain table: rank, score, top-1 label, image_id (escaped for the terminal)."""
     lines = [f"{'rank':>4}  {'score':>8}  {'label':<24}  image_id"]
     for i, m in enumerate(found, 1):
-        lines.append(f"{i:>4}  {m.score:8.5f}  {(m.label or '-')[:24]:<24}  {m.image_id}")
+        lines.append(f"{i:>4}  {m.score:8.5f}  {printable(m.label)[:24]:<24}  {printable(m.image_id)}")
     return "\n".join(lines)

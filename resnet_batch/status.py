@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from resnet_batch.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from resnet_batch.ledger import read_ledger, totals
-from resnet_batch.lock import OutputLock
+from resnet_batch.lock import STALE_S, OutputLock, alive_here
 from resnet_batch.report import read_failures
 from resnet_batch.state import load
 from resnet_batch.text import printable
@@ -31,7 +31,7 @@ def output_status(uri: str, storage_options: Optional[dict] = None) -> Optional[
         return None
     state = load(store)
     holder = OutputLock(store).read() if "_lock" in names else None
-    live = holder is not None and time.time() - holder.heartbeat < 180
+    live = holder is not None and time.time() - holder.heartbeat < STALE_S and alive_here(holder)
     ledger = read_ledger(store)
     parts = store.parts(names)
     present = ledger.filter(pc.or_(pc.equal(ledger.column("part"), ""),

@@ -9,6 +9,7 @@ message built from an already printable id) changes nothing.
 from __future__ import annotations
 
 import unicodedata
+from typing import Optional
 
 # Unicode categories never printed as they are: controls (C0, DEL, C1: ESC starts every ANSI sequence),
 # format characters (bidi overrides and isolates, zero-width characters), surrogates, line/paragraph separators.
@@ -16,11 +17,14 @@ _ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-def printable(text: str) -> str:
-    """`text` with control, format and separator characters escaped Python-style (`\\x1b`, `\\u202e`, `\\n`).
+def printable(text: Optional[str]) -> str:
+    """`text` with control, format and separator characters escaped Python-style (`\\x1b`, `\\u202e`, `\\n`);
+    None (a missing label) as '-'.
 
     Undecodable bytes of a name (Python's surrogateescape, U+DC80-U+DCFF) show as the byte they were: `\\xff`.
     """
+    if text is None:
+        return "-"
     return "".join(_escape(ch) for ch in text)
 
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from resnet_batch.errors import OutputError  # noqa: F401 (re-exported)
 from resnet_batch.retry import retrying
-from resnet_batch.schema import PART_STATS_KEY, STATUS_OK, WRITER_KEY
+from resnet_batch.schema import PART_STATS_KEY, PROVENANCE_KEY, STATUS_OK, WRITER_KEY
 from resnet_batch.storage import display_path, filesystem, list_folder, protocols, put_bytes
 
 PROVENANCE_FILE = "_provenance.json"
@@ -93,12 +93,17 @@ def read_parquet(fs, path: str, columns: Optional[list[str]] = None) -> pa.Table
         return pq.read_table(f, columns=columns)
 
 
-def part_record(fs, path: str) -> Optional[dict]:
-    """The record a part carries in its own metadata (None when it has none: not written by this job)."""
+def part_record(fs, path: str, with_provenance: bool = False):
+    """The record a part carries in its own metadata (None when it has none: not written by this job);
+    with_provenance: (record, provenance)."""
     with fs.open(path, "rb") as f:
         meta = pq.read_metadata(f).metadata or {}
     raw = meta.get(PART_STATS_KEY)
-    return json.loads(raw) if raw else None
+    record = json.loads(raw) if raw else None
+    if not with_provenance:
+        return record
+    prov = meta.get(PROVENANCE_KEY)
+    return record, json.loads(prov) if prov else None
 
 
 def failed_ids(table: pa.Table) -> list[str]:

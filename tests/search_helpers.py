@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from resnet_batch.schema import EMBEDDING_DIM, OUTPUT_SCHEMA, embedding_array, with_provenance
+from resnet_batch.schema import EMBEDDING_DIM, embedding_array, output_schema, with_provenance
 
 PROVENANCE = {
     "package": "resnet-batch", "version": "0.1.0", "model": "torchvision.resnet50", "weights_id": "random(seed=7)",
@@ -34,9 +34,12 @@ def clustered_vectors(n: int, seed: int = 0, clusters: int = 50, latent: int = 3
 
 
 def write_part(path: Path, ids: Sequence[str], vectors: np.ndarray, provenance: Optional[dict] = PROVENANCE,
-               status: Optional[Sequence[str]] = None, paths: Optional[Sequence[str]] = None) -> Path:
-    """An embed-output part (OUTPUT_SCHEMA, provenance in the metadata); rows whose status is not 'ok' get nulls."""
+               status: Optional[Sequence[str]] = None, paths: Optional[Sequence[str]] = None,
+               dtype: str = "float32") -> Path:
+    """An embed-output part (the output schema with a float32 or float16 embedding column, provenance in the
+    metadata); rows whose status is not 'ok' get nulls."""
     n = len(ids)
+    schema = output_schema(embedding_dtype=dtype)
     status = list(status or ["ok"] * n)
     ok = np.array([s == "ok" for s in status])
     labels = [[f"label-{i % 7}", "other"] if o else None for i, o in enumerate(ok)]
@@ -47,11 +50,11 @@ def write_part(path: Path, ids: Sequence[str], vectors: np.ndarray, provenance: 
         "topk_ids": pa.array([[i % 7, 999] if o else None for i, o in enumerate(ok)], pa.list_(pa.int32())),
         "topk_labels": pa.array(labels, pa.list_(pa.string())),
         "topk_probs": pa.array([[0.5, 0.1] if o else None for o in ok], pa.list_(pa.float32())),
-        "embedding": embedding_array(vectors, ok),
+        "embedding": embedding_array(vectors, ok, dtype),
         "status": pa.array(status, pa.string()),
         "error": pa.array([None if o else "decode_error: test" for o in ok], pa.string()),
-    }, schema=OUTPUT_SCHEMA)
-    schema = with_provenance(OUTPUT_SCHEMA, provenance) if provenance else OUTPUT_SCHEMA
+    }, schema=schema)
+    schema = with_provenance(schema, provenance) if provenance else schema
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table.replace_schema_metadata(schema.metadata), path)
     return path

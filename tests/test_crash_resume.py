@@ -10,6 +10,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from resnet_batch.sample_data import make_sample_photos
+from tests.processes import kill_driver
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 N_IMAGES, PER_SHARD = 40, 4
@@ -29,17 +30,6 @@ def _start(input_dir, out, checkpoint, env=None, extra=()):
            "-o", "compute.decode_batch_size=4", "-o", "compute.torch_threads=1", *extra]
     return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-
-
-def _kill_group(proc):
-    """SIGKILL the driver first (the crash), then whatever Ray processes it left in its session."""
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    time.sleep(1)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _parts(out: Path) -> dict[str, int]:
@@ -71,7 +61,7 @@ def test_kill_driver_then_resume(many_photos, checkpoint, tmp_path, kill_after_p
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline, "no output appeared"
         time.sleep(0.05)
-    _kill_group(proc)
+    kill_driver(proc)
     survived = _parts(out)
     total = N_IMAGES // PER_SHARD
     assert kill_after_parts <= len(survived) < total

@@ -13,8 +13,11 @@ import pytest
 from PIL import Image
 
 from resnet_batch.cli import main
-from resnet_batch.gallery import build_gallery, pick_queries, render_html, write_gallery
-from resnet_batch.index import SimilarityIndex, build_index
+from resnet_batch.decode import DecodeError
+from resnet_batch.errors import SimilarityIndexError
+from resnet_batch.gallery import ImageRoots, build_gallery, pick_queries, render_html, thumbnail_uri, write_gallery
+from resnet_batch.index import SimilarityIndex
+from resnet_batch.index_build import build_index
 from resnet_batch.neighbors import NEIGHBORS_SCHEMA
 from resnet_batch.similar import similar_to_id
 from tests.search_helpers import clustered_vectors, write_part
@@ -43,8 +46,8 @@ def gallery_index(tmp_path_factory, photos):
         shutil.copy(f, dst)
         paths.append(str(dst))
     write_part(root / "emb" / "part-000000.parquet", ids, clustered_vectors(12, seed=9), paths=paths)
-    build_index([str(root / "emb")], log=lambda m: None).save(str(root / "idx"))
-    return SimilarityIndex.load(str(root / "idx")), str(root / "idx"), root
+    build_index([str(root / "emb")], str(root / "idx"), log=lambda m: None)
+    return SimilarityIndex.open(str(root / "idx")), str(root / "idx"), root
 
 
 def img_sources(page: str) -> list[str]:
@@ -57,7 +60,7 @@ def test_page_lists_sampled_queries_labels_and_neighbour_scores(gallery_index):
     assert queries == sorted(queries) and len(set(queries)) == 4 and queries == pick_queries(index, 4, seed=1)
     entries = build_gallery(index, n=4, k=3, seed=1)
     for (query, nbrs), q in zip(entries, queries):
-        assert (query.image_id, query.score, query.label) == (q, None, index.row(index.position(q))["label"])
+        assert (query.image_id, query.score, query.label) == (q, None, index.row(index.faiss_id(q))["label"])
         assert [(t.image_id, t.score) for t in nbrs] == [(m.image_id, m.score) for m in similar_to_id(index, q, 3)]
     page = render_html(entries, index.meta)
     assert page.count('<figure class="query">') == 4 and page.count('<figure class="nbr">') == 12
@@ -95,7 +98,7 @@ def test_neighbours_come_from_the_table_when_given(gallery_index, tmp_path):
     shown = [[(t.image_id, t.score) for t in nbrs] for _, nbrs in entries]
     assert shown == [[(ODD_ID, 0.5), ("img-00.jpg", 0.25)]] * 3
     first_missing = sorted(set(index.ids.column("image_id").to_pylist()) - set(queries))[0]
-    with pytest.raises(ValueError, match=rf"^9 sampled images are not in the neighbours table {tmp_path}/nb "
+    with pytest.raises(SimilarityIndexError, match=rf"^9 sampled images are not in the neighbours table {tmp_path}/nb "
                                          rf"\(e\.g\. '{first_missing}'\); was it made from this index\?$"):
         build_gallery(index, n=12, k=5, seed=0, neighbors_uri=str(tmp_path / "nb"))
 
@@ -125,3 +128,46 @@ def test_chromium_loads_every_thumbnail_of_a_page_that_stands_alone(gallery_inde
     broken = [alt for alt, complete, w, h in images if not (complete and w > 0 and h > 0)]
     assert broken == [], f"thumbnails that did not load: {broken}"
     assert max(max(w, h) for _, _, w, h in images) == 160
+
+
+def test_thumbnails_only_from_the_recorded_input_root_and_within_the_caps(photos, tmp_path):
+    """Issue 11: the gallery loaded any path or URL an index named (local files, internal URLs)."""
+    root = tmp_path / "input"
+    shutil.copytree(sorted(photos.iterdir())[0], root / "shard")
+    inside = sorted((root / "shard").glob("*.jpg"))[:2]
+    (tmp_path / "secret.jpg").write_bytes(inside[0].read_bytes())
+    paths = [str(inside[0]), str(inside[1]), str(root / "shard" / ".." / ".." / "secret.jpg"), "/etc/hostname",
+             "http://127.0.0.1:9/internal.jpg", str(tmp_path / "input-other" / "x.jpg")]
+    ids = [f"i{i}" for i in range(len(paths))]
+    emb = tmp_path / "emb"
+    write_part(emb / "part-000000.parquet", ids, clustered_vectors(len(ids), seed=4), paths=paths)
+    (emb / "_manifest.json").write_text(json.dumps({"root": str(root), "protocol": "file"}))  # the embed job's
+    build_index([str(emb)], str(tmp_path / "idx"), log=lambda m: None)
+    index = SimilarityIndex.open(str(tmp_path / "idx"))
+    assert index.meta["image_roots"] == {"from": "manifest", "roots": [{"protocol": "file", "root": str(root)}]}
+    entries = build_gallery(index, n=6, k=1, seed=0)
+    errors = {q.image_id: q.error for q, _ in entries}
+    refused = f"PermissionError: outside the indexed input root (file://{root}, from the manifest)"
+    assert errors == {"i0": None, "i1": None, "i2": refused, "i3": refused, "i4": refused, "i5": refused}
+    roots = ImageRoots({"image_roots": {"from": "none", "roots": []}})
+    with pytest.raises(PermissionError, match="^the index records no input root, so no image is read"):
+        roots.check(str(inside[0]))
+    s3 = ImageRoots({"image_roots": {"from": "manifest", "roots": [{"protocol": "s3", "root": "bucket/photos"}]}})
+    s3.check("s3://bucket/photos/a.jpg")
+    s3.check("s3a://bucket/photos/x/b.jpg")
+    for bad in ("s3://bucket/photos-private/a.jpg", "s3://bucket/photos/../keys.jpg", "file:///bucket/photos/a.jpg"):
+        with pytest.raises(PermissionError):
+            s3.check(bad)
+    with pytest.raises(ValueError, match="^over 1000 bytes, not read$"):
+        thumbnail_uri(str(inside[0]), 64, max_pixels=10**8, max_bytes=1000)
+    with pytest.raises(DecodeError, match=r"pixels, over the limit of 1000 "):
+        thumbnail_uri(str(inside[0]), 64, max_pixels=1000)
+
+
+def test_the_page_can_point_at_the_query_service(gallery_index):
+    index, _, _ = gallery_index
+    page = render_html(build_gallery(index, n=2, k=1, seed=0), index.meta, service="http://127.0.0.1:8000")
+    assert '<form action="http://127.0.0.1:8000/v1/neighbors/image" method="post" enctype="multipart/form-data">' \
+        in page and '<input type="file" name="image"' in page
+    q = pick_queries(index, 2, seed=0)[0]
+    assert f'<a href="http://127.0.0.1:8000/v1/neighbors?id={q}&amp;k=10"><img' in page

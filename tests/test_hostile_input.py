@@ -18,7 +18,6 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from resnet_batch.config import InputConfig
 from resnet_batch.errors import LockedError, OutputError
@@ -263,7 +262,8 @@ def test_input_and_output_must_not_overlap(tmp_path, jpeg):
     root = tmp_path / "photos"
     root.mkdir()
     (root / "a.jpg").write_bytes(jpeg)
-    for out, what in ((root, "the same folder"), (root / "emb", "inside the input"), (tmp_path, "around the input")):
+    for out, what in ((root, "the input folder itself"), (root / "emb", "inside the input folder"),
+                      (tmp_path, "a folder that holds the input")):
         res = _cli("embed", "--input", str(root), "--output", str(out), "--fresh", "-o", "model.weights=random")
         assert res.returncode == 2, res.stderr
         assert f"error: output.uri {out} is {what} ({root})" in res.stderr

@@ -9,10 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from resnet_batch.index import build_index, normalize
-from resnet_batch.neighbors import (GROUPS_FILE, GROUPS_SCHEMA, NEIGHBORS_KEY, NEIGHBORS_SCHEMA, REPORT_FILE,
-                                    NeighborsConfig, exclude_self, near_duplicate_groups, read_neighbors,
-                                    run_neighbors)
+from resnet_batch.cli import main
+from resnet_batch.errors import ConfigError, OutputError
+from resnet_batch.index import SimilarityIndex, normalize
+from resnet_batch.index_build import build_index
+from resnet_batch.neighbors import (GROUPS_FILE, GROUPS_SCHEMA, MARKER_FILE, NEIGHBORS_KEY, NEIGHBORS_SCHEMA,
+                                    REPORT_FILE, NeighborsConfig, exclude_self, near_duplicate_groups,
+                                    read_neighbors, run_neighbors)
 from resnet_batch.provenance import ProvenanceMismatch
 from resnet_batch.schema import read_provenance
 from tests.search_helpers import PROVENANCE, brute_force, clustered_vectors, write_part
@@ -59,7 +62,7 @@ def planted(tmp_path_factory):
         write_part(root / f"part-{p:06d}.parquet", ids[sl], vectors[sl], status=status[sl])
     ok = np.array([s == "ok" for s in status])
     index_uri = str(tmp_path_factory.mktemp("nb-idx") / "idx")
-    build_index([str(root)], log=lambda m: None).save(index_uri)
+    build_index([str(root)], index_uri, log=lambda m: None)
     return root, index_uri, [i for i, o in zip(ids, ok) if o], vectors[ok]
 
 
@@ -74,9 +77,10 @@ def test_job_writes_numpy_exact_neighbours_and_groups(planted, tmp_path, ray_loc
 
     out = tmp_path / "nb"
     out.mkdir()
-    (out / "part-000009.parquet").write_bytes(b"stale")  # an earlier run's leftover is removed
+    (out / MARKER_FILE).write_text("{}")  # an earlier neighbours run's folder: its leftovers are removed
+    (out / "part-000009.parquet").write_bytes(b"stale")
     report = run_neighbors(NeighborsConfig(index=index_uri, out=str(out), k=5, threshold=0.999), progress=False)
-    assert sorted(p.name for p in out.iterdir()) == [REPORT_FILE, GROUPS_FILE, "part-000000.parquet",
+    assert sorted(p.name for p in out.iterdir()) == [MARKER_FILE, REPORT_FILE, GROUPS_FILE, "part-000000.parquet",
                                                      "part-000001.parquet", "part-000002.parquet"]
     assert (report["parts"], report["images"], report["failed_rows_skipped"]) == (3, 86, 4)
     assert len(report["actors"]) == 1  # one actor, the index loaded once for all three parts
@@ -87,7 +91,7 @@ def test_job_writes_numpy_exact_neighbours_and_groups(planted, tmp_path, ray_loc
     assert schema.remove_metadata() == NEIGHBORS_SCHEMA
     assert read_provenance(schema) == PROVENANCE
     assert json.loads(schema.metadata[NEIGHBORS_KEY]) == {"k": 5, "index": index_uri, "index_kind": "flat",
-                                                          "index_count": 86}
+                                                          "index_count": 86, "nprobe": None}
     table = read_neighbors(str(out))
     assert table.column("image_id").to_pylist() == ids
     ref_scores, ref_pos = brute_force(vectors, vectors, 6)
@@ -121,8 +125,56 @@ def test_job_script_and_its_checks(planted, tmp_path, ray_local, monkeypatch, ca
                                                  rf"than the index {index_uri}: weights_sha256: "):
         run_neighbors(NeighborsConfig(index=index_uri, out=str(tmp_path / "x"), embeddings=(str(other.parent),)))
     assert not (tmp_path / "x").exists()
-    with pytest.raises(ValueError, match=r"^threshold is a cosine similarity in \[-1, 1\], got 1.5$"):
+    with pytest.raises(ConfigError, match=r"^threshold is a cosine similarity in \[-1, 1\], got 1.5$"):
         NeighborsConfig(index=index_uri, out="x", threshold=1.5)
+
+
+def test_out_may_not_touch_the_sources_or_the_index_and_foreign_folders_are_kept(planted, tmp_path, capsys):
+    """Issue 11: --out pointing at the embeddings deleted every part there; now nothing is deleted."""
+    root, index_uri, _, _ = planted
+    before = sorted(p.name for p in root.iterdir())
+    cases = {str(root): f"--out {root} is the embeddings {root}",
+             str(root.parent): f"--out {root.parent} contains the embeddings {root}",
+             str(root / "sub"): f"--out {root / 'sub'} lies inside the embeddings {root}",
+             index_uri + "/nb": f"--out {index_uri}/nb lies inside the index {index_uri}"}
+    for out, message in cases.items():
+        with pytest.raises(OutputError, match=f"^{message}; write the neighbours to a folder of their own$"):
+            run_neighbors(NeighborsConfig(index=index_uri, out=out), progress=False)
+    link = tmp_path / "alias"
+    link.symlink_to(root)  # the same folder under another name
+    with pytest.raises(OutputError, match=f"^--out {link} is the embeddings {root}"):
+        run_neighbors(NeighborsConfig(index=index_uri, out=str(link)), progress=False)
+    other = tmp_path / "photos-and-more"
+    other.mkdir()
+    (other / "part-000000.parquet").write_bytes(b"someone else's")
+    (other / "_SUCCESS").write_text("")
+    with pytest.raises(OutputError, match=rf"^--out {other} is not empty \(_SUCCESS, part-000000.parquet\) and is "
+                                          r"not a neighbours output; choose a new or empty folder$"):
+        run_neighbors(NeighborsConfig(index=index_uri, out=str(other)), progress=False)
+    assert main(["neighbors", "--index", index_uri, "--out", str(root), "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --out {root} is the embeddings {root}")
+    assert sorted(p.name for p in root.iterdir()) == before
+    assert (other / "part-000000.parquet").read_bytes() == b"someone else's"
+
+
+def test_job_on_an_ivf_index_uses_the_tuned_nprobe(tmp_path, ray_local):
+    vectors = clustered_vectors(1200, seed=8)
+    for p in range(2):
+        write_part(tmp_path / "emb" / f"part-{p:06d}.parquet", [f"w{i:04d}" for i in range(600 * p, 600 * (p + 1))],
+                   vectors[600 * p:600 * (p + 1)], dtype="float16")
+    meta = build_index([str(tmp_path / "emb")], str(tmp_path / "idx"), kind="ivf", pca=0, tune_queries=200,
+                       log=lambda m: None)
+    report = run_neighbors(NeighborsConfig(index=str(tmp_path / "idx"), out=str(tmp_path / "nb"), k=4,
+                                           threshold=0.999), progress=False)
+    assert report["nprobe"] == meta["nprobe"] and report["index_factory"] == meta["factory"]
+    assert report["images"] == 1200 and report["search_ms_per_query"] > 0
+    index = SimilarityIndex.open(str(tmp_path / "idx"))  # opened with the same tuned nprobe
+    table = read_neighbors(str(tmp_path / "nb"))
+    stored = vectors.astype(np.float16).astype(np.float32)
+    _, found = index.search(stored, 5)
+    ids = np.array([f"w{i:04d}" for i in range(1200)], dtype=object)
+    expected = [[ids[j] for j in row if j != i][:4] for i, row in enumerate(found)]
+    assert table.column("neighbor_ids").to_pylist() == expected
 
 
 @pytest.mark.s3
@@ -135,10 +187,15 @@ def test_job_reads_and_writes_s3_and_keeps_the_secret_out_of_the_report(planted,
     for p in sorted(root.glob("part-*.parquet")):
         fs.put_file(str(p), f"{bucket}/emb/{p.name}")
     opts = s3_server.storage_options()
-    build_index([f"s3://{bucket}/emb"], storage_options=opts, log=lambda m: None).save(f"s3://{bucket}/idx", opts)
-    report = run_neighbors(NeighborsConfig(index=f"s3://{bucket}/idx", out=f"s3://{bucket}/nb", k=3,
-                                           threshold=0.999, storage_options=opts), progress=False)
+    build_index([f"s3://{bucket}/emb"], f"s3://{bucket}/idx", storage_options=opts, log=lambda m: None)
+    cfg = NeighborsConfig(index=f"s3://{bucket}/idx", out=f"s3://{bucket}/nb", k=3, threshold=0.999,
+                          storage_options=opts)
+    report = run_neighbors(cfg, progress=False)
     assert (report["images"], report["near_duplicate_groups"]) == (86, 2)
+    # Issue 11: a rerun into the same folder listed its own output from a stale s3fs cache and found 0 groups.
+    assert read_neighbors(f"s3://{bucket}/nb", opts).num_rows == 86  # the driver's cache now holds the listing
+    again = run_neighbors(cfg, progress=False)
+    assert (again["images"], again["near_duplicate_groups"], again["images_in_groups"]) == (86, 2, 5)
     assert report["outputs"]["part-000002.parquet"] == f"s3://{bucket}/emb/part-000002.parquet"
     assert read_neighbors(f"s3://{bucket}/nb", opts).column("image_id").to_pylist() == ids
     stored = fs.cat_file(f"{bucket}/nb/{REPORT_FILE}").decode()

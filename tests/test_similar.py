@@ -8,12 +8,15 @@ import torch
 
 from resnet_batch.cli import main
 from resnet_batch.config import ModelConfig
-from resnet_batch.index import SimilarityIndex, build_index
+from resnet_batch.errors import WeightsError
+from resnet_batch.index import SimilarityIndex
+from resnet_batch.index_build import build_index
 from resnet_batch.provenance import ProvenanceMismatch
 from resnet_batch.schema import embeddings_to_numpy
 from resnet_batch.similar import QueryEmbedder, model_config_for, similar_to_id, similar_to_image
 from resnet_batch.weights import random_state_dict
-from tests.search_helpers import brute_force, embedded_photos, jpeg
+from resnet_batch.text import printable
+from tests.search_helpers import brute_force, clustered_vectors, embedded_photos, jpeg, write_part
 
 pytestmark = pytest.mark.ray
 
@@ -24,8 +27,8 @@ def indexed(tmp_path_factory, photos, checkpoint, ray_local):
     out = embedded_photos(tmp_path_factory, photos, checkpoint)
     table = pq.read_table(sorted(out.glob("part-*.parquet")))
     uri = str(tmp_path_factory.mktemp("similar") / "idx")
-    build_index([str(out)], log=lambda m: None).save(uri)
-    return SimilarityIndex.load(uri), uri, table
+    build_index([str(out)], uri, log=lambda m: None)
+    return SimilarityIndex.open(uri), uri, table
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,7 @@ def test_model_config_is_read_back_from_provenance():
     assert model_config_for({**base, "weights_id": "checkpoint:s3://b/w.pth"}).weights == "s3://b/w.pth"
     assert model_config_for({**base, "weights_id": "IMAGENET1K_V2"}).weights == "IMAGENET1K_V2"
     assert model_config_for({**base, "weights_id": "random(seed=3)"}, weights="/moved/w.pth").weights == "/moved/w.pth"
-    with pytest.raises(ValueError, match=r"^cannot reproduce weights 'mystery' from the index provenance; pass "):
+    with pytest.raises(WeightsError, match=r"^cannot reproduce weights 'mystery' from the index provenance; pass "):
         model_config_for({**base, "weights_id": "mystery"})
 
 
@@ -107,3 +110,21 @@ def test_cli_similar(indexed, photos, capsys):
     assert capsys.readouterr().err == "error: give exactly one of IMAGE_PATH or --id IMAGE_ID\n"
     assert main(["similar", "--index", uri, str(photos / "missing.jpg")]) == 2
     assert "missing.jpg" in capsys.readouterr().err
+
+
+def test_terminal_escapes_cannot_reach_the_screen(tmp_path, capsys):
+    """Issue 11: image ids with control characters were printed raw (a forged line, a recoloured terminal)."""
+    assert printable("a\x1b[31mred\nrank 1  1.00000  forged") == "a\\x1b[31mred\\nrank 1  1.00000  forged"
+    assert printable("rtl\u202eoverride\u0085") == "rtl\\u202eoverride\\x85" and printable(None) == "-"
+    assert printable("café/写真 ok.jpg") == "café/写真 ok.jpg"
+    ids = ["plain.jpg", "evil\x1b[2J\nrank 1 forged.jpg", "bell\a.jpg"]
+    write_part(tmp_path / "emb" / "part-000000.parquet", ids, clustered_vectors(3, seed=3))
+    build_index([str(tmp_path / "emb")], str(tmp_path / "idx"), log=lambda m: None)
+    assert main(["similar", "--index", str(tmp_path / "idx"), "--id", "plain.jpg", "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\a" not in out and len(out.splitlines()) == 3
+    assert "evil\\x1b[2J\\nrank 1 forged.jpg" in out and "bell\\x07.jpg" in out
+    assert main(["similar", "--index", str(tmp_path / "idx"), "--id", "plain.jpg", "-k", "2", "--json"]) == 0
+    assert {m["image_id"] for m in json.loads(capsys.readouterr().out)} == set(ids[1:])  # JSON escapes by itself
+    assert main(["similar", "--index", str(tmp_path / "idx"), "--id", "no\x1b[2Jpe"]) == 2
+    assert capsys.readouterr().err == "error: image_id 'no\\x1b[2Jpe' is not in the index\n"

@@ -2,8 +2,6 @@
 ones leave the output, unchanged ones are not touched; moved objects on a store are copied, not recomputed;
 a kill -9 in the middle, then a rerun, still ends with every current photo exactly once."""
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ from resnet_batch.runner import run
 from resnet_batch.sample_data import jpeg_bytes, make_sample_photos, source_photos, variant
 from resnet_batch.status import output_status
 from tests.conftest import REPO, job_config
+from tests.processes import kill_driver
 
 pytestmark = pytest.mark.ray
 SPEC = PreprocessSpec.from_weights("IMAGENET1K_V2")
@@ -117,13 +116,7 @@ def test_kill_during_a_sync_then_rerun_is_exactly_once(tmp_path, checkpoint):
     while not {p.name for p in out.glob("part-*.parquet")} - before:
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    time.sleep(1)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    kill_driver(proc)
     assert not (out / "_SUCCESS").exists()
     status = output_status(str(out))
     assert status["status"] == "incomplete" and not status["last_run_finished"]

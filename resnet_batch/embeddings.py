@@ -1,0 +1,123 @@
+"""embeddings module: an embed output as the search side reads it: its parts, their provenance, 'ok' rows in chunks."""
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from resnet_batch.errors import ProvenanceMismatch, SimilarityIndexError
+from resnet_batch.provenance import differences
+from resnet_batch.schema import PROVENANCE_KEY, STATUS_OK, read_provenance
+from resnet_batch.storage import display_path, filesystem, protocols
+
+MANIFEST_FILE = "_manifest.json"  # the embed job's listing: input root and protocol (writer.MANIFEST_FILE)
+CHUNK_ROWS = 8192  # rows read at a time: 64 MiB of float32 embeddings
+
+
+@dataclass(frozen=True)
+class Part:
+    """One Parquet part of an embed output: where it is, and how many of its rows are usable (status 'ok')."""
+
+    uri: str  # as displayed: a local path or protocol://...
+    path: str  # filesystem path (no protocol)
+    rows: int
+    ok_rows: int
+
+
+def is_part_name(name: str) -> bool:
+    """part-NNNNNN.parquet and container parts part-NNNNNN-CCCC.parquet; never `_`/`.` bookkeeping entries."""
+    return name.startswith("part-") and name.endswith(".parquet")
+
+
+def list_parts(uri: str, storage_options: Optional[dict] = None) -> tuple[object, list[str]]:
+    """The fsspec filesystem and the parts of an embed output (or the one .parquet file `uri` names), sorted.
+
+    The one place that knows an output's layout: only top-level `part-*.parquet` files count; sub-folders
+    (`_manifest/`, `_ledger/`) and `_`/`.`-prefixed entries are ignored. (A part ledger can replace the
+    listing here.)
+    """
+    fs, root = filesystem(uri, dict(storage_options or {}))
+    fs.invalidate_cache(root)  # a listing cached before workers wrote would miss their parts
+    try:
+        if fs.isfile(root):
+            return fs, [root]
+        entries = fs.ls(root, detail=True)
+    except FileNotFoundError:
+        raise SimilarityIndexError(f"not found: {uri}") from None
+    parts = sorted(e["name"] for e in entries  # files, and links to files
+                   if e.get("type") != "directory" and is_part_name(posixpath.basename(e["name"])))
+    if not parts:
+        raise SimilarityIndexError(f"no parts (part-*.parquet) under {uri}")
+    return fs, parts
+
+
+def scan_embeddings(uris: Sequence[str], storage_options: Optional[dict] = None) -> tuple[list[tuple], dict]:
+    """[(fs, Part)] for every part under `uris` and their common provenance; mixed provenance is refused."""
+    found, provenance, first = [], None, None
+    for uri in uris:
+        fs, paths = list_parts(uri, storage_options)
+        for path in paths:
+            shown = display_path(protocols(fs)[0], path)
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                prov = read_provenance(pf.schema_arrow)
+                if prov is None:
+                    raise SimilarityIndexError(f"{shown} has no {PROVENANCE_KEY.decode()} metadata: "
+                                               "cannot tell which model made these embeddings")
+                if "embedding" not in pf.schema_arrow.names:
+                    raise SimilarityIndexError(f"{shown} has no embedding column")
+                status = pf.read(columns=["status"]).column("status")
+            if provenance is None:
+                provenance, first = prov, shown
+            elif diffs := differences(provenance, prov):
+                raise ProvenanceMismatch(f"refusing to mix embeddings with different provenance: {shown} differs "
+                                         f"from {first}: " + "; ".join(diffs))
+            ok = int(pc.sum(pc.equal(status, STATUS_OK)).as_py() or 0)
+            found.append((fs, Part(shown, path, len(status), ok)))
+    if not found:
+        raise SimilarityIndexError("no embeddings given")
+    return found, provenance
+
+
+def ok_chunks(fs, path: str, columns: Sequence[str], rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
+    """A part's rows with status 'ok' (those with an embedding), `rows` at a time: memory stays bounded."""
+    wanted = list(dict.fromkeys([*columns, "status"]))
+    with fs.open(path, "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=wanted):
+            table = pa.Table.from_batches([batch])
+            yield table.filter(pc.equal(table.column("status"), STATUS_OK)).select(list(columns))
+
+
+def read_ok_rows(fs, path: str, columns: Sequence[str]) -> pa.Table:
+    """All 'ok' rows of one part (a part is one shard: small enough to hold)."""
+    chunks = list(ok_chunks(fs, path, columns))
+    return pa.concat_tables(chunks) if chunks else pa.table({c: [] for c in columns})
+
+
+def sample_rows(counts: list[int], size: int, seed: int) -> list[np.ndarray]:
+    """Per part, the sorted row numbers (among its ok rows) of a uniform sample of `size` rows overall."""
+    total = sum(counts)
+    picked = np.sort(np.random.default_rng(seed).choice(total, size=min(size, total), replace=False))
+    bounds = np.cumsum([0, *counts])
+    return [picked[(picked >= lo) & (picked < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def input_root(uri: str, storage_options: Optional[dict] = None) -> Optional[dict]:
+    """{"protocol", "root"} of the images an embed output was made from (its manifest), or None if unknown."""
+    fs, root = filesystem(uri, dict(storage_options or {}))
+    try:
+        if fs.isfile(root):
+            return None
+        with fs.open(posixpath.join(root, MANIFEST_FILE), "rb") as f:
+            manifest = json.loads(f.read())
+    except (FileNotFoundError, ValueError):
+        return None
+    if isinstance(manifest.get("root"), str) and isinstance(manifest.get("protocol"), str):
+        return {"protocol": manifest["protocol"], "root": manifest["root"]}
+    return None

@@ -1,0 +1,415 @@
+"""index_build module: the streaming index build: sample, train, add chunk by chunk, tune nprobe, write the folder.
+
+Memory is bounded by the codes, not by the raw vectors: pass 1 keeps only a sample (float16) to train the
+projection and the lists; pass 2 reads the parts in chunks of CHUNK_ROWS, adds them with 64-bit ids, writes
+their id-map rows, and folds them into the exact top-k of the tuning queries; then nprobe is tuned on those
+queries (database rows, each one's own match left out, as the neighbours job sees them).
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from resnet_batch.embeddings import Part, input_root, ok_chunks, sample_rows, scan_embeddings
+from resnet_batch.errors import SimilarityIndexError
+from resnet_batch.index import (FORMAT, IDS_FILE, IDS_SCHEMA, INDEX_FILE, META_FILE, REFINE_FILE, REFINE_SQ_FILE,
+                                normalize, refine_mean, refined_search)
+from resnet_batch.index_spec import DEFAULT_MAX_MEMORY, FLAT_MAX, PCA_AUTO, PCA_TRAIN_MAX, IndexSpec, resolve_pca
+from resnet_batch.schema import EMBEDDING_DIM, embeddings_to_numpy
+from resnet_batch.storage import filesystem, protocols, put_bytes
+from resnet_batch.tuning import ExactTopK, Tuning, drop_self, matmul_t, recalls, tune_nprobe
+
+TUNE_K = 10
+TUNE_QUERIES = 1000
+_COLUMNS = ["image_id", "path", "topk_labels", "topk_probs", "embedding"]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def build_index(uris: Sequence[str], out: str, *, kind: str = "auto", max_memory: int = DEFAULT_MAX_MEMORY,
+                pca: Optional[int] = None, flat_max: int = FLAT_MAX, target_recall: float = 0.95,
+                tune_queries: int = TUNE_QUERIES, seed: int = 0, storage_options: Optional[dict] = None,
+                log: Callable[[str], None] = _stderr) -> dict:
+    """Index every 'ok' embedding under `uris` (one provenance) into the folder `out`; returns its index.json."""
+    if not 0 < target_recall <= 1:
+        raise SimilarityIndexError(f"--target-recall must be in (0, 1], got {target_recall}")
+    opts = dict(storage_options or {})
+    t0 = time.perf_counter()
+    parts, provenance = scan_embeddings(uris, opts)
+    check_unique_ids(parts)
+    n = sum(p.ok_rows for _, p in parts)
+    if n == 0:
+        raise SimilarityIndexError(f"no embeddings with status 'ok' under {', '.join(uris)}")
+    dim = int(provenance.get("embedding_dim", EMBEDDING_DIM))
+    spec = IndexSpec.choose(n, kind=kind, dim=dim, max_memory=max_memory, pca=pca, flat_max=flat_max)
+    queries = min(tune_queries, n) if spec.kind == "ivf" else 0
+    import faiss
+
+    log(f"indexing {n} embeddings from {len(parts)} parts (scanned in {time.perf_counter() - t0:.1f} s): "
+        f"{spec.factory}")
+    with _Staging(out, opts) as stage:
+        t_sample = time.perf_counter()
+        train, tune_ids, tune_vectors = _read_sample(parts, spec.train_size, queries, dim, seed)
+        t_train = time.perf_counter()
+        index, pca_info, spec = _trained_index(spec, train, seed, n, max_memory)
+        refiner = _trained_refiner(train) if spec.refine else None
+        del train
+        train_s = time.perf_counter() - t_train
+        log(f"read a sample of {spec.train_size} + {queries} vectors in {t_train - t_sample:.1f} s, trained "
+            f"{spec.factory} in {train_s:.1f} s; adding ({spec.bytes_per_vector()} bytes a vector in memory: "
+            f"{n * spec.bytes_per_vector() / 2**30:.2f} GiB" + (f", {2 * spec.dim} on disk for re-ranking)"
+                                                                if spec.refine else ")"))
+        exact = ExactTopK(tune_vectors, TUNE_K + 1)
+        t_add = time.perf_counter()
+        roots = _add_all(parts, index, exact, stage.path(IDS_FILE), refiner, stage.path(REFINE_FILE))
+        add_s = time.perf_counter() - t_add
+        t_tune = time.perf_counter()
+        search = _searcher(index, spec, refiner, stage.path(REFINE_FILE))
+        tuning = _tune(index, search, tune_ids, tune_vectors, exact, spec, target_recall) if queries else None
+        log(f"added in {add_s:.1f} s" + (f", tuned nprobe={tuning.nprobe} (recall@{TUNE_K} {tuning.recall:.4f}) "
+                                         f"in {time.perf_counter() - t_tune:.1f} s" if tuning else ""))
+
+        faiss.write_index(index, stage.path(INDEX_FILE))
+        if refiner is not None:
+            faiss.write_index(refiner, stage.path(REFINE_SQ_FILE))
+        meta = {
+            "format": FORMAT, "build_id": uuid.uuid4().hex, "kind": spec.kind, "factory": spec.factory,
+            "spec": spec.as_dict(), "metric": "cosine", "count": int(index.ntotal), "dim": dim,
+            "next_id": int(index.ntotal), "nprobe": tuning.nprobe if tuning else None,
+            "tuning": tuning.as_dict() if tuning else {"exact": True, f"recall_at_{TUNE_K}": 1.0},
+            "pca": pca_info, "max_memory": max_memory, "train_size": spec.train_size, "seed": seed,
+            "provenance": provenance, "sources": list(uris), "parts": len(parts),
+            "part_uris": [p.uri for _, p in parts], "image_roots": _image_roots(uris, opts, roots),
+            "sample_s": round(t_train - t_sample, 3), "train_s": round(train_s, 3), "add_s": round(add_s, 3),
+            "faiss": faiss.__version__,
+        }
+        meta["build_s"] = round(time.perf_counter() - t0, 3)
+        stage.publish(meta)
+    if tuning and not tuning.met:
+        log(f"warning: recall@{TUNE_K} {tuning.recall:.3f} even at nprobe={tuning.nprobe}: below the target "
+            f"{target_recall}; raise --max-memory or --pca (or --pca 0), or lower --target-recall")
+    return meta
+
+
+def check_unique_ids(parts: list[tuple]) -> None:
+    """Refuse an image_id that appears twice among the ok rows (before any work; 8 bytes a row of hashes)."""
+    hashes, owners = [], []
+    for i, (fs, part) in enumerate(parts):
+        for chunk in ok_chunks(fs, part.path, ["image_id"]):
+            hashes.append(np.fromiter(map(hash, chunk.column("image_id").to_pylist()), np.int64, len(chunk)))
+            owners.append(np.full(len(chunk), i, dtype=np.int32))
+    if not hashes:
+        return
+    h, owner = np.concatenate(hashes), np.concatenate(owners)
+    order = np.argsort(h, kind="stable")
+    same = np.flatnonzero(h[order][1:] == h[order][:-1])
+    if not len(same):
+        return
+    wanted = set(h[order][same].tolist())
+    seen: dict[str, str] = {}
+    for i in sorted(set(owner[order][same].tolist()) | set(owner[order][same + 1].tolist())):
+        fs, part = parts[i]
+        for image_id in _ids_with_hashes(fs, part, wanted):
+            if image_id in seen:
+                raise SimilarityIndexError(f"image_id {image_id!r} appears more than once ({seen[image_id]} and "
+                                           f"{part.uri}); index one embed output per input root")
+            seen[image_id] = part.uri
+
+
+def _ids_with_hashes(fs, part: Part, wanted: set) -> list[str]:
+    return [s for chunk in ok_chunks(fs, part.path, ["image_id"]) for s in chunk.column("image_id").to_pylist()
+            if hash(s) in wanted]
+
+
+def _read_sample(parts: list[tuple], train_size: int, queries: int, dim: int,
+                 seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pass 1: two uniform samples of ok rows: `train_size` to train on (float16) and `queries` tuning queries
+    (float32, with their ids: their ok-row numbers in scan order, as pass 2 assigns them)."""
+    counts = [p.ok_rows for _, p in parts]
+    picks = zip(sample_rows(counts, train_size, seed), sample_rows(counts, queries, seed + 1))
+    train = np.empty((min(train_size, sum(counts)), dim), dtype=np.float16)
+    tune = np.empty((min(queries, sum(counts)), dim), dtype=np.float32)
+    tune_ids = np.empty(len(tune), dtype=np.int64)
+    nt, nq, offset = 0, 0, 0
+    for (fs, part), (t_rows, q_rows) in zip(parts, picks):
+        if len(t_rows) or len(q_rows):
+            start = 0
+            for chunk in ok_chunks(fs, part.path, ["embedding"]):
+                end = start + len(chunk)
+                for rows, is_query in ((t_rows, False), (q_rows, True)):
+                    sel = rows[(rows >= start) & (rows < end)]
+                    if not len(sel):
+                        continue
+                    vec = normalize(embeddings_to_numpy(chunk.column("embedding").take(pa.array(sel - start))))
+                    if is_query:
+                        tune[nq:nq + len(sel)], tune_ids[nq:nq + len(sel)] = vec, offset + sel
+                        nq += len(sel)
+                    else:
+                        train[nt:nt + len(sel)] = vec
+                        nt += len(sel)
+                start = end
+        offset += part.ok_rows
+    return train, tune_ids, tune
+
+
+def _trained_index(spec: IndexSpec, train: np.ndarray, seed: int, n: int, max_memory: int):
+    """An empty, trained FAISS inner-product index for `spec`; returns (index, projection figures, final spec:
+    with the projection resolved, its codes chosen again for the stored dimensions)."""
+    import faiss
+
+    if spec.kind == "flat":
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(spec.dim)), None, spec
+    pca_info, transform, sample = None, None, train
+    if spec.pca:
+        transform, pca_info = fit_projection(train[:PCA_TRAIN_MAX], spec.pca)
+        spec = IndexSpec.choose(n, kind="ivf", dim=spec.dim, max_memory=max_memory, pca=pca_info["dims"])
+        if transform is not None:
+            sample = np.concatenate([project(transform, train[s:s + 65536]) for s in range(0, len(train), 65536)])
+    d = spec.stored_dim
+    quantizer = faiss.IndexFlatIP(d)
+    if spec.code.startswith("SQ"):
+        qtype = faiss.ScalarQuantizer.QT_8bit if spec.code == "SQ8" else faiss.ScalarQuantizer.QT_4bit
+        ivf = faiss.IndexIVFScalarQuantizer(quantizer, d, spec.nlist, qtype, faiss.METRIC_INNER_PRODUCT)
+    else:
+        ivf = faiss.IndexIVFPQ(quantizer, d, spec.nlist, int(spec.code[2:]), 8, faiss.METRIC_INNER_PRODUCT)
+        ivf.do_polysemous_training = False
+        ivf.pq.cp.seed = seed
+    ivf.cp.seed = seed
+    ivf.train(np.ascontiguousarray(sample, dtype=np.float32))
+    quantizer.this.disown()
+    ivf.own_fields = True
+    if transform is None:
+        return ivf, pca_info, spec
+    index = faiss.IndexPreTransform(transform, ivf)
+    transform.this.disown()
+    ivf.this.disown()
+    index.own_fields = True
+    return index, pca_info, spec
+
+
+def project(transform, x: np.ndarray) -> np.ndarray:
+    """x through a LinearTransform without bias (its A matrix), in torch's BLAS."""
+    import faiss
+
+    a = faiss.vector_to_array(transform.A).reshape(transform.d_out, transform.d_in)
+    return matmul_t(x, a)
+
+
+def fit_projection(sample: np.ndarray, dims: int):
+    """An uncentred PCA (the top eigenvectors of E[x x^T]) as a FAISS LinearTransform with orthonormal rows.
+
+    Uncentred, so that the inner product of two projections approximates theirs (PCAMatrix subtracts the mean,
+    which would bias inner products by the mean's projection). dims PCA_AUTO: sized by resolve_pca from the
+    share of the sample's variance (around its mean) that each number of dimensions keeps. Returns
+    (transform or None, figures).
+    """
+    import faiss
+
+    import torch
+
+    x = np.asarray(sample, dtype=np.float32)
+    t = torch.from_numpy(x)
+    second = (t.T @ t).numpy().astype(np.float64) / len(x)  # float32 products, ample for the top components
+    values, vectors = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(second)))  # LAPACK through torch
+    order = np.argsort(values)[::-1]
+    values, vectors = values[order], vectors[:, order]
+    mean = x.mean(axis=0, dtype=np.float64)
+    centred = second - np.outer(mean, mean)
+    spread = (torch.from_numpy(centred) @ torch.from_numpy(vectors)).numpy()  # variance along each eigenvector
+    kept = np.cumsum(np.sum(vectors * spread, axis=0)) / max(float(np.trace(centred)), 1e-30)
+    auto = dims == PCA_AUTO
+    if auto:
+        dims = resolve_pca(kept.tolist(), x.shape[1])
+    figures = {"auto": auto, "dims": dims, "fitted_on": len(x), "variance_kept": 1.0 if not dims else
+               round(float(kept[dims - 1]), 6), **({"variance_kept_by": {str(d): round(float(kept[d - 1]), 6)
+                                                                          for d in (64, 128, 256, 512, 1024)
+                                                                          if d < len(kept)}} if auto else {})}
+    if not dims:
+        return None, figures
+    a = np.ascontiguousarray(vectors[:, :dims].T, dtype=np.float32)
+    lt = faiss.LinearTransform(x.shape[1], dims, False)
+    faiss.copy_array_to_vector(a.ravel(), lt.A)
+    lt.is_orthonormal = True
+    lt.is_trained = True
+    return lt, figures
+
+
+def _trained_refiner(train: np.ndarray):
+    """The codes of full-dimension vectors that re-ranking decodes: float16 offsets from the mean (embeddings
+    crowd around it, so the offsets carry what tells neighbours apart; index_spec.py says why not 8 bits)."""
+    import faiss
+
+    d = train.shape[1]
+    refiner = faiss.IndexPreTransform(faiss.CenteringTransform(d), faiss.IndexScalarQuantizer(
+        d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT))
+    refiner.train(np.ascontiguousarray(train[:PCA_TRAIN_MAX], dtype=np.float32))
+    return refiner
+
+
+def _searcher(index, spec: IndexSpec, refiner, codes_path: str):
+    """search(q, k) -> (scores, ids) as SimilarityIndex will answer it (ids are rows in a fresh build)."""
+    if refiner is None:
+        return index.search
+    mean, rows = refine_mean(refiner), RowFile(codes_path, refiner.sa_code_size())
+    return lambda q, k: refined_search(index, mean, rows, lambda ids: ids, q, k, spec.refine)
+
+
+class RowFile:
+    """Fixed-size rows of a file, read with pread: the build's tuning reads a few thousand rows of a file it has
+    just written, all of it still in the page cache, where a memory map would fault its neighbours in too."""
+
+    def __init__(self, path: str, row_bytes: int):
+        self.path, self.row_bytes = path, row_bytes
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.row_bytes), dtype=np.uint8)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for i, r in enumerate(rows.tolist()):
+                out[i] = np.frombuffer(os.pread(fd, self.row_bytes, r * self.row_bytes), dtype=np.uint8)
+        finally:
+            os.close(fd)
+        return out
+
+
+def _add_all(parts: list[tuple], index, exact: ExactTopK, ids_path: str, refiner, codes_path: str) -> dict:
+    """Pass 2: every ok row added with id = its ok-row number, id-map rows (and re-ranking codes) written as
+    they come; returns the protocols and common folder of the image paths (for the gallery's root check)."""
+    import contextlib
+
+    import faiss
+    import pyarrow.ipc as ipc
+
+    next_id, protos, common = 0, set(), None
+    with ipc.new_file(ids_path, IDS_SCHEMA) as writer, \
+            (open(codes_path, "wb") if refiner is not None else contextlib.nullcontext()) as codes:
+        for i, (fs, part) in enumerate(parts):
+            for chunk in ok_chunks(fs, part.path, _COLUMNS):
+                ids = np.arange(next_id, next_id + len(chunk), dtype=np.int64)
+                vec = normalize(embeddings_to_numpy(chunk.column("embedding")))
+                if isinstance(index, faiss.IndexPreTransform):  # project here: faster BLAS than FAISS's
+                    faiss.downcast_index(index.index).add_with_ids(
+                        project(faiss.downcast_VectorTransform(index.chain.at(0)), vec), ids)
+                else:
+                    index.add_with_ids(vec, ids)
+                exact.add(vec, ids)
+                writer.write_table(id_rows(chunk, ids, i))
+                if codes is not None:
+                    codes.write(refiner.sa_encode(vec).tobytes())
+                next_id += len(chunk)
+                protos, common = _fold_paths(chunk.column("path").to_pylist(), protos, common)
+    if isinstance(index, faiss.IndexPreTransform):
+        index.ntotal = index.index.ntotal  # the adds went to the inner index
+    return {"protocols": sorted(protos), "common": common}
+
+
+def id_rows(table: pa.Table, ids: np.ndarray, part: int) -> pa.Table:
+    """The id-map rows (FAISS id, image_id, path, top-1 label and probability, part) of embedding rows."""
+    return pa.table({
+        "id": pa.array(ids, pa.int64()),
+        "image_id": table.column("image_id"),
+        "path": table.column("path"),
+        "label": pc.list_element(table.column("topk_labels"), 0),
+        "prob": pc.list_element(table.column("topk_probs"), 0),
+        "part": pa.array(np.full(len(table), part, dtype=np.int32)),
+    }, schema=IDS_SCHEMA)
+
+
+def _fold_paths(paths: list, protos: set, common: Optional[str]) -> tuple[set, Optional[str]]:
+    """Protocols seen so far and the deepest folder common to every path ("" when there is none)."""
+    from fsspec.core import split_protocol
+
+    folders = set()
+    for p in paths:
+        if p is not None:
+            proto, bare = split_protocol(p)
+            protos.add(proto or "file")
+            folders.add(posixpath.dirname(bare))
+    if folders:
+        try:
+            common = posixpath.commonpath([*folders, *([] if common is None else [common])])
+        except ValueError:  # absolute and relative paths mixed, or already nothing in common
+            common = ""
+    return protos, common
+
+
+def _image_roots(uris: Sequence[str], opts: dict, found: dict) -> dict:
+    """Where thumbnails may be read from: the embed outputs' recorded input roots, else the rows' common folder."""
+    roots = [input_root(u, opts) for u in uris]
+    if all(roots):
+        return {"from": "manifest", "roots": [dict(r) for r in {json.dumps(r, sort_keys=True): r
+                                                                for r in roots}.values()]}
+    if len(found["protocols"]) == 1 and found["common"]:
+        return {"from": "common-folder", "roots": [{"protocol": found["protocols"][0], "root": found["common"]}]}
+    return {"from": "none", "roots": []}
+
+
+def _tune(index, search, tune_ids: np.ndarray, tune_vectors: np.ndarray, exact: ExactTopK, spec: IndexSpec,
+          target: float) -> Tuning:
+    """The smallest nprobe meeting the recall target on the tuning queries, and the score error there."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    _, exact_ids = exact.result()
+    truth = drop_self(tune_ids, exact_ids, TUNE_K)
+
+    def per_query_recall(nprobe: int) -> np.ndarray:
+        ivf.nprobe = nprobe
+        _, found = search(tune_vectors, TUNE_K + 1)
+        return recalls(drop_self(tune_ids, found, TUNE_K), truth, TUNE_K)
+
+    tuning = tune_nprobe(per_query_recall, spec.nlist, target, TUNE_K)
+    ivf.nprobe = tuning.nprobe
+    return tuning
+
+
+class _Staging:
+    """Where the build writes: the output folder itself when local (temp names, renamed), else a temp folder
+    uploaded at the end. index.json goes last, after the old one is removed: readers never see a mix."""
+
+    def __init__(self, out: str, opts: dict):
+        self.out, self.fs, self.root = out, *filesystem(out, opts)
+        self.local = "file" in protocols(self.fs)
+        if self.local:
+            os.makedirs(self.root, exist_ok=True)
+            self.dir = tempfile.mkdtemp(prefix=".build-", dir=self.root)
+        else:
+            self.dir = tempfile.mkdtemp(prefix="resnet-batch-index-")
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def __enter__(self) -> "_Staging":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def publish(self, meta: dict) -> None:
+        names = [n for n in (INDEX_FILE, IDS_FILE, REFINE_SQ_FILE, REFINE_FILE) if os.path.exists(self.path(n))]
+        meta["files"] = {n: os.path.getsize(self.path(n)) for n in names}
+        old = posixpath.join(self.root, META_FILE)
+        if self.fs.exists(old):
+            self.fs.rm(old)
+        for stale in {REFINE_SQ_FILE, REFINE_FILE} - set(names):  # an earlier build's, not this one's
+            if self.fs.exists(posixpath.join(self.root, stale)):
+                self.fs.rm(posixpath.join(self.root, stale))
+        for name in names:
+            if self.local:
+                os.replace(self.path(name), os.path.join(self.root, name))
+            else:
+                self.fs.put_file(self.path(name), posixpath.join(self.root, name))
+        put_bytes(self.fs, old, json.dumps(meta, indent=2, sort_keys=True).encode())

@@ -1,0 +1,282 @@
+"""serve module: the HTTP query service: neighbours of an indexed image, of an uploaded image, or of a vector.
+
+Built on aiohttp (already installed with Ray's dashboard; a mature asyncio HTTP server and client): one process
+holds the memory-mapped index and, for uploads, the model the index records; searches run in a thread pool
+(FAISS releases the GIL), embeddings in one thread of their own. Endpoints (JSON in, JSON out):
+
+  GET  /healthz                          {"status": "ok", "count": N}
+  GET  /v1/index                         what the index is (count, factory, nprobe, measured recall, provenance)
+  GET  /v1/neighbors?id=IMAGE_ID&k=10    neighbours of an indexed image (itself excluded)
+  POST /v1/neighbors/image?k=10          an image (multipart field "image", or the raw body), embedded as indexed
+  POST /v1/neighbors/vector              {"vector": [2048 floats], "k": 10}
+
+Every answer is JSON; a bad request gets a 4xx with {"error": reason}, never a crash.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from resnet_batch.errors import ConfigError, SimilarityIndexError
+from resnet_batch.index import SimilarityIndex, UnknownImageId
+from resnet_batch.similar import Match, QueryEmbedder, similar_to_id, similar_to_vector
+
+MAX_JSON_BYTES = 1 * 2**20  # a 2048-float vector as JSON is about 50 KiB
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """One service: which index, where to listen, and the caps on what a request may ask."""
+
+    index: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    weights: Optional[str] = None
+    storage_options: dict = field(default_factory=dict)
+    max_upload_bytes: int = 20 * 2**20
+    max_k: int = 100
+    threads: int = 4
+    embed: bool = True  # load the model for uploads
+
+
+class BadRequest(Exception):
+    """A request the service refuses: HTTP status and reason."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+
+
+class Searcher:
+    """The service without HTTP: the open index (and model), answering the three query kinds."""
+
+    def __init__(self, cfg: ServiceConfig):
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # one thread a search; requests run side by side
+        t0 = time.perf_counter()
+        self.cfg = cfg
+        self.index = SimilarityIndex.open(cfg.index, cfg.storage_options)
+        self.embedder = QueryEmbedder(self.index.provenance, weights=cfg.weights,
+                                      storage_options=cfg.storage_options) if cfg.embed else None
+        prep = self.index.provenance.get("preprocessing", {})
+        self.max_pixels = int(prep.get("max_pixels", 100_000_000))
+        if len(self.index):  # build the lookups now, not racing in the first requests' threads
+            self.index.vector(self.index.row(int(self.index.ids.column("id")[0].as_py()))["image_id"])
+        self.load_s = time.perf_counter() - t0
+
+    def check_k(self, k: int) -> int:
+        if not 1 <= k <= self.cfg.max_k:
+            raise BadRequest(400, f"k must be between 1 and {self.cfg.max_k}, got {k}")
+        return k
+
+    def by_id(self, image_id: str, k: int) -> list[Match]:
+        try:
+            return similar_to_id(self.index, image_id, k)
+        except UnknownImageId as err:
+            raise BadRequest(404, str(err)) from None
+
+    def by_vector(self, vector: np.ndarray, k: int) -> list[Match]:
+        if vector.ndim != 1 or len(vector) != self.index.meta["dim"]:
+            raise BadRequest(422, f"vector must hold {self.index.meta['dim']} numbers, got {vector.size}")
+        if not np.isfinite(vector).all() or not np.any(vector):
+            raise BadRequest(422, "vector must be finite and not all zero")
+        return similar_to_vector(self.index, vector, k)
+
+    def embed(self, data: bytes) -> np.ndarray:
+        """The embedding of uploaded bytes; over the pixel cap: 413, not an image: 422."""
+        from PIL import Image
+
+        from resnet_batch.decode import DecodeError
+
+        if self.embedder is None:
+            raise BadRequest(503, "this service was started with --no-upload")
+        try:
+            with Image.open(io.BytesIO(data)) as im:  # the header only: refuse a bomb before decoding
+                width, height = im.size
+        except Exception:
+            raise BadRequest(422, "not an image (format not recognised)") from None
+        if width * height > self.max_pixels:
+            raise BadRequest(413, f"image is {width}x{height} = {width * height} pixels, over the cap of "
+                                  f"{self.max_pixels} the index records")
+        try:
+            return self.embedder.embed_bytes(data)
+        except DecodeError as err:
+            raise BadRequest(422, f"cannot decode the image: {err}") from None
+
+    def describe(self) -> dict:
+        m = self.index.meta
+        return {"count": m["count"], "kind": m["kind"], "factory": m["factory"], "nprobe": self.index.nprobe,
+                "tuning": m["tuning"], "dim": m["dim"], "provenance": m["provenance"], "uploads": self.embedder
+                is not None, "max_k": self.cfg.max_k, "max_upload_bytes": self.cfg.max_upload_bytes,
+                "max_pixels": self.max_pixels}
+
+
+def create_app(searcher: Searcher):
+    """The aiohttp application around a Searcher."""
+    from aiohttp import web
+
+    cfg = searcher.cfg
+    search_pool = ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="search")
+    embed_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+
+    async def run(pool, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    def answer(query: dict, k: int, found: list[Match], t0: float):
+        return web.json_response({
+            "query": query, "k": k, "results": [{"rank": i, **asdict(m)} for i, m in enumerate(found, 1)],
+            "index": {"count": len(searcher.index), "nprobe": searcher.index.nprobe},
+            "took_ms": round(1000 * (time.perf_counter() - t0), 3)})
+
+    def k_of(request) -> int:
+        text = request.query.get("k", "10")
+        try:
+            return searcher.check_k(int(text))
+        except ValueError:
+            raise BadRequest(400, f"k must be a whole number, got {text!r}") from None
+
+    async def health(request):
+        return web.json_response({"status": "ok", "count": len(searcher.index)})
+
+    async def describe(request):
+        return web.json_response(searcher.describe())
+
+    async def by_id(request):
+        t0 = time.perf_counter()
+        image_id = request.query.get("id")
+        if not image_id:
+            raise BadRequest(400, "give the image as ?id=IMAGE_ID")
+        k = k_of(request)
+        return answer({"id": image_id}, k, await run(search_pool, searcher.by_id, image_id, k), t0)
+
+    async def by_image(request):
+        t0 = time.perf_counter()
+        k = k_of(request)
+        data, name = await read_upload(request, cfg.max_upload_bytes)
+        vector = await run(embed_pool, searcher.embed, data)
+        return answer({"image": name, "bytes": len(data)}, k, await run(search_pool, searcher.by_vector, vector, k),
+                      t0)
+
+    async def by_vector(request):
+        t0 = time.perf_counter()
+        try:
+            body = json.loads(await read_capped(request.content, MAX_JSON_BYTES, request.content_length))
+        except ValueError:
+            raise BadRequest(400, 'the body must be JSON: {"vector": [...], "k": 10}') from None
+        if not isinstance(body, dict) or not isinstance(body.get("vector"), list):
+            raise BadRequest(400, 'the body must be JSON: {"vector": [...], "k": 10}')
+        k = body.get("k", 10)
+        if not isinstance(k, int) or isinstance(k, bool):
+            raise BadRequest(400, f"k must be a whole number, got {k!r}")
+        try:
+            vector = np.asarray(body["vector"], dtype=np.float32)
+        except (TypeError, ValueError):
+            raise BadRequest(422, "vector must be a list of numbers") from None
+        found = await run(search_pool, searcher.by_vector, vector, searcher.check_k(k))
+        return answer({"vector": len(body["vector"])}, k, found, t0)
+
+    @web.middleware
+    async def errors(request, handler):
+        try:
+            return await handler(request)
+        except BadRequest as err:
+            return web.json_response({"error": str(err)}, status=err.status)
+        except web.HTTPException as err:  # aiohttp's own: 404 route, 405 method, 413 body over client_max_size
+            if err.status < 400:
+                raise
+            return web.json_response({"error": err.reason if err.status != 413 else
+                                      f"request body over {cfg.max_upload_bytes} bytes"}, status=err.status)
+        except SimilarityIndexError as err:
+            return web.json_response({"error": str(err)}, status=422)
+        except Exception as err:  # a bug, not the client's fault: say so, keep serving
+            print(f"serve: {request.method} {request.path_qs}: {type(err).__name__}: {err}", file=sys.stderr,
+                  flush=True)
+            return web.json_response({"error": f"internal error: {type(err).__name__}"}, status=500)
+
+    app = web.Application(middlewares=[errors], client_max_size=cfg.max_upload_bytes + 2**16)
+    app.add_routes([web.get("/healthz", health), web.get("/v1/index", describe), web.get("/v1/neighbors", by_id),
+                    web.post("/v1/neighbors/image", by_image), web.post("/v1/neighbors/vector", by_vector)])
+
+    async def close_pools(app):
+        search_pool.shutdown(wait=False)
+        embed_pool.shutdown(wait=False)
+
+    app.on_cleanup.append(close_pools)
+    return app
+
+
+async def read_capped(stream, cap: int, declared: Optional[int]) -> bytes:
+    """A body of at most `cap` bytes: refused by its Content-Length up front, else while reading."""
+    if declared is not None and declared > cap:
+        raise BadRequest(413, f"upload of {declared} bytes is over the cap of {cap} bytes")
+    read = getattr(stream, "read_chunk", None) or stream.read  # a multipart field, or the request body
+    chunks, total = [], 0
+    while chunk := await read(2**16):
+        total += len(chunk)
+        if total > cap:
+            raise BadRequest(413, f"upload is over the cap of {cap} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_upload(request, cap: int) -> tuple[bytes, Optional[str]]:
+    """The uploaded image: the multipart field "image" (a browser form) or the raw request body."""
+    if request.content_length is not None and request.content_length > cap + 2**16:
+        raise BadRequest(413, f"upload of {request.content_length} bytes is over the cap of {cap} bytes")
+    if request.content_type.startswith("multipart/"):
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if part.name == "image":
+                data = await read_capped(part, cap, None)
+                if not data:
+                    raise BadRequest(400, "the image field is empty")
+                return data, part.filename
+        raise BadRequest(400, 'no "image" field in the form')
+    data = await read_capped(request.content, cap, request.content_length)
+    if not data:
+        raise BadRequest(400, "no image: send it as the body or as the multipart field \"image\"")
+    return data, None
+
+
+async def start(searcher: Searcher, host: str, port: int):
+    """Start listening; returns (runner, bound port). Stop with `await runner.cleanup()`."""
+    from aiohttp import web
+
+    runner = web.AppRunner(create_app(searcher), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as err:
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return runner, runner.addresses[0][1]
+
+
+def serve(cfg: ServiceConfig) -> None:
+    """Load the index (and model), then serve until interrupted; prints the address it listens on."""
+    searcher = Searcher(cfg)
+
+    async def main():
+        runner, port = await start(searcher, cfg.host, cfg.port)
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        print(f"serving {cfg.index} ({len(searcher.index)} images, loaded in {searcher.load_s:.1f} s) on "
+              f"http://{host}:{port}", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
