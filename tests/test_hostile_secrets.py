@@ -6,6 +6,7 @@ checks its token, an Authorization header, S3 keys and a proxy password for a re
 and every object it wrote, the index built from it, the console and Ray's logs are searched for each.
 """
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -196,7 +197,8 @@ def _write_config(path: Path, photos: Path, weights: str, output: str, output_op
 def test_no_secret_in_anything_the_job_writes_or_prints(tmp_path, photos, weights_server, s3_server, bucket,
                                                         ray_local, capfd):
     from resnet_batch.cli import main
-    from resnet_batch.index import SimilarityIndex, build_index
+    from resnet_batch.index import SimilarityIndex
+    from resnet_batch.index_build import build_index
     from resnet_batch.similar import QueryEmbedder
 
     subset = tmp_path / "photos"
@@ -213,13 +215,14 @@ def test_no_secret_in_anything_the_job_writes_or_prints(tmp_path, photos, weight
     assert ("GET", "/models/r50.pth", 200) in weights_server.requests  # fetched with the token and the header
     fs = s3_server.filesystem()
     written = fs.find("hostile-out/run")
-    assert len([p for p in written if p.endswith(".parquet")]) == 2 and "hostile-out/run/_run_report.json" in written
+    assert len([p for p in written if re.search(r"/part-\d+\.parquet$", p)]) == 2
+    assert "hostile-out/run/_run_report.json" in written
     report = json.loads(fs.cat_file("hostile-out/run/_run_report.json"))
     assert report["provenance"]["weights_id"] == f"checkpoint:{weights_server.url('/models/r50.pth')}"
     assert report["config"]["model"]["weights"] == weights_server.url("/models/r50.pth")
 
     index_uri = "s3://hostile-out/index"
-    build_index(["s3://hostile-out/run"], storage_options=output_options, log=print).save(index_uri, output_options)
+    build_index(["s3://hostile-out/run"], index_uri, storage_options=output_options, log=print)
     written += fs.find("hostile-out/index")
     leaks = {p: _secrets_in(fs.cat_file(p)) for p in written}
     out, err = capfd.readouterr()

@@ -13,6 +13,7 @@ from resnet_batch.index import SimilarityIndex
 from resnet_batch.index_build import build_index
 from resnet_batch.provenance import ProvenanceMismatch
 from resnet_batch.schema import embeddings_to_numpy
+from resnet_batch.search_cli import RANDOM_WEIGHTS_NOTE
 from resnet_batch.similar import QueryEmbedder, model_config_for, similar_to_id, similar_to_image
 from resnet_batch.weights import random_state_dict
 from resnet_batch.text import printable
@@ -122,7 +123,8 @@ def test_terminal_escapes_cannot_reach_the_screen(tmp_path, capsys):
     build_index([str(tmp_path / "emb")], str(tmp_path / "idx"), log=lambda m: None)
     assert main(["similar", "--index", str(tmp_path / "idx"), "--id", "plain.jpg", "-k", "2"]) == 0
     out = capsys.readouterr().out
-    assert "\x1b" not in out and "\a" not in out and len(out.splitlines()) == 3
+    assert "\x1b" not in out and "\a" not in out
+    assert len(out.splitlines()) == 4 and out.splitlines()[-1] == RANDOM_WEIGHTS_NOTE  # header, 2 matches, note
     assert "evil\\x1b[2J\\nrank 1 forged.jpg" in out and "bell\\x07.jpg" in out
     assert main(["similar", "--index", str(tmp_path / "idx"), "--id", "plain.jpg", "-k", "2", "--json"]) == 0
     assert {m["image_id"] for m in json.loads(capsys.readouterr().out)} == set(ids[1:])  # JSON escapes by itself
