@@ -126,7 +126,7 @@ def serve_main(args: argparse.Namespace) -> int:
     cfg = ServiceConfig(index=_index_uri(args), host=args.host, port=args.port, weights=args.weights,
                         storage_options=_storage_options(args.storage_options),
                         max_upload_bytes=parse_bytes(args.max_upload_bytes), max_k=args.max_k,
-                        threads=args.threads, embed=not args.no_upload)
+                        threads=args.threads, embed=not args.no_upload, reload_s=args.reload_s)
     serve(cfg)
     return EXIT_OK
 
@@ -213,5 +213,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for (default 100)")
     p.add_argument("--threads", type=int, default=4, help="searches and embeddings run at once (default 4)")
     p.add_argument("--no-upload", action="store_true", help="no model: answer id and vector queries only")
+    p.add_argument("--reload-s", type=float, default=60.0,
+                   help="look for an updated index this often, and serve it once open (default 60; 0: never)")
     p.add_argument("--storage-options", help="fsspec options as JSON, for every URI")
     p.set_defaults(func=serve_main)
