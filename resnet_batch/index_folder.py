@@ -96,6 +96,7 @@ def remove_unused(fs, root: str, keep: set[str], local: bool) -> list[str]:
     """Remove the index files of ours (top-level data files, generation folders, staging folders left by killed
     updates) that `keep` does not name; nothing else in the folder is touched. Returns what was removed."""
     removed = []
+    fs.invalidate_cache(root)  # s3fs: a listing cached before this generation's uploads
     for path in list_folder(fs, root):
         name = posixpath.basename(path.rstrip("/"))
         if name in DATA_FILES and name not in keep:

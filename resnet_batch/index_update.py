@@ -176,20 +176,13 @@ def _update(uris, out: str, previous: dict, folder: str, ids: pa.Table, changes:
                                                           decoder.sa_code_size())
             notes += ["re-ranking rows compacted"] if compacted else []
         faiss.write_index(index, stage.path(INDEX_FILE))
-        nprobe, tuning, tuned_count = previous["nprobe"], previous["tuning"], previous.get("tuned_count")
-        if retune:
-            t = _retune(index, codes, refine_mean(decoder), new_ids, previous["spec"], options)
-            nprobe, tuning, tuned_count = t.nprobe, t.as_dict(), changes.after
-            notes.append(f"nprobe tuned again: {previous['nprobe']} -> {t.nprobe}, recall@{TUNE_K} "
-                         f"{t.recall:.3f} ({retune})")
-        elif nprobe:
-            notes.append(f"nprobe {nprobe} kept")
+        tuned = _tuning_after(previous, index, codes, decoder, new_ids, options, retune)
+        notes += [note] if (note := tuned.pop("note")) else []
         found = fold_folders(new_ids.column("path"), set(), None)
         folder_g = generation_dir(generation)
-        meta = {**previous, "generation": generation, "count": int(index.ntotal), "next_id": next_id,
-                "nprobe": nprobe, "tuning": tuning, "tuned_count": tuned_count, "options": options.as_dict(),
-                "sources": list(uris), "parts": len(changes.parts), "part_uris": [p.uri for p in changes.parts],
-                "part_stamps": [p.stamp for p in changes.parts],
+        meta = {**previous, **tuned, "generation": generation, "count": int(index.ntotal), "next_id": next_id,
+                "options": options.as_dict(), "sources": list(uris), "parts": len(changes.parts),
+                "part_uris": [p.uri for p in changes.parts], "part_stamps": [p.stamp for p in changes.parts],
                 "image_roots": image_roots(uris, opts, {"protocols": sorted(found[0]), "common": found[1]}),
                 "layout": {"index": f"{folder_g}/{INDEX_FILE}", "ids": f"{folder_g}/{IDS_FILE}", "refine": refine},
                 "updated_at": time.time(), "update_s": round(time.perf_counter() - t0, 3)}
@@ -199,6 +192,19 @@ def _update(uris, out: str, previous: dict, folder: str, ids: pa.Table, changes:
                                          **counts)]
         stage.publish_generation(meta, previous)
     return Outcome("updated", reason, meta, notes=tuple(notes), seconds=meta["update_s"], **counts)
+
+
+def _tuning_after(previous: dict, index, codes, decoder, ids: pa.Table, options: IndexOptions,
+                  retune: Optional[str]) -> dict:
+    """nprobe, its tuning record and the count it was tuned at, after an update (index.json keys), and a note
+    for the printed line: tuned again when `retune` says why, else kept as it was."""
+    kept = {"nprobe": previous["nprobe"], "tuning": previous["tuning"], "tuned_count": previous.get("tuned_count")}
+    if not retune:
+        return {**kept, "note": f"nprobe {previous['nprobe']} kept" if previous["nprobe"] else None}
+    t = _retune(index, codes, refine_mean(decoder), ids, previous["spec"], options)
+    return {"nprobe": t.nprobe, "tuning": t.as_dict(), "tuned_count": int(index.ntotal),
+            "note": f"nprobe tuned again: {previous['nprobe']} -> {t.nprobe}, recall@{TUNE_K} {t.recall:.3f} "
+                    f"({retune})"}
 
 
 def _kept_rows(ids: pa.Table, changes: Changes, old_uris: list[str], number: dict[str, int]) -> pa.Table:

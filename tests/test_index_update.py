@@ -318,3 +318,50 @@ def test_a_real_sync_then_the_update_serves_no_deleted_image(tmp_path, checkpoin
                            16, 8)  # what each neighbours actor does with a part
     assert table.num_rows == 17 and all(len(n) == 16 for n in table.column("neighbor_ids").to_pylist())
     assert deleted_id not in {n for ns in table.column("neighbor_ids").to_pylist() for n in ns}
+
+
+@pytest.mark.s3
+def test_an_index_on_s3_follows_its_embeddings(s3_server, tmp_path, monkeypatch):
+    lib = Library(tmp_path / "emb", clustered_vectors(300, seed=8))
+    for shard in range(2):
+        lib.write(shard, range(100 * shard, 100 * shard + 100), run=1)
+    bucket, fs, opts = s3_server.make_bucket("index-update"), s3_server.filesystem(), s3_server.storage_options()
+
+    def mirror() -> None:
+        """The local output as it is now, on the store (parts and ledger pieces; deleted parts deleted)."""
+        local = {p.relative_to(lib.root).as_posix() for p in lib.root.rglob("*") if p.is_file()}
+        for name in local:
+            fs.put_file(str(lib.root / name), f"{bucket}/emb/{name}")
+        for path in fs.find(f"{bucket}/emb"):
+            if path.split("/emb/", 1)[1] not in local:
+                fs.rm(path)
+        fs.invalidate_cache()
+
+    def listing() -> list[str]:
+        fs.invalidate_cache()
+        return sorted(p.split("/idx/", 1)[1] for p in fs.find(f"{bucket}/idx"))
+
+    monkeypatch.setenv("RESNET_BATCH_CACHE", str(tmp_path / "cache"))
+    emb, idx = f"s3://{bucket}/emb", f"s3://{bucket}/idx"
+    mirror()
+    assert index_embeddings([emb], idx, storage_options=opts, **QUIET).action == "built"
+    assert len(SimilarityIndex.open(idx, opts)) == 200
+    lib.write(1, range(100, 150), run=2)
+    lib.write(2, range(200, 260), run=2)
+    mirror()
+    done = index_embeddings([emb], idx, storage_options=opts, **QUIET)
+    assert (done.action, done.added, done.removed, done.kept) == ("updated", 60, 50, 150)
+    index = SimilarityIndex.open(idx, opts)  # through the node-local cache, which fetches the new generation
+    assert sorted(index.ids.column("image_id").to_pylist()) == Library.names(lib.live())
+    never_returned(index, lib.vectors[150:200], Library.names(range(150, 200)))
+    assert listing() == ["gen-000001/ids.arrow", "gen-000001/index.faiss", "ids.arrow", "index.faiss", "index.json"]
+
+    lib.delete(0)
+    mirror()
+    assert index_embeddings([emb], idx, storage_options=opts, **QUIET).removed == 100
+    assert listing() == ["gen-000001/ids.arrow", "gen-000001/index.faiss", "gen-000002/ids.arrow",
+                         "gen-000002/index.faiss", "index.json"]  # the build's files: neither version uses them
+    assert len(SimilarityIndex.open(idx, opts)) == 110
+    cached, = (tmp_path / "cache" / "indexes").iterdir()
+    assert sorted(p.name for p in cached.iterdir() if not p.name.startswith(".")) == [
+        "gen-000001", "gen-000002", "source.json"]
