@@ -267,7 +267,7 @@ def test_a_real_sync_then_the_update_serves_no_deleted_image(tmp_path, checkpoin
     from tests.test_sync import _new_photo
 
     photos, out, idx = tmp_path / "photos", tmp_path / "out", tmp_path / "idx"
-    make_sample_photos(photos, 16, per_folder=8, seed=3)
+    make_sample_photos(photos, 8, per_folder=4, seed=3)
     cfg = job_config(photos, out, checkpoint)
     assert run(cfg, progress=False)["complete"]
     assert main(["index", "--embeddings", str(out), "--out", str(idx)]) == 0
@@ -291,10 +291,10 @@ def test_a_real_sync_then_the_update_serves_no_deleted_image(tmp_path, checkpoin
 
         capsys.readouterr()
         assert main(["index", "--embeddings", str(out), "--out", str(idx)]) == 0
-        assert capsys.readouterr().out.startswith("updated index: +3 added, -2 removed, 14 kept (17 images); exact "
+        assert capsys.readouterr().out.startswith("updated index: +3 added, -2 removed, 6 kept (9 images); exact "
                                                   f"search, nothing to retrain -> {idx} in ")
         index = SimilarityIndex.open(str(idx))
-        assert len(index) == 17 == ok_rows(out)
+        assert len(index) == 9 == ok_rows(out)
         now = pq.read_table(sorted(out.glob("part-*.parquet")))
         new_vectors = dict(zip(now.column("image_id").to_pylist(), embeddings_to_numpy(now.column("embedding"))))
         new_vector = new_vectors[changed_id] / np.linalg.norm(new_vectors[changed_id])
@@ -306,17 +306,17 @@ def test_a_real_sync_then_the_update_serves_no_deleted_image(tmp_path, checkpoin
         assert searcher.refresh() is True and searcher.refresh() is False
         status, body = service.call("GET", f"/v1/neighbors?id={deleted_id}&k=3")
         assert (status, body) == (404, {"error": f"image_id {deleted_id!r} is not in the index"})
-        assert service.call("GET", "/healthz") == (200, {"status": "ok", "count": 17})
+        assert service.call("GET", "/healthz") == (200, {"status": "ok", "count": 9})
         for image_id in index.ids.column("image_id").to_pylist():
-            status, body = service.call("GET", f"/v1/neighbors?id={image_id}&k=16")
-            assert status == 200 and len(body["results"]) == 16
+            status, body = service.call("GET", f"/v1/neighbors?id={image_id}&k=8")
+            assert status == 200 and len(body["results"]) == 8  # every other image, the deleted one not among them
             assert deleted_id not in {r["image_id"] for r in body["results"]}
     finally:
         service.close()
 
     table = neighbors_rows(index, now.column("image_id").to_pylist(), embeddings_to_numpy(now.column("embedding")),
-                           16, 8)  # what each neighbours actor does with a part
-    assert table.num_rows == 17 and all(len(n) == 16 for n in table.column("neighbor_ids").to_pylist())
+                           8, 4)  # what each neighbours actor does with a part
+    assert table.num_rows == 9 and all(len(n) == 8 for n in table.column("neighbor_ids").to_pylist())
     assert deleted_id not in {n for ns in table.column("neighbor_ids").to_pylist() for n in ns}
 
 
