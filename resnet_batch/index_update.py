@@ -85,11 +85,11 @@ def index_embeddings(uris: Sequence[str], out: str, given: Optional[dict] = None
         previous = read_meta(out, opts)  # again, under the lock
         options = IndexOptions.given(previous.get("options"), **(given or {}))
         options.check()
+        target = Target(tuple(uris), out, opts, previous, options, log)
         if rebuild:
-            return _rebuild(uris, out, previous, options, opts, log, "--rebuild asked")
+            return _rebuild(target, "--rebuild asked")
         if not previous.get("part_stamps"):
-            return _rebuild(uris, out, previous, options, opts, log,
-                            "the index records no part stamps (built before updates were possible)")
+            return _rebuild(target, "the index records no part stamps (built before updates were possible)")
         folder = local_folder(out, previous, opts)
         ids = pa.ipc.open_file(pa.memory_map(os.path.join(folder, layout_of(previous)["ids"]))).read_all()
         changes = find_changes(uris, previous, ids, out, opts)
@@ -97,11 +97,28 @@ def index_embeddings(uris: Sequence[str], out: str, given: Optional[dict] = None
             raise SimilarityIndexError(f"no embeddings with status 'ok' under {', '.join(uris)}")
         decision = decide(previous, changes.after, changes.kept, options)
         if decision.rebuild:
-            return _rebuild(uris, out, previous, options, opts, log, decision.reason)
+            return _rebuild(target, decision.reason)
         retune = retune_reason(previous, changes.after, options)
         if not changes.any and not retune:
             return Outcome("current", "no part changed", previous)
-        return _update(uris, out, previous, folder, ids, changes, options, opts, decision.reason, retune)
+        return _update(target, folder, ids, changes, decision.reason, retune)
+
+
+@dataclass(frozen=True)
+class Target:
+    """An existing index being brought up to date: the embeddings, the folder, its index.json, the options."""
+
+    uris: tuple
+    out: str
+    opts: dict
+    previous: dict  # index.json as it was
+    options: IndexOptions
+    log: Callable[[str], None]
+
+    @property
+    def generation(self) -> int:
+        """The generation this run publishes."""
+        return int(self.previous.get("generation", 0)) + 1
 
 
 def existing_meta(out: str, opts: dict) -> Optional[dict]:
@@ -129,30 +146,31 @@ def retune_reason(previous: dict, after: int, options: IndexOptions) -> Optional
     return None
 
 
-def _rebuild(uris, out: str, previous: dict, options: IndexOptions, opts: dict, log, reason: str) -> Outcome:
+def _rebuild(target: Target, reason: str) -> Outcome:
     """A full build (training included), published as the next generation."""
-    source = BuildSource.scan(uris, options, opts)
-    with Staging(out, opts, prefix=UPDATE_PREFIX) as stage:
-        meta = build_into(stage, source, options, opts, log)
-        meta["generation"] = int(previous.get("generation", 0)) + 1
+    source = BuildSource.scan(target.uris, target.options, target.opts)
+    with Staging(target.out, target.opts, prefix=UPDATE_PREFIX) as stage:
+        meta = build_into(stage, source, target.options, target.opts, target.log)
+        meta["generation"] = target.generation
         folder = generation_dir(meta["generation"])
         refine = {"coder": f"{folder}/{REFINE_SQ_FILE}", "segments": [[f"{folder}/{REFINE_FILE}", meta["count"]]],
                   "rows": None}
         meta["layout"] = {"index": f"{folder}/{INDEX_FILE}", "ids": f"{folder}/{IDS_FILE}",
                           "refine": refine if source.spec.refine else None}
-        meta["history"] = [*previous.get("history", []), history_entry(meta, "rebuild", reason, meta["build_s"])]
-        stage.publish_generation(meta, previous)
+        meta["history"] = [*target.previous.get("history", []),
+                           history_entry(meta, "rebuild", reason, meta["build_s"])]
+        stage.publish_generation(meta, target.previous)
     return Outcome("rebuilt", reason, meta)
 
 
-def _update(uris, out: str, previous: dict, folder: str, ids: pa.Table, changes: Changes, options: IndexOptions,
-            opts: dict, reason: str, retune: Optional[str]) -> Outcome:
+def _update(target: Target, folder: str, ids: pa.Table, changes: Changes, reason: str,
+            retune: Optional[str]) -> Outcome:
     """Take the changes into the existing index (no training) and publish it as the next generation."""
     import faiss
 
     t0 = time.perf_counter()
+    out, previous, generation = target.out, target.previous, target.generation
     layout = layout_of(previous)
-    generation = int(previous.get("generation", 0)) + 1
     index = faiss.read_index(os.path.join(folder, layout["index"]))  # in memory: it is written again
     if len(changes.removed) and index.remove_ids(faiss.IDSelectorBatch(changes.removed)) != len(changes.removed):
         raise SimilarityIndexError(f"the index at {out} does not hold every id its id map lists; rebuild it "
@@ -162,7 +180,7 @@ def _update(uris, out: str, previous: dict, folder: str, ids: pa.Table, changes:
     arriving = [(p.fs, Part(p.uri, p.path, -1, len(changes.added[p.uri])), number[p.uri], changes.added[p.uri])
                 for p in changes.parts if p.uri in changes.added]
     decoder = faiss.read_index(os.path.join(folder, layout["refine"]["coder"])) if layout["refine"] else None
-    with Staging(out, opts, prefix=UPDATE_PREFIX) as stage:
+    with Staging(out, target.opts, prefix=UPDATE_PREFIX) as stage:
         with IdMapWriter(stage.path(IDS_FILE), stage.path(REFINE_FILE), decoder) as sink:
             sink.write(kept)
             next_id, _ = add_parts(arriving, index, sink, int(previous["next_id"]))
@@ -176,14 +194,15 @@ def _update(uris, out: str, previous: dict, folder: str, ids: pa.Table, changes:
                                                           decoder.sa_code_size())
             notes += ["re-ranking rows compacted"] if compacted else []
         faiss.write_index(index, stage.path(INDEX_FILE))
-        tuned = _tuning_after(previous, index, codes, decoder, new_ids, options, retune)
+        tuned = _tuning_after(previous, index, codes, decoder, new_ids, target.options, retune)
         notes += [note] if (note := tuned.pop("note")) else []
-        found = fold_folders(new_ids.column("path"), set(), None)
+        protos, common = fold_folders(new_ids.column("path"), set(), None)
+        found = {"protocols": sorted(protos), "common": common}
         folder_g = generation_dir(generation)
         meta = {**previous, **tuned, "generation": generation, "count": int(index.ntotal), "next_id": next_id,
-                "options": options.as_dict(), "sources": list(uris), "parts": len(changes.parts),
+                "options": target.options.as_dict(), "sources": list(target.uris), "parts": len(changes.parts),
                 "part_uris": [p.uri for p in changes.parts], "part_stamps": [p.stamp for p in changes.parts],
-                "image_roots": image_roots(uris, opts, {"protocols": sorted(found[0]), "common": found[1]}),
+                "image_roots": image_roots(target.uris, target.opts, found),
                 "layout": {"index": f"{folder_g}/{INDEX_FILE}", "ids": f"{folder_g}/{IDS_FILE}", "refine": refine},
                 "updated_at": time.time(), "update_s": round(time.perf_counter() - t0, 3)}
         counts = {"added": changes.added_count, "removed": len(changes.removed), "kept": changes.kept}
