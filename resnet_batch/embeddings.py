@@ -36,25 +36,50 @@ def is_part_name(name: str) -> bool:
 
 
 def list_parts(uri: str, storage_options: Optional[dict] = None) -> tuple[object, list[str]]:
-    """The fsspec filesystem and the parts of an embed output (or the one .parquet file `uri` names), sorted.
+    """The fsspec filesystem and the parts of an embed output (or the one .parquet file `uri` names), sorted."""
+    fs, entries = list_part_entries(uri, storage_options)
+    return fs, [e["name"] for e in entries]
+
+
+def list_part_entries(uri: str, storage_options: Optional[dict] = None) -> tuple[object, list[dict]]:
+    """The fsspec filesystem and the listing entries (name, size, mtime or ETag) of the parts of an embed
+    output (or of the one .parquet file `uri` names), sorted by name.
 
     The one place that knows an output's layout: only top-level `part-*.parquet` files count; sub-folders
-    (`_manifest/`, `_ledger/`) and `_`/`.`-prefixed entries are ignored. (A part ledger can replace the
-    listing here.)
+    (`_manifest/`, `_ledger/`) and `_`/`.`-prefixed entries are ignored.
     """
     fs, root = filesystem(uri, dict(storage_options or {}))
     fs.invalidate_cache(root)  # a listing cached before workers wrote would miss their parts
     try:
         if fs.isfile(root):
-            return fs, [root]
+            return fs, [fs.info(root)]
         entries = fs.ls(root, detail=True)
     except FileNotFoundError:
         raise SimilarityIndexError(f"not found: {uri}") from None
-    parts = sorted(e["name"] for e in entries  # files, and links to files
-                   if e.get("type") != "directory" and is_part_name(posixpath.basename(e["name"])))
+    parts = sorted((e for e in entries  # files, and links to files
+                    if e.get("type") != "directory" and is_part_name(posixpath.basename(e["name"]))),
+                   key=lambda e: e["name"])
     if not parts:
         raise SimilarityIndexError(f"no parts (part-*.parquet) under {uri}")
     return fs, parts
+
+
+def part_provenance(schema: pa.Schema, shown: str) -> dict:
+    """The provenance a part carries; one without it, or without an embedding column, is refused."""
+    provenance = read_provenance(schema)
+    if provenance is None:
+        raise SimilarityIndexError(f"{shown} has no {PROVENANCE_KEY.decode()} metadata: "
+                                   "cannot tell which model made these embeddings")
+    if "embedding" not in schema.names:
+        raise SimilarityIndexError(f"{shown} has no embedding column")
+    return provenance
+
+
+def check_provenance(provenance: dict, shown: str, reference: dict, reference_shown: str, hint: str = "") -> None:
+    """Refuse embeddings made with another setup than `reference` (the binding provenance keys)."""
+    if diffs := differences(reference, provenance):
+        raise ProvenanceMismatch(f"refusing to mix embeddings with different provenance: {shown} differs from "
+                                 f"{reference_shown}: " + "; ".join(diffs) + hint)
 
 
 def scan_embeddings(uris: Sequence[str], storage_options: Optional[dict] = None) -> tuple[list[tuple], dict]:
@@ -66,23 +91,22 @@ def scan_embeddings(uris: Sequence[str], storage_options: Optional[dict] = None)
             shown = display_path(protocols(fs)[0], path)
             with fs.open(path, "rb") as f:
                 pf = pq.ParquetFile(f)
-                prov = read_provenance(pf.schema_arrow)
-                if prov is None:
-                    raise SimilarityIndexError(f"{shown} has no {PROVENANCE_KEY.decode()} metadata: "
-                                               "cannot tell which model made these embeddings")
-                if "embedding" not in pf.schema_arrow.names:
-                    raise SimilarityIndexError(f"{shown} has no embedding column")
+                prov = part_provenance(pf.schema_arrow, shown)
                 status = pf.read(columns=["status"]).column("status")
             if provenance is None:
                 provenance, first = prov, shown
-            elif diffs := differences(provenance, prov):
-                raise ProvenanceMismatch(f"refusing to mix embeddings with different provenance: {shown} differs "
-                                         f"from {first}: " + "; ".join(diffs))
+            check_provenance(prov, shown, provenance, first)
             ok = int(pc.sum(pc.equal(status, STATUS_OK)).as_py() or 0)
             found.append((fs, Part(shown, path, len(status), ok)))
     if not found:
         raise SimilarityIndexError("no embeddings given")
     return found, provenance
+
+
+def duplicate_id(image_id: str, first: str, second: str) -> None:
+    """Refuse an image_id found twice (in parts `first` and `second`): one embed output per input root."""
+    raise SimilarityIndexError(f"image_id {image_id!r} appears more than once ({first} and {second}); "
+                               "index one embed output per input root")
 
 
 def ok_chunks(fs, path: str, columns: Sequence[str], rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:

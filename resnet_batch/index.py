@@ -6,8 +6,9 @@ Folder layout (written by index_build.py, index.json last: a folder without it i
   refine.f16   (IVF) row i of the id map as its float16 offset from the mean, for re-ranking candidates
   refine.faiss (IVF) the mean and the float16 coder that decode them
   index.json   kind, spec, tuned nprobe and its measured recall, counts, provenance, sources, image roots
+An updated index keeps these files in generation folders that index.json names (index_layout.py).
 The data files are memory-mapped, so the actors of one node share one copy in the page cache; an index on
-object storage is first copied to a node-local cache folder (once per node and build).
+object storage is first copied to a node-local cache folder (once per node and generation).
 """
 from __future__ import annotations
 
@@ -23,14 +24,11 @@ import numpy as np
 import pyarrow as pa
 
 from resnet_batch.errors import SimilarityIndexError
+from resnet_batch.index_layout import (DATA_FILES, FORMAT, FORMATS, IDS_FILE, INDEX_FILE,  # noqa: F401 (re-exported)
+                                       META_FILE, REFINE_FILE, REFINE_SQ_FILE, generation_of, layout_of,
+                                       open_refine_rows)
 from resnet_batch.storage import filesystem, protocols
 
-INDEX_FILE = "index.faiss"
-IDS_FILE = "ids.arrow"
-META_FILE = "index.json"  # written last: an index folder without it is incomplete
-REFINE_FILE = "refine.f16"
-REFINE_SQ_FILE = "refine.faiss"
-FORMAT = 2  # index.json "format"; 1 was ids.parquet + positions
 CACHE_ENV = "RESNET_BATCH_CACHE"  # node-local folder for copies of remote indexes (default ~/.cache/resnet-batch)
 IDS_SCHEMA = pa.schema([
     pa.field("id", pa.int64(), nullable=False),  # the FAISS id (ascending)
@@ -61,7 +59,7 @@ class SimilarityIndex:
         if index.ntotal != len(ids):
             raise SimilarityIndexError(f"index holds {index.ntotal} vectors but the id map {len(ids)} rows")
         self.index, self.ids, self.meta = index, ids, meta
-        self._refine = refine  # (mean, float16 offsets as bytes, row i = id-map row i), or None
+        self._refine = refine  # (mean, float16 offsets as bytes: codes[i] is id-map row i's), or None
         self._faiss_ids = ids.column("id").to_numpy()
         self._image_ids = ids.column("image_id")
         self._by_hash: Optional[tuple[np.ndarray, np.ndarray]] = None
@@ -107,11 +105,7 @@ class SimilarityIndex:
     # -- the id map ------------------------------------------------------------------------------
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
         """Row numbers in the id map of FAISS ids (-1 for -1)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if not len(self._faiss_ids):
-            return np.full(ids.shape, -1, dtype=np.int64)
-        rows = np.searchsorted(self._faiss_ids, ids).clip(0, len(self._faiss_ids) - 1)
-        return np.where((ids >= 0) & (self._faiss_ids[rows] == ids), rows, -1)
+        return rows_in(self._faiss_ids, ids)
 
     def image_ids(self, ids: np.ndarray) -> np.ndarray:
         """image_id for each FAISS id (None for -1), same shape."""
@@ -151,8 +145,7 @@ class SimilarityIndex:
         fid = self.faiss_id(image_id)
         if self._refine is not None:
             mean, codes = self._refine
-            row = int(self.rows_of(np.array([fid]))[0])
-            return codes[row].view(np.float16).astype(np.float32) + mean
+            return decode_offsets(codes[self.rows_of(np.array([fid]))], mean)[0]
         ivf = self._ivf()
         if ivf is not None and not self._direct_map:
             try:  # ids 0..n-1 (a fresh build): an array; after incremental edits: a hash table
@@ -175,16 +168,31 @@ class SimilarityIndex:
             size = os.path.getsize(path) if os.path.exists(path) else None
             if size != expected:
                 raise SimilarityIndexError(f"{uri}/{name} has {size} bytes, {META_FILE} says {expected}")
+        layout = layout_of(meta)
         # Inverted lists are mapped as on-disk lists; a flat index's codes through the mapped-file reader.
-        index = faiss.read_index(os.path.join(folder, INDEX_FILE),
+        index = faiss.read_index(os.path.join(folder, layout["index"]),
                                  faiss.IO_FLAG_MMAP if meta["kind"] == "ivf" else faiss.IO_FLAG_MMAP_IFC)
-        ids = pa.ipc.open_file(pa.memory_map(os.path.join(folder, IDS_FILE))).read_all()
+        ids = pa.ipc.open_file(pa.memory_map(os.path.join(folder, layout["ids"]))).read_all()
         refine = None
-        if REFINE_FILE in meta["files"]:
-            decoder = faiss.read_index(os.path.join(folder, REFINE_SQ_FILE))
-            codes = map_rows(os.path.join(folder, REFINE_FILE), (len(ids), decoder.sa_code_size()))
+        if layout["refine"]:
+            decoder = faiss.read_index(os.path.join(folder, layout["refine"]["coder"]))
+            codes = open_refine_rows(folder, layout["refine"], decoder.sa_code_size(), len(ids))
             refine = (refine_mean(decoder), codes)
         return cls(index, ids, meta, refine)
+
+
+def rows_in(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Positions of FAISS ids in an ascending id column (the id map's rows), -1 where absent (and for -1)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if not len(sorted_ids):
+        return np.full(ids.shape, -1, dtype=np.int64)
+    rows = np.searchsorted(sorted_ids, ids).clip(0, len(sorted_ids) - 1)
+    return np.where((ids >= 0) & (sorted_ids[rows] == ids), rows, -1)
+
+
+def decode_offsets(codes: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Full-dimension vectors from re-ranking codes (float16 offsets from the mean, as bytes)."""
+    return codes.view(np.float16).astype(np.float32) + mean
 
 
 def refined_search(base, mean: np.ndarray, codes: np.ndarray, rows_of, q: np.ndarray, k: int, k_factor: int,
@@ -209,17 +217,6 @@ def refined_search(base, mean: np.ndarray, codes: np.ndarray, rows_of, q: np.nda
     return scores, ids
 
 
-def map_rows(path: str, shape: tuple[int, int]) -> np.ndarray:
-    """A read-only memory map of fixed-size rows, read at random: no readahead, so a query pages in the rows
-    it reads (4 KiB each), not 128 KiB around each (which would page the whole file in after a few thousand)."""
-    import mmap
-
-    rows = np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
-    if shape[0]:
-        rows._mmap.madvise(mmap.MADV_RANDOM)
-    return rows
-
-
 def refine_mean(decoder) -> np.ndarray:
     """The mean the re-ranking offsets are taken from (the coder's centering transform)."""
     import faiss
@@ -236,7 +233,7 @@ def read_meta(uri: str, storage_options: Optional[dict] = None) -> dict:
     except FileNotFoundError:
         raise SimilarityIndexError(f"no index at {uri} ({META_FILE} missing; "
                                    "build one with `resnet-batch index`)") from None
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in FORMATS:
         raise SimilarityIndexError(f"the index at {uri} is in an older format; rebuild it with `resnet-batch index`")
     return meta
 
@@ -249,7 +246,9 @@ def local_folder(uri: str, meta: dict, storage_options: Optional[dict] = None) -
     """A local folder holding the index's data files: the folder itself when local, else a node-local copy.
 
     The copy is keyed by URI and build id, made once per node under a file lock (the actors of one node wait for
-    the first), each file downloaded to a temp name and renamed, so a copy is never seen half-written.
+    the first), each file downloaded to a temp name and renamed, so a copy is never seen half-written. Files of
+    a generation never change, so an update downloads only its own; generations older than the one before are
+    removed from the cache, as from the folder.
     """
     fs, root = filesystem(uri, dict(storage_options or {}))
     if "file" in protocols(fs):
@@ -263,8 +262,25 @@ def local_folder(uri: str, meta: dict, storage_options: Optional[dict] = None) -
             dest = folder / name
             if dest.exists() and dest.stat().st_size == size:
                 continue
-            tmp = folder / f".{name}.tmp-{os.getpid()}"
+            dest.parent.mkdir(exist_ok=True)
+            tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
             fs.get_file(posixpath.join(root, name), str(tmp))
             os.replace(tmp, dest)
-        (folder / "source.json").write_text(json.dumps({"uri": uri, "build_id": meta["build_id"]}))
+        _drop_old_generations(folder, meta)
+        (folder / "source.json").write_text(json.dumps({"uri": uri, "build_id": meta["build_id"],
+                                                        "generation": meta.get("generation", 0)}))
     return str(folder)
+
+
+def _drop_old_generations(folder: Path, meta: dict) -> None:
+    """Cached generation folders that neither this generation nor the one before uses (their readers are gone)."""
+    import shutil
+
+    keep = {name.split("/")[0] for name in [*meta["files"], *meta.get("previous_files", [])]}
+    for sub in folder.iterdir():
+        if sub.name in keep:
+            continue
+        if generation_of(sub.name) is not None:
+            shutil.rmtree(sub, ignore_errors=True)
+        elif sub.name in DATA_FILES:
+            sub.unlink(missing_ok=True)

@@ -7,101 +7,149 @@ queries (database rows, each one's own match left out, as the neighbours job see
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
-import shutil
 import sys
-import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from resnet_batch.embeddings import Part, input_root, ok_chunks, sample_rows, scan_embeddings
+from resnet_batch.embeddings import Part, duplicate_id, input_root, ok_chunks, sample_rows, scan_embeddings
 from resnet_batch.errors import SimilarityIndexError
-from resnet_batch.index import (FORMAT, IDS_FILE, IDS_SCHEMA, INDEX_FILE, META_FILE, REFINE_FILE, REFINE_SQ_FILE,
-                                normalize, refine_mean, refined_search)
-from resnet_batch.index_spec import DEFAULT_MAX_MEMORY, FLAT_MAX, PCA_AUTO, PCA_TRAIN_MAX, IndexSpec, resolve_pca
+from resnet_batch.index import FORMAT, IDS_FILE, IDS_SCHEMA, INDEX_FILE, REFINE_FILE, REFINE_SQ_FILE, normalize, \
+    refine_mean, refined_search
+from resnet_batch.index_changes import part_stamps
+from resnet_batch.index_folder import Staging
+from resnet_batch.index_spec import (DEFAULT_MAX_MEMORY, FLAT_MAX, PCA_AUTO, PCA_TRAIN_MAX, TUNE_QUERIES, IndexOptions,
+                                     IndexSpec, resolve_pca)
 from resnet_batch.schema import EMBEDDING_DIM, embeddings_to_numpy
-from resnet_batch.storage import filesystem, protocols, put_bytes
 from resnet_batch.tuning import ExactTopK, Tuning, drop_self, matmul_t, recalls, tune_nprobe
 
 TUNE_K = 10
-TUNE_QUERIES = 1000
-_COLUMNS = ["image_id", "path", "topk_labels", "topk_probs", "embedding"]
+COLUMNS = ["image_id", "path", "topk_labels", "topk_probs", "embedding"]  # what adding a row reads
 
 
-def _stderr(msg: str) -> None:
+def stderr_log(msg: str) -> None:
+    """Progress lines of a build go to stderr (the result line to stdout)."""
     print(msg, file=sys.stderr, flush=True)
 
 
 def build_index(uris: Sequence[str], out: str, *, kind: str = "auto", max_memory: int = DEFAULT_MAX_MEMORY,
                 pca: Optional[int] = None, flat_max: int = FLAT_MAX, target_recall: float = 0.95,
                 tune_queries: int = TUNE_QUERIES, seed: int = 0, storage_options: Optional[dict] = None,
-                log: Callable[[str], None] = _stderr) -> dict:
+                log: Callable[[str], None] = stderr_log) -> dict:
     """Index every 'ok' embedding under `uris` (one provenance) into the folder `out`; returns its index.json."""
-    if not 0 < target_recall <= 1:
-        raise SimilarityIndexError(f"--target-recall must be in (0, 1], got {target_recall}")
+    options = IndexOptions(kind=kind, max_memory=max_memory, pca=pca, flat_max=flat_max,
+                           target_recall=target_recall, tune_queries=tune_queries, seed=seed)
+    options.check()
     opts = dict(storage_options or {})
-    t0 = time.perf_counter()
-    parts, provenance = scan_embeddings(uris, opts)
-    check_unique_ids(parts)
-    n = sum(p.ok_rows for _, p in parts)
-    if n == 0:
-        raise SimilarityIndexError(f"no embeddings with status 'ok' under {', '.join(uris)}")
-    dim = int(provenance.get("embedding_dim", EMBEDDING_DIM))
-    spec = IndexSpec.choose(n, kind=kind, dim=dim, max_memory=max_memory, pca=pca, flat_max=flat_max)
-    queries = min(tune_queries, n) if spec.kind == "ivf" else 0
+    source = BuildSource.scan(uris, options, opts)
+    with Staging(out, opts) as stage:
+        meta = build_into(stage, source, options, opts, log)
+        meta["history"] = [history_entry(meta, "build", "new index", meta["build_s"])]
+        stage.publish(meta)
+    return meta
+
+
+@dataclass(frozen=True)
+class BuildSource:
+    """What a build indexes, checked before any work: the parts (stamped), their provenance, the spec."""
+
+    uris: tuple
+    parts: list  # [(fs, Part)]
+    stamps: dict  # part uri -> stamp (index_changes.part_stamps)
+    provenance: dict
+    spec: IndexSpec
+    scan_s: float
+
+    @property
+    def count(self) -> int:
+        return sum(p.ok_rows for _, p in self.parts)
+
+    @classmethod
+    def scan(cls, uris: Sequence[str], options: IndexOptions, opts: dict) -> "BuildSource":
+        """Stamp and scan the parts under `uris`; refuse mixed provenance, a repeated image_id, no ok rows."""
+        t0 = time.perf_counter()
+        stamps = {p.uri: p.stamp for p in part_stamps(uris, opts)}  # before the parts: see part_stamps
+        parts, provenance = scan_embeddings(uris, opts)
+        check_unique_ids(parts)
+        n = sum(p.ok_rows for _, p in parts)
+        if n == 0:
+            raise SimilarityIndexError(f"no embeddings with status 'ok' under {', '.join(uris)}")
+        spec = IndexSpec.choose(n, kind=options.kind, dim=int(provenance.get("embedding_dim", EMBEDDING_DIM)),
+                                max_memory=options.max_memory, pca=options.pca, flat_max=options.flat_max)
+        return cls(tuple(uris), parts, stamps, provenance, spec, time.perf_counter() - t0)
+
+
+def build_into(stage: Staging, source: BuildSource, options: IndexOptions, opts: dict,
+               log: Callable[[str], None] = stderr_log) -> dict:
+    """Build the index in `stage` (its data files, named as in a fresh folder); returns its index.json, but for
+    "files" and "history", which publishing adds."""
     import faiss
 
-    log(f"indexing {n} embeddings from {len(parts)} parts (scanned in {time.perf_counter() - t0:.1f} s): "
-        f"{spec.factory}")
-    with _Staging(out, opts) as stage:
-        t_sample = time.perf_counter()
-        train, tune_ids, tune_vectors = _read_sample(parts, spec.train_size, queries, dim, seed)
-        t_train = time.perf_counter()
-        index, pca_info, spec = _trained_index(spec, train, seed, n, max_memory)
-        refiner = _trained_refiner(train) if spec.refine else None
-        del train
-        train_s = time.perf_counter() - t_train
-        log(f"read a sample of {spec.train_size} + {queries} vectors in {t_train - t_sample:.1f} s, trained "
-            f"{spec.factory} in {train_s:.1f} s; adding ({spec.bytes_per_vector()} bytes a vector in memory: "
-            f"{n * spec.bytes_per_vector() / 2**30:.2f} GiB" + (f", {2 * spec.dim} on disk for re-ranking)"
-                                                                if spec.refine else ")"))
-        exact = ExactTopK(tune_vectors, TUNE_K + 1)
-        t_add = time.perf_counter()
-        roots = _add_all(parts, index, exact, stage.path(IDS_FILE), refiner, stage.path(REFINE_FILE))
-        add_s = time.perf_counter() - t_add
-        t_tune = time.perf_counter()
-        search = _searcher(index, spec, refiner, stage.path(REFINE_FILE))
-        tuning = _tune(index, search, tune_ids, tune_vectors, exact, spec, target_recall) if queries else None
-        log(f"added in {add_s:.1f} s" + (f", tuned nprobe={tuning.nprobe} (recall@{TUNE_K} {tuning.recall:.4f}) "
-                                         f"in {time.perf_counter() - t_tune:.1f} s" if tuning else ""))
+    t0 = time.perf_counter() - source.scan_s
+    uris, parts, provenance, spec, n = source.uris, source.parts, source.provenance, source.spec, source.count
+    dim = spec.dim
+    queries = min(options.tune_queries, n) if spec.kind == "ivf" else 0
+    log(f"indexing {n} embeddings from {len(parts)} parts (scanned in {source.scan_s:.1f} s): {spec.factory}")
+    t_sample = time.perf_counter()
+    train, tune_ids, tune_vectors = _read_sample(parts, spec.train_size, queries, dim, options.seed)
+    t_train = time.perf_counter()
+    index, pca_info, spec = _trained_index(spec, train, options.seed, n, options.max_memory)
+    refiner = _trained_refiner(train) if spec.refine else None
+    del train
+    train_s = time.perf_counter() - t_train
+    log(f"read a sample of {spec.train_size} + {queries} vectors in {t_train - t_sample:.1f} s, trained "
+        f"{spec.factory} in {train_s:.1f} s; adding ({spec.bytes_per_vector()} bytes a vector in memory: "
+        f"{n * spec.bytes_per_vector() / 2**30:.2f} GiB" + (f", {2 * spec.dim} on disk for re-ranking)"
+                                                            if spec.refine else ")"))
+    exact = ExactTopK(tune_vectors, TUNE_K + 1)
+    t_add = time.perf_counter()
+    with IdMapWriter(stage.path(IDS_FILE), stage.path(REFINE_FILE), refiner) as sink:
+        next_id, roots = add_parts([(fs, part, i, None) for i, (fs, part) in enumerate(parts)], index, sink, 0,
+                                   exact)
+    add_s = time.perf_counter() - t_add
+    t_tune = time.perf_counter()
+    search = _searcher(index, spec, refiner, stage.path(REFINE_FILE))
+    tuning = tune_index(index, search, tune_ids, tune_vectors, exact, spec.nlist, options.target_recall) \
+        if queries else None
+    log(f"added in {add_s:.1f} s" + (f", tuned nprobe={tuning.nprobe} (recall@{TUNE_K} {tuning.recall:.4f}) "
+                                     f"in {time.perf_counter() - t_tune:.1f} s" if tuning else ""))
 
-        faiss.write_index(index, stage.path(INDEX_FILE))
-        if refiner is not None:
-            faiss.write_index(refiner, stage.path(REFINE_SQ_FILE))
-        meta = {
-            "format": FORMAT, "build_id": uuid.uuid4().hex, "kind": spec.kind, "factory": spec.factory,
-            "spec": spec.as_dict(), "metric": "cosine", "count": int(index.ntotal), "dim": dim,
-            "next_id": int(index.ntotal), "nprobe": tuning.nprobe if tuning else None,
-            "tuning": tuning.as_dict() if tuning else {"exact": True, f"recall_at_{TUNE_K}": 1.0},
-            "pca": pca_info, "max_memory": max_memory, "train_size": spec.train_size, "seed": seed,
-            "provenance": provenance, "sources": list(uris), "parts": len(parts),
-            "part_uris": [p.uri for _, p in parts], "image_roots": _image_roots(uris, opts, roots),
-            "sample_s": round(t_train - t_sample, 3), "train_s": round(train_s, 3), "add_s": round(add_s, 3),
-            "faiss": faiss.__version__,
-        }
-        meta["build_s"] = round(time.perf_counter() - t0, 3)
-        stage.publish(meta)
+    faiss.write_index(index, stage.path(INDEX_FILE))
+    if refiner is not None:
+        faiss.write_index(refiner, stage.path(REFINE_SQ_FILE))
+    meta = {
+        "format": FORMAT, "build_id": uuid.uuid4().hex, "generation": 0, "kind": spec.kind, "factory": spec.factory,
+        "spec": spec.as_dict(), "metric": "cosine", "count": int(index.ntotal), "dim": dim, "next_id": next_id,
+        "nprobe": tuning.nprobe if tuning else None,
+        "tuning": tuning.as_dict() if tuning else {"exact": True, f"recall_at_{TUNE_K}": 1.0},
+        "pca": pca_info, "max_memory": options.max_memory, "train_size": spec.train_size, "seed": options.seed,
+        "options": options.as_dict(), "trained_count": n, "tuned_count": n if tuning else None,
+        "provenance": provenance, "sources": list(uris), "parts": len(parts),
+        "part_uris": [p.uri for _, p in parts], "part_stamps": [source.stamps.get(p.uri) for _, p in parts],
+        "image_roots": image_roots(uris, opts, roots),
+        "sample_s": round(t_train - t_sample, 3), "train_s": round(train_s, 3), "add_s": round(add_s, 3),
+        "faiss": faiss.__version__, "built_at": time.time(),
+    }
+    meta["build_s"] = round(time.perf_counter() - t0, 3)
     if tuning and not tuning.met:
         log(f"warning: recall@{TUNE_K} {tuning.recall:.3f} even at nprobe={tuning.nprobe}: below the target "
-            f"{target_recall}; raise --max-memory or --pca (or --pca 0), or lower --target-recall")
+            f"{options.target_recall}; raise --max-memory or --pca (or --pca 0), or lower --target-recall")
     return meta
+
+
+def history_entry(meta: dict, action: str, reason: str, seconds: float, **counts) -> dict:
+    """One entry of index.json "history": what a build, rebuild or update did, when, why, and how long it took."""
+    return {"action": action, "at": round(time.time(), 3), "reason": reason, "generation": meta["generation"],
+            "count": meta["count"], "nprobe": meta["nprobe"], "seconds": seconds, **counts}
 
 
 def check_unique_ids(parts: list[tuple]) -> None:
@@ -124,8 +172,7 @@ def check_unique_ids(parts: list[tuple]) -> None:
         fs, part = parts[i]
         for image_id in _ids_with_hashes(fs, part, wanted):
             if image_id in seen:
-                raise SimilarityIndexError(f"image_id {image_id!r} appears more than once ({seen[image_id]} and "
-                                           f"{part.uri}); index one embed output per input root")
+                duplicate_id(image_id, seen[image_id], part.uri)
             seen[image_id] = part.uri
 
 
@@ -285,35 +332,64 @@ class RowFile:
         return out
 
 
-def _add_all(parts: list[tuple], index, exact: ExactTopK, ids_path: str, refiner, codes_path: str) -> dict:
-    """Pass 2: every ok row added with id = its ok-row number, id-map rows (and re-ranking codes) written as
-    they come; returns the protocols and common folder of the image paths (for the gallery's root check)."""
-    import contextlib
+class IdMapWriter:
+    """Writes the id map (Arrow IPC, in id order) and, for an IVF index, the re-ranking codes of the same rows."""
 
-    import faiss
-    import pyarrow.ipc as ipc
+    def __init__(self, ids_path: str, codes_path: str, refiner=None):
+        self.ids_path, self.codes_path, self.refiner = ids_path, codes_path, refiner
 
-    next_id, protos, common = 0, set(), None
-    with ipc.new_file(ids_path, IDS_SCHEMA) as writer, \
-            (open(codes_path, "wb") if refiner is not None else contextlib.nullcontext()) as codes:
-        for i, (fs, part) in enumerate(parts):
-            for chunk in ok_chunks(fs, part.path, _COLUMNS):
-                ids = np.arange(next_id, next_id + len(chunk), dtype=np.int64)
-                vec = normalize(embeddings_to_numpy(chunk.column("embedding")))
-                if isinstance(index, faiss.IndexPreTransform):  # project here: faster BLAS than FAISS's
-                    faiss.downcast_index(index.index).add_with_ids(
-                        project(faiss.downcast_VectorTransform(index.chain.at(0)), vec), ids)
-                else:
-                    index.add_with_ids(vec, ids)
+    def __enter__(self) -> "IdMapWriter":
+        import pyarrow.ipc as ipc
+
+        self._stack = contextlib.ExitStack()
+        self.ids = self._stack.enter_context(ipc.new_file(self.ids_path, IDS_SCHEMA))
+        self.codes = self._stack.enter_context(open(self.codes_path, "wb")) if self.refiner is not None else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def write(self, rows: pa.Table, vectors: Optional[np.ndarray] = None) -> None:
+        """Id-map rows, and the codes of their (normalised) vectors where there are codes to write."""
+        self.ids.write_table(rows)
+        if self.codes is not None and vectors is not None:
+            self.codes.write(self.refiner.sa_encode(vectors).tobytes())
+
+
+def add_parts(parts: list[tuple], index, sink: IdMapWriter, first_id: int,
+              exact: Optional[ExactTopK] = None) -> tuple[int, dict]:
+    """Add the ok rows of parts [(fs, Part, part number, image_ids or None for all)] to `index` with fresh ids
+    from `first_id` on, writing their id-map rows (and codes) to `sink` and folding them into `exact`. Returns
+    the next free id and the protocols and common folder of the images (for the gallery's root check)."""
+    next_id, protos, common = first_id, set(), None
+    for fs, part, number, only in parts:
+        for chunk in ok_chunks(fs, part.path, COLUMNS):
+            if only is not None:
+                chunk = chunk.filter(pc.is_in(chunk.column("image_id"), value_set=only))
+                if not len(chunk):
+                    continue
+            ids = np.arange(next_id, next_id + len(chunk), dtype=np.int64)
+            vec = normalize(embeddings_to_numpy(chunk.column("embedding")))
+            add_vectors(index, vec, ids)
+            if exact is not None:
                 exact.add(vec, ids)
-                writer.write_table(id_rows(chunk, ids, i))
-                if codes is not None:
-                    codes.write(refiner.sa_encode(vec).tobytes())
-                next_id += len(chunk)
-                protos, common = _fold_paths(chunk.column("path").to_pylist(), protos, common)
+            sink.write(id_rows(chunk, ids, number), vec)
+            next_id += len(chunk)
+            protos, common = fold_folders(chunk.column("path"), protos, common)
+    return next_id, {"protocols": sorted(protos), "common": common}
+
+
+def add_vectors(index, vectors: np.ndarray, ids: np.ndarray) -> None:
+    """Normalised vectors into a flat or IVF index under their ids (a projection applied here, in torch's BLAS,
+    faster than FAISS's)."""
+    import faiss
+
     if isinstance(index, faiss.IndexPreTransform):
+        faiss.downcast_index(index.index).add_with_ids(
+            project(faiss.downcast_VectorTransform(index.chain.at(0)), vectors), ids)
         index.ntotal = index.index.ntotal  # the adds went to the inner index
-    return {"protocols": sorted(protos), "common": common}
+    else:
+        index.add_with_ids(vectors, ids)
 
 
 def id_rows(table: pa.Table, ids: np.ndarray, part: int) -> pa.Table:
@@ -328,14 +404,15 @@ def id_rows(table: pa.Table, ids: np.ndarray, part: int) -> pa.Table:
     }, schema=IDS_SCHEMA)
 
 
-def _fold_paths(paths: list, protos: set, common: Optional[str]) -> tuple[set, Optional[str]]:
-    """Protocols seen so far and the deepest folder common to every path ("" when there is none)."""
+def fold_folders(paths: pa.ChunkedArray, protos: set, common: Optional[str]) -> tuple[set, Optional[str]]:
+    """Protocols seen so far and the deepest folder common to every path ("" when there is none), over the
+    distinct folders of `paths` (cut in Arrow: a chunk of photos has few folders)."""
     from fsspec.core import split_protocol
 
     folders = set()
-    for p in paths:
-        if p is not None:
-            proto, bare = split_protocol(p)
+    for prefix in pc.unique(pc.replace_substring_regex(paths, pattern="[^/]*$", replacement="")).to_pylist():
+        if prefix is not None:  # "dir/" for "dir/x.jpg": its dirname is the path's
+            proto, bare = split_protocol(prefix)
             protos.add(proto or "file")
             folders.add(posixpath.dirname(bare))
     if folders:
@@ -346,7 +423,7 @@ def _fold_paths(paths: list, protos: set, common: Optional[str]) -> tuple[set, O
     return protos, common
 
 
-def _image_roots(uris: Sequence[str], opts: dict, found: dict) -> dict:
+def image_roots(uris: Sequence[str], opts: dict, found: dict) -> dict:
     """Where thumbnails may be read from: the embed outputs' recorded input roots, else the rows' common folder."""
     roots = [input_root(u, opts) for u in uris]
     if all(roots):
@@ -357,9 +434,9 @@ def _image_roots(uris: Sequence[str], opts: dict, found: dict) -> dict:
     return {"from": "none", "roots": []}
 
 
-def _tune(index, search, tune_ids: np.ndarray, tune_vectors: np.ndarray, exact: ExactTopK, spec: IndexSpec,
-          target: float) -> Tuning:
-    """The smallest nprobe meeting the recall target on the tuning queries, and the score error there."""
+def tune_index(index, search, tune_ids: np.ndarray, tune_vectors: np.ndarray, exact: ExactTopK, nlist: int,
+               target: float) -> Tuning:
+    """The smallest nprobe meeting the recall target on the tuning queries (left set on the index)."""
     import faiss
 
     ivf = faiss.extract_index_ivf(index)
@@ -371,45 +448,6 @@ def _tune(index, search, tune_ids: np.ndarray, tune_vectors: np.ndarray, exact: 
         _, found = search(tune_vectors, TUNE_K + 1)
         return recalls(drop_self(tune_ids, found, TUNE_K), truth, TUNE_K)
 
-    tuning = tune_nprobe(per_query_recall, spec.nlist, target, TUNE_K)
+    tuning = tune_nprobe(per_query_recall, nlist, target, TUNE_K)
     ivf.nprobe = tuning.nprobe
     return tuning
-
-
-class _Staging:
-    """Where the build writes: the output folder itself when local (temp names, renamed), else a temp folder
-    uploaded at the end. index.json goes last, after the old one is removed: readers never see a mix."""
-
-    def __init__(self, out: str, opts: dict):
-        self.out, self.fs, self.root = out, *filesystem(out, opts)
-        self.local = "file" in protocols(self.fs)
-        if self.local:
-            os.makedirs(self.root, exist_ok=True)
-            self.dir = tempfile.mkdtemp(prefix=".build-", dir=self.root)
-        else:
-            self.dir = tempfile.mkdtemp(prefix="resnet-batch-index-")
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.dir, name)
-
-    def __enter__(self) -> "_Staging":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def publish(self, meta: dict) -> None:
-        names = [n for n in (INDEX_FILE, IDS_FILE, REFINE_SQ_FILE, REFINE_FILE) if os.path.exists(self.path(n))]
-        meta["files"] = {n: os.path.getsize(self.path(n)) for n in names}
-        old = posixpath.join(self.root, META_FILE)
-        if self.fs.exists(old):
-            self.fs.rm(old)
-        for stale in {REFINE_SQ_FILE, REFINE_FILE} - set(names):  # an earlier build's, not this one's
-            if self.fs.exists(posixpath.join(self.root, stale)):
-                self.fs.rm(posixpath.join(self.root, stale))
-        for name in names:
-            if self.local:
-                os.replace(self.path(name), os.path.join(self.root, name))
-            else:
-                self.fs.put_file(self.path(name), posixpath.join(self.root, name))
-        put_bytes(self.fs, old, json.dumps(meta, indent=2, sort_keys=True).encode())

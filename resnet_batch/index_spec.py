@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
 
 from resnet_batch.errors import SimilarityIndexError
 from resnet_batch.schema import EMBEDDING_DIM
@@ -31,6 +32,7 @@ PCA_AUTO = -1  # --pca auto: chosen from the training sample's spectrum (resolve
 PCA_VARIANCE = 0.99  # the share of variance an automatic projection must keep
 ID_BYTES = 8  # every stored vector carries its 64-bit id
 REFINE_K_FACTOR = 4  # candidates re-scored per result
+TUNE_QUERIES = 1000  # database rows nprobe is tuned on
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -124,6 +126,38 @@ class IndexSpec:
         return cls("ivf", dim, out, nlist, code, train, REFINE_K_FACTOR)
 
 
+@dataclass(frozen=True)
+class IndexOptions:
+    """What `resnet-batch index` is asked for. index.json records them, and an update of that index uses the
+    recorded ones where the command line gives none: the nightly command need not repeat how it was built."""
+
+    kind: str = "auto"
+    max_memory: int = DEFAULT_MAX_MEMORY
+    pca: int = PCA_AUTO  # stored dimensions, 0: none, PCA_AUTO: chosen from the spectrum (None reads as auto)
+    flat_max: int = FLAT_MAX
+    target_recall: float = 0.95
+    tune_queries: int = TUNE_QUERIES
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.pca is None:
+            object.__setattr__(self, "pca", PCA_AUTO)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def given(cls, recorded: Optional[dict] = None, **given) -> "IndexOptions":
+        """The options given (None values: not given), else the recorded ones, else the defaults."""
+        names = {f.name for f in fields(cls)}
+        base = {k: v for k, v in (recorded or {}).items() if k in names}
+        return cls(**{**base, **{k: v for k, v in given.items() if v is not None}})
+
+    def check(self) -> None:
+        if not 0 < self.target_recall <= 1:
+            raise SimilarityIndexError(f"--target-recall must be in (0, 1], got {self.target_recall}")
+
+
 PCA_TRAIN_MAX = 32_768  # vectors the projection is fitted on (a sub-sample of the training sample)
 TRAIN_MAX = 1_000_000
 
@@ -150,3 +184,62 @@ def resolve_pca(variance_kept: list[float], dim: int) -> int:
             return d
         d *= 2
     return 0
+
+
+GROWTH_LIMIT = 4  # an inverted file is retrained once the count is 4x (or a quarter of) what it was trained for
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether an existing index takes its changes in place or is built again, and why (one line)."""
+
+    rebuild: bool
+    reason: str
+
+
+def decide(meta: dict, after: int, kept: int, options: IndexOptions) -> Decision:
+    """Update an index (index.json `meta`) in place, or rebuild it, for `after` vectors of which `kept` were
+    indexed before. Rebuilt when the spec the options choose for `after` is of another kind (the exact-search
+    limit crossed either way, or the memory budget), when the projection asked changed, when the count left the
+    range the lists were trained for (GROWTH_LIMIT), when most vectors would be new, or when the codes no
+    longer fit the budget; otherwise the lists, projection and codes stay and only vectors move."""
+    spec, before = meta["spec"], int(meta["count"])
+    wanted = IndexSpec.choose(after, kind=options.kind, dim=spec["dim"], max_memory=options.max_memory,
+                              pca=options.pca, flat_max=options.flat_max)
+    if wanted.kind != spec["kind"]:
+        return Decision(True, _crossing(spec["kind"], before, after, options))
+    if spec["kind"] == "flat":
+        return Decision(False, "exact search, nothing to retrain")
+    ivf = f"IVF{spec['nlist']}"
+    recorded_pca = IndexOptions.given(meta.get("options")).pca
+    trained = int(meta.get("trained_count") or before)
+    need = after * (code_bytes(spec["code"], spec["pca"] or spec["dim"]) + ID_BYTES)
+    if options.pca != recorded_pca:
+        return Decision(True, f"--pca changed ({_pca_text(recorded_pca)} -> {_pca_text(options.pca)})")
+    if after > GROWTH_LIMIT * trained:
+        return Decision(True, f"{after:,} vectors are over {GROWTH_LIMIT}x the {trained:,} that {ivf} was trained for")
+    if after * GROWTH_LIMIT < trained:
+        return Decision(True, f"{after:,} vectors are under 1/{GROWTH_LIMIT} of the {trained:,} that {ivf} was "
+                              "trained for")
+    if 2 * kept < after:
+        return Decision(True, f"most vectors would be new ({kept:,} of {after:,} kept)")
+    if need > options.max_memory // 2:
+        return Decision(True, f"{spec['code']} codes of {after:,} vectors need {_gib(need)}, over half of "
+                              f"--max-memory ({_gib(options.max_memory)})")
+    return Decision(False, f"no retraining ({ivf} trained for {trained:,}, now {after:,})")
+
+
+def _crossing(kind: str, before: int, after: int, options: IndexOptions) -> str:
+    """Why the kind changes: asked for, the exact-search limit crossed, or the raw vectors over the budget."""
+    if options.kind != "auto":
+        return f"--kind {options.kind} asked (the index is {kind})"
+    limit = max(options.flat_max, IVF_MIN - 1)
+    if kind == "ivf":
+        return f"{before:,} -> {after:,} vectors is within the exact-search limit ({limit:,})"
+    if after > limit:
+        return f"{before:,} -> {after:,} vectors crosses the exact-search limit ({limit:,})"
+    return f"the raw vectors of {after:,} images are over half of --max-memory ({_gib(options.max_memory)})"
+
+
+def _pca_text(pca: int) -> str:
+    return {PCA_AUTO: "auto", 0: "none"}.get(pca, str(pca))

@@ -28,7 +28,7 @@ from resnet_batch.index import SimilarityIndex, read_meta
 from resnet_batch.provenance import differences
 from resnet_batch.schema import embeddings_to_numpy, with_provenance
 from resnet_batch.storage import filesystem, list_folder, protocols, put_bytes
-from resnet_batch.writer import OutputStore
+from resnet_batch.writer import part_name
 
 NEIGHBORS_SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
@@ -214,7 +214,7 @@ def plan_parts(cfg: NeighborsConfig, meta: dict) -> tuple[list[dict], dict, list
     if diffs := differences(meta["provenance"], provenance):
         raise ProvenanceMismatch(f"embeddings {', '.join(sources)} were made with a different setup than the "
                                  f"index {cfg.index}: " + "; ".join(diffs))
-    items = [{"source": p.uri, "out": OutputStore.part_name(i)} for i, (_, p) in enumerate(parts)]
+    items = [{"source": p.uri, "out": part_name(i)} for i, (_, p) in enumerate(parts)]
     return items, provenance, sources
 
 

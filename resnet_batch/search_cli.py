@@ -52,19 +52,16 @@ def _guarded(fn):
 
 @_guarded
 def index_main(args: argparse.Namespace) -> int:
-    from resnet_batch.index_build import build_index
     from resnet_batch.index_spec import PCA_AUTO, parse_bytes
+    from resnet_batch.index_update import index_embeddings
 
-    options = _storage_options(args.storage_options)
-    pca = PCA_AUTO if args.pca == "auto" else _int(args.pca, "--pca")
-    m = build_index(args.embeddings, args.out, kind=args.kind, flat_max=args.flat_max, storage_options=options,
-                    max_memory=parse_bytes(args.max_memory), pca=pca, target_recall=args.target_recall,
-                    tune_queries=args.tune_queries, seed=args.seed)
-    t = m["tuning"]
-    quality = "exact" if m["kind"] == "flat" else (f"nprobe={m['nprobe']}: recall@10 {t['recall_at_10']:.3f} on "
-                                                   f"{t['queries']} queries (target {t['target_recall']})")
-    print(f"indexed {m['count']} images ({m['factory']}, {quality}) in {m['build_s']:.1f} s -> {args.out} "
-          f"({sum(m['files'].values()) / 2**20:.1f} MiB)")
+    given = {"kind": args.kind, "flat_max": args.flat_max, "target_recall": args.target_recall,
+             "tune_queries": args.tune_queries, "seed": args.seed,
+             "max_memory": None if args.max_memory is None else parse_bytes(args.max_memory),
+             "pca": None if args.pca is None else PCA_AUTO if args.pca == "auto" else _int(args.pca, "--pca")}
+    outcome = index_embeddings(args.embeddings, args.out, given, rebuild=args.rebuild,
+                               storage_options=_storage_options(args.storage_options))
+    print(outcome.line(args.out))
     return EXIT_OK
 
 
@@ -138,7 +135,7 @@ def serve_main(args: argparse.Namespace) -> int:
     cfg = ServiceConfig(index=_index_uri(args), host=args.host, port=args.port, weights=args.weights,
                         storage_options=_storage_options(args.storage_options),
                         max_upload_bytes=parse_bytes(args.max_upload_bytes), max_k=args.max_k,
-                        threads=args.threads, embed=not args.no_upload)
+                        threads=args.threads, embed=not args.no_upload, reload_s=args.reload_s)
     serve(cfg)
     return EXIT_OK
 
@@ -164,23 +161,29 @@ def register(subparsers) -> None:
     """Add the similarity-search subcommands to the `resnet-batch` parser."""
     from resnet_batch.index_spec import FLAT_MAX, KINDS
 
-    p = subparsers.add_parser("index", help="build a FAISS cosine index over embed output(s), streaming")
+    p = subparsers.add_parser("index", help="build a FAISS cosine index over embed output(s), streaming; over an "
+                                            "index built before, update it (or rebuild it when its size class changed)")
     p.add_argument("--embeddings", action="append", required=True, metavar="URI",
                    help="embed output folder or Parquet file (repeatable; all must share one provenance)")
-    p.add_argument("--out", required=True, help="index folder to write (local path or s3://...)")
-    p.add_argument("--kind", choices=KINDS, default="auto",
+    p.add_argument("--out", required=True, help="index folder to write (local path or s3://...); one that holds an "
+                                                "index is updated: the changed parts only, trained again only when "
+                                                "its size class changed")
+    p.add_argument("--rebuild", "--fresh", action="store_true", help="build the index at --out again from scratch")
+    p.add_argument("--kind", choices=KINDS,
                    help="auto: exact flat up to --flat-max vectors, an inverted file (IVF) above (default auto)")
-    p.add_argument("--flat-max", type=int, default=FLAT_MAX)
-    p.add_argument("--max-memory", default="4G",
+    p.add_argument("--flat-max", type=int, help=f"most vectors searched exactly (default {FLAT_MAX})")
+    p.add_argument("--max-memory",
                    help="memory budget of the build and of the index (codes get half): 4G, 512M, ... (default 4G)")
-    p.add_argument("--pca", default="auto",
+    p.add_argument("--pca",
                    help="IVF: project to this many dimensions; auto: the fewest of 64..1024 keeping 99%% of the "
                         "variance, 0: none (default auto)")
-    p.add_argument("--target-recall", type=float, default=0.95,
+    p.add_argument("--target-recall", type=float,
                    help="IVF: recall@10 against exact search that the tuned nprobe must reach (default 0.95)")
-    p.add_argument("--tune-queries", type=int, default=1000, help="IVF: queries nprobe is tuned on (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="training sample and k-means seed")
+    p.add_argument("--tune-queries", type=int, help="IVF: queries nprobe is tuned on (default 1000)")
+    p.add_argument("--seed", type=int, help="training sample and k-means seed (default 0)")
     p.add_argument("--storage-options", help="fsspec options as JSON, for every URI")
+    p.epilog = ("Options not given are the defaults for a new index, and the ones it was built with for an "
+                "existing one.")
     p.set_defaults(func=index_main)
 
     p = subparsers.add_parser("similar", help="the indexed images nearest to a new image or to an indexed id")
@@ -219,5 +222,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for (default 100)")
     p.add_argument("--threads", type=int, default=4, help="searches and embeddings run at once (default 4)")
     p.add_argument("--no-upload", action="store_true", help="no model: answer id and vector queries only")
+    p.add_argument("--reload-s", type=float, default=60.0,
+                   help="look for an updated index this often, and serve it once open (default 60; 0: never)")
     p.add_argument("--storage-options", help="fsspec options as JSON, for every URI")
     p.set_defaults(func=serve_main)

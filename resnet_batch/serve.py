@@ -10,7 +10,9 @@ holds the memory-mapped index and, for uploads, the model the index records; sea
   POST /v1/neighbors/image?k=10          an image (multipart field "image", or the raw body), embedded as indexed
   POST /v1/neighbors/vector              {"vector": [2048 floats], "k": 10}
 
-Every answer is JSON; a bad request gets a 4xx with {"error": reason}, never a crash.
+Every answer is JSON; a bad request gets a 4xx with {"error": reason}, never a crash. Every `reload_s` the
+service looks at index.json, and when an update or a rebuild has published a new version it opens that one and
+serves it from then on (requests in flight finish on the one they started with).
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from typing import Optional
 import numpy as np
 
 from resnet_batch.errors import ConfigError, SimilarityIndexError
-from resnet_batch.index import SimilarityIndex, UnknownImageId
+from resnet_batch.index import SimilarityIndex, UnknownImageId, read_meta
+from resnet_batch.provenance import differences
 from resnet_batch.similar import Match, QueryEmbedder, similar_to_id, similar_to_vector
 
 MAX_JSON_BYTES = 1 * 2**20  # a 2048-float vector as JSON is about 50 KiB
@@ -45,6 +48,7 @@ class ServiceConfig:
     max_k: int = 100
     threads: int = 4
     embed: bool = True  # load the model for uploads
+    reload_s: float = 60.0  # how often to look for a newer version of the index (0: never)
 
 
 class BadRequest(Exception):
@@ -69,9 +73,22 @@ class Searcher:
                                       storage_options=cfg.storage_options) if cfg.embed else None
         prep = self.index.provenance.get("preprocessing", {})
         self.max_pixels = int(prep.get("max_pixels", 100_000_000))
-        if len(self.index):  # build the lookups now, not racing in the first requests' threads
-            self.index.vector(self.index.row(int(self.index.ids.column("id")[0].as_py()))["image_id"])
+        _warm(self.index)
         self.load_s = time.perf_counter() - t0
+
+    def refresh(self) -> bool:
+        """Open the index again when index.json names another version than the one served (an update or a
+        rebuild published since); True when it did. The one in use serves until the new one is open."""
+        meta = read_meta(self.cfg.index, self.cfg.storage_options)
+        if _version(meta) == _version(self.index.meta):
+            return False
+        index = SimilarityIndex.open(self.cfg.index, self.cfg.storage_options)
+        if self.embedder is not None and differences(self.index.provenance, index.provenance):
+            self.embedder = QueryEmbedder(index.provenance, weights=self.cfg.weights,
+                                          storage_options=self.cfg.storage_options)
+        _warm(index)
+        self.index = index
+        return True
 
     def check_k(self, k: int) -> int:
         if not 1 <= k <= self.cfg.max_k:
@@ -118,6 +135,16 @@ class Searcher:
                 "tuning": m["tuning"], "dim": m["dim"], "provenance": m["provenance"], "uploads": self.embedder
                 is not None, "max_k": self.cfg.max_k, "max_upload_bytes": self.cfg.max_upload_bytes,
                 "max_pixels": self.max_pixels}
+
+
+def _version(meta: dict) -> tuple:
+    return meta["build_id"], meta.get("generation", 0)
+
+
+def _warm(index: SimilarityIndex) -> None:
+    """Build an index's lookups now, not racing in the first requests' threads."""
+    if len(index):
+        index.vector(index.row(int(index.ids.column("id")[0].as_py()))["image_id"])
 
 
 def create_app(searcher: Searcher):
@@ -206,10 +233,29 @@ def create_app(searcher: Searcher):
     app.add_routes([web.get("/healthz", health), web.get("/v1/index", describe), web.get("/v1/neighbors", by_id),
                     web.post("/v1/neighbors/image", by_image), web.post("/v1/neighbors/vector", by_vector)])
 
+    watching: list = []
+
+    async def watch_index(app):
+        async def watch():
+            while True:
+                await asyncio.sleep(cfg.reload_s)
+                try:
+                    if await asyncio.get_running_loop().run_in_executor(None, searcher.refresh):
+                        print(f"serve: now serving generation {searcher.index.meta.get('generation', 0)} of "
+                              f"{cfg.index} ({len(searcher.index)} images)", file=sys.stderr, flush=True)
+                except Exception as err:  # a half-published or unreadable index: keep the one in use
+                    print(f"serve: keeping the index in use; cannot open the new one: {type(err).__name__}: {err}",
+                          file=sys.stderr, flush=True)
+        if cfg.reload_s > 0:
+            watching.append(asyncio.get_running_loop().create_task(watch()))
+
     async def close_pools(app):
+        for task in watching:
+            task.cancel()
         search_pool.shutdown(wait=False)
         embed_pool.shutdown(wait=False)
 
+    app.on_startup.append(watch_index)
     app.on_cleanup.append(close_pools)
     return app
 

@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from resnet_batch.schema import EMBEDDING_DIM, embedding_array, output_schema, with_provenance
 
@@ -20,6 +21,18 @@ PROVENANCE = {
                       "jpeg_draft": True, "exif_transpose": True, "max_pixels": 100_000_000},
     "precision": "fp32", "channels_last": True, "topk": 5, "embedding_dim": EMBEDDING_DIM,
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    """The test machine is shared and small: OpenMP spinning on busy cores makes FAISS crawl (import this
+    fixture into a test module to use it there)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
 
 
 def clustered_vectors(n: int, seed: int = 0, clusters: int = 50, latent: int = 32) -> np.ndarray:
@@ -93,3 +106,21 @@ def jpeg(path: Path, quality: int, flip: bool = False) -> bytes:
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def write_logged_part(root: Path, shard: int, ids: Sequence[str], vectors: np.ndarray, run: int,
+                      status: Optional[Sequence[str]] = None) -> Path:
+    """A part of an embed output as the job writes it: the part (write_part), and its record in the output's
+    ledger (a new record, as a sync's rewrite of the part appends one)."""
+    import time
+
+    from resnet_batch.ledger import LedgerWriter
+    from resnet_batch.writer import OutputStore, part_name
+
+    path = write_part(root / part_name(shard), ids, vectors, status=status)
+    ok = sum(s == "ok" for s in (status or ["ok"] * len(ids)))
+    ledger = LedgerWriter(OutputStore(str(root), {}), run)
+    ledger.add({"part": path.name, "shard": shard, "chunk": -1, "chunks": 1, "rows": len(ids), "ok": ok,
+                "failed": len(ids) - ok, "skipped": 0, "run": run, "written_at": time.time()})
+    ledger.flush()
+    return path

@@ -14,18 +14,9 @@ from resnet_batch.index_build import build_index
 from resnet_batch.index_spec import PCA_AUTO, IndexSpec, parse_bytes, resolve_pca
 from resnet_batch.provenance import ProvenanceMismatch
 from resnet_batch.errors import SimilarityIndexError
-from tests.search_helpers import PROVENANCE, brute_force, clustered_vectors, write_part
+from tests.search_helpers import PROVENANCE, brute_force, clustered_vectors, one_faiss_thread, write_part  # noqa: F401
 
 QUIET = {"log": lambda m: None}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """The test machine is shared and small: OpenMP spinning on busy cores makes FAISS crawl."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

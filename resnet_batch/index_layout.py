@@ -1,0 +1,111 @@
+"""index_layout module: which files of an index folder hold the current index, and its re-ranking rows.
+
+A fresh build writes its files at the top of the folder (format 2: the names below, no "layout" in
+index.json). An update, or a rebuild over an existing index, writes a new *generation* `gen-NNNNNN/` and then
+switches index.json (format 3), whose "layout" names the files in use:
+
+  {"index": "gen-000002/index.faiss", "ids": "gen-000002/ids.arrow",
+   "refine": {"coder": "refine.faiss", "segments": [["refine.f16", 3000], ["gen-000002/refine.f16", 120]],
+              "rows": "gen-000002/refine.rows"}}
+
+The re-ranking rows are append-only segments: the build's file, then each update's added rows. A removal
+leaves its row in place; `rows` (int64, one per id-map row) then says where each id-map row's code is, until a
+compaction writes the live rows again as one segment (and `rows` goes). Files of a generation never change
+after it is published, so readers that hold one keep a consistent index while the next is written.
+"""
+from __future__ import annotations
+
+import mmap
+import re
+from typing import Optional
+
+import numpy as np
+
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.arrow"
+META_FILE = "index.json"  # written last: an index folder without it is incomplete
+REFINE_FILE = "refine.f16"
+REFINE_SQ_FILE = "refine.faiss"
+REFINE_ROWS_FILE = "refine.rows"  # (after removals) int64 per id-map row: its row in the re-ranking segments
+FORMAT = 2  # index.json "format" of a fresh build (files at the top); 1 was ids.parquet + positions
+FORMAT_LAYOUT = 3  # an updated or rebuilt index: index.json "layout" names the files (in generation folders)
+FORMATS = (FORMAT, FORMAT_LAYOUT)
+DATA_FILES = (INDEX_FILE, IDS_FILE, REFINE_FILE, REFINE_SQ_FILE, REFINE_ROWS_FILE)
+_GENERATION_RE = re.compile(r"^gen-(\d{6})$")
+
+
+def generation_dir(generation: int) -> str:
+    """The folder of a generation's files: gen-000003."""
+    return f"gen-{generation:06d}"
+
+
+def generation_of(name: str) -> Optional[int]:
+    """The generation number of a folder name gen-NNNNNN (None for anything else)."""
+    m = _GENERATION_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def layout_of(meta: dict) -> dict:
+    """The files of the index that index.json describes (a fresh build's, where it records no layout)."""
+    if "layout" in meta:
+        return meta["layout"]
+    refine = None
+    if REFINE_FILE in meta["files"]:
+        refine = {"coder": REFINE_SQ_FILE, "segments": [[REFINE_FILE, int(meta["count"])]], "rows": None}
+    return {"index": INDEX_FILE, "ids": IDS_FILE, "refine": refine}
+
+
+def map_rows(path: str, shape: tuple[int, int], dtype=np.uint8) -> np.ndarray:
+    """A read-only memory map of fixed-size rows, read at random: no readahead, so a query pages in the rows
+    it reads (4 KiB each), not 128 KiB around each (which would page the whole file in after a few thousand)."""
+    rows = np.memmap(path, dtype=dtype, mode="r", shape=shape)
+    if shape[0]:
+        rows._mmap.madvise(mmap.MADV_RANDOM)
+    return rows
+
+
+class RefineRows:
+    """The re-ranking codes of the id map's rows (row i of the id map -> codes[i]) when they are spread over
+    segments and (after removals) found through a row map: indexed like the plain array it stands for."""
+
+    def __init__(self, segments: list[np.ndarray], row_map: Optional[np.ndarray]):
+        self.segments = [s for s in segments if len(s)]
+        self.starts = np.cumsum([0] + [len(s) for s in self.segments])
+        self.row_map = row_map
+        self.row_bytes = segments[0].shape[1]
+
+    @property
+    def stored(self) -> int:
+        """Rows in the segments, the dead ones (removed since the last compaction) included."""
+        return int(self.starts[-1])
+
+    def __len__(self) -> int:
+        return self.stored if self.row_map is None else len(self.row_map)
+
+    def positions(self, rows: np.ndarray) -> np.ndarray:
+        """Where id-map rows are in the segments (as one sequence)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return rows if self.row_map is None else np.asarray(self.row_map[rows], dtype=np.int64)
+
+    def __getitem__(self, rows):
+        if np.isscalar(rows):
+            return self[np.array([rows])][0]
+        pos = self.positions(rows)
+        out = np.empty((len(pos), self.row_bytes), dtype=np.uint8)
+        which = np.searchsorted(self.starts, pos, side="right") - 1
+        for s in np.unique(which):
+            sel = which == s
+            out[sel] = self.segments[s][pos[sel] - self.starts[s]]
+        return out
+
+
+def open_refine_rows(folder: str, refine: dict, row_bytes: int, n: int):
+    """The re-ranking codes a layout names, memory-mapped: the plain array for one segment in id-map order
+    (a fresh build), else a RefineRows over the segments and the row map."""
+    import os
+
+    segments = [map_rows(os.path.join(folder, name), (rows, row_bytes)) for name, rows in refine["segments"] if rows]
+    row_map = map_rows(os.path.join(folder, refine["rows"]), (n,), np.int64) if refine.get("rows") else None
+    if row_map is None and len(segments) == 1:
+        return segments[0]
+    return RefineRows(segments, row_map)
