@@ -52,8 +52,8 @@ class _Facts:
 class LineProgress(Progress):
     """A plain line every `every_s` seconds (and a last one), for logs."""
 
-    def __init__(self, every_s: float = 30.0, stream=sys.stderr):
-        self.every_s, self.stream = every_s, stream
+    def __init__(self, every_s: float = 30.0, stream=None):
+        self.every_s, self.stream = every_s, stream or sys.stderr  # sys.stderr as it is now, not at import
         self.facts = _Facts()
         self.last = time.perf_counter()
         self.latest: Optional[dict] = None
@@ -113,8 +113,9 @@ class TerminalProgress(Progress):
             self.started = False
 
 
-def make_progress(quiet: bool, every_s: float, stream=sys.stderr) -> Progress:
+def make_progress(quiet: bool, every_s: float, stream=None) -> Progress:
     """Nothing with --quiet; a live bar in a terminal; plain lines every `every_s` seconds otherwise."""
+    stream = stream or sys.stderr
     if quiet:
         return Progress()
     if stream.isatty():

@@ -185,7 +185,8 @@ def _write_config(path: Path, photos: Path, weights: str, output: str, output_op
     path.write_text(yaml.safe_dump({
         "input": {"uri": str(photos), "images_per_shard": 3,
                   "storage_options": {"client_kwargs": {"headers": {"Authorization": f"Bearer {BEARER}"}}}},
-        "model": {"weights": weights, "precision": "fp32"},
+        "model": {"weights": weights, "precision": "fp32",  # a checkpoint URL gets its own credentials
+                  "storage_options": {"client_kwargs": {"headers": {"Authorization": f"Bearer {BEARER}"}}}},
         "compute": {"batch_size": 8, "decode_batch_size": 4, "torch_threads": 1},
         "output": {"uri": output, "storage_options": output_options},
     }))
@@ -235,7 +236,7 @@ def test_no_secret_in_anything_the_job_writes_or_prints(tmp_path, photos, weight
     assert {where: found for where, found in leaks.items() if found} == {}
 
     # `similar` rebuilds the weights from the index: the recorded URL has no token, so it must be given again
-    index = SimilarityIndex.load(index_uri, output_options)
+    index = SimilarityIndex.open(index_uri, output_options)
     input_options = {"client_kwargs": {"headers": {"Authorization": f"Bearer {BEARER}"}}}
     with pytest.raises(WeightsError) as refused:
         QueryEmbedder(index.provenance, storage_options=input_options)
