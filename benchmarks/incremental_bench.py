@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     w1, r1 = night(photos, out)
     print(f"incremental_bench: night 1: {r1['counts']['this_run']['images']:,} embedded in {w1:.1f}s "
           f"(startup {r1['startup'].get('first_result', 0):.1f}s to the first result)", flush=True)
+    print("incremental_bench: night 1 start-up, seconds after the command began: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in r1["startup"].items()), flush=True)
     change = grow(photos, args.photos)
     w2, r2 = night(photos, out)
     s = r2["sync"]

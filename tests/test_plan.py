@@ -8,7 +8,7 @@ from resnet_batch.listing import ENTRY_SCHEMA, ShardCutter
 from resnet_batch.manifest import MANIFEST_SCHEMA
 from resnet_batch.plan import complete_shards, diff, expected_counts, pending_entries, todo_shards
 from resnet_batch.report import RunStats, failure_groups, reason_key, stages
-from resnet_batch.scheduler import ShardQueue, _ShardRun
+from resnet_batch.scheduler import _ShardRun
 from resnet_batch.schema import PART_RECORD_SCHEMA
 
 
@@ -88,16 +88,6 @@ def test_a_shard_in_flight_completes_when_every_chunk_arrived():
     assert not run.complete()
     run.done.add(1)
     assert run.complete()
-
-
-def test_retries_go_first_and_the_queue_says_when_it_is_empty():
-    q = ShardQueue(maxsize=10)
-    q.put(["s1", "s2"])
-    q.retry("s0", 2)
-    assert q.take(2, wait_s=0) == [("s0", 2), ("s1", 1)]
-    assert not q.empty()
-    q.close()
-    assert q.take(5, wait_s=0) == [("s2", 1)] and q.empty()
 
 
 def _stats(model_s, write_s, window=60.0, parts=10, actors=1) -> RunStats:
