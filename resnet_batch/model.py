@@ -107,8 +107,9 @@ class EmbedActor:
     """A model actor: takes blocks of decoded chunks, runs ResNet-50 in sub-batches of batch_size, writes each
     chunk's part itself (atomically, under its deterministic name) and returns one small record per chunk.
 
-    Two calls run at once (the driver keeps up to three in flight): one computes while the other encodes and
-    uploads its part; the model itself runs one call at a time (a lock). The weights arrive with `ready()`,
+    On a GPU two calls run at once (the driver keeps up to three in flight): one computes while the other
+    encodes and uploads its part; the model itself runs one call at a time (a lock). On CPUs one call runs at
+    a time (see pool.py). The weights arrive with `ready()`,
     which the driver calls when the actor starts and again whenever Ray has restarted it.
     """
 

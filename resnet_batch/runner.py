@@ -144,7 +144,7 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
     if LEGACY_MANIFEST in names and not fresh:
         raise OutputError(f"{store.display()} was written by resnet-batch 0.1 (one _manifest.json); this version "
                           "keeps a Parquet manifest and a part ledger: rerun with --fresh, or use another output.uri")
-    with OutputLock(store, on_takeover=_say), ThreadPoolExecutor(2, thread_name_prefix="start") as pool:
+    with OutputLock(store, on_takeover=_say), ThreadPoolExecutor(1, thread_name_prefix="weights") as pool:
         marks: dict[str, float] = {}  # when each start-up step was done, seconds after the command began
 
         def timed(name, fn, *args):
@@ -153,15 +153,17 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
             return out
 
         resolving = pool.submit(timed, "weights", _resolve_weights, cfg)  # torch imports while Ray starts
-        starting = pool.submit(timed, "ray", init_ray, cfg.compute.ray_address, verbose)
         if fresh:
             deleted = store.clear()
             if deleted:
                 _say(f"--fresh: deleted {len(deleted)} files an earlier run wrote in {store.display()}")
+        # Ray starts in this thread, never in a pool's: the processes it starts die with the thread that
+        # started them (their parent-death signal is per thread), and the exit then waits for them for ~15 s.
+        timed("ray", init_ray, cfg.compute.ray_address, verbose)
         weights, state_dict = resolving.result()
         spec = PreprocessSpec.from_weights(weights.transforms)
         provenance = build_provenance(cfg, weights, spec)
-        job = _Job(cfg, store, provenance, spec, state_dict, weights, starting, t_start, progress, embedder)
+        job = _Job(cfg, store, provenance, spec, state_dict, weights, t_start, progress, embedder)
         job.marks = marks
         return job.run(retry_failed)
 
@@ -181,9 +183,9 @@ def _resolve_weights(cfg: JobConfig):
 class _Job:
     """The state of one run while it lasts."""
 
-    def __init__(self, cfg, store, provenance, spec, state_dict, weights, starting, t_start, progress, embedder):
+    def __init__(self, cfg, store, provenance, spec, state_dict, weights, t_start, progress, embedder):
         self.cfg, self.store, self.provenance, self.spec = cfg, store, provenance, spec
-        self.state_dict, self.weights, self.starting = state_dict, weights, starting
+        self.state_dict, self.weights = state_dict, weights
         self.t_start, self.progress, self.embedder = t_start, progress, embedder
         self.stats = RunStats()
         self.sync: dict = {}
@@ -347,7 +349,6 @@ class _Job:
         for r in ledger.to_pylist():
             records.setdefault(r["shard"], []).append(r)
         self._ensure_ledger(state.next_run() - 1 if state.runs else 1)
-        self._ray()
         counts = syncing.apply(self.store, self._part_settings(state, state.runs[-1]["run"] if state.runs else 1),
                                state.format, state.root, state.protocol, entries, drops, copies, parts, records,
                                self.ledger.add)
@@ -394,9 +395,6 @@ class _Job:
         return shards
 
     # -- running shards --------------------------------------------------------------------------
-    def _ray(self) -> None:
-        self.starting.result()
-
     def _ensure_ledger(self, run_no: int) -> None:
         if self.ledger is None:
             self.ledger = LedgerWriter(self.store, run_no)
@@ -426,7 +424,6 @@ class _Job:
         if not hasattr(self, "_gpu"):
             import ray
 
-            self._ray()
             gpus = ray.cluster_resources().get("GPU", 0)
             self._gpu = wants_gpu(self.cfg.compute.device, gpus)
             if self._gpu and not gpus:
@@ -453,7 +450,6 @@ class _Job:
         cfg, c = self.cfg, self.cfg.compute
         self._unpublish()
         self._ensure_ledger(run_no)
-        self._ray()
         t0 = time.perf_counter()
         use_gpu = self._use_gpu()
         self.gpu_requested = use_gpu

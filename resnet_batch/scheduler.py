@@ -23,7 +23,7 @@ import ray
 
 from resnet_batch.errors import RunFailed, one_line as _one_line
 from resnet_batch.listing import Shard
-from resnet_batch.pool import CALLS_PER_ACTOR, ModelPool
+from resnet_batch.pool import ModelPool
 from resnet_batch.reader import ReadSettings, ShardDatasource
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,9 @@ class ShardQueue:
             out = []
             while len(out) < max_n and (self.retries or self.new):
                 out.append((self.retries or self.new).popleft())
-            self.in_hand += len(out)
-            self.cv.notify_all()
+            if out:  # room for put(); never a wake-up for nothing, or idle readers would wake each other forever
+                self.in_hand += len(out)
+                self.cv.notify_all()
             return out
 
     def handed_over(self, n: int) -> None:
@@ -137,7 +138,7 @@ class Scheduler:
         self.decode_cpus, self.max_attempts = decode_cpus, max_attempts
         self.on_record, self.on_tick = on_record, on_tick
         self.target_block_bytes, self.window_shards = target_block_bytes, window_shards
-        self.items: queue.Queue = queue.Queue(maxsize=CALLS_PER_ACTOR * max(pool.max, 1) + 2)
+        self.items: queue.Queue = queue.Queue(maxsize=pool.calls_per_actor * max(pool.max, 1) + 2)
         self.stop = threading.Event()
         self.windows: dict[int, _Window] = {}
         self.runs: dict[int, _ShardRun] = {}
