@@ -31,6 +31,7 @@ class Member:
     info: dict = field(default_factory=dict)  # node, pid, device, actor (from ready())
     inflight: int = 0
     ask_again_at: Optional[float] = None  # restarting: ask ready() again at this time
+    last_sent: float = 0.0  # when it was last given a block: ties go to the one that waited longest
 
 
 class ModelPool:
@@ -100,7 +101,8 @@ class ModelPool:
 
     # -- dispatch --------------------------------------------------------------------------------
     def free(self) -> Optional[Member]:
-        """The ready actor with the fewest calls in flight, if it has room for one more. At the start the
+        """The ready actor with the fewest calls in flight (of those, the one given a block longest ago, so
+        that actors faster than the reads still share the work), if it has room for one more. At the start the
         pool waits for its min_actors (up to MIN_ACTORS_WAIT_S after the first is up), so that the work of a
         run is shared by the actors it asked for rather than taken by whichever imported torch first."""
         if self.first_ready is None:
@@ -110,10 +112,11 @@ class ModelPool:
             return None
         self.waiting_for_min = False
         ready = [m for m in self.members if m.ready and m.inflight < self.calls_per_actor]
-        return min(ready, key=lambda m: m.inflight) if ready else None
+        return min(ready, key=lambda m: (m.inflight, m.last_sent)) if ready else None
 
     def submit(self, member: Member, *args):
         member.inflight += 1
+        member.last_sent = time.monotonic()
         return member.handle.process.remote(*args)
 
     def done(self, member: Member) -> None:
