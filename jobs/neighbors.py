@@ -9,9 +9,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package, in --working-dir
 
+from resnet_batch.cli import stop_ray  # noqa: E402
 from resnet_batch.search_cli import add_neighbors_arguments, neighbors_main  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="resnet-batch neighbours job")
     add_neighbors_arguments(parser)
-    sys.exit(neighbors_main(parser.parse_args()))
+    try:
+        sys.exit(neighbors_main(parser.parse_args()))
+    finally:
+        stop_ray()
