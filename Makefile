@@ -32,7 +32,7 @@ cluster-demo: install
 	$(PY) -m resnet_batch.cluster_demo --photos data/sample -n $(DEMO_IMAGES) --output out/cluster-demo
 
 test: install browser
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 # The gallery test renders a page in headless Chromium (Debian's package); it skips, saying why,
 # only where Chromium cannot be installed.

@@ -99,18 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    callers = ray_connected()  # called from Python with Ray already up (a notebook, tests): it stays up
     try:
         return args.func(args)
     finally:
-        stop_ray()
+        if not callers:
+            stop_ray()
+
+
+def ray_connected() -> bool:
+    ray = sys.modules.get("ray")  # commands that never touched Ray do not import it here
+    return ray is not None and ray.is_initialized()
 
 
 def stop_ray() -> None:
     """Leave Ray (and stop the local one a command started) while the interpreter is whole: left to Ray's exit
     hooks, its processes can be killed before the driver has flushed to them, and the exit then waits ~25 s."""
-    ray = sys.modules.get("ray")  # commands that never touched Ray do not import it here
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    if ray_connected():
+        sys.modules["ray"].shutdown()
 
 
 if __name__ == "__main__":
