@@ -108,6 +108,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def ray_connected() -> bool:
+    """Whether this process is connected to Ray (without importing it)."""
     ray = sys.modules.get("ray")  # commands that never touched Ray do not import it here
     return ray is not None and ray.is_initialized()
 

@@ -109,8 +109,8 @@ class EmbedActor:
 
     On a GPU two calls run at once (the driver keeps up to three in flight): one computes while the other
     encodes and uploads its part; the model itself runs one call at a time (a lock). On CPUs one call runs at
-    a time (see pool.py). The weights arrive with `ready()`,
-    which the driver calls when the actor starts and again whenever Ray has restarted it.
+    a time (see pool.py). The weights arrive with `ready()`, which the driver calls when the actor starts and
+    again whenever Ray has restarted it.
     """
 
     def __init__(self, settings: ActorSettings):

@@ -158,7 +158,7 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
             if deleted:
                 _say(f"--fresh: deleted {len(deleted)} files an earlier run wrote in {store.display()}")
         # Ray starts in this thread, never in a pool's: the processes it starts die with the thread that
-        # started them (their parent-death signal is per thread), and the exit then waits for them for ~15 s.
+        # started them (their parent-death signal is per thread), and the exit then waits ~25 s for them.
         timed("ray", init_ray, cfg.compute.ray_address, verbose)
         weights, state_dict = resolving.result()
         spec = PreprocessSpec.from_weights(weights.transforms)
