@@ -163,8 +163,7 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
         weights, state_dict = resolving.result()
         spec = PreprocessSpec.from_weights(weights.transforms)
         provenance = build_provenance(cfg, weights, spec)
-        job = _Job(cfg, store, provenance, spec, state_dict, weights, t_start, progress, embedder)
-        job.marks = marks
+        job = _Job(cfg, store, provenance, spec, state_dict, weights, t_start, marks, progress, embedder)
         return job.run(retry_failed)
 
 
@@ -183,10 +182,11 @@ def _resolve_weights(cfg: JobConfig):
 class _Job:
     """The state of one run while it lasts."""
 
-    def __init__(self, cfg, store, provenance, spec, state_dict, weights, t_start, progress, embedder):
+    def __init__(self, cfg, store, provenance, spec, state_dict, weights, t_start, marks, progress, embedder):
         self.cfg, self.store, self.provenance, self.spec = cfg, store, provenance, spec
         self.state_dict, self.weights = state_dict, weights
         self.t_start, self.progress, self.embedder = t_start, progress, embedder
+        self.marks: dict[str, float] = marks  # start-up steps, seconds after the command began
         self.stats = RunStats()
         self.sync: dict = {}
         self.failures: list = []
@@ -194,6 +194,10 @@ class _Job:
         self.unpublished = False
         self.merge_chunks: dict[tuple[int, int], int] = {}  # --retry-failed: (shard, chunk) -> the shard's chunks
         self.done_before = 0  # images in parts that were already complete when this run started its work
+        self._gpu: Optional[bool] = None  # see _use_gpu
+        self.startup_s = self.pipeline_s = 0.0  # seconds to build the pool; seconds of the pipeline
+        self.driver_bytes = 0  # what the shards' records brought back to the driver
+        self.actor_info: dict = {}  # every actor that came up: actor id -> node, pid, device
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self, retry_failed: bool) -> dict:
@@ -303,7 +307,7 @@ class _Job:
             self._apply(state, state.pending["run"], syncing)
         ledger, parts = self._ledger()
         manifest = read_manifest(store)
-        done, _ = complete_shards(ledger)
+        done, by_shard = complete_shards(ledger)
         t0 = time.perf_counter()
         current, skipped = select(cfg.input, state.format, listing.pages)
         listed_s = time.perf_counter() - t0
@@ -321,13 +325,12 @@ class _Job:
             dropped = pc.is_in(_keys(manifest), value_set=_keys(plan.drops))
             manifest = pa.concat_tables([manifest.filter(pc.invert(dropped)), plan.new_entries.cast(MANIFEST_SCHEMA)])
             ledger, parts = self._ledger()
-            done, _ = complete_shards(ledger)
+            done, by_shard = complete_shards(ledger)
         else:
             save(store, state)
         if not len(manifest):
             raise no_input(cfg.input, state.format, len(current))
         pending = pending_entries(manifest, done)
-        _, by_shard = complete_shards(ledger)
         self.done_before = sum(by_shard[s]["rows"] for s in done if s in by_shard)
         retries = self._retry_shards(state, ledger, manifest, done) if retry_failed else []
         if len(pending) or retries:
@@ -421,7 +424,8 @@ class _Job:
                             c.retry_window_s, decode, chunk_bytes)
 
     def _use_gpu(self) -> bool:
-        if not hasattr(self, "_gpu"):
+        """Whether the model actors ask for GPUs; decided once, when the cluster is first asked."""
+        if self._gpu is None:
             import ray
 
             gpus = ray.cluster_resources().get("GPU", 0)
@@ -452,7 +456,6 @@ class _Job:
         self._ensure_ledger(run_no)
         t0 = time.perf_counter()
         use_gpu = self._use_gpu()
-        self.gpu_requested = use_gpu
         read = self._read_settings(state.format, state.root, state.protocol, state.passthrough_fields)
         actor = ActorSettings(
             spec=self.spec, categories=categories(self.weights.transforms),
@@ -465,7 +468,6 @@ class _Job:
         self.marks["pool"] = time.perf_counter() - self.t_start
         pool = ModelPool(actor, ray.put(self.state_dict), min_actors=c.min_actors, max_actors=c.max_actors, num_cpus=c.cpus_per_actor,
                          num_gpus=c.gpus_per_actor if use_gpu else 0)
-        self.pool = pool
         self.stats.t0 = t0
         self.startup_s = time.perf_counter() - t0
 
@@ -551,8 +553,7 @@ class _Job:
                 ledger) -> dict:
         st = self.stats
         wall = time.perf_counter() - self.t_start
-        pipeline = getattr(self, "pipeline_s", 0.0)
-        actors = getattr(self, "actor_info", {})
+        pipeline, actors = self.pipeline_s, self.actor_info
         first = (st.first[0] - st.t0) if st.first else 0.0
         report = {
             "output": self.store.display(),
@@ -567,18 +568,18 @@ class _Job:
             "sync": self.sync,
             "skipped_files": skipped.examples,
             "startup": {k: round(v, 3) for k, v in sorted(self.marks.items(), key=lambda kv: kv[1])},
-            "seconds": {"wall": round(wall, 3), "startup": round(getattr(self, "startup_s", 0.0), 3),
+            "seconds": {"wall": round(wall, 3), "startup": round(self.startup_s, 3),
                         "first_result": round(first, 3), "pipeline": round(pipeline, 3)},
             "img_per_s": round(st.images / pipeline, 2) if pipeline and st.images else None,
             "steady_img_per_s": round(v, 2) if (v := st.steady_img_per_s()) else None,
             "device": st.devices(),
-            "gpu_requested": getattr(self, "gpu_requested", False),
+            "gpu_requested": bool(self._gpu),
             "actors": _actors(actors, st.actors),
             "stages": stages(st, max(len(actors), len(st.actors), 1)),
             "per_node": st.per_node(),
             "driver": {"pid": os.getpid(), "host": socket.gethostname(), "peak_rss_bytes": _peak_rss(),
-                       "bytes_received": getattr(self, "driver_bytes", 0),
-                       "bytes_per_image": round(getattr(self, "driver_bytes", 0) / st.images, 2) if st.images else None},
+                       "bytes_received": self.driver_bytes,
+                       "bytes_per_image": round(self.driver_bytes / st.images, 2) if st.images else None},
             "failures": read_failures(self.store, ledger),
             "ray_logs": ray_logs_dir(),
             "failed_shards": [{"shard": f.shard.index, "attempts": f.attempts, "reason": f.reason,

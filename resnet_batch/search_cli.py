@@ -90,8 +90,7 @@ def similar_main(args: argparse.Namespace) -> int:
         print(json.dumps([m.__dict__ for m in found], indent=2))
     else:
         print(format_matches(found))
-        if str(index.provenance.get("weights_id", "")).startswith("random"):
-            print(RANDOM_WEIGHTS_NOTE)
+        _note_random_weights(index)
     return EXIT_OK
 
 
@@ -122,9 +121,14 @@ def gallery_main(args: argparse.Namespace) -> int:
     missing = f", {s['unavailable']} images unavailable" if s["unavailable"] else ""
     print(f"wrote {args.out}: {s['queries']} queries, {s['thumbnails']} thumbnails{missing} ({s['bytes']} bytes)")
     print(f"open it: file://{os.path.abspath(args.out)}" if "://" not in args.out else f"open it: {args.out}")
+    _note_random_weights(index)
+    return EXIT_OK
+
+
+def _note_random_weights(index) -> None:
+    """Scores from random weights all sit near 1: say so under what `similar` and `gallery` print."""
     if str(index.provenance.get("weights_id", "")).startswith("random"):
         print(RANDOM_WEIGHTS_NOTE)
-    return EXIT_OK
 
 
 @_guarded
