@@ -29,7 +29,7 @@ demo: install
 # Two Ray nodes on 127.0.0.1 (own temp dirs and ports, token auth), the job sent with `ray job submit`,
 # the images each node embedded, then the nodes stopped. Uses data/sample (written if missing).
 cluster-demo: install
-	$(PY) -m resnet_batch.cluster_demo --photos data/sample -n $(DEMO_IMAGES) --output out/cluster-demo
+	$(PY) -m resnet_batch.dev.cluster_demo --photos data/sample -n $(DEMO_IMAGES) --output out/cluster-demo
 
 test: install browser
 	$(VENV)/bin/pytest -q --durations=15

@@ -24,7 +24,7 @@ PY = sys.executable
 MODEL_ONLY = """
 import sys, time, numpy as np, torch
 from resnet_batch.decode import PreprocessSpec
-from resnet_batch.model import ResNet50Embedder
+from resnet_batch.embed.model import ResNet50Embedder
 from resnet_batch.weights import random_state_dict
 n, bs, precision, threads = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 e = ResNet50Embedder(random_state_dict(0), PreprocessSpec.from_weights("IMAGENET1K_V2"), precision=precision,

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from resnet_batch.sample_data import make_sample_photos  # noqa: E402
+from resnet_batch.dev.sample_data import make_sample_photos  # noqa: E402
 
 
 def make_dataset(root: Path, unique: int, total: int, per_folder: int = 1000) -> Path:
@@ -52,7 +52,7 @@ def model_only(device: str, precision: str, batch_size: int, iters: int, compile
     import torch
 
     from resnet_batch.decode import PreprocessSpec
-    from resnet_batch.model import ResNet50Embedder
+    from resnet_batch.embed.model import ResNet50Embedder
     from resnet_batch.weights import random_state_dict
 
     spec = PreprocessSpec.from_weights("IMAGENET1K_V2")
@@ -83,7 +83,7 @@ def end_to_end(photos: Path, out: Path, *, device: str, gpu_decode: bool, precis
                actors: int, gpus_per_actor: float) -> dict:
     """One `run()` of the embed job; the run report's speed and stage figures."""
     from resnet_batch.config import build_config
-    from resnet_batch.runner import run
+    from resnet_batch.embed.runner import run
 
     cfg = build_config({
         "input": {"uri": str(photos), "images_per_shard": 1000, "jpeg_draft": True},

@@ -28,7 +28,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from resnet_batch.sample_data import jpeg_bytes, make_sample_photos, source_photos, variant  # noqa: E402
+from resnet_batch.dev.sample_data import jpeg_bytes, make_sample_photos, source_photos, variant  # noqa: E402
 
 
 def night(photos: Path, out: Path, env: dict | None = None) -> tuple[float, dict]:
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not args.running_ray:
         return nights(args, None)
-    from resnet_batch.localcluster import LocalCluster
+    from resnet_batch.dev.localcluster import LocalCluster
 
     with tempfile.TemporaryDirectory(prefix="rb-", dir="/tmp") as root:  # short: Ray's socket paths live under it
         cluster = LocalCluster(Path(root))

@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from photo_like import PhotoLike, PhotoStats  # noqa: E402
 
-from resnet_batch.index import normalize  # noqa: E402
-from resnet_batch.tuning import ExactTopK, recall_at_k  # noqa: E402
+from resnet_batch.search.index import normalize  # noqa: E402
+from resnet_batch.search.tuning import ExactTopK, recall_at_k  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 K = 10
@@ -137,7 +137,7 @@ def main() -> int:
     print(done.stderr.strip() + "\n" + done.stdout.strip(), flush=True)
     meta = json.loads((idx / "index.json").read_text())
 
-    from resnet_batch.index import SimilarityIndex
+    from resnet_batch.search.index import SimilarityIndex
 
     index = SimilarityIndex.open(str(idx))
     faiss.omp_set_num_threads(cores)
@@ -181,8 +181,8 @@ def neighbours(args, work: Path, idx: Path, meta: dict, cost: dict) -> None:
 
     import ray
 
-    from resnet_batch.index_spec import IndexSpec
-    from resnet_batch.neighbors import NeighborsConfig, run_neighbors
+    from resnet_batch.search.spec import IndexSpec
+    from resnet_batch.search.neighbors import NeighborsConfig, run_neighbors
 
     subset, out = work / f"emb-first-{args.neighbors_parts}", work / "neighbors"
     shutil.rmtree(subset, ignore_errors=True)

@@ -38,7 +38,7 @@ def index(emb: Path, out: Path, *extra: str) -> tuple[float, str]:
 
 
 def recall(folder: Path, vectors: np.ndarray, live: np.ndarray) -> float:
-    from resnet_batch.index import SimilarityIndex
+    from resnet_batch.search.index import SimilarityIndex
 
     idx = SimilarityIndex.open(str(folder))
     rows = live[np.random.default_rng(3).choice(len(live), 500, replace=False)]

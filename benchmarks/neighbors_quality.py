@@ -27,7 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from resnet_batch.sample_data import jpeg_bytes, source_photos, variant  # noqa: E402
+from resnet_batch.dev.sample_data import jpeg_bytes, source_photos, variant  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # More photographs bundled with scikit-image (grey ones are converted to RGB). Left out: motorcycle_right
@@ -88,9 +88,9 @@ def run_product(data: Path, work: Path, precision: str, draft: bool, weights_see
     import pyarrow.parquet as pq
 
     from resnet_batch.config import load_config
-    from resnet_batch.index_build import build_index
-    from resnet_batch.neighbors import NeighborsConfig, read_neighbors, run_neighbors
-    from resnet_batch.runner import run
+    from resnet_batch.search.build import build_index
+    from resnet_batch.search.neighbors import NeighborsConfig, read_neighbors, run_neighbors
+    from resnet_batch.embed.runner import run
     from resnet_batch.schema import embeddings_to_numpy
 
     tag = f"{precision}-{'draft' if draft else 'full'}"

@@ -52,7 +52,7 @@ class PhotoStats:
 
         from neighbors_quality import make_set
         from resnet_batch.config import load_config
-        from resnet_batch.runner import run
+        from resnet_batch.embed.runner import run
         from resnet_batch.schema import embeddings_to_numpy, read_provenance
 
         t0 = time.perf_counter()

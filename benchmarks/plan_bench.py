@@ -30,9 +30,9 @@ import json, sys, threading, time
 def rss():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
 from resnet_batch.config import InputConfig
-from resnet_batch.listing import list_entries
-from resnet_batch.plan import StreamPlanner, detect
-from resnet_batch.writer import OutputStore
+from resnet_batch.embed.listing import list_entries
+from resnet_batch.embed.plan import StreamPlanner, detect
+from resnet_batch.output.store import OutputStore
 import pyarrow  # noqa: F401 (loaded before the baseline, as in a real driver)
 peak = [0]
 stop = threading.Event()
@@ -64,7 +64,7 @@ print(json.dumps({"paths": planner.images, "shards": released[0], "seconds": sec
 LIST_S3 = r"""
 import json, sys, time
 from resnet_batch.config import InputConfig
-from resnet_batch.listing import list_entries
+from resnet_batch.embed.listing import list_entries
 cfg = InputConfig(uri=sys.argv[1], storage_options=json.loads(sys.argv[2]))
 t0 = time.perf_counter()
 n = sum(len(page) for page in list_entries(cfg).pages)

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/result_path_bench.py [--sizes 20000 100000]
 
-A 2-node Ray cluster on loopback (resnet_batch/localcluster.py; each node 2 logical CPUs, one model actor each)
+A 2-node Ray cluster on loopback (resnet_batch/dev/localcluster.py; each node 2 logical CPUs, one model actor each)
 runs the real pipeline (listing, Ray Data reads, decode, the actor pool, part writes, ledger, reconcile)
 over tiny JPEGs, with a stand-in model that returns deterministic embeddings at no compute cost
 (tests/standin.py, reached only through the Python API). For each size it prints
@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 DRIVER = r"""
 import json, sys
 from resnet_batch.config import build_config
-from resnet_batch.runner import run
+from resnet_batch.embed.runner import run
 from tests.standin import StandInEmbedder
 cfg = build_config({"input": {"uri": sys.argv[1], "images_per_shard": 1000},
                     "model": {"weights": "random", "precision": "fp32"},
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000])
     ap.add_argument("--workdir", default="/tmp/resnet-batch-bench")
     args = ap.parse_args(argv)
-    from resnet_batch.localcluster import LocalCluster
+    from resnet_batch.dev.localcluster import LocalCluster
 
     results = {}
     root = Path(tempfile.mkdtemp(prefix="rb-rp-", dir="/tmp"))

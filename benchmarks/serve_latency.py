@@ -86,7 +86,7 @@ def main() -> int:
     emb, idx = work / "emb", work / "index"
     if not (idx / "index.json").exists():
         write_parts(emb, args.n, 10_000, np.zeros((0, stats.vectors.shape[1]), np.float32), stats, gen)
-        from resnet_batch.index_build import build_index
+        from resnet_batch.search.build import build_index
 
         build_index([str(emb)], str(idx))
     import json
@@ -120,7 +120,7 @@ def main() -> int:
 
 
 def sample_jpegs(folder: Path) -> list[bytes]:
-    from resnet_batch.sample_data import make_sample_photos
+    from resnet_batch.dev.sample_data import make_sample_photos
 
     if not folder.exists():
         make_sample_photos(folder, 10, per_folder=10, seed=3)

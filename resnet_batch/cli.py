@@ -38,9 +38,9 @@ def embed_main(args: argparse.Namespace) -> int:
         overrides.append(f"output.uri={args.output}")
     try:
         cfg = load_config(args.config, overrides)
-        from resnet_batch.progress import make_progress
-        from resnet_batch.report import summary
-        from resnet_batch.runner import run
+        from resnet_batch.embed.progress import make_progress
+        from resnet_batch.embed.report import summary
+        from resnet_batch.embed.runner import run
 
         report = run(cfg, fresh=args.fresh, retry_failed=args.retry_failed, verbose=args.verbose,
                      progress=make_progress(args.quiet, args.progress_every))
@@ -70,7 +70,7 @@ def embed_main(args: argparse.Namespace) -> int:
 
 
 def sample_data_main(args: argparse.Namespace) -> int:
-    from resnet_batch.sample_data import make_sample_photos
+    from resnet_batch.dev.sample_data import make_sample_photos
 
     paths = make_sample_photos(args.out, args.n, per_folder=args.per_folder, seed=args.seed)
     print(f"wrote {len(paths)} JPEG photos under {args.out}")
@@ -90,9 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-folder", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=sample_data_main)
-    from resnet_batch.search_cli import register  # index, similar, neighbors, gallery
+    from resnet_batch.search.cli import register  # index, similar, neighbors, gallery
     register(sub)
-    from resnet_batch.status import register as register_status
+    from resnet_batch.output.status import register as register_status
     register_status(sub)
     return parser
 

@@ -348,8 +348,8 @@ def prepare(cfg):
 
     Raises InputError / OutputError (the CLI's exit code 2) with a message that says what to fix.
     """
-    from resnet_batch.listing import InputError
-    from resnet_batch.writer import OutputError
+    from resnet_batch.embed.listing import InputError
+    from resnet_batch.output.store import OutputError
 
     try:
         inp = resolve_options(cfg.input.uri, dict(cfg.input.storage_options), where="input.storage_options")

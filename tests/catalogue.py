@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from resnet_batch.sample_data import source_photos
+from resnet_batch.dev.sample_data import source_photos
 
 
 def _save(im: Image.Image, fmt: str, **kw) -> bytes:

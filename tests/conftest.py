@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from resnet_batch.config import build_config
-from resnet_batch.sample_data import make_sample_photos
+from resnet_batch.dev.sample_data import make_sample_photos
 from resnet_batch.weights import random_state_dict
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""raycluster module: the package's local Ray cluster (resnet_batch.localcluster) with what only tests need.
+"""raycluster module: the package's local Ray cluster (resnet_batch.dev.localcluster) with what only tests need.
 
 `LoopbackCluster` is a `LocalCluster` (real nodes on 127.0.0.1, own ports and temp dirs, token auth with
 a private token file, stopped by session) that can also run Ray's autoscaler and kill a node:
@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
-from resnet_batch.localcluster import BIN, RAY, LocalCluster, free_ports  # noqa: F401 (re-exported)
+from resnet_batch.dev.localcluster import BIN, RAY, LocalCluster, free_ports  # noqa: F401 (re-exported)
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from resnet_batch.localcluster import free_ports
+from resnet_batch.dev.localcluster import free_ports
 
 ACCESS_KEY = "AKIDRESNETBATCHTEST"
 SECRET_KEY = "resnet-batch-test-secret-9f3c"  # distinctive, so tests can grep logs and outputs for it

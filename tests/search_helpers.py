@@ -87,7 +87,7 @@ def embedded_photos(tmp_path_factory, photos: Path, checkpoint: Path) -> Path:
     out = tmp_path_factory.getbasetemp() / "search-embedded-photos"
     if (out / "_SUCCESS").exists():
         return out
-    from resnet_batch.runner import run
+    from resnet_batch.embed.runner import run
     from tests.conftest import job_config
 
     report = run(job_config(photos, out, checkpoint), progress=False)
@@ -114,8 +114,8 @@ def write_logged_part(root: Path, shard: int, ids: Sequence[str], vectors: np.nd
     ledger (a new record, as a sync's rewrite of the part appends one)."""
     import time
 
-    from resnet_batch.ledger import LedgerWriter
-    from resnet_batch.writer import OutputStore, part_name
+    from resnet_batch.output.ledger import LedgerWriter
+    from resnet_batch.output.store import OutputStore, part_name
 
     path = write_part(root / part_name(shard), ids, vectors, status=status)
     ok = sum(s == "ok" for s in (status or ["ok"] * len(ids)))

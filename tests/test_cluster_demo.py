@@ -1,4 +1,4 @@
-"""`make cluster-demo` end to end: its entry point (python -m resnet_batch.cluster_demo) starts a real 2-node
+"""`make cluster-demo` end to end: its entry point (python -m resnet_batch.dev.cluster_demo) starts a real 2-node
 Ray cluster on loopback, submits the embed job with `ray job submit`, prints the images per node and stops
 every process it started, also when interrupted while the job runs or when the job fails (whose Ray logs
 it keeps). ~/.ray is never touched.
@@ -30,7 +30,7 @@ def _env(home: Path) -> dict:
 
 
 def _demo(photos: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "resnet_batch.cluster_demo", "--photos", str(photos), "-n", str(PHOTOS),
+    return [sys.executable, "-m", "resnet_batch.dev.cluster_demo", "--photos", str(photos), "-n", str(PHOTOS),
             "--output", str(out), "-o", "input.images_per_shard=2", "-o", "compute.batch_size=2",
             "-o", "compute.decode_batch_size=2"]
 

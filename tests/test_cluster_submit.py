@@ -1,6 +1,6 @@
 """The cluster path for real: `ray start --head` + a second `ray start --address` node on loopback,
 the embed job sent with `ray job submit --working-dir`, token auth on. The cluster is private to
-this module (resnet_batch/localcluster.py, through tests/raycluster.py).
+this module (resnet_batch/dev/localcluster.py, through tests/raycluster.py).
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def _check_against_local_model(table, photos: Path, checkpoint: Path) -> None:
     import torch
 
     from resnet_batch.decode import PreprocessSpec, decode_image
-    from resnet_batch.model import ResNet50Embedder
+    from resnet_batch.embed.model import ResNet50Embedder
 
     rows = table.sort_by("image_id").slice(0, 2).to_pylist()
     spec = PreprocessSpec.from_weights("IMAGENET1K_V2")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from resnet_batch.sample_data import make_sample_photos
+from resnet_batch.dev.sample_data import make_sample_photos
 from tests.processes import kill_driver
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -12,7 +12,7 @@ from torchvision.models import ResNet50_Weights
 from resnet_batch.config import DEFAULT_EXTENSIONS
 from resnet_batch.decode import (DEFAULT_FORMATS, DecodeError, PreprocessSpec, crops_of, decode_image, decode_table,
                                  pillow_formats, resized_size)
-from resnet_batch.sample_data import jpeg_bytes, source_photos
+from resnet_batch.dev.sample_data import jpeg_bytes, source_photos
 from tests.catalogue import catalogue, exif_rotated_jpeg, png_bomb
 
 SPEC = PreprocessSpec.from_weights("IMAGENET1K_V2")

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from resnet_batch.decode import PreprocessSpec, decode_image
-from resnet_batch.model import ResNet50Embedder
+from resnet_batch.embed.model import ResNet50Embedder
 from resnet_batch.provenance import ProvenanceMismatch
-from resnet_batch.runner import run
+from resnet_batch.embed.runner import run
 from resnet_batch.schema import EMBEDDING_DIM, output_schema, read_provenance
 from resnet_batch.weights import state_dict_sha256
-from resnet_batch.writer import OutputError
+from resnet_batch.output.store import OutputError
 from tests.catalogue import NON_IMAGES, write_catalogue
 from tests.conftest import job_config
 

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from resnet_batch.errors import RunFailed
-from resnet_batch.runner import run
-from resnet_batch.sample_data import make_sample_photos
+from resnet_batch.embed.runner import run
+from resnet_batch.dev.sample_data import make_sample_photos
 from tests.conftest import REPO, job_config
 from tests.s3server import S3Server
 from tests.standin import PoisonEmbedder

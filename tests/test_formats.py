@@ -10,11 +10,11 @@ import pytest
 
 from resnet_batch.config import InputConfig
 from resnet_batch.errors import InputError
-from resnet_batch.listing import Shard, detect_format, tar_key
-from resnet_batch.plan import list_shards
-from resnet_batch.reader import (WDS_FIELDS, ReadSettings, check_passthrough_names, coerce_json_value,
+from resnet_batch.embed.listing import Shard, detect_format, tar_key
+from resnet_batch.embed.plan import list_shards
+from resnet_batch.embed.reader import (WDS_FIELDS, ReadSettings, check_passthrough_names, coerce_json_value,
                                  json_field_types, passthrough_fields, read_shard)
-from resnet_batch.sample_data import IMG2DATASET_META, write_image_parquet, write_webdataset
+from resnet_batch.dev.sample_data import IMG2DATASET_META, write_image_parquet, write_webdataset
 from resnet_batch.schema import CONTROL_END, PASSTHROUGH_PREFIX
 from resnet_batch.storage import display_path, filesystem
 

@@ -15,11 +15,11 @@ from PIL import Image
 from resnet_batch.cli import main
 from resnet_batch.decode import DecodeError
 from resnet_batch.errors import SimilarityIndexError
-from resnet_batch.gallery import ImageRoots, build_gallery, pick_queries, render_html, thumbnail_uri, write_gallery
-from resnet_batch.index import SimilarityIndex
-from resnet_batch.index_build import build_index
-from resnet_batch.neighbors import NEIGHBORS_SCHEMA
-from resnet_batch.similar import similar_to_id
+from resnet_batch.search.gallery import ImageRoots, build_gallery, pick_queries, render_html, thumbnail_uri, write_gallery
+from resnet_batch.search.index import SimilarityIndex
+from resnet_batch.search.build import build_index
+from resnet_batch.search.neighbors import NEIGHBORS_SCHEMA
+from resnet_batch.search.similar import similar_to_id
 from tests.search_helpers import clustered_vectors, write_part
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",

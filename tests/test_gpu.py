@@ -17,10 +17,10 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 
 from resnet_batch.decode import DEFAULT_FORMATS, PreprocessSpec, decode_image, decode_table
-from resnet_batch.gpu_decode import DeviceJpegDecoder, probe_image, probe_table
-from resnet_batch.model import ActorSettings, EmbedActor
-from resnet_batch.writer import PartSettings
-from resnet_batch.sample_data import jpeg_bytes, source_photos, variant
+from resnet_batch.embed.gpu_decode import DeviceJpegDecoder, probe_image, probe_table
+from resnet_batch.embed.model import ActorSettings, EmbedActor
+from resnet_batch.output.store import PartSettings
+from resnet_batch.dev.sample_data import jpeg_bytes, source_photos, variant
 from resnet_batch.schema import STATUS_OK, STATUS_READ_ERROR, output_schema
 from resnet_batch.weights import categories
 from tests.catalogue import catalogue, png_bomb
@@ -115,7 +115,7 @@ def test_resize_crop_equals_torchvision_transforms_on_tensors(jpegs):
 
 
 def test_same_size_images_are_resized_together_with_the_same_result(monkeypatch):
-    import resnet_batch.gpu_decode as gd
+    import resnet_batch.embed.gpu_decode as gd
 
     dec = DeviceJpegDecoder(SPEC, "cpu")
     rng = np.random.default_rng(2)
@@ -305,7 +305,7 @@ def test_cuda_actor_fp16_with_device_decode_is_close_to_cpu_fp32(state_dict, jpe
 @pytest.mark.gpu
 @pytest.mark.ray
 def test_run_with_gpu_decode_equals_cpu_decode_run(photos, checkpoint, tmp_path, ray_local):
-    from resnet_batch.runner import run
+    from resnet_batch.embed.runner import run
     from tests.conftest import job_config
 
     reports, tables = {}, {}

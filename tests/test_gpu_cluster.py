@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from resnet_batch.sample_data import make_sample_photos
+from resnet_batch.dev.sample_data import make_sample_photos
 from tests.raycluster import BIN, REPO, LoopbackCluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

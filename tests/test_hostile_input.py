@@ -21,13 +21,13 @@ import pytest
 
 from resnet_batch.config import InputConfig
 from resnet_batch.errors import LockedError, OutputError
-from resnet_batch.lock import OutputLock
-from resnet_batch.plan import list_shards
-from resnet_batch.reader import ReadSettings, read_shard
-from resnet_batch.runner import run
-from resnet_batch.sample_data import jpeg_bytes, source_photos, variant
+from resnet_batch.output.lock import OutputLock
+from resnet_batch.embed.plan import list_shards
+from resnet_batch.embed.reader import ReadSettings, read_shard
+from resnet_batch.embed.runner import run
+from resnet_batch.dev.sample_data import jpeg_bytes, source_photos, variant
 from resnet_batch.schema import CONTROL_END, PASSTHROUGH_PREFIX
-from resnet_batch.writer import OutputStore
+from resnet_batch.output.store import OutputStore
 from tests.conftest import REPO, job_config
 
 GLOB_NAMES = ["trip [2024]/IMG [edited].jpg", "trip [2024]/a?b.jpg", "*.jpg", "{x,y}.jpg", "star*dust/[!a].jpg"]
@@ -49,7 +49,7 @@ def _rows(out: Path) -> dict[str, dict]:
 def _read(cfg: InputConfig) -> tuple[list[dict], dict]:
     """Every row the read tasks would hand over (bytes kept), and {shard: (images, skipped)}."""
     fmt, listing, shards, _ = list_shards(cfg)
-    from resnet_batch.reader import WDS_FIELDS
+    from resnet_batch.embed.reader import WDS_FIELDS
 
     extra = tuple(WDS_FIELDS) if fmt == "webdataset" else ()
     s = ReadSettings(listing.root, listing.protocol, cfg.uri, dict(cfg.storage_options), cfg.extensions,
@@ -166,9 +166,9 @@ def test_tar_with_repeated_keys_and_two_images_under_one_key(tmp_path, jpeg):
 _PEAK = """
 import sys
 from resnet_batch.config import InputConfig
-from resnet_batch.plan import list_shards
-from resnet_batch.reader import ReadSettings, read_shard
-from resnet_batch.reader import WDS_FIELDS
+from resnet_batch.embed.plan import list_shards
+from resnet_batch.embed.reader import ReadSettings, read_shard
+from resnet_batch.embed.reader import WDS_FIELDS
 from resnet_batch.decode import PreprocessSpec, decode_table
 import functools
 cfg = InputConfig(uri=sys.argv[1])
@@ -342,7 +342,7 @@ def test_two_concurrent_cli_runs(tmp_path, jpeg, checkpoint):
 
 
 def test_mid_run_failures_are_exit_1_and_refusals_exit_2(monkeypatch, tmp_path, capsys):
-    import resnet_batch.runner as runner
+    import resnet_batch.embed.runner as runner
     from resnet_batch.cli import main
     from resnet_batch.errors import RunFailed
 

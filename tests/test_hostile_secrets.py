@@ -198,9 +198,9 @@ def _write_config(path: Path, photos: Path, weights: str, output: str, output_op
 def test_no_secret_in_anything_the_job_writes_or_prints(tmp_path, photos, weights_server, s3_server, bucket,
                                                         ray_local, capfd):
     from resnet_batch.cli import main
-    from resnet_batch.index import SimilarityIndex
-    from resnet_batch.index_build import build_index
-    from resnet_batch.similar import QueryEmbedder
+    from resnet_batch.search.index import SimilarityIndex
+    from resnet_batch.search.build import build_index
+    from resnet_batch.search.similar import QueryEmbedder
 
     subset = tmp_path / "photos"
     for p in sorted(photos.rglob("*.jpg"))[:6]:

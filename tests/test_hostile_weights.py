@@ -11,7 +11,7 @@ import torch
 
 from resnet_batch.config import ModelConfig
 from resnet_batch.errors import WeightsError
-from resnet_batch.similar import QueryEmbedder
+from resnet_batch.search.similar import QueryEmbedder
 from resnet_batch.weights import hub_state_dict, resolve_weights, state_dict_sha256
 from tests.httpserver import FileServer
 

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pytest
 
 from resnet_batch.cli import main
-from resnet_batch.embeddings import list_parts
-from resnet_batch.index import IDS_FILE, IDS_SCHEMA, INDEX_FILE, SimilarityIndex, UnknownImageId, normalize
-from resnet_batch.index_build import build_index
-from resnet_batch.index_spec import PCA_AUTO, IndexSpec, parse_bytes, resolve_pca
+from resnet_batch.search.embeddings import list_parts
+from resnet_batch.search.index import IDS_FILE, IDS_SCHEMA, INDEX_FILE, SimilarityIndex, UnknownImageId, normalize
+from resnet_batch.search.build import build_index
+from resnet_batch.search.spec import PCA_AUTO, IndexSpec, parse_bytes, resolve_pca
 from resnet_batch.provenance import ProvenanceMismatch
 from resnet_batch.errors import SimilarityIndexError
 from tests.search_helpers import PROVENANCE, brute_force, clustered_vectors, one_faiss_thread, write_part  # noqa: F401

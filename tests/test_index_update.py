@@ -13,12 +13,12 @@ import pytest
 
 from resnet_batch.cli import main
 from resnet_batch.errors import SimilarityIndexError
-from resnet_batch.gallery import write_gallery
-from resnet_batch.index import SimilarityIndex, UnknownImageId
-from resnet_batch.index_build import build_index
-from resnet_batch.index_spec import Decision, IndexOptions, decide
-from resnet_batch.index_update import index_embeddings
-from resnet_batch.similar import similar_to_id
+from resnet_batch.search.gallery import write_gallery
+from resnet_batch.search.index import SimilarityIndex, UnknownImageId
+from resnet_batch.search.build import build_index
+from resnet_batch.search.spec import Decision, IndexOptions, decide
+from resnet_batch.search.update import index_embeddings
+from resnet_batch.search.similar import similar_to_id
 from tests.search_helpers import (PROVENANCE, brute_force, clustered_vectors, one_faiss_thread,  # noqa: F401
                                   write_logged_part, write_part)
 
@@ -257,11 +257,11 @@ def test_crossing_the_exact_search_limit_rebuilds_and_says_why(tmp_path, capsys)
 def test_a_real_sync_then_the_update_serves_no_deleted_image(tmp_path, checkpoint, ray_local, capsys):
     import pyarrow.parquet as pq
 
-    from resnet_batch.neighbors import neighbors_rows
-    from resnet_batch.runner import run
-    from resnet_batch.sample_data import make_sample_photos
+    from resnet_batch.search.neighbors import neighbors_rows
+    from resnet_batch.embed.runner import run
+    from resnet_batch.dev.sample_data import make_sample_photos
     from resnet_batch.schema import embeddings_to_numpy
-    from resnet_batch.serve import Searcher, ServiceConfig
+    from resnet_batch.search.serve import Searcher, ServiceConfig
     from tests.conftest import job_config
     from tests.test_serve import Running
     from tests.test_sync import _new_photo

@@ -15,12 +15,12 @@ from torchvision.models import ResNet50_Weights, resnet50
 
 from resnet_batch.config import ModelConfig
 from resnet_batch.decode import PreprocessSpec, decode_image, decode_table
-from resnet_batch.listing import Shard
-from resnet_batch.model import ActorSettings, EmbedActor, ResNet50Embedder
-from resnet_batch.reader import ChunkBuilder, ReadSettings
+from resnet_batch.embed.listing import Shard
+from resnet_batch.embed.model import ActorSettings, EmbedActor, ResNet50Embedder
+from resnet_batch.embed.reader import ChunkBuilder, ReadSettings
 from resnet_batch.schema import PART_STATS_KEY, output_schema
-from resnet_batch.writer import PartSettings
-from resnet_batch.sample_data import jpeg_bytes, source_photos, variant
+from resnet_batch.output.store import PartSettings
+from resnet_batch.dev.sample_data import jpeg_bytes, source_photos, variant
 from resnet_batch.weights import (WeightsUnavailableError, categories, random_state_dict, resolve_weights,
                                   state_dict_sha256)
 

@@ -11,9 +11,9 @@ import pytest
 
 from resnet_batch.cli import main
 from resnet_batch.errors import ConfigError, OutputError
-from resnet_batch.index import SimilarityIndex, normalize
-from resnet_batch.index_build import build_index
-from resnet_batch.neighbors import (GROUPS_FILE, GROUPS_SCHEMA, MARKER_FILE, NEIGHBORS_KEY, NEIGHBORS_SCHEMA,
+from resnet_batch.search.index import SimilarityIndex, normalize
+from resnet_batch.search.build import build_index
+from resnet_batch.search.neighbors import (GROUPS_FILE, GROUPS_SCHEMA, MARKER_FILE, NEIGHBORS_KEY, NEIGHBORS_SCHEMA,
                                     REPORT_FILE, NeighborsConfig, exclude_self, near_duplicate_groups,
                                     read_neighbors, run_neighbors)
 from resnet_batch.provenance import ProvenanceMismatch

@@ -4,11 +4,11 @@ import pyarrow as pa
 import pytest
 
 from resnet_batch.config import InputConfig
-from resnet_batch.listing import ENTRY_SCHEMA, ShardCutter
-from resnet_batch.manifest import MANIFEST_SCHEMA
-from resnet_batch.plan import complete_shards, diff, expected_counts, pending_entries, todo_shards
-from resnet_batch.report import RunStats, failure_groups, reason_key, stages
-from resnet_batch.scheduler import _ShardRun
+from resnet_batch.embed.listing import ENTRY_SCHEMA, ShardCutter
+from resnet_batch.output.manifest import MANIFEST_SCHEMA
+from resnet_batch.embed.plan import complete_shards, diff, expected_counts, pending_entries, todo_shards
+from resnet_batch.embed.report import RunStats, failure_groups, reason_key, stages
+from resnet_batch.embed.scheduler import _ShardRun
 from resnet_batch.schema import PART_RECORD_SCHEMA
 
 

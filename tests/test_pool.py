@@ -1,7 +1,7 @@
 """The pool's dispatch policy, without Ray: which ready actor gets the next block."""
 from __future__ import annotations
 
-from resnet_batch.pool import Member, ModelPool
+from resnet_batch.embed.pool import Member, ModelPool
 
 
 class _Handle:

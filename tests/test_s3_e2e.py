@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from resnet_batch.listing import InputError
-from resnet_batch.runner import run
-from resnet_batch.sample_data import write_image_parquet, write_webdataset
+from resnet_batch.embed.listing import InputError
+from resnet_batch.embed.runner import run
+from resnet_batch.dev.sample_data import write_image_parquet, write_webdataset
 from resnet_batch.schema import embeddings_to_numpy, read_provenance
 from tests.conftest import job_config
 from tests.s3server import SECRET_KEY

@@ -13,12 +13,12 @@ import s3fs
 
 from resnet_batch.config import InputConfig, build_config, redacted
 from resnet_batch.errors import InputError
-from resnet_batch.listing import list_entries
-from resnet_batch.plan import list_shards
+from resnet_batch.embed.listing import list_entries
+from resnet_batch.embed.plan import list_shards
 from resnet_batch.schema import embedding_array, output_schema
 from resnet_batch.storage import (StorageOptionsError, filesystem, prepare,
                                   resolve_options)
-from resnet_batch.writer import OutputError, encode_part, write_bytes
+from resnet_batch.output.store import OutputError, encode_part, write_bytes
 from tests.conftest import REPO
 from tests.s3server import ACCESS_KEY, REGION, SECRET_KEY, free_ports
 

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from resnet_batch.index_build import build_index
+from resnet_batch.search.build import build_index
 from resnet_batch.schema import embeddings_to_numpy
-from resnet_batch.serve import Searcher, ServiceConfig, start
-from resnet_batch.similar import similar_to_id, similar_to_image, similar_to_vector
+from resnet_batch.search.serve import Searcher, ServiceConfig, start
+from resnet_batch.search.similar import similar_to_id, similar_to_image, similar_to_vector
 from tests.search_helpers import embedded_photos
 
 pytestmark = pytest.mark.ray  # the embed job makes the indexed photos

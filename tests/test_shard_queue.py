@@ -5,8 +5,8 @@ announced as a window are in neither place, so the queue must not count as empty
 """
 from __future__ import annotations
 
-from resnet_batch.listing import Shard
-from resnet_batch.scheduler import ShardQueue
+from resnet_batch.embed.listing import Shard
+from resnet_batch.embed.scheduler import ShardQueue
 
 
 def _shards(n: int) -> list[Shard]:

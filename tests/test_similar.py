@@ -9,12 +9,12 @@ import torch
 from resnet_batch.cli import main
 from resnet_batch.config import ModelConfig
 from resnet_batch.errors import WeightsError
-from resnet_batch.index import SimilarityIndex
-from resnet_batch.index_build import build_index
+from resnet_batch.search.index import SimilarityIndex
+from resnet_batch.search.build import build_index
 from resnet_batch.provenance import ProvenanceMismatch
 from resnet_batch.schema import embeddings_to_numpy
-from resnet_batch.search_cli import RANDOM_WEIGHTS_NOTE
-from resnet_batch.similar import QueryEmbedder, model_config_for, similar_to_id, similar_to_image
+from resnet_batch.search.cli import RANDOM_WEIGHTS_NOTE
+from resnet_batch.search.similar import QueryEmbedder, model_config_for, similar_to_id, similar_to_image
 from resnet_batch.weights import random_state_dict
 from resnet_batch.text import printable
 from tests.search_helpers import brute_force, clustered_vectors, embedded_photos, jpeg, write_part

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from resnet_batch.decode import PreprocessSpec, decode_image
-from resnet_batch.model import ResNet50Embedder
-from resnet_batch.runner import run
-from resnet_batch.sample_data import jpeg_bytes, make_sample_photos, source_photos, variant
-from resnet_batch.status import output_status
+from resnet_batch.embed.model import ResNet50Embedder
+from resnet_batch.embed.runner import run
+from resnet_batch.dev.sample_data import jpeg_bytes, make_sample_photos, source_photos, variant
+from resnet_batch.output.status import output_status
 from tests.conftest import REPO, job_config
 from tests.processes import kill_driver
 
@@ -130,13 +130,13 @@ def test_kill_during_a_sync_then_rerun_is_exactly_once(tmp_path, checkpoint):
 
 def test_a_committed_sync_is_rolled_forward(tmp_path, checkpoint, ray_local):
     """A run killed right after committing its sync plan (before applying it): the next run applies it first."""
-    from resnet_batch import sync as syncing
-    from resnet_batch.ledger import read_ledger
-    from resnet_batch.manifest import read_manifest
-    from resnet_batch.plan import complete_shards, diff, select
-    from resnet_batch.listing import list_entries
-    from resnet_batch.state import load, save
-    from resnet_batch.writer import OutputStore
+    from resnet_batch.embed import sync as syncing
+    from resnet_batch.output.ledger import read_ledger
+    from resnet_batch.output.manifest import read_manifest
+    from resnet_batch.embed.plan import complete_shards, diff, select
+    from resnet_batch.embed.listing import list_entries
+    from resnet_batch.output.state import load, save
+    from resnet_batch.output.store import OutputStore
 
     root = tmp_path / "library"
     make_sample_photos(root, 8, per_folder=8, seed=7)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from resnet_batch.sample_data import make_sample_photos
+from resnet_batch.dev.sample_data import make_sample_photos
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -8,12 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from resnet_batch.errors import OutputError
-from resnet_batch.ledger import LedgerWriter, latest, read_ledger, recover
-from resnet_batch.manifest import MANIFEST_SCHEMA, ManifestWriter, drop_entries, piece_range, read_manifest
+from resnet_batch.output.ledger import LedgerWriter, latest, read_ledger, recover
+from resnet_batch.output.manifest import MANIFEST_SCHEMA, ManifestWriter, drop_entries, piece_range, read_manifest
 from resnet_batch.retry import TransientExhausted, is_transient, retrying
 from resnet_batch.schema import OUTPUT_SCHEMA, PART_STATS_KEY, WRITER_KEY, embedding_array, read_provenance, \
     with_provenance
-from resnet_batch.writer import OutputStore, encode_part, parse_part, part_name
+from resnet_batch.output.store import OutputStore, encode_part, parse_part, part_name
 
 
 def _rows(ids, ok):

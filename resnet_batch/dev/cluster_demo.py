@@ -1,6 +1,6 @@
 """cluster_demo module: `make cluster-demo`, the embed job on a 2-node Ray cluster on this machine.
 
-    python -m resnet_batch.cluster_demo [--photos data/sample] [--output out/cluster-demo] [-o KEY=VALUE ...]
+    python -m resnet_batch.dev.cluster_demo [--photos data/sample] [--output out/cluster-demo] [-o KEY=VALUE ...]
 
 Starts a head and a second node on 127.0.0.1 (localcluster.LocalCluster: own temp dirs and ports,
 token auth with a private token file), submits jobs/embed.py with `ray job submit --working-dir .`
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from resnet_batch.localcluster import LocalCluster
+from resnet_batch.dev.localcluster import LocalCluster
 
 NODE_CPUS = 3  # logical CPUs per node: one model actor (2) and one read/decode task (1)
 JOB_SETTINGS = (  # two actors that each need 2 of a node's 3 CPUs: one lands on each node
@@ -38,7 +38,7 @@ def say(msg: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m resnet_batch.cluster_demo",
+    p = argparse.ArgumentParser(prog="python -m resnet_batch.dev.cluster_demo",
                                 description="the embed job on a 2-node Ray cluster on this machine")
     p.add_argument("--photos", default="data/sample", help="input folder; sample photos are written there when it "
                                                            "holds none (default data/sample, as `make demo`)")
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 def ensure_photos(photos: Path, n: int) -> None:
     if photos.is_dir() and any(p.is_file() for p in photos.rglob("*")):
         return
-    from resnet_batch.sample_data import make_sample_photos
+    from resnet_batch.dev.sample_data import make_sample_photos
 
     make_sample_photos(photos, n)
     say(f"wrote {n} sample photos under {photos}")

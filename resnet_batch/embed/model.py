@@ -18,7 +18,7 @@ import torch
 from resnet_batch.decode import PreprocessSpec, crops_of
 from resnet_batch.schema import (CONTROL_END, CONTROL_FAILURE, DEVICE_NO_CUDA, EMBEDDING_DIM, PASSTHROUGH_PREFIX,
                                  STATUS_DECODE_ERROR, STATUS_OK, embedding_array)
-from resnet_batch.writer import PartSettings, encode_part, part_name, read_parquet, write_bytes
+from resnet_batch.output.store import PartSettings, encode_part, part_name, read_parquet, write_bytes
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -250,7 +250,7 @@ class EmbedActor:
     def _decode_bytes(self, images: pa.Table, status, error, ok, width, height):
         """The `ok` rows' bytes -> (crops on the device, new ok mask); failures become decode_error rows."""
         if self._decoder is None:
-            from resnet_batch.gpu_decode import DeviceJpegDecoder
+            from resnet_batch.embed.gpu_decode import DeviceJpegDecoder
 
             self._decoder = DeviceJpegDecoder(self.settings.spec, self.embedder.device,
                                               max_pixels=self.settings.max_pixels, draft=self.settings.draft,

@@ -19,10 +19,10 @@ import pyarrow.compute as pc
 
 from resnet_batch.config import InputConfig
 from resnet_batch.errors import InputError
-from resnet_batch.listing import (DETECT_ENTRIES, ENTRY_SCHEMA, FORMATS, InputListing, Shard, ShardCutter, Skipped,
+from resnet_batch.embed.listing import (DETECT_ENTRIES, ENTRY_SCHEMA, FORMATS, InputListing, Shard, ShardCutter, Skipped,
                                   detect_format, extension, from_raw, hidden, shard_of)
-from resnet_batch.manifest import MANIFEST_SCHEMA, ManifestWriter
-from resnet_batch.writer import OutputStore
+from resnet_batch.output.manifest import MANIFEST_SCHEMA, ManifestWriter
+from resnet_batch.output.store import OutputStore
 
 
 def detect(cfg: InputConfig, listing: InputListing) -> tuple[str, Iterator[pa.Table]]:
@@ -55,7 +55,7 @@ def layout_of(cfg: InputConfig, fmt: str) -> dict:
 
 def list_shards(cfg: InputConfig) -> tuple[str, InputListing, list[Shard], Skipped]:
     """The whole input cut into shards at once, in memory (for tools and tests; runs stream instead)."""
-    from resnet_batch.listing import list_entries
+    from resnet_batch.embed.listing import list_entries
 
     listing = list_entries(cfg)
     fmt, pages = detect(cfg, listing)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import ray
 
-from resnet_batch.model import ActorSettings, EmbedActor
+from resnet_batch.embed.model import ActorSettings, EmbedActor
 
 # Calls an actor runs at once: on a GPU two, so one computes while the other encodes and uploads its part; on
 # CPUs one, since there the part's encoding would take cores from the forward pass (embed runs over 400

@@ -8,8 +8,8 @@ import time
 from collections import deque
 from typing import Optional
 
-from resnet_batch.report import RunStats
-from resnet_batch.runner import Progress
+from resnet_batch.embed.report import RunStats
+from resnet_batch.embed.runner import Progress
 
 
 def _hms(seconds: float) -> str:

@@ -19,7 +19,7 @@ import pyarrow as pa
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
-from resnet_batch.listing import Shard, relative_id, storable, tar_key
+from resnet_batch.embed.listing import Shard, relative_id, storable, tar_key
 from resnet_batch.retry import TransientExhausted, is_transient, retrying
 from resnet_batch.schema import (CONTROL_END, CONTROL_FAILURE, OUTPUT_SCHEMA, PASSTHROUGH_PREFIX, STATUS_OK,
                                  STATUS_READ_ERROR)

@@ -141,7 +141,7 @@ def read_failures(store, ledger: pa.Table, max_parts: int = 200) -> list[dict]:
     """Failure groups from the parts that have failed rows (their image_id/status/error columns only)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from resnet_batch.writer import read_parquet
+    from resnet_batch.output.store import read_parquet
 
     parts = ledger.filter(pc.and_(pc.greater(ledger.column("failed"), 0),
                                   pc.not_equal(ledger.column("part"), ""))).column("part").to_pylist()[:max_parts]

@@ -24,21 +24,21 @@ import pyarrow.compute as pc
 from resnet_batch.config import JobConfig, redacted
 from resnet_batch.decode import PreprocessSpec, decode_table, pillow_formats
 from resnet_batch.errors import InputError, OutputError, RunFailed
-from resnet_batch.ledger import LedgerWriter, compact, read_ledger, recover, records_table
-from resnet_batch.listing import FORMATS, Shard, list_entries, shard_of
-from resnet_batch.lock import OutputLock
-from resnet_batch.manifest import MANIFEST_SCHEMA, read_manifest
-from resnet_batch.plan import (StreamPlanner, complete_shards, detect, diff, expected_counts, layout_of, no_input,
+from resnet_batch.output.ledger import LedgerWriter, compact, read_ledger, recover, records_table
+from resnet_batch.embed.listing import FORMATS, Shard, list_entries, shard_of
+from resnet_batch.output.lock import OutputLock
+from resnet_batch.output.manifest import MANIFEST_SCHEMA, read_manifest
+from resnet_batch.embed.plan import (StreamPlanner, complete_shards, detect, diff, expected_counts, layout_of, no_input,
                                pending_entries, select, todo_shards)
 from resnet_batch.errors import ProvenanceMismatch
 from resnet_batch.provenance import build_provenance, differences
-from resnet_batch.reader import CHUNK_BYTES, ReadSettings, check_passthrough_names, passthrough_fields
-from resnet_batch.report import RunStats, read_failures, stages
-from resnet_batch.scheduler import ShardQueue
+from resnet_batch.embed.reader import CHUNK_BYTES, ReadSettings, check_passthrough_names, passthrough_fields
+from resnet_batch.embed.report import RunStats, read_failures, stages
+from resnet_batch.embed.scheduler import ShardQueue
 from resnet_batch.schema import output_schema, with_provenance
-from resnet_batch.state import OutputState, load, save, schema_to_text, stamp
+from resnet_batch.output.state import OutputState, load, save, schema_to_text, stamp
 from resnet_batch.storage import display_path, filesystem, prepare as prepare_storage
-from resnet_batch.writer import (INCOMPLETE_REPORT_FILE, LEGACY_MANIFEST, PROVENANCE_FILE, REPORT_FILE,
+from resnet_batch.output.store import (INCOMPLETE_REPORT_FILE, LEGACY_MANIFEST, PROVENANCE_FILE, REPORT_FILE,
                                  SUCCESS_FILE, OutputStore, PartSettings, read_parquet)
 
 log = logging.getLogger("resnet_batch")
@@ -134,7 +134,7 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
     """
     t_start = time.perf_counter()
     if not isinstance(progress, Progress):  # True: lines on stderr; False/None: nothing
-        from resnet_batch.progress import make_progress
+        from resnet_batch.embed.progress import make_progress
 
         progress = make_progress(quiet=not progress, every_s=30.0)
     check_overlap(cfg)
@@ -251,7 +251,7 @@ class _Job:
             raise planner.error
         if planner.images == 0 and planner.shards == 0:
             store.remove(PROVENANCE_FILE)
-            from resnet_batch.writer import STATE_FILE
+            from resnet_batch.output.store import STATE_FILE
 
             store.remove(STATE_FILE)
             raise no_input(cfg.input, fmt, planner.listed)
@@ -264,8 +264,8 @@ class _Job:
         names = self.cfg.input.passthrough_columns
         if fmt == "folder":
             return [], pages
-        from resnet_batch.listing import extension, from_raw, hidden
-        from resnet_batch.reader import WDS_FIELDS
+        from resnet_batch.embed.listing import extension, from_raw, hidden
+        from resnet_batch.embed.reader import WDS_FIELDS
 
         wanted = FORMATS[fmt].wanted(self.cfg.input)
         seen, candidates = [], []
@@ -299,7 +299,7 @@ class _Job:
 
     def _sync_run(self, state: OutputState, listing, retry_failed: bool) -> dict:
         """An existing output: compare the input with the manifest, apply the difference, run what is left."""
-        from resnet_batch import sync as syncing
+        from resnet_batch.embed import sync as syncing
 
         cfg, store = self.cfg, self.store
         run_no = state.next_run()
@@ -411,7 +411,7 @@ class _Job:
         c, i = self.cfg.compute, self.cfg.input
         formats = pillow_formats(i.extensions)
         if c.gpu_decode and self._use_gpu():
-            from resnet_batch.gpu_decode import probe_table
+            from resnet_batch.embed.gpu_decode import probe_table
 
             decode = functools.partial(probe_table, max_pixels=i.max_pixels, formats=formats)
             chunk_bytes = CHUNK_BYTES
@@ -446,9 +446,9 @@ class _Job:
                  planner: Optional[StreamPlanner] = None) -> None:
         import ray
 
-        from resnet_batch.model import ActorSettings
-        from resnet_batch.pool import ModelPool
-        from resnet_batch.scheduler import Scheduler
+        from resnet_batch.embed.model import ActorSettings
+        from resnet_batch.embed.pool import ModelPool
+        from resnet_batch.embed.scheduler import Scheduler
         from resnet_batch.weights import categories
 
         cfg, c = self.cfg, self.cfg.compute
@@ -619,7 +619,7 @@ def _peak_rss() -> int:
 
 
 def _shard_desc(shard: Shard, state: OutputState) -> str:
-    from resnet_batch.listing import relative_id
+    from resnet_batch.embed.listing import relative_id
 
     first = relative_id(shard.paths[0], state.root) if shard.paths else "?"
     return first if len(shard.paths) == 1 else f"{len(shard.paths)} files from {first}"
@@ -632,6 +632,6 @@ def _keys(table: pa.Table) -> pa.Array:
 
 
 def read_ledger_with(ledger: pa.Table, records: list[dict]) -> pa.Table:
-    from resnet_batch.ledger import latest
+    from resnet_batch.output.ledger import latest
 
     return latest(pa.concat_tables([ledger, records_table(records)]))

@@ -22,9 +22,9 @@ from typing import Callable, Optional
 import ray
 
 from resnet_batch.errors import RunFailed, one_line as _one_line
-from resnet_batch.listing import Shard
-from resnet_batch.pool import ModelPool
-from resnet_batch.reader import ReadSettings, ShardDatasource
+from resnet_batch.embed.listing import Shard
+from resnet_batch.embed.pool import ModelPool
+from resnet_batch.embed.reader import ReadSettings, ShardDatasource
 
 log = logging.getLogger(__name__)
 WINDOW_SHARDS = 64  # shards per Ray Data read (a window); the next one starts as soon as this one is read

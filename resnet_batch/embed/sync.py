@@ -17,12 +17,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from resnet_batch.listing import from_raw, storable
-from resnet_batch.manifest import MANIFEST_SCHEMA, drop_entries, write_entries
-from resnet_batch.plan import COPIES_SCHEMA, DROPS_SCHEMA, SyncPlan
+from resnet_batch.embed.listing import from_raw, storable
+from resnet_batch.output.manifest import MANIFEST_SCHEMA, drop_entries, write_entries
+from resnet_batch.embed.plan import COPIES_SCHEMA, DROPS_SCHEMA, SyncPlan
 from resnet_batch.schema import STATUS_OK
 from resnet_batch.storage import display_path
-from resnet_batch.writer import (SYNC_DIR, OutputStore, PartSettings, encode_part, part_name, part_record,
+from resnet_batch.output.store import (SYNC_DIR, OutputStore, PartSettings, encode_part, part_name, part_record,
                                  read_parquet, write_bytes)
 
 COPY_CPUS = 0.5
@@ -106,7 +106,7 @@ def _copy(part: PartSettings, fmt: str, root: str, protocol: str, shard: int, it
     import os
     import time
 
-    from resnet_batch.model import _node_name
+    from resnet_batch.embed.model import _node_name
 
     fs, out_root = part.fs()
     records = []

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from resnet_batch.schema import PART_RECORD_SCHEMA
-from resnet_batch.writer import LEDGER_DIR, OutputStore, part_record, read_parquet
+from resnet_batch.output.store import LEDGER_DIR, OutputStore, part_record, read_parquet
 
 FLUSH_RECORDS = 1000
 FLUSH_S = 10.0

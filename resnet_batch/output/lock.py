@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 from resnet_batch.errors import LockedError
 from resnet_batch.retry import retrying
-from resnet_batch.writer import LOCK_FILE, OutputStore
+from resnet_batch.output.store import LOCK_FILE, OutputStore
 
 HEARTBEAT_S = 30.0
 STALE_S = 180.0

@@ -9,7 +9,7 @@ from typing import Optional
 
 import pyarrow as pa
 
-from resnet_batch.writer import STATE_FILE, OutputStore
+from resnet_batch.output.store import STATE_FILE, OutputStore
 
 VERSION = 2
 HISTORY = 100  # runs kept in the history

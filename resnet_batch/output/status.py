@@ -14,12 +14,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from resnet_batch.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from resnet_batch.ledger import read_ledger, totals
-from resnet_batch.lock import STALE_S, OutputLock, alive_here
-from resnet_batch.report import read_failures
-from resnet_batch.state import load
+from resnet_batch.output.ledger import read_ledger, totals
+from resnet_batch.output.lock import STALE_S, OutputLock, alive_here
+from resnet_batch.embed.report import read_failures
+from resnet_batch.output.state import load
 from resnet_batch.text import printable
-from resnet_batch.writer import (INCOMPLETE_REPORT_FILE, PROVENANCE_FILE, REPORT_FILE, SUCCESS_FILE, OutputStore,
+from resnet_batch.output.store import (INCOMPLETE_REPORT_FILE, PROVENANCE_FILE, REPORT_FILE, SUCCESS_FILE, OutputStore,
                                  read_parquet)
 
 

@@ -21,16 +21,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from resnet_batch.embeddings import Part, duplicate_id, input_root, ok_chunks, sample_rows, scan_embeddings
+from resnet_batch.search.embeddings import Part, duplicate_id, input_root, ok_chunks, sample_rows, scan_embeddings
 from resnet_batch.errors import SimilarityIndexError
-from resnet_batch.index import FORMAT, IDS_FILE, IDS_SCHEMA, INDEX_FILE, REFINE_FILE, REFINE_SQ_FILE, normalize, \
+from resnet_batch.search.index import FORMAT, IDS_FILE, IDS_SCHEMA, INDEX_FILE, REFINE_FILE, REFINE_SQ_FILE, normalize, \
     refine_mean, refined_search
-from resnet_batch.index_changes import part_stamps
-from resnet_batch.index_folder import Staging
-from resnet_batch.index_spec import (DEFAULT_MAX_MEMORY, FLAT_MAX, PCA_AUTO, PCA_TRAIN_MAX, TUNE_QUERIES, IndexOptions,
+from resnet_batch.search.changes import part_stamps
+from resnet_batch.search.folder import Staging
+from resnet_batch.search.spec import (DEFAULT_MAX_MEMORY, FLAT_MAX, PCA_AUTO, PCA_TRAIN_MAX, TUNE_QUERIES, IndexOptions,
                                      IndexSpec, resolve_pca)
 from resnet_batch.schema import EMBEDDING_DIM, embeddings_to_numpy
-from resnet_batch.tuning import ExactTopK, Tuning, drop_self, matmul_t, recalls, tune_nprobe
+from resnet_batch.search.tuning import ExactTopK, Tuning, drop_self, matmul_t, recalls, tune_nprobe
 
 TUNE_K = 10
 COLUMNS = ["image_id", "path", "topk_labels", "topk_probs", "embedding"]  # what adding a row reads

@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from resnet_batch.embeddings import check_provenance, duplicate_id, list_part_entries, part_provenance
+from resnet_batch.search.embeddings import check_provenance, duplicate_id, list_part_entries, part_provenance
 from resnet_batch.schema import STATUS_OK
 from resnet_batch.storage import display_path, protocols
-from resnet_batch.writer import OutputStore, part_record
+from resnet_batch.output.store import OutputStore, part_record
 
 READERS = 16  # parts read at once (footers, image_id columns): object-store latency, not CPU
 
@@ -60,7 +60,7 @@ def part_stamps(uris: Sequence[str], storage_options: Optional[dict] = None) -> 
 
 def _ledger_records(uri: str, fs, storage_options: Optional[dict]) -> dict[str, dict]:
     """Part name -> its latest ledger record, for an embed output folder (none for a single file)."""
-    from resnet_batch.ledger import read_ledger
+    from resnet_batch.output.ledger import read_ledger
 
     store = OutputStore(uri, dict(storage_options or {}), retry_window_s=30.0)
     if fs.isfile(store.root):

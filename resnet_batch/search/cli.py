@@ -52,8 +52,8 @@ def _guarded(fn):
 
 @_guarded
 def index_main(args: argparse.Namespace) -> int:
-    from resnet_batch.index_spec import PCA_AUTO, parse_bytes
-    from resnet_batch.index_update import index_embeddings
+    from resnet_batch.search.spec import PCA_AUTO, parse_bytes
+    from resnet_batch.search.update import index_embeddings
 
     given = {"kind": args.kind, "flat_max": args.flat_max, "target_recall": args.target_recall,
              "tune_queries": args.tune_queries, "seed": args.seed,
@@ -74,8 +74,8 @@ def _int(text: str, flag: str) -> int:
 
 @_guarded
 def similar_main(args: argparse.Namespace) -> int:
-    from resnet_batch.index import SimilarityIndex
-    from resnet_batch.similar import QueryEmbedder, format_matches, similar_to_id, similar_to_image
+    from resnet_batch.search.index import SimilarityIndex
+    from resnet_batch.search.similar import QueryEmbedder, format_matches, similar_to_id, similar_to_image
 
     if (args.image is None) == (args.id is None):
         raise ConfigError("give exactly one of IMAGE_PATH or --id IMAGE_ID")
@@ -96,7 +96,7 @@ def similar_main(args: argparse.Namespace) -> int:
 
 @_guarded
 def neighbors_main(args: argparse.Namespace) -> int:
-    from resnet_batch.neighbors import NeighborsConfig, run_neighbors
+    from resnet_batch.search.neighbors import NeighborsConfig, run_neighbors
 
     cfg = NeighborsConfig(index=_index_uri(args), out=args.out, k=args.k, threshold=args.threshold,
                           embeddings=tuple(args.embeddings or ()), actors=args.actors,
@@ -111,8 +111,8 @@ def neighbors_main(args: argparse.Namespace) -> int:
 
 @_guarded
 def gallery_main(args: argparse.Namespace) -> int:
-    from resnet_batch.gallery import write_gallery
-    from resnet_batch.index import SimilarityIndex
+    from resnet_batch.search.gallery import write_gallery
+    from resnet_batch.search.index import SimilarityIndex
 
     options = _storage_options(args.storage_options)
     index = SimilarityIndex.open(_index_uri(args), options)
@@ -133,8 +133,8 @@ def _note_random_weights(index) -> None:
 
 @_guarded
 def serve_main(args: argparse.Namespace) -> int:
-    from resnet_batch.index_spec import parse_bytes
-    from resnet_batch.serve import ServiceConfig, serve
+    from resnet_batch.search.spec import parse_bytes
+    from resnet_batch.search.serve import ServiceConfig, serve
 
     cfg = ServiceConfig(index=_index_uri(args), host=args.host, port=args.port, weights=args.weights,
                         storage_options=_storage_options(args.storage_options),
@@ -163,7 +163,7 @@ def add_neighbors_arguments(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers) -> None:
     """Add the similarity-search subcommands to the `resnet-batch` parser."""
-    from resnet_batch.index_spec import FLAT_MAX, KINDS
+    from resnet_batch.search.spec import FLAT_MAX, KINDS
 
     p = subparsers.add_parser("index", help="build a FAISS cosine index over embed output(s), streaming; over an "
                                             "index built before, update it (or rebuild it when its size class changed)")

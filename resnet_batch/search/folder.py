@@ -14,7 +14,7 @@ import posixpath
 import shutil
 import tempfile
 
-from resnet_batch.index_layout import (DATA_FILES, FORMAT_LAYOUT, META_FILE, REFINE_FILE, REFINE_SQ_FILE,
+from resnet_batch.search.layout import (DATA_FILES, FORMAT_LAYOUT, META_FILE, REFINE_FILE, REFINE_SQ_FILE,
                                        generation_dir, generation_of)
 from resnet_batch.storage import filesystem, list_folder, protocols, put_bytes
 

@@ -17,9 +17,9 @@ from PIL import Image, ImageOps
 
 from resnet_batch.decode import open_image
 from resnet_batch.errors import SimilarityIndexError
-from resnet_batch.index import SimilarityIndex
-from resnet_batch.neighbors import read_neighbors
-from resnet_batch.similar import similar_to_id
+from resnet_batch.search.index import SimilarityIndex
+from resnet_batch.search.neighbors import read_neighbors
+from resnet_batch.search.similar import similar_to_id
 from resnet_batch.storage import filesystem, put_bytes
 
 MAX_IMAGE_BYTES = 50 * 2**20  # a thumbnail's source is refused above this many bytes

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from resnet_batch.errors import SimilarityIndexError
-from resnet_batch.index_layout import (DATA_FILES, FORMAT, FORMATS, IDS_FILE, INDEX_FILE,  # noqa: F401 (re-exported)
+from resnet_batch.search.layout import (DATA_FILES, FORMAT, FORMATS, IDS_FILE, INDEX_FILE,  # noqa: F401 (re-exported)
                                        META_FILE, REFINE_FILE, REFINE_SQ_FILE, generation_of, layout_of,
                                        open_refine_rows)
 from resnet_batch.storage import filesystem, protocols

@@ -22,13 +22,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from resnet_batch.config import redact_options
-from resnet_batch.embeddings import list_parts, read_ok_rows, scan_embeddings
+from resnet_batch.search.embeddings import list_parts, read_ok_rows, scan_embeddings
 from resnet_batch.errors import ConfigError, OutputError, ProvenanceMismatch, RunFailed
-from resnet_batch.index import SimilarityIndex, read_meta
+from resnet_batch.search.index import SimilarityIndex, read_meta
 from resnet_batch.provenance import differences
 from resnet_batch.schema import embeddings_to_numpy, with_provenance
 from resnet_batch.storage import filesystem, list_folder, protocols, put_bytes
-from resnet_batch.writer import part_name
+from resnet_batch.output.store import part_name
 
 NEIGHBORS_SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
@@ -277,7 +277,7 @@ def run_neighbors(cfg: NeighborsConfig, progress: bool = True) -> dict:
     """Run the job: neighbours parts through a Ray actor pool, then the near-duplicate groups; returns the report."""
     import ray
 
-    from resnet_batch.runner import init_ray
+    from resnet_batch.embed.runner import init_ray
 
     t0 = time.perf_counter()
     meta = read_meta(cfg.index, cfg.storage_options)

@@ -28,9 +28,9 @@ from typing import Optional
 import numpy as np
 
 from resnet_batch.errors import ConfigError, SimilarityIndexError
-from resnet_batch.index import SimilarityIndex, UnknownImageId, read_meta
+from resnet_batch.search.index import SimilarityIndex, UnknownImageId, read_meta
 from resnet_batch.provenance import differences
-from resnet_batch.similar import Match, QueryEmbedder, similar_to_id, similar_to_vector
+from resnet_batch.search.similar import Match, QueryEmbedder, similar_to_id, similar_to_vector
 
 MAX_JSON_BYTES = 1 * 2**20  # a 2048-float vector as JSON is about 50 KiB
 

@@ -10,7 +10,7 @@ import numpy as np
 from resnet_batch.config import ModelConfig
 from resnet_batch.decode import PreprocessSpec, decode_image
 from resnet_batch.errors import InputError, ProvenanceMismatch, WeightsError
-from resnet_batch.index import SimilarityIndex
+from resnet_batch.search.index import SimilarityIndex
 from resnet_batch.text import printable
 from resnet_batch.weights import is_enum_name, resolve_weights
 
@@ -58,7 +58,7 @@ class QueryEmbedder:
 
     def __init__(self, provenance: dict, *, weights: Optional[str] = None, storage_options: Optional[dict] = None,
                  device: Optional[str] = None):
-        from resnet_batch.model import ResNet50Embedder
+        from resnet_batch.embed.model import ResNet50Embedder
 
         try:
             info, state_dict = resolve_weights(model_config_for(provenance, weights), dict(storage_options or {}))

@@ -21,20 +21,20 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
-from resnet_batch.embeddings import CHUNK_ROWS, Part
+from resnet_batch.search.embeddings import CHUNK_ROWS, Part
 from resnet_batch.errors import SimilarityIndexError
-from resnet_batch.index import (IDS_SCHEMA, decode_offsets, local_folder, normalize, read_meta, refine_mean,
+from resnet_batch.search.index import (IDS_SCHEMA, decode_offsets, local_folder, normalize, read_meta, refine_mean,
                                 refined_search, rows_in)
-from resnet_batch.index_build import (TUNE_K, BuildSource, IdMapWriter, add_parts, build_index, build_into,
+from resnet_batch.search.build import (TUNE_K, BuildSource, IdMapWriter, add_parts, build_index, build_into,
                                       fold_folders, history_entry, image_roots, stderr_log, tune_index)
-from resnet_batch.index_changes import Changes, find_changes
-from resnet_batch.index_folder import UPDATE_PREFIX, Staging
-from resnet_batch.index_layout import (FORMATS, IDS_FILE, INDEX_FILE, META_FILE, REFINE_FILE, REFINE_ROWS_FILE,
+from resnet_batch.search.changes import Changes, find_changes
+from resnet_batch.search.folder import UPDATE_PREFIX, Staging
+from resnet_batch.search.layout import (FORMATS, IDS_FILE, INDEX_FILE, META_FILE, REFINE_FILE, REFINE_ROWS_FILE,
                                        REFINE_SQ_FILE, RefineRows, generation_dir, layout_of, map_rows,
                                        open_refine_rows)
-from resnet_batch.index_spec import IndexOptions, decide
+from resnet_batch.search.spec import IndexOptions, decide
 from resnet_batch.storage import filesystem
-from resnet_batch.tuning import ExactTopK
+from resnet_batch.search.tuning import ExactTopK
 
 COMPACT_DEAD = 0.25  # re-ranking rows are compacted once more than this share of the stored ones are dead
 RETUNE_DRIFT = 0.25  # nprobe is tuned again once the count moved by more than this share since it was tuned
@@ -74,8 +74,8 @@ def index_embeddings(uris: Sequence[str], out: str, given: Optional[dict] = None
                      storage_options: Optional[dict] = None, log: Callable[[str], None] = stderr_log) -> Outcome:
     """Index the embeddings under `uris` into `out`: a new index, or the one there brought up to date (options
     not `given` are the ones it recorded); `rebuild` builds it again whatever changed."""
-    from resnet_batch.lock import OutputLock
-    from resnet_batch.writer import OutputStore
+    from resnet_batch.output.lock import OutputLock
+    from resnet_batch.output.store import OutputStore
 
     opts = dict(storage_options or {})
     if existing_meta(out, opts) is None:
