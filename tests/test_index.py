@@ -51,8 +51,15 @@ def test_spec_is_chosen_from_the_count_and_the_memory_budget():
     assert (one_m.nlist, one_m.code, one_m.train_size, one_m.factory) == (4096, "SQ8", 163_840,
                                                                           "PCA256,IVF4096,SQ8,Refine(FP16)")
     assert one_m.bytes_per_vector() == 264
-    ten_m = IndexSpec.choose(10_000_000, pca=256)  # 2.6 GB of SQ8 is over half of 4G: 4-bit codes
+    ten_m = IndexSpec.choose(10_000_000, pca=256, max_memory=4 * g)  # 2.6 GB of SQ8 is over half of 4G: 4 bits
     assert (ten_m.nlist, ten_m.code) == (16384, "SQ4") and ten_m.bytes_per_vector() == 136
+    # no budget given: the codes follow the recall target at any count, and the spec says what a query node needs
+    hundred_m = IndexSpec.choose(100_000_000, pca=256)
+    assert (hundred_m.nlist, hundred_m.code) == (32768, "SQ8")
+    assert IndexSpec.choose(100_000_000, pca=256, target_recall=0.8).code == "SQ4"
+    need = hundred_m.query_memory(100_000_000)
+    assert need["lists_bytes"] == 100_000_000 * 264 and need["heap_bytes"] == 32768 * 256 * 4 + 2048 * 256 * 4
+    assert IndexSpec.choose(1_000_000_000, pca=256).code == "SQ8"  # no longer refused
     assert IndexSpec.choose(10_000_000, pca=256, max_memory=8 * g).code == "SQ8"
     assert IndexSpec.choose(10_000_000, pca=0, max_memory=8 * g).code == "PQ256"  # no projection: PQ
     assert IndexSpec.choose(3000, kind="ivf", pca=0) == IndexSpec("ivf", 2048, 0, 64, "SQ8", 2560, 4)

@@ -8,6 +8,7 @@ queries (database rows, each one's own match left out, as the neighbours job see
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import posixpath
@@ -28,7 +29,7 @@ from resnet_batch.search.index import FORMAT, IDS_FILE, IDS_SCHEMA, INDEX_FILE, 
 from resnet_batch.search.changes import part_stamps
 from resnet_batch.search.folder import Staging
 from resnet_batch.search.spec import (DEFAULT_MAX_MEMORY, FLAT_MAX, PCA_AUTO, PCA_TRAIN_MAX, TUNE_QUERIES, IndexOptions,
-                                     IndexSpec, resolve_pca)
+                                     IndexSpec, query_node_line, resolve_pca)
 from resnet_batch.schema import EMBEDDING_DIM, embeddings_to_numpy
 from resnet_batch.search.tuning import ExactTopK, Tuning, drop_self, matmul_t, recalls, tune_nprobe
 
@@ -84,7 +85,8 @@ class BuildSource:
         if n == 0:
             raise SimilarityIndexError(f"no embeddings with status 'ok' under {', '.join(uris)}")
         spec = IndexSpec.choose(n, kind=options.kind, dim=int(provenance.get("embedding_dim", EMBEDDING_DIM)),
-                                max_memory=options.max_memory, pca=options.pca, flat_max=options.flat_max)
+                                max_memory=options.max_memory, pca=options.pca, flat_max=options.flat_max,
+                                target_recall=options.target_recall)
         return cls(tuple(uris), parts, stamps, provenance, spec, time.perf_counter() - t0)
 
 
@@ -102,7 +104,7 @@ def build_into(stage: Staging, source: BuildSource, options: IndexOptions, opts:
     t_sample = time.perf_counter()
     train, tune_ids, tune_vectors = _read_sample(parts, spec.train_size, queries, dim, options.seed)
     t_train = time.perf_counter()
-    index, pca_info, spec = _trained_index(spec, train, options.seed, n, options.max_memory)
+    index, pca_info, spec = _trained_index(spec, train, options.seed, n, options)
     refiner = _trained_refiner(train) if spec.refine else None
     del train
     train_s = time.perf_counter() - t_train
@@ -139,6 +141,10 @@ def build_into(stage: Staging, source: BuildSource, options: IndexOptions, opts:
         "sample_s": round(t_train - t_sample, 3), "train_s": round(train_s, 3), "add_s": round(add_s, 3),
         "faiss": faiss.__version__, "built_at": time.time(),
     }
+    if spec.kind == "ivf":
+        meta["query_node"] = spec.query_memory(n, os.path.getsize(stage.path(IDS_FILE)),
+                                               os.path.getsize(stage.path(REFINE_FILE)))
+        log(query_node_line(meta["query_node"]))
     meta["build_s"] = round(time.perf_counter() - t0, 3)
     if tuning and not tuning.met:
         log(f"warning: recall@{TUNE_K} {tuning.recall:.3f} even at nprobe={tuning.nprobe}: below the target "
@@ -152,16 +158,27 @@ def history_entry(meta: dict, action: str, reason: str, seconds: float, **counts
             "count": meta["count"], "nprobe": meta["nprobe"], "seconds": seconds, **counts}
 
 
-def check_unique_ids(parts: list[tuple]) -> None:
-    """Refuse an image_id that appears twice among the ok rows (before any work; 8 bytes a row of hashes)."""
-    hashes, owners = [], []
-    for i, (fs, part) in enumerate(parts):
-        for chunk in ok_chunks(fs, part.path, ["image_id"]):
-            hashes.append(np.fromiter(map(hash, chunk.column("image_id").to_pylist()), np.int64, len(chunk)))
-            owners.append(np.full(len(chunk), i, dtype=np.int32))
+def id_hashes(image_ids: list) -> np.ndarray:
+    """64-bit hashes of image ids that are the same in every process (Python's hash() of a str is salted per
+    process, and a scaled-out build hashes its parts in Ray workers)."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(s.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                                       "little", signed=True) for s in image_ids), np.int64, len(image_ids))
+
+
+def part_id_hashes(fs, part: Part) -> np.ndarray:
+    """The id hashes of a part's ok rows, in row order."""
+    chunks = [id_hashes(c.column("image_id").to_pylist()) for c in ok_chunks(fs, part.path, ["image_id"])]
+    return np.concatenate(chunks) if chunks else np.empty(0, np.int64)
+
+
+def check_unique_ids(parts: list[tuple], hashes: Optional[list] = None) -> None:
+    """Refuse an image_id that appears twice among the ok rows (before any work; 8 bytes a row of hashes);
+    `hashes`: each part's part_id_hashes where they were computed already (in parallel)."""
+    hashes = [part_id_hashes(fs, part) for fs, part in parts] if hashes is None else hashes
     if not hashes:
         return
-    h, owner = np.concatenate(hashes), np.concatenate(owners)
+    h = np.concatenate(hashes)
+    owner = np.concatenate([np.full(len(x), i, dtype=np.int32) for i, x in enumerate(hashes)])
     order = np.argsort(h, kind="stable")
     same = np.flatnonzero(h[order][1:] == h[order][:-1])
     if not len(same):
@@ -178,7 +195,7 @@ def check_unique_ids(parts: list[tuple]) -> None:
 
 def _ids_with_hashes(fs, part: Part, wanted: set) -> list[str]:
     return [s for chunk in ok_chunks(fs, part.path, ["image_id"]) for s in chunk.column("image_id").to_pylist()
-            if hash(s) in wanted]
+            if int(id_hashes([s])[0]) in wanted]
 
 
 def _read_sample(parts: list[tuple], train_size: int, queries: int, dim: int,
@@ -212,7 +229,7 @@ def _read_sample(parts: list[tuple], train_size: int, queries: int, dim: int,
     return train, tune_ids, tune
 
 
-def _trained_index(spec: IndexSpec, train: np.ndarray, seed: int, n: int, max_memory: int):
+def _trained_index(spec: IndexSpec, train: np.ndarray, seed: int, n: int, options: IndexOptions):
     """An empty, trained FAISS inner-product index for `spec`; returns (index, projection figures, final spec:
     with the projection resolved, its codes chosen again for the stored dimensions)."""
     import faiss
@@ -222,7 +239,8 @@ def _trained_index(spec: IndexSpec, train: np.ndarray, seed: int, n: int, max_me
     pca_info, transform, sample = None, None, train
     if spec.pca:
         transform, pca_info = fit_projection(train[:PCA_TRAIN_MAX], spec.pca)
-        spec = IndexSpec.choose(n, kind="ivf", dim=spec.dim, max_memory=max_memory, pca=pca_info["dims"])
+        spec = IndexSpec.choose(n, kind="ivf", dim=spec.dim, max_memory=options.max_memory, pca=pca_info["dims"],
+                                target_recall=options.target_recall)
         if transform is not None:
             sample = np.concatenate([project(transform, train[s:s + 65536]) for s in range(0, len(train), 65536)])
     d = spec.stored_dim

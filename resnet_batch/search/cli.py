@@ -59,8 +59,13 @@ def index_main(args: argparse.Namespace) -> int:
              "tune_queries": args.tune_queries, "seed": args.seed,
              "max_memory": None if args.max_memory is None else parse_bytes(args.max_memory),
              "pca": None if args.pca is None else PCA_AUTO if args.pca == "auto" else _int(args.pca, "--pca")}
+    scale = None
+    if args.ray:
+        from resnet_batch.search.scaleout import ScaleOut
+
+        scale = ScaleOut(address=args.ray_address, tasks=args.tasks, cpus_per_task=args.cpus_per_task)
     outcome = index_embeddings(args.embeddings, args.out, given, rebuild=args.rebuild,
-                               storage_options=_storage_options(args.storage_options))
+                               storage_options=_storage_options(args.storage_options), scale=scale)
     print(outcome.line(args.out))
     return EXIT_OK
 
@@ -177,7 +182,14 @@ def register(subparsers) -> None:
                    help="auto: exact flat up to --flat-max vectors, an inverted file (IVF) above (default auto)")
     p.add_argument("--flat-max", type=int, help=f"most vectors searched exactly (default {FLAT_MAX})")
     p.add_argument("--max-memory",
-                   help="memory budget of the build and of the index (codes get half): 4G, 512M, ... (default 4G)")
+                   help="memory budget of the build and of the index (codes get half): 4G, 512M, ... (default: none; "
+                        "the codes follow the count and --target-recall, and the build says what a query node needs)")
+    p.add_argument("--ray", action="store_true",
+                   help="build (or rebuild) with Ray tasks: parts read, sampled and added in parallel, the partial "
+                        "indices merged into on-disk inverted lists (a local Ray, or --ray-address / $RAY_ADDRESS)")
+    p.add_argument("--ray-address", help="with --ray: the Ray cluster to use")
+    p.add_argument("--tasks", type=int, default=0, help="with --ray: add tasks (default: two per CPU of the cluster)")
+    p.add_argument("--cpus-per-task", type=float, default=1.0, help="with --ray: CPUs (and FAISS threads) a task")
     p.add_argument("--pca",
                    help="IVF: project to this many dimensions; auto: the fewest of 64..1024 keeping 99%% of the "
                         "variance, 0: none (default auto)")

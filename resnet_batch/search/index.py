@@ -26,7 +26,7 @@ import pyarrow as pa
 from resnet_batch.errors import SimilarityIndexError
 from resnet_batch.search.layout import (DATA_FILES, FORMAT, FORMATS, IDS_FILE, INDEX_FILE,  # noqa: F401 (re-exported)
                                        META_FILE, REFINE_FILE, REFINE_SQ_FILE, generation_of, layout_of,
-                                       open_refine_rows)
+                                       open_refine_rows, read_faiss_index)
 from resnet_batch.storage import filesystem, protocols
 
 CACHE_ENV = "RESNET_BATCH_CACHE"  # node-local folder for copies of remote indexes (default ~/.cache/resnet-batch)
@@ -170,8 +170,10 @@ class SimilarityIndex:
                 raise SimilarityIndexError(f"{uri}/{name} has {size} bytes, {META_FILE} says {expected}")
         layout = layout_of(meta)
         # Inverted lists are mapped as on-disk lists; a flat index's codes through the mapped-file reader.
-        index = faiss.read_index(os.path.join(folder, layout["index"]),
-                                 faiss.IO_FLAG_MMAP if meta["kind"] == "ivf" else faiss.IO_FLAG_MMAP_IFC)
+        if meta["kind"] == "ivf":
+            index = read_faiss_index(os.path.join(folder, layout["index"]), bool(layout.get("lists")))
+        else:
+            index = faiss.read_index(os.path.join(folder, layout["index"]), faiss.IO_FLAG_MMAP_IFC)
         ids = pa.ipc.open_file(pa.memory_map(os.path.join(folder, layout["ids"]))).read_all()
         refine = None
         if layout["refine"]:

@@ -15,7 +15,9 @@ after it is published, so readers that hold one keep a consistent index while th
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
+import os
 import re
 from typing import Optional
 
@@ -27,10 +29,11 @@ META_FILE = "index.json"  # written last: an index folder without it is incomple
 REFINE_FILE = "refine.f16"
 REFINE_SQ_FILE = "refine.faiss"
 REFINE_ROWS_FILE = "refine.rows"  # (after removals) int64 per id-map row: its row in the re-ranking segments
+LISTS_FILE = "lists.ivfdata"  # (a scaled-out build) the inverted lists on disk, beside the index.faiss naming them
 FORMAT = 2  # index.json "format" of a fresh build (files at the top); 1 was ids.parquet + positions
 FORMAT_LAYOUT = 3  # an updated or rebuilt index: index.json "layout" names the files (in generation folders)
 FORMATS = (FORMAT, FORMAT_LAYOUT)
-DATA_FILES = (INDEX_FILE, IDS_FILE, REFINE_FILE, REFINE_SQ_FILE, REFINE_ROWS_FILE)
+DATA_FILES = (INDEX_FILE, IDS_FILE, REFINE_FILE, REFINE_SQ_FILE, REFINE_ROWS_FILE, LISTS_FILE)
 _GENERATION_RE = re.compile(r"^gen-(\d{6})$")
 
 
@@ -45,6 +48,52 @@ def generation_of(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+@contextlib.contextmanager
+def faiss_stdout_to_stderr():
+    """FAISS's C++ code prints notes about on-disk lists ("resizing ...", "updating ondisk filename ...") on
+    file descriptor 1: send them to stderr while it runs, so that a command's stdout stays its result."""
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def read_faiss_index(path: str, on_disk_lists: bool, mmap_codes: bool = True):
+    """A FAISS index file: inverted lists in a LISTS_FILE beside it (a scaled-out build; found in the file's own
+    folder wherever the folder was moved or cached), or lists and flat codes memory-mapped from the file."""
+    import faiss
+
+    if on_disk_lists:  # the on-disk lists map their file themselves (with IO_FLAG_MMAP as well FAISS crashes)
+        with faiss_stdout_to_stderr():
+            return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+    return faiss.read_index(path, faiss.IO_FLAG_MMAP if mmap_codes else 0)
+
+
+def lists_into_memory(index) -> None:
+    """Replace an index's on-disk inverted lists by in-memory ones holding the same entries (an update edits
+    them and writes them into its own generation; the file the previous generation's readers map is left as
+    it is)."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    src = ivf.invlists
+    if not isinstance(faiss.downcast_InvertedLists(src), faiss.OnDiskInvertedLists):
+        return
+    mem = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    for lst in range(ivf.nlist):
+        size = src.list_size(lst)
+        if size:
+            mem.add_entries(lst, size, src.get_ids(lst), src.get_codes(lst))
+    ivf.replace_invlists(mem, True)
+    mem.this.disown()
+
+
 def layout_of(meta: dict) -> dict:
     """The files of the index that index.json describes (a fresh build's, where it records no layout)."""
     if "layout" in meta:
@@ -52,7 +101,8 @@ def layout_of(meta: dict) -> dict:
     refine = None
     if REFINE_FILE in meta["files"]:
         refine = {"coder": REFINE_SQ_FILE, "segments": [[REFINE_FILE, int(meta["count"])]], "rows": None}
-    return {"index": INDEX_FILE, "ids": IDS_FILE, "refine": refine}
+    return {"index": INDEX_FILE, "ids": IDS_FILE, "refine": refine,
+            **({"lists": LISTS_FILE} if LISTS_FILE in meta["files"] else {})}
 
 
 def map_rows(path: str, shape: tuple[int, int], dtype=np.uint8) -> np.ndarray:

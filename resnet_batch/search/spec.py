@@ -7,8 +7,11 @@ The rules (FAISS's guidelines, as autofaiss applies them):
   target (see tuning.py);
 - optional PCA (an uncentred projection, so inner products = cosines stay unbiased): by default the smallest
   of 64, 128, ... dim/2 dimensions that keeps PCA_VARIANCE of the training sample's variance, else none;
-- codes: the most accurate that fit half the memory budget: SQ8 (1 byte a dimension), SQ4, then PQ with
-  4, 8, 16 ... dimensions a byte. The other half is for training and the chunks in flight;
+- codes: follow the count and the recall target, not a fixed budget: SQ8 (1 byte a stored dimension) for a
+  target of 0.9 or more (what reaches 0.95 recall@10 on photo embeddings after the projection), SQ4 below;
+  with an explicit --max-memory, the most accurate that fit half of it: SQ8, SQ4, then PQ with 4, 8, 16 ...
+  dimensions a byte (the other half is for training and the chunks in flight). `query_memory` says what a
+  query node then needs;
 - re-ranking: the REFINE_K_FACTOR x k best candidates by code are re-scored with float16 full-dimension
   offsets from the mean, kept on disk (memory-mapped, not in the memory budget): embeddings crowd around
   their mean so tightly that 8-bit codes of the full vectors rank their 10th and 11th neighbours no better
@@ -27,7 +30,8 @@ from resnet_batch.schema import EMBEDDING_DIM
 FLAT_MAX = 50_000  # up to this many vectors the index is exact
 IVF_MIN = 1_000  # fewer vectors cannot train an inverted file
 KINDS = ("auto", "flat", "ivf")
-DEFAULT_MAX_MEMORY = 4 * 2**30
+DEFAULT_MAX_MEMORY = None  # no budget: the codes follow the count and the recall target (code_for_target)
+SQ8_TARGET = 0.9  # recall targets from here on get 8-bit codes; lower ones 4-bit
 PCA_AUTO = -1  # --pca auto: chosen from the training sample's spectrum (resolve_pca)
 PCA_VARIANCE = 0.99  # the share of variance an automatic projection must keep
 ID_BYTES = 8  # every stored vector carries its 64-bit id
@@ -88,17 +92,28 @@ class IndexSpec:
     def as_dict(self) -> dict:
         return {**asdict(self), "factory": self.factory}
 
+    def query_memory(self, n: int, id_map_bytes: int = 0, refine_bytes: int = 0) -> dict:
+        """What a node serving n vectors of this spec needs: the lists (codes and ids; memory-mapped, to be held in
+        the page cache for full speed), the coarse quantizer and projection (in the heap), the id map (mapped,
+        paged in by lookups) and the re-ranking rows (on disk, read a few rows a query)."""
+        lists = n * self.bytes_per_vector() if self.kind == "ivf" else n * (4 * self.dim + ID_BYTES)
+        heap = self.nlist * self.stored_dim * 4 + (self.dim * self.pca * 4 if self.pca > 0 else 0)
+        return {"lists_bytes": int(lists), "heap_bytes": int(heap), "id_map_bytes": int(id_map_bytes),
+                "refine_bytes_on_disk": int(refine_bytes), "ram_bytes": int(lists + heap + id_map_bytes)}
+
     @classmethod
-    def choose(cls, n: int, *, kind: str = "auto", dim: int = EMBEDDING_DIM, max_memory: int = DEFAULT_MAX_MEMORY,
-               pca: int | None = None, flat_max: int = FLAT_MAX) -> "IndexSpec":
-        """The spec for n vectors of `dim` dimensions within `max_memory` bytes (pca None: the default)."""
+    def choose(cls, n: int, *, kind: str = "auto", dim: int = EMBEDDING_DIM,
+               max_memory: Optional[int] = DEFAULT_MAX_MEMORY, pca: int | None = None, flat_max: int = FLAT_MAX,
+               target_recall: float = 0.95) -> "IndexSpec":
+        """The spec for n vectors of `dim` dimensions (pca None: the default): codes for `target_recall`, or
+        the most accurate within `max_memory` bytes where a budget is given."""
         if kind not in KINDS:
             raise SimilarityIndexError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
         if kind == "auto":
-            fits = n * (4 * dim + ID_BYTES) <= max_memory // 2
+            fits = max_memory is None or n * (4 * dim + ID_BYTES) <= max_memory // 2
             kind = "flat" if (n <= max(flat_max, IVF_MIN - 1) and fits) or n < IVF_MIN else "ivf"
         if kind == "flat":
-            if n * (4 * dim + ID_BYTES) > max_memory:
+            if max_memory is not None and n * (4 * dim + ID_BYTES) > max_memory:
                 raise SimilarityIndexError(f"an exact index of {n} vectors needs {_gib(n * (4 * dim + ID_BYTES))}, "
                                            f"over --max-memory {_gib(max_memory)}; use --kind ivf")
             return cls("flat", dim, 0, 0, "Flat", 0)
@@ -112,18 +127,40 @@ class IndexSpec:
         stored = dim if out == PCA_AUTO else out or dim  # auto is sized for the worst case: no projection
         nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
         nlist = int(max(16, min(65536, nlist, 2 ** math.floor(math.log2(n / 39)))))
-        budget = max_memory // 2
-        for code in _codes(stored):
-            if n * (code_bytes(code, stored) + ID_BYTES) <= budget:
-                break
+        if max_memory is None:
+            code = code_for_target(target_recall)
         else:
-            smallest = n * (code_bytes(code, stored) + ID_BYTES)
-            raise SimilarityIndexError(f"{n} vectors need at least {_gib(2 * smallest)} of --max-memory "
-                                       f"(codes {code}: {_gib(smallest)}, as much again to build); "
-                                       f"got {_gib(max_memory)}")
+            code = _within_budget(n, stored, max_memory)
         pq_min = 256 * 39 if code.startswith("PQ") else 0  # 256 centroids per sub-space
         train = int(min(n, max(40 * nlist, pq_min), TRAIN_MAX))
         return cls("ivf", dim, out, nlist, code, train, REFINE_K_FACTOR)
+
+
+def query_node_line(q: dict) -> str:
+    """What a query node needs, in one line (the build prints it; index.json "query_node" records it)."""
+    g = 2**30
+    return (f"a query node needs {q['ram_bytes'] / g:.2f} GiB of memory for full speed: lists "
+            f"{q['lists_bytes'] / g:.2f} GiB (memory-mapped), quantizer and projection {q['heap_bytes'] / g:.2f} GiB, "
+            f"id map {q['id_map_bytes'] / g:.2f} GiB (memory-mapped); and {q['refine_bytes_on_disk'] / g:.2f} GiB of "
+            "re-ranking rows on disk or object storage (a few rows read a query)")
+
+
+def code_for_target(target_recall: float) -> str:
+    """The codes a recall target needs when no budget is given: the coarse codes only pick the candidates that
+    re-ranking then scores, so 8 bits a projected dimension reach 0.95 recall@10 (measured at 1M and 3M photo
+    vectors, docs/search.md) whatever the count; 4 bits suffice for targets under SQ8_TARGET."""
+    return "SQ8" if target_recall >= SQ8_TARGET else "SQ4"
+
+
+def _within_budget(n: int, stored: int, max_memory: int) -> str:
+    """The most accurate codes whose n vectors fit half of max_memory."""
+    budget = max_memory // 2
+    for code in _codes(stored):
+        if n * (code_bytes(code, stored) + ID_BYTES) <= budget:
+            return code
+    smallest = n * (code_bytes(code, stored) + ID_BYTES)
+    raise SimilarityIndexError(f"{n} vectors need at least {_gib(2 * smallest)} of --max-memory "
+                               f"(codes {code}: {_gib(smallest)}, as much again to build); got {_gib(max_memory)}")
 
 
 @dataclass(frozen=True)
@@ -132,7 +169,7 @@ class IndexOptions:
     recorded ones where the command line gives none: the nightly command need not repeat how it was built."""
 
     kind: str = "auto"
-    max_memory: int = DEFAULT_MAX_MEMORY
+    max_memory: Optional[int] = DEFAULT_MAX_MEMORY  # None: codes from the count and the recall target
     pca: int = PCA_AUTO  # stored dimensions, 0: none, PCA_AUTO: chosen from the spectrum (None reads as auto)
     flat_max: int = FLAT_MAX
     target_recall: float = 0.95
@@ -205,7 +242,7 @@ def decide(meta: dict, after: int, kept: int, options: IndexOptions) -> Decision
     longer fit the budget; otherwise the lists, projection and codes stay and only vectors move."""
     spec, before = meta["spec"], int(meta["count"])
     wanted = IndexSpec.choose(after, kind=options.kind, dim=spec["dim"], max_memory=options.max_memory,
-                              pca=options.pca, flat_max=options.flat_max)
+                              pca=options.pca, flat_max=options.flat_max, target_recall=options.target_recall)
     if wanted.kind != spec["kind"]:
         return Decision(True, _crossing(spec["kind"], before, after, options))
     if spec["kind"] == "flat":
@@ -223,7 +260,7 @@ def decide(meta: dict, after: int, kept: int, options: IndexOptions) -> Decision
                               "trained for")
     if 2 * kept < after:
         return Decision(True, f"most vectors would be new ({kept:,} of {after:,} kept)")
-    if need > options.max_memory // 2:
+    if options.max_memory is not None and need > options.max_memory // 2:
         return Decision(True, f"{spec['code']} codes of {after:,} vectors need {_gib(need)}, over half of "
                               f"--max-memory ({_gib(options.max_memory)})")
     return Decision(False, f"no retraining ({ivf} trained for {trained:,}, now {after:,})")

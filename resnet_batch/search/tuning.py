@@ -28,8 +28,14 @@ class ExactTopK:
         if not len(self.queries) or not len(vectors):
             return
         sims = matmul_t(self.queries, vectors)
-        scores = np.concatenate([self.scores, sims], axis=1)
-        cand = np.concatenate([self.ids, np.broadcast_to(np.asarray(ids, np.int64), sims.shape)], axis=1)
+        self.merge(sims, np.broadcast_to(np.asarray(ids, np.int64), sims.shape))
+
+    def merge(self, scores: np.ndarray, ids: np.ndarray) -> None:
+        """Fold in candidates (scores and ids per query), e.g. another ExactTopK's result over other vectors."""
+        if not len(self.queries) or not scores.shape[1]:
+            return
+        cand = np.concatenate([self.ids, ids], axis=1)
+        scores = np.concatenate([self.scores, scores], axis=1)
         top = np.argpartition(-scores, self.k - 1, axis=1)[:, :self.k] if scores.shape[1] > self.k else \
             np.broadcast_to(np.arange(scores.shape[1]), (len(scores), scores.shape[1]))
         self.scores = np.take_along_axis(scores, top, axis=1)

@@ -29,9 +29,9 @@ from resnet_batch.search.build import (TUNE_K, BuildSource, IdMapWriter, add_par
                                       fold_folders, history_entry, image_roots, stderr_log, tune_index)
 from resnet_batch.search.changes import Changes, find_changes
 from resnet_batch.search.folder import UPDATE_PREFIX, Staging
-from resnet_batch.search.layout import (FORMATS, IDS_FILE, INDEX_FILE, META_FILE, REFINE_FILE, REFINE_ROWS_FILE,
-                                       REFINE_SQ_FILE, RefineRows, generation_dir, layout_of, map_rows,
-                                       open_refine_rows)
+from resnet_batch.search.layout import (FORMATS, IDS_FILE, INDEX_FILE, LISTS_FILE, META_FILE, REFINE_FILE, REFINE_ROWS_FILE,
+                                       REFINE_SQ_FILE, RefineRows, generation_dir, layout_of, lists_into_memory,
+                                       map_rows, open_refine_rows, read_faiss_index)
 from resnet_batch.search.spec import IndexOptions, decide
 from resnet_batch.storage import filesystem
 from resnet_batch.search.tuning import ExactTopK
@@ -71,21 +71,31 @@ class Outcome:
 
 
 def index_embeddings(uris: Sequence[str], out: str, given: Optional[dict] = None, *, rebuild: bool = False,
-                     storage_options: Optional[dict] = None, log: Callable[[str], None] = stderr_log) -> Outcome:
+                     storage_options: Optional[dict] = None, log: Callable[[str], None] = stderr_log,
+                     scale=None) -> Outcome:
     """Index the embeddings under `uris` into `out`: a new index, or the one there brought up to date (options
-    not `given` are the ones it recorded); `rebuild` builds it again whatever changed."""
+    not `given` are the ones it recorded); `rebuild` builds it again whatever changed. With `scale` (a
+    scaleout.ScaleOut), builds and rebuilds run as Ray tasks (an update reads only the changed parts: one
+    process)."""
     from resnet_batch.output.lock import OutputLock
     from resnet_batch.output.store import OutputStore
 
     opts = dict(storage_options or {})
     if existing_meta(out, opts) is None:
-        meta = build_index(uris, out, storage_options=opts, log=log, **IndexOptions.given(**(given or {})).as_dict())
+        if scale is not None:
+            from resnet_batch.search.scaleout import build_index_ray
+
+            meta = build_index_ray(uris, out, IndexOptions.given(**(given or {})), scale, storage_options=opts,
+                                   log=log)
+        else:
+            meta = build_index(uris, out, storage_options=opts, log=log,
+                               **IndexOptions.given(**(given or {})).as_dict())
         return Outcome("built", "new index", meta)
     with OutputLock(OutputStore(out, opts), on_takeover=log):
         previous = read_meta(out, opts)  # again, under the lock
         options = IndexOptions.given(previous.get("options"), **(given or {}))
         options.check()
-        target = Target(tuple(uris), out, opts, previous, options, log)
+        target = Target(tuple(uris), out, opts, previous, options, log, scale)
         if rebuild:
             return _rebuild(target, "--rebuild asked")
         if not previous.get("part_stamps"):
@@ -114,6 +124,7 @@ class Target:
     previous: dict  # index.json as it was
     options: IndexOptions
     log: Callable[[str], None]
+    scale: object = None  # scaleout.ScaleOut: rebuild with Ray tasks
 
     @property
     def generation(self) -> int:
@@ -148,15 +159,21 @@ def retune_reason(previous: dict, after: int, options: IndexOptions) -> Optional
 
 def _rebuild(target: Target, reason: str) -> Outcome:
     """A full build (training included), published as the next generation."""
-    source = BuildSource.scan(target.uris, target.options, target.opts)
     with Staging(target.out, target.opts, prefix=UPDATE_PREFIX) as stage:
-        meta = build_into(stage, source, target.options, target.opts, target.log)
+        if target.scale is not None:
+            from resnet_batch.search.scaleout import build_into_ray
+
+            meta = build_into_ray(stage, target.uris, target.options, target.scale, target.opts, target.log)
+        else:
+            source = BuildSource.scan(target.uris, target.options, target.opts)
+            meta = build_into(stage, source, target.options, target.opts, target.log)
         meta["generation"] = target.generation
         folder = generation_dir(meta["generation"])
         refine = {"coder": f"{folder}/{REFINE_SQ_FILE}", "segments": [[f"{folder}/{REFINE_FILE}", meta["count"]]],
                   "rows": None}
         meta["layout"] = {"index": f"{folder}/{INDEX_FILE}", "ids": f"{folder}/{IDS_FILE}",
-                          "refine": refine if source.spec.refine else None}
+                          "refine": refine if meta["spec"]["refine"] else None,
+                          **({"lists": f"{folder}/{LISTS_FILE}"} if os.path.exists(stage.path(LISTS_FILE)) else {})}
         meta["history"] = [*target.previous.get("history", []),
                            history_entry(meta, "rebuild", reason, meta["build_s"])]
         stage.publish_generation(meta, target.previous)
@@ -171,7 +188,9 @@ def _update(target: Target, folder: str, ids: pa.Table, changes: Changes, reason
     t0 = time.perf_counter()
     out, previous, generation = target.out, target.previous, target.generation
     layout = layout_of(previous)
-    index = faiss.read_index(os.path.join(folder, layout["index"]))  # in memory: it is written again
+    index = read_faiss_index(os.path.join(folder, layout["index"]), bool(layout.get("lists")), mmap_codes=False)
+    if layout.get("lists"):
+        lists_into_memory(index)  # in memory: it is written again, into this generation
     if len(changes.removed) and index.remove_ids(faiss.IDSelectorBatch(changes.removed)) != len(changes.removed):
         raise SimilarityIndexError(f"the index at {out} does not hold every id its id map lists; rebuild it "
                                    "with --rebuild")

@@ -1,0 +1,108 @@
+"""The index build scaled out on Ray against the single-process build on the same vectors: same ids, same
+training, recall within 0.01; its on-disk lists opened in place, and updated into a generation of its own."""
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from resnet_batch.cli import main
+from resnet_batch.search.build import build_index
+from resnet_batch.search.index import SimilarityIndex, normalize
+from resnet_batch.search.scaleout import ScaleOut, build_index_ray
+from resnet_batch.search.spec import IndexOptions
+from resnet_batch.search.update import index_embeddings
+from tests.search_helpers import brute_force, clustered_vectors, one_faiss_thread, write_part  # noqa: F401
+
+QUIET = {"log": lambda m: None}
+PARTS, ROWS = 6, 1000
+
+
+@pytest.fixture(scope="module")
+def two_builds(tmp_path_factory, ray_local):
+    """6,000 clustered vectors in 6 parts (one with failed rows), indexed by one process and by Ray tasks."""
+    root = tmp_path_factory.mktemp("scaleout")
+    vectors = clustered_vectors(PARTS * ROWS + 500, seed=11)
+    held_out, vectors = vectors[-500:], vectors[:-500]
+    ids = [f"img/{i:05d}.jpg" for i in range(len(vectors))]
+    for p in range(PARTS):
+        rows = slice(p * ROWS, (p + 1) * ROWS)
+        status = ["ok"] * ROWS if p != 3 else ["ok"] * (ROWS - 10) + ["decode_error"] * 10
+        write_part(root / "emb" / f"part-{p:06d}.parquet", ids[rows], vectors[rows], status=status)
+    ok = np.ones(len(vectors), dtype=bool)
+    ok[4 * ROWS - 10:4 * ROWS] = False
+    options = IndexOptions(kind="ivf", tune_queries=400)
+    single = build_index([str(root / "emb")], str(root / "single"), **options.as_dict(), **QUIET)
+    scaled = build_index_ray([str(root / "emb")], str(root / "scaled"), options,
+                             ScaleOut(tasks=4, rows_per_task=1500), **QUIET)
+    return root, vectors[ok], np.array(ids, dtype=object)[ok], held_out, single, scaled
+
+
+def test_distributed_build_equals_the_single_process_build(two_builds):
+    root, vectors, ids, held_out, single, scaled = two_builds
+    assert scaled["count"] == single["count"] == len(ids) == 5990
+    assert scaled["factory"] == single["factory"] and scaled["spec"] == single["spec"]
+    assert scaled["scaled_out"]["add_tasks"] == 3 and scaled["next_id"] == single["next_id"]
+    assert sorted(scaled["files"]) == ["ids.arrow", "index.faiss", "lists.ivfdata", "refine.f16", "refine.faiss"]
+    codes = 5990 * (scaled["spec"]["pca"] + 8)  # SQ8 of the projection and a 64-bit id a vector
+    assert scaled["files"]["lists.ivfdata"] == codes  # the codes are in the lists file, not index.faiss:
+    assert single["files"]["index.faiss"] - scaled["files"]["index.faiss"] >= 0.99 * codes
+    assert scaled["part_uris"] == single["part_uris"] and scaled["part_stamps"] == single["part_stamps"]
+    assert scaled["query_node"]["lists_bytes"] == 5990 * scaled["spec"]["pca"] + 5990 * 8
+    a, b = SimilarityIndex.open(str(root / "single")), SimilarityIndex.open(str(root / "scaled"))
+    # same ids: every image has the same 64-bit id and id-map row in both
+    assert a.ids.select(["id", "image_id", "path", "label", "part"]).equals(
+        b.ids.select(["id", "image_id", "path", "label", "part"]))
+    assert (a.ids.column("image_id").to_pylist() == list(ids))
+    # same training and the same codes: the same answers, and the same recall against exact search
+    assert a.nprobe == b.nprobe == scaled["nprobe"]
+    _, exact = brute_force(vectors, held_out, 10)
+    recall = []
+    for index in (a, b):
+        _, found = index.search(held_out, 10)
+        rows = index.rows_of(found)
+        recall.append(np.mean([len(set(r) & set(e)) / 10 for r, e in zip(rows, exact)]))
+    assert abs(recall[0] - recall[1]) <= 0.01 and recall[1] >= 0.9, recall
+    _, fa = a.search(held_out[:50], 10)
+    _, fb = b.search(held_out[:50], 10)
+    assert np.mean(fa == fb) >= 0.99
+    # an indexed image's own vector finds it first, through the on-disk lists
+    scores, found = b.search(b.vector("img/00042.jpg")[None, :], 1)
+    assert b.image_ids(found)[0, 0] == "img/00042.jpg" and scores[0, 0] > 0.999
+
+
+def test_an_update_of_the_scaled_out_index_writes_its_own_generation(two_builds, tmp_path):
+    root = two_builds[0]
+    import shutil
+
+    emb, idx = tmp_path / "emb", tmp_path / "idx"
+    shutil.copytree(root / "emb", emb)
+    build_index_ray([str(emb)], str(idx), IndexOptions(kind="ivf", tune_queries=200), ScaleOut(tasks=2), **QUIET)
+    lists_before = (idx / "lists.ivfdata").stat()
+    (emb / "part-000005.parquet").unlink()  # one part deleted, one new
+    new = clustered_vectors(300, seed=99)
+    write_part(emb / "part-000006.parquet", [f"new/{i}.jpg" for i in range(300)], new)
+    outcome = index_embeddings([str(emb)], str(idx), **QUIET)
+    assert outcome.action == "updated" and (outcome.added, outcome.removed) == (300, 1000)
+    meta = json.loads((idx / "index.json").read_text())
+    assert meta["layout"]["index"] == "gen-000001/index.faiss" and "lists" not in meta["layout"]
+    # the previous generation's lists file was not touched (its readers still map it)
+    after = (idx / "lists.ivfdata").stat()
+    assert (after.st_size, after.st_mtime_ns) == (lists_before.st_size, lists_before.st_mtime_ns)
+    index = SimilarityIndex.open(str(idx))
+    assert len(index) == 5990 - 1000 + 300
+    _, found = index.search(normalize(new[:5]), 1)
+    assert index.image_ids(found)[:, 0].tolist() == [f"new/{i}.jpg" for i in range(5)]
+
+
+def test_cli_index_ray(two_builds, tmp_path, capsys, monkeypatch):
+    root = two_builds[0]
+    code = main(["index", "--embeddings", str(root / "emb"), "--out", str(tmp_path / "idx"), "--ray",
+                 "--kind", "ivf", "--tasks", "2", "--tune-queries", "200"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.startswith("indexed 5990 images (PCA") and captured.out.count("\n") == 1
+    assert "a query node needs" in captured.err and "on Ray (" in captured.err
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert meta["scaled_out"]["add_tasks"] == 2 and "lists.ivfdata" in meta["files"]
