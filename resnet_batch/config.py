@@ -37,6 +37,9 @@ class InputConfig(_Section):
                                                        "this are refused unread.")
     jpeg_draft: bool = True
     limit: Optional[int] = Field(None, ge=1, description="Folder input: only the first N images listed (trial runs).")
+    inventory: Optional[str] = Field(
+        None, description="A file list to read instead of listing input.uri: an S3 Inventory manifest.json (CSV, "
+                          "Parquet or ORC), or Parquet/CSV file(s) with key, size, last-modified and ETag columns.")
 
     @model_validator(mode="after")
     def _lower_extensions(self) -> "InputConfig":

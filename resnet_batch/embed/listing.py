@@ -144,6 +144,10 @@ def list_entries(cfg: InputConfig, retry_window_s: float = 300.0) -> InputListin
     A root that is one file lists as that file (the root becomes its folder). Raises InputError when the
     root cannot be listed at all; a transient failure later in the walk is retried for `retry_window_s`.
     """
+    if cfg.inventory:  # a file list instead of a listing (see inventory.py)
+        from resnet_batch.embed.inventory import inventory_listing
+
+        return inventory_listing(cfg.inventory, dict(cfg.storage_options), cfg.uri)
     fs, root = filesystem(cfg.uri, dict(cfg.storage_options))
     protocol = protocols(fs)[0]
     try:
@@ -289,6 +293,81 @@ def _s3_pages(fs, root: str, window_s: float) -> Iterator[pa.Table]:
     finally:
         stop.set()
         future.cancel()
+
+
+# -- listing in tasks ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrefixLister:
+    """Some prefixes of an S3 input, listed by whoever calls it (a Ray task): pages of ENTRY_SCHEMA, relative
+    to the input root. A unit is (prefix, deep): deep lists everything under the prefix in one flat
+    ListObjectsV2 stream, else only the keys directly in it (its sub-prefixes are units of their own)."""
+
+    uri: str
+    storage_options: dict
+    units: tuple[tuple[str, bool], ...]
+    retry_window_s: float = 300.0
+
+    def __call__(self) -> Iterator[pa.Table]:
+        from fsspec.asyn import sync
+
+        fs, root = filesystem(self.uri, dict(self.storage_options))
+        bucket, key, _ = fs.split_path(root)
+        base = f"{key.rstrip('/')}/" if key else ""
+        for prefix, deep in self.units:
+            kwargs = dict(Bucket=bucket, Prefix=prefix, **fs.req_kw)
+            if not deep:
+                kwargs["Delimiter"] = "/"
+            while True:
+                resp = retrying(lambda: sync(fs.loop, fs._call_s3, "list_objects_v2", **kwargs), self.retry_window_s,
+                                f"listing s3://{bucket}/{prefix}")
+                items = [(c["Key"][len(base):], {"size": c.get("Size"), "ETag": c.get("ETag")})
+                         for c in resp.get("Contents", ()) if not c["Key"].endswith("/")]
+                if items:
+                    yield _page(items)
+                if not resp.get("IsTruncated"):
+                    break
+                kwargs["ContinuationToken"] = resp["NextContinuationToken"]
+
+
+def s3_units(uri: str, storage_options: dict, want: int, retry_window_s: float = 300.0,
+             max_depth: int = 3) -> list[tuple[str, bool]]:
+    """The input's prefixes cut into about `want` listing units, one delimiter level at a time from the root
+    (the driver lists only the levels it opens; the keys of a level stay a unit of their own)."""
+    from fsspec.asyn import sync
+
+    fs, root = filesystem(uri, dict(storage_options))
+    bucket, key, _ = fs.split_path(root)
+    deep: list[str] = [f"{key.rstrip('/')}/" if key else ""]
+    flat: list[str] = []
+    for _ in range(max_depth):
+        if len(deep) + len(flat) >= want:
+            break
+        opened, deep = deep, []
+        for prefix in opened:
+            kwargs = dict(Bucket=bucket, Prefix=prefix, Delimiter="/", **fs.req_kw)
+            files = False
+            while True:
+                resp = retrying(lambda: sync(fs.loop, fs._call_s3, "list_objects_v2", **kwargs), retry_window_s,
+                                f"listing s3://{bucket}/{prefix}")
+                files = files or bool(resp.get("Contents"))
+                deep.extend(c["Prefix"] for c in resp.get("CommonPrefixes", ()))
+                if not resp.get("IsTruncated"):
+                    break
+                kwargs["ContinuationToken"] = resp["NextContinuationToken"]
+            if files:
+                flat.append(prefix)
+        if not deep:
+            break
+    return [(p, False) for p in flat] + [(p, True) for p in deep]
+
+
+def listing_tasks(uri: str, storage_options: dict, tasks: int, retry_window_s: float = 300.0) -> list[PrefixLister]:
+    """The S3 input's listing cut into `tasks` listers (units dealt round-robin, each lister a Ray task)."""
+    units = s3_units(uri, storage_options, 4 * tasks, retry_window_s)
+    groups = [tuple(units[i::tasks]) for i in range(tasks)]
+    return [PrefixLister(uri, dict(storage_options), g, retry_window_s) for g in groups if g]
 
 
 # -- shards --------------------------------------------------------------------------------------
