@@ -31,3 +31,39 @@ class PoisonEmbedder(StandInEmbedder):
         if (flat.max(axis=1) == 0).any():
             raise RuntimeError("poison: an all-black image makes this model raise")
         return super().embed(pixels)
+
+
+class _TimedDevice:
+    """One device: a batch takes `batch_s` (a sleep, so the GIL is free as during a CUDA kernel), one batch
+    at a time whoever calls (its own lock, like a device's queue)."""
+
+    def __init__(self, batch_s: float):
+        import threading
+
+        self.batch_s, self.busy = batch_s, threading.Lock()
+        self.device = torch.device("cpu")
+
+    def embed(self, pixels):
+        import time
+
+        x = np.asarray(pixels)
+        with self.busy:
+            time.sleep(self.batch_s)
+        emb = torch.zeros(len(x), 2048)
+        emb[:, 0] = torch.from_numpy(x[:, 0, 0, 0].astype(np.float32))  # tells images apart, at no cost
+        logits = torch.zeros(len(x), 1000)
+        logits[:, 0] = 1.0
+        return emb, logits
+
+
+class DeviceStandIn:
+    """A device-like stand-in model (benchmarks and tests only, through runner.run(embedder=...) or
+    ActorSettings): a fixed time per batch with the GIL released. Its ceiling is batch_size / batch_s images/s.
+    DEVICE_LIKE makes the pool pipeline its actors as it does GPU actors."""
+
+    def __init__(self, batch_s: float, device_like: bool = True):
+        self.batch_s = batch_s
+        self.DEVICE_LIKE = device_like
+
+    def __call__(self, state_dict, spec, device):
+        return _TimedDevice(self.batch_s)

@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -107,9 +107,10 @@ class EmbedActor:
     """A model actor: takes blocks of decoded chunks, runs ResNet-50 in sub-batches of batch_size, writes each
     chunk's part itself (atomically, under its deterministic name) and returns one small record per chunk.
 
-    On a GPU two calls run at once (the driver keeps up to three in flight): one computes while the other
-    encodes and uploads its part; the model itself runs one call at a time (a lock). On CPUs one call runs at
-    a time (see pool.py). The weights arrive with `ready()`, which the driver calls when the actor starts and
+    A call prepares its chunk on the host (crops, pinning), runs the model under a lock (only the forward
+    pass holds it), then builds and writes its part; on a GPU several calls run at once (pool.py), so one
+    prepares and another writes while the device computes, and uploads overlap compute on a copy stream.
+    On CPUs one call runs at a time (the forward pass takes every core). The weights arrive with `ready()`, which the driver calls when the actor starts and
     again whenever Ray has restarted it.
     """
 
@@ -123,7 +124,8 @@ class EmbedActor:
         self.node = _node_name()
         self.pid = os.getpid()
         self.actor_id = _actor_id()
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the model runs one call at a time; preparation and writing overlap it
+        self._stream = None  # see _copy_stream
         self.fs, self.root = s.output.fs()
 
     def ready(self, weights) -> dict:
@@ -181,10 +183,7 @@ class EmbedActor:
         if not len(images):  # an empty last chunk: nothing to write, but the shard's chunk count arrives
             record["written_at"] = time.time()
             return record
-        t0 = time.perf_counter()
-        with self.lock:
-            table = self._rows(images)
-        record["model_s"] = time.perf_counter() - t0
+        table, record["model_s"] = self._rows(images)  # the forward pass alone, not the wait for the lock
         t1 = time.perf_counter()
         name = part_name(shard, chunk)
         out = self.settings.output
@@ -204,29 +203,71 @@ class EmbedActor:
         keep = old.filter(pc.invert(pc.is_in(old.column("image_id"), new.column("image_id"))))
         return pa.concat_tables([keep.select(schema.names).cast(schema), new.select(schema.names).cast(schema)])
 
-    def _rows(self, images: pa.Table) -> pa.Table:
-        """Output rows for a chunk's images: the forward pass in sub-batches, then labels and embeddings."""
-        s = self.settings
-        n = len(images)
+    def _rows(self, images: pa.Table) -> tuple[pa.Table, float]:
+        """Output rows for a chunk's images: host-side preparation, the forward pass in sub-batches (the only
+        part that holds the model lock, so other calls prepare and write while the device computes), then
+        labels and embeddings as Arrow columns. Returns the table and the seconds of the forward pass."""
+        prepared = self._prepare(images)
+        with self.lock:
+            t0 = time.perf_counter()
+            emb, ids, probs = self._infer(prepared)
+            device_s = time.perf_counter() - t0
+        return self._assemble(images, prepared, emb, ids, probs), device_s
+
+    def _prepare(self, images: pa.Table) -> dict:
+        """Host-side work before the device: the rows' status, sizes and crops (a view of the block's
+        buffer); for compute.gpu_decode the JPEG bytes are decoded on the device, so that step is inside."""
         status = np.array(images.column("status").to_pylist(), dtype=object)
         error = np.array(images.column("error").to_pylist(), dtype=object)
         width, height = images.column("width").to_numpy().copy(), images.column("height").to_numpy().copy()
         ok = status == STATUS_OK
-        if "pixels" in images.column_names:
-            pixels = crops_of(images.column("pixels"), ok, s.spec.crop_size)
-        else:  # compute.gpu_decode: JPEG bytes, decoded on this actor's device
-            pixels, ok = self._decode_bytes(images, status, error, ok, width, height)
+        pixels = crops_of(images.column("pixels"), ok, self.settings.spec.crop_size) \
+            if "pixels" in images.column_names else None
+        if pixels is not None and self.device == "cuda" and len(pixels):
+            # page-locked here, outside the lock, so the device's uploads are asynchronous DMA
+            pixels = torch.from_numpy(np.ascontiguousarray(pixels)).pin_memory()
+        return {"images": images, "status": status, "error": error, "width": width, "height": height, "ok": ok,
+                "pixels": pixels}
+
+    def _infer(self, p: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The device part (called under the lock): embeddings, top-k ids and probabilities of the ok rows."""
+        s = self.settings
+        if p["pixels"] is None:  # compute.gpu_decode: JPEG bytes, decoded on this actor's device
+            p["pixels"], p["ok"] = self._decode_bytes(p["images"], p["status"], p["error"], p["ok"], p["width"],
+                                                      p["height"])
+        pixels, ok = p["pixels"], p["ok"]
+        n_ok = int(ok.sum())
+        emb = np.empty((n_ok, EMBEDDING_DIM), dtype=np.float32)
+        ids = np.empty((n_ok, s.topk), dtype=np.int32)
+        probs = np.empty((n_ok, s.topk), dtype=np.float32)
+        batches = _uploads(pixels, s.batch_size, self._copy_stream())
+        for start, batch in zip(range(0, n_ok, s.batch_size), batches):
+            e, logits = self.embedder.embed(batch)
+            top = torch.softmax(logits.float(), dim=1).topk(s.topk, dim=1)
+            end = start + len(e)
+            emb[start:end] = e.cpu().numpy()
+            ids[start:end] = top.indices.cpu().numpy()
+            probs[start:end] = top.values.cpu().numpy()
+        return emb, ids, probs
+
+    def _copy_stream(self):
+        """On a GPU, the CUDA stream that uploads batches while the default stream computes (one per actor)."""
+        if self.device != "cuda":
+            return None
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
+    def _assemble(self, images: pa.Table, p: dict, emb_ok, ids_ok, probs_ok) -> pa.Table:
+        """The output table (outside the lock): results scattered to their rows, failed rows null."""
+        s = self.settings
+        ok, status, error, width, height = p["ok"], p["status"], p["error"], p["width"], p["height"]
+        n = len(images)
+        rows = np.flatnonzero(ok)
         emb = np.zeros((n, EMBEDDING_DIM), dtype=np.float32)
         ids = np.zeros((n, s.topk), dtype=np.int32)
         probs = np.zeros((n, s.topk), dtype=np.float32)
-        rows = np.flatnonzero(ok)
-        for start in range(0, len(rows), s.batch_size):
-            e, logits = self.embedder.embed(pixels[start:start + s.batch_size])
-            top = torch.softmax(logits.float(), dim=1).topk(s.topk, dim=1)
-            at = rows[start:start + s.batch_size]
-            emb[at] = e.cpu().numpy()
-            ids[at] = top.indices.cpu().numpy()
-            probs[at] = top.values.cpu().numpy()
+        emb[rows], ids[rows], probs[rows] = emb_ok, ids_ok, probs_ok
         k = s.topk
         offsets = pa.array(np.arange(n + 1, dtype=np.int32) * k)
         mask = pa.array(~ok)
@@ -262,6 +303,29 @@ class EmbedActor:
         error[failed] = np.array(out.error, dtype=object)[failed]
         width[failed], height[failed] = -1, -1  # unknown for a failed image, as on the CPU path
         return out.pixels, out.ok
+
+
+def _uploads(pixels, batch_size: int, stream) -> "Iterator":
+    """The sub-batches of a chunk's crops as the model takes them. With a copy stream (a GPU and pinned host
+    crops), every sub-batch's upload is queued on that stream at once, and each batch is handed over only
+    after the compute stream waits for its copy: batch k+1 travels over PCIe while batch k computes."""
+    n = len(pixels)
+    if stream is None or not isinstance(pixels, torch.Tensor) or pixels.device.type != "cpu":
+        for start in range(0, n, batch_size):
+            yield pixels[start:start + batch_size]
+        return
+    pending = []
+    with torch.cuda.stream(stream):
+        for start in range(0, n, batch_size):
+            x = pixels[start:start + batch_size].to("cuda", non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+            pending.append((x, done))
+    compute = torch.cuda.current_stream()
+    for x, done in pending:
+        compute.wait_event(done)
+        x.record_stream(compute)  # the allocator must not reuse x's memory before compute is done with it
+        yield x
 
 
 def _actor_device(use_gpu: bool, require_cuda: bool) -> str:

@@ -1,7 +1,7 @@
 """pool module: the model actors: started, watched, restarted by Ray, grown with the work, stopped at the end.
 
-Each actor on a GPU runs two calls at once (compute while the previous part uploads), one on CPUs, and gets
-one more in flight (its block is fetched while the others run). The pool starts `min_actors` and adds one
+Each actor on a GPU runs three calls at once (one computes while the others prepare crops or write parts),
+one on CPUs, and gets one more in flight (its block is fetched while the others run). The pool starts `min_actors` and adds one
 when blocks have been waiting for every actor for a while, up to `max_actors`: an actor that asks for a GPU
 no node has makes the cluster autoscaler add a GPU node, as Ray Data's own actor pools do.
 """
@@ -15,10 +15,12 @@ import ray
 
 from resnet_batch.embed.model import ActorSettings, EmbedActor
 
-# Calls an actor runs at once: on a GPU two, so one computes while the other encodes and uploads its part; on
-# CPUs one, since there the part's encoding would take cores from the forward pass (embed runs over 400
-# photos on 2 cores: steady 44-47 img/s with one call at a time, 34-37 with two). One more call waits in flight with its block fetched.
-GPU_CONCURRENCY, CPU_CONCURRENCY = 2, 1
+# Calls an actor runs at once: on a device three, so that while one holds the model (the forward pass only),
+# another prepares its crops and a third builds and writes its part, and the device never waits for the host;
+# on CPUs one, since there the host work would take cores from the forward pass (embed runs over 400
+# photos on 2 cores: steady 44-47 img/s with one call at a time, 34-37 with two). One more call waits in
+# flight with its block fetched.
+GPU_CONCURRENCY, CPU_CONCURRENCY = 3, 1
 GROW_AFTER_S = 5.0  # blocks waiting this long for busy actors: add one
 MIN_ACTORS_WAIT_S = 30.0  # at the start, wait this long after the first actor for the other min_actors
 
@@ -41,7 +43,9 @@ class ModelPool:
                  num_gpus: float):
         self.settings, self.weights = settings, weights  # weights: an ObjectRef of the state dict
         self.min, self.max = min_actors, max_actors
-        concurrency = GPU_CONCURRENCY if num_gpus else CPU_CONCURRENCY
+        # a device-like stand-in (benchmarks, Python API only) is pipelined as a GPU would be
+        device = bool(num_gpus) or bool(getattr(settings.embedder, "DEVICE_LIKE", False))
+        concurrency = GPU_CONCURRENCY if device else CPU_CONCURRENCY
         self.calls_per_actor = concurrency + 1
         self.options = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0,
                             max_concurrency=concurrency)
