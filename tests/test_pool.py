@@ -47,3 +47,41 @@ def test_least_busy_first_and_none_when_all_are_full():
     assert (a.inflight, b.inflight) == (2, 2) and pool.free() is None
     pool.done(b)
     assert pool.free() is b
+
+
+def test_a_block_prefers_an_actor_on_the_node_that_decoded_it():
+    pool = _pool("a", "b", "c", calls_per_actor=4)
+    a, b, c = pool.members
+    for m, node in ((a, "n1"), (b, "n2"), (c, "n2")):
+        m.info = {"node": node}
+    assert pool.free(node="n2") is b  # equally busy: the local one, even though a waited longest
+    pool.submit(b, 0)
+    assert pool.free(node="n2") is c  # the other local one
+    pool.submit(c, 1)
+    pool.submit(b, 2)
+    assert pool.free(node="n2") is c  # c: one call (local, counted as none) against a: none
+    pool.submit(c, 3)
+    assert pool.free(node="n2") is a  # both local ones two calls ahead: the block crosses the network
+    assert pool.free(node="n9") is a and pool.free() is a  # no actor there, or no node known: least busy
+
+
+def test_read_windows_follow_the_free_cpus_and_the_peak_of_reads_is_counted():
+    from types import SimpleNamespace
+
+    from resnet_batch.embed.scheduler import ReadStats, window_size
+
+    assert [window_size(c, 1.0) for c in (2, 64, 300)] == [64, 64, 300]
+    assert window_size(300, 0.5) == 600 and window_size(10, 1.0, least=4) == 10
+    reads = ReadStats()
+
+    def meta(task, start, end, node="n1"):
+        return SimpleNamespace(exec_stats=SimpleNamespace(task_idx=task, start_time_s=start, end_time_s=end,
+                                                          node_id=node))
+
+    # window 0: tasks 0-2 overlap at t=2.5; task 0 yields two blocks; window 1's task 0 starts after them
+    for w, t, a, b in ((0, 0, 0, 2), (0, 0, 2, 3), (0, 1, 1, 4), (0, 2, 2.5, 5), (1, 0, 6, 7)):
+        assert reads.block(w, meta(t, a, b)) == "n1"
+    assert reads.peak_in_flight() == 3
+    reads.dispatched(True), reads.dispatched(False), reads.dispatched(True), reads.dispatched(True)
+    assert reads.summary() == {"read_tasks": 4, "peak_reads_in_flight": 3, "blocks": 4, "node_local_share": 0.75}
+    assert reads.block(0, SimpleNamespace(exec_stats=None)) is None

@@ -1,6 +1,7 @@
 """scheduler module: the driver's loop. Shards arrive from the planner (while the listing still runs), Ray Data
-reads and decodes them in windows, the model actors embed and write each chunk, and only a small record per
-chunk comes back here. Nothing per image passes through the driver, and every queue is bounded, so a slow
+reads and decodes them in windows as large as the free CPUs allow, each decoded block goes to a model actor
+(one on the node that decoded it when that one is not busier), the actors embed and write each chunk, and
+only a small record per chunk comes back here. Nothing per image passes through the driver, and every queue is bounded, so a slow
 model or store slows the reads instead of filling memory.
 
 A shard is tried up to compute.max_attempts times: a chunk that fails (the store stayed unreachable, the
@@ -27,8 +28,55 @@ from resnet_batch.embed.pool import ModelPool
 from resnet_batch.embed.reader import ReadSettings, ShardDatasource
 
 log = logging.getLogger(__name__)
-WINDOW_SHARDS = 64  # shards per Ray Data read (a window); the next one starts as soon as this one is read
+WINDOW_SHARDS = 64  # shards per Ray Data read (a window) at least; more when the cluster has the CPUs for them
 READERS = 2  # windows read at once (one finishing its last tasks while the next starts)
+
+
+def window_size(free_cpus: float, decode_cpus: float, least: int = WINDOW_SHARDS) -> int:
+    """Shards in the next read window: one read task per shard, as many as the free CPUs can run at once
+    (the two windows together keep every free CPU busy while one of them drains), never fewer than `least`."""
+    return max(least, int(free_cpus // max(decode_cpus, 1e-6)))
+
+
+class ReadStats:
+    """What the reads did, for the report: the peak number of read tasks running at once (from the
+    start and end stamps Ray Data puts on every block, per task) and the share of blocks handed to a model
+    actor on the node that decoded them."""
+
+    def __init__(self):
+        self.tasks: dict[tuple[int, int], list[float]] = {}  # (window, task) -> [start, end]
+        self.blocks = 0
+        self.local = 0
+
+    def block(self, window: int, metadata) -> Optional[str]:
+        """Note a block's read task; returns the node that decoded it (None when Ray Data did not say)."""
+        stats = getattr(metadata, "exec_stats", None)
+        if stats is None:
+            return None
+        if stats.start_time_s is not None and stats.end_time_s is not None:
+            span = self.tasks.setdefault((window, stats.task_idx if stats.task_idx is not None else id(stats)),
+                                         [stats.start_time_s, stats.end_time_s])
+            span[0], span[1] = min(span[0], stats.start_time_s), max(span[1], stats.end_time_s)
+        return stats.node_id
+
+    def dispatched(self, local: bool) -> None:
+        self.blocks += 1
+        self.local += local
+
+    def peak_in_flight(self) -> int:
+        """The most read tasks whose [start, end] spans overlap at one moment."""
+        events = sorted([(a, 1) for a, _ in self.tasks.values()] + [(b, -1) for _, b in self.tasks.values()],
+                        key=lambda e: (e[0], e[1]))
+        peak = cur = 0
+        for _, d in events:
+            cur += d
+            peak = max(peak, cur)
+        return peak
+
+    def summary(self) -> dict:
+        return {"read_tasks": len(self.tasks), "peak_reads_in_flight": self.peak_in_flight(),
+                "blocks": self.blocks,
+                "node_local_share": round(self.local / self.blocks, 3) if self.blocks else None}
 
 
 class ShardQueue:
@@ -148,6 +196,7 @@ class Scheduler:
         self.waiting_blocks = 0
         self.bytes_received = 0  # what came back to the driver from the actors (records), serialized
         self.marks: dict[str, float] = {}  # perf_counter of the first window, block and dispatch
+        self.reads = ReadStats()
 
     # -- reading (threads) -----------------------------------------------------------------------
     def _reader(self, source: ShardQueue) -> None:
@@ -161,16 +210,19 @@ class Scheduler:
         ctx.print_on_execution_start = False
         ctx.execution_options.preserve_order = False
         while not self.stop.is_set():
-            taken = source.take(self.window_shards, wait_s=0.5)
+            # Ray Data sizes its reads by the cluster; leave the model actors' CPUs to them, so a read window
+            # never keeps an actor from being placed. The window follows the free CPUs (a cluster that grows
+            # gets more reads at once), and so does the queue that feeds it.
+            free = max(ray.cluster_resources().get("CPU", 0) - self.pool.reserved_cpus(), self.decode_cpus)
+            size = window_size(free, self.decode_cpus, self.window_shards)
+            source.maxsize = max(source.maxsize, READERS * 2 * size)
+            taken = source.take(size, wait_s=0.5)
             if not taken:
                 continue
             with self.window_lock:
                 wid = self.next_window
                 self.next_window += 1
-                # Ray Data sizes its reads by the cluster; leave the model actors' CPUs to them, so a read
-                # window never keeps an actor from being placed.
-                free = ray.cluster_resources().get("CPU", 0) - self.pool.reserved_cpus()
-                ctx.execution_options.resource_limits = ExecutionResources(cpu=max(free, self.decode_cpus))
+                ctx.execution_options.resource_limits = ExecutionResources(cpu=free)
             self.marks.setdefault("first_window", time.perf_counter())
             if not self._put(("start", wid, taken)):
                 return
@@ -185,7 +237,9 @@ class Scheduler:
                     for i, entry in enumerate(bundle.blocks):
                         cut = bundle.slices[i] if bundle.slices else None
                         span = None if cut is None else (cut.start_offset, cut.end_offset)
-                        if not self._put(("block", wid, entry.ref, span)):
+                        with self.window_lock:
+                            node = self.reads.block(wid, entry.metadata)
+                        if not self._put(("block", wid, entry.ref, span, node)):
                             return
             except Exception as err:  # the whole window: its shards go round again
                 error = f"reading failed: {type(err).__name__}: {err}"
@@ -257,10 +311,11 @@ class Scheduler:
                 self.windows[wid].error = held[2]
             else:
                 self.marks.setdefault("first_block", time.perf_counter())
-                member = self.pool.free()
+                member = self.pool.free(node=held[4])
                 if member is None:
                     return held
                 self.marks.setdefault("first_dispatch", time.perf_counter())
+                self.reads.dispatched(held[4] is not None and member.info.get("node") == held[4])
                 self.windows[wid].outstanding += 1
                 inflight[self.pool.submit(member, held[2], held[3])] = (member, wid)
             held = None
