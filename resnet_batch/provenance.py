@@ -23,8 +23,7 @@ def build_provenance(cfg: JobConfig, weights: WeightsInfo, spec: PreprocessSpec)
     return {
         "package": "resnet-batch",
         "version": __version__,
-        "model": "torchvision.resnet50",
-        **weights.as_dict(),
+        **weights.as_dict(),  # model (the layout the weights need), weights_id, weights_sha256, transforms
         "preprocessing": {**spec.as_dict(), "jpeg_draft": cfg.input.jpeg_draft, "exif_transpose": True,
                           "max_pixels": cfg.input.max_pixels},
         "precision": cfg.model.precision,

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from resnet_batch.architecture import TORCHVISION, Layout, build_resnet
 from resnet_batch.decode import PreprocessSpec, crops_of
 from resnet_batch.schema import (CONTROL_END, CONTROL_FAILURE, DEVICE_NO_CUDA, EMBEDDING_DIM, PASSTHROUGH_PREFIX,
                                  STATUS_DECODE_ERROR, STATUS_OK, embedding_array)
@@ -28,16 +29,13 @@ class ResNet50Embedder:
 
     def __init__(self, state_dict: dict, spec: PreprocessSpec, *, precision: str = "fp32",
                  channels_last: bool = True, device: Optional[str] = None, compile: bool = False,
-                 threads: Optional[int] = None):
-        from torchvision.models import resnet50
-
+                 threads: Optional[int] = None, layout: Layout = TORCHVISION):
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        with torch.device("meta"):  # no random init: the weights are assigned right below
-            model = resnet50(weights=None)
+        model = build_resnet(layout, device="meta")  # no random init: the weights are assigned right below
         model.load_state_dict(state_dict, strict=True, assign=True)
         self.fc = model.fc.to(self.device).eval()  # kept aside: logits = fc(embedding), in fp32
         model.fc = torch.nn.Identity()
@@ -98,6 +96,7 @@ class ActorSettings:
     draft: bool
     formats: tuple[str, ...]  # the Pillow formats input.extensions allows
     output: PartSettings
+    layout: Layout = TORCHVISION  # the network the weights need (WeightsInfo.layout)
     # Python API only (benchmarks): a callable (state_dict, spec, device) -> object with .embed(pixels) and
     # .device, used instead of ResNet-50. Neither a config key nor a flag reaches it.
     embedder: Optional[Callable] = None
@@ -139,7 +138,7 @@ class EmbedActor:
                 else:
                     self.embedder = ResNet50Embedder(weights, s.spec, precision=s.precision,
                                                      channels_last=s.channels_last, compile=s.compile,
-                                                     device=self.device, threads=s.threads)
+                                                     device=self.device, threads=s.threads, layout=s.layout)
                     if self.device == "cuda":
                         self.embedder.warmup(s.batch_size)  # cudnn autotuning now, while the reads fill the queue
         return {"node": self.node, "pid": self.pid, "device": self.device_name, "actor": self.actor_id}

@@ -464,7 +464,7 @@ class _Job:
             threads=c.torch_threads or max(1, math.ceil(c.cpus_per_actor)), batch_size=c.batch_size,
             max_pixels=cfg.input.max_pixels, draft=cfg.input.jpeg_draft,
             formats=pillow_formats(cfg.input.extensions), output=self._part_settings(state, run_no),
-            embedder=self.embedder)
+            layout=self.weights.layout, embedder=self.embedder)
         self.marks["pool"] = time.perf_counter() - self.t_start
         pool = ModelPool(actor, ray.put(self.state_dict), min_actors=c.min_actors, max_actors=c.max_actors, num_cpus=c.cpus_per_actor,
                          num_gpus=c.gpus_per_actor if use_gpu else 0)

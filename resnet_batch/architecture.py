@@ -1,0 +1,56 @@
+"""architecture module: the two ResNet-50 layouts weights come in, how each is named in provenance, and the model built
+for each."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MODEL = "torchvision.resnet50"  # the provenance `model` of torchvision's own layout, as every output before had it
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a downsampling bottleneck strides and the batch-norm epsilon: weights trained in one layout give
+    wrong features in the other, so the layout travels with the weights and is recorded in the provenance."""
+
+    name: str  # "v1.5": stride on the 3x3 conv (torchvision); "v1": stride on the first 1x1 conv (MSRA, Keras)
+    bn_eps: float
+
+    @property
+    def model(self) -> str:
+        """The provenance `model` value: torchvision's layout keeps the name every earlier output recorded."""
+        return MODEL if self == TORCHVISION else f"{MODEL}:{self.name}(bn_eps={self.bn_eps:g})"
+
+
+TORCHVISION = Layout("v1.5", 1e-5)
+MSRA_V1 = Layout("v1", 1e-3)  # He et al. 2015 as released, and the Keras port of it
+_LAYOUTS = {layout.model: layout for layout in (TORCHVISION, MSRA_V1)}
+
+
+def layout_of(model: str) -> Layout:
+    """The layout a provenance `model` value names (the inverse of Layout.model)."""
+    try:
+        return _LAYOUTS[model]
+    except KeyError:
+        raise ValueError(f"unknown model {model!r} (known: {', '.join(_LAYOUTS)})") from None
+
+
+def build_resnet(layout: Layout, *, blocks: tuple[int, ...] = (3, 4, 6, 3), num_classes: int = 1000,
+                 device: str | torch.device | None = None) -> torch.nn.Module:
+    """A torchvision ResNet (ResNet-50 by default) in `layout`; its state dict keys and shapes are torchvision's in
+    either layout. `device="meta"` builds it without initialising any weights."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    with torch.device(device or "cpu"):
+        model = ResNet(Bottleneck, list(blocks), num_classes=num_classes)
+    if layout.name == "v1":
+        for stage in (model.layer2, model.layer3, model.layer4):  # layer1 does not downsample
+            first = stage[0]
+            first.conv1.stride, first.conv2.stride = first.conv2.stride, (1, 1)
+    elif layout.name != "v1.5":
+        raise ValueError(f"unknown layout {layout.name!r}")
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eps = layout.bn_eps
+    return model
