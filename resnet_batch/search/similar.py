@@ -12,7 +12,9 @@ from resnet_batch.decode import PreprocessSpec, decode_image
 from resnet_batch.errors import InputError, ProvenanceMismatch, WeightsError
 from resnet_batch.search.index import SimilarityIndex
 from resnet_batch.text import printable
-from resnet_batch.weights import is_enum_name, resolve_weights
+from resnet_batch.architecture import layout_of
+from resnet_batch.weights import is_named, resolve_weights
+from resnet_batch.weights_keras import KERAS_NAME
 
 
 @dataclass(frozen=True)
@@ -27,13 +29,17 @@ class Match:
 
 def model_config_for(provenance: dict, weights: Optional[str] = None) -> ModelConfig:
     """The ModelConfig that reproduces the weights named in a provenance (or `weights` instead, checked by hash)."""
+    if provenance["weights_id"] == KERAS_NAME and weights and weights.endswith((".tgz", ".tar.gz")):
+        # --weights names the package tarball (an offline mirror), not a checkpoint
+        return ModelConfig(weights=KERAS_NAME, package=weights, transforms=provenance["transforms"],
+                           precision=provenance["precision"])
     wid = weights or provenance["weights_id"]
     common = {"transforms": provenance["transforms"], "precision": provenance["precision"]}
     if m := re.fullmatch(r"random\(seed=(-?\d+)\)", wid):
         return ModelConfig(weights="random", seed=int(m.group(1)), **common)
     if wid.startswith("checkpoint:"):
         return ModelConfig(weights=wid[len("checkpoint:"):], **common)
-    if is_enum_name(wid) or weights:
+    if is_named(wid) or weights:
         return ModelConfig(weights=wid, **common)
     raise WeightsError(f"cannot reproduce weights {wid!r} from the index provenance; pass --weights")
 
@@ -67,6 +73,8 @@ class QueryEmbedder:
                 raise
             raise WeightsError(f"{err} ({_weights_hint(provenance['weights_id'])}; their sha256 is checked against "
                                "the index's)") from None
+        # the network the index's weights need, whichever way the same weights (same hash) arrive here
+        layout = layout_of(provenance.get("model", info.layout.model))
         if info.sha256 != provenance["weights_sha256"]:
             raise ProvenanceMismatch(f"weights {info.weights_id} hash {info.sha256[:12]}... differ from the index's "
                                      f"{provenance['weights_id']} ({provenance['weights_sha256'][:12]}...)")
@@ -74,7 +82,8 @@ class QueryEmbedder:
         prep = provenance["preprocessing"]
         self.max_pixels, self.draft = int(prep["max_pixels"]), bool(prep["jpeg_draft"])
         self.embedder = ResNet50Embedder(state_dict, self.spec, precision=provenance["precision"],
-                                         channels_last=provenance.get("channels_last", True), device=device)
+                                         channels_last=provenance.get("channels_last", True), device=device,
+                                         layout=layout)
         self.storage_options = dict(storage_options or {})
 
     def embed_bytes(self, data: bytes) -> np.ndarray:
