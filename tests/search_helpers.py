@@ -82,9 +82,11 @@ def brute_force(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.nd
     return np.take_along_axis(sims, order, axis=1), order
 
 
-def embedded_photos(tmp_path_factory, photos: Path, checkpoint: Path) -> Path:
-    """The real embed job's output over the 36 test photos (fp32, checkpoint weights); run once per session."""
-    out = tmp_path_factory.getbasetemp() / "search-embedded-photos"
+def embedded_photos(tmp_path_factory, photos: Path, checkpoint) -> Path:
+    """The real embed job's output over the 36 test photos (fp32; `checkpoint` a path, or a weights name such as
+    IMAGENET1K_KERAS); run once per session for each."""
+    name = "" if isinstance(checkpoint, Path) else f"-{checkpoint}"
+    out = tmp_path_factory.getbasetemp() / f"search-embedded-photos{name}"
     if (out / "_SUCCESS").exists():
         return out
     from resnet_batch.embed.runner import run

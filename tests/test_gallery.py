@@ -171,3 +171,26 @@ def test_the_page_can_point_at_the_query_service(gallery_index):
         in page and '<input type="file" name="image"' in page
     q = pick_queries(index, 2, seed=0)[0]
     assert f'<a href="http://127.0.0.1:8000/v1/neighbors?id={q}&amp;k=10"><img' in page
+
+
+@pytest.mark.ray
+def test_a_page_of_real_photos_with_imagenet_weights(tmp_path_factory, photos, keras_weights, ray_local):
+    """The job's embeddings of the test photos with IMAGENET1K_KERAS: every query's label is what the photograph
+    shows, its neighbours are other crops of the same photograph, and their scores are spread, not ~1."""
+    from tests.search_helpers import embedded_photos
+
+    out = embedded_photos(tmp_path_factory, photos, "IMAGENET1K_KERAS")
+    idx = str(tmp_path_factory.mktemp("gallery-real") / "idx")
+    build_index([str(out)], idx, log=lambda m: None)
+    index = SimilarityIndex.open(idx)
+    entries = build_gallery(index, n=len(index), k=2, seed=0)
+    photograph = lambda image_id: image_id.split("/")[-1].rsplit("-", 1)[0]  # noqa: E731
+    labels = {}
+    for query, nbrs in entries:
+        labels.setdefault(photograph(query.image_id), set()).add(query.label)
+        assert [photograph(t.image_id) for t in nbrs] == [photograph(query.image_id)] * 2, (query, nbrs)
+        assert all(0.5 < t.score < 0.99 for t in nbrs), [(t.image_id, t.score) for t in nbrs]
+    assert labels["chelsea"] <= {"tabby", "tiger cat", "Egyptian cat"} and labels["coffee"] == {"espresso"}
+    assert labels["motorcycle_left"] <= {"moped", "motor scooter"}
+    page = render_html(entries, index.meta)
+    assert '<span class="label">espresso</span>' in page and '<span class="label">Egyptian cat</span>' in page

