@@ -2,6 +2,10 @@
 
     .venv/bin/python benchmarks/embed_bench.py --images 400 --precision bf16 --rounds 3
 
+The model-only ceiling is measured in both ResNet-50 layouts: torchvision's v1.5 (IMAGENET1K_V1/V2, random
+weights) and v1 (IMAGENET1K_KERAS: the stride on a downsampling block's first 1x1 conv, so its 3x3 conv runs on
+a quarter of the positions). --keras adds the job with the IMAGENET1K_KERAS weights (converted once per machine).
+
 Prints, per contender, the wall-clock of the whole process (start-up included), end-to-end img/s,
 steady-state img/s (after the first result) and the ratio to the model-only ceiling. Rounds are
 interleaved and medians reported. Peers come from ../shared/peers when that folder exists.
@@ -25,10 +29,12 @@ MODEL_ONLY = """
 import sys, time, numpy as np, torch
 from resnet_batch.decode import PreprocessSpec
 from resnet_batch.embed.model import ResNet50Embedder
+from resnet_batch.architecture import MSRA_V1, TORCHVISION
 from resnet_batch.weights import random_state_dict
 n, bs, precision, threads = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+layout = {"v1.5": TORCHVISION, "v1": MSRA_V1}[sys.argv[5]]  # speed does not depend on the weights' values
 e = ResNet50Embedder(random_state_dict(0), PreprocessSpec.from_weights("IMAGENET1K_V2"), precision=precision,
-                     threads=threads)
+                     threads=threads, layout=layout)
 x = np.random.default_rng(0).integers(0, 256, (bs, 224, 224, 3), dtype=np.uint8)
 for _ in range(2):
     e.embed(x)
@@ -66,6 +72,7 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/resnet-batch-bench")
     p.add_argument("--peers", default=str(REPO.parent / "shared" / "peers"))
     p.add_argument("--config", default=str(REPO / "configs" / "local.yaml"))
+    p.add_argument("--keras", action="store_true", help="also the job with model.weights=IMAGENET1K_KERAS (v1)")
     a = p.parse_args()
 
     work = Path(a.workdir)
@@ -76,10 +83,10 @@ def main() -> None:
     peers = Path(a.peers)
     have_peers = (peers / "torch_loop.py").exists()
 
-    def ours():
-        out = work / "out-resnet-batch"
+    def ours(weights="random"):
+        out = work / f"out-resnet-batch-{weights}"
         wall, log = timed([PY, "-m", "resnet_batch.cli", "embed", "--config", a.config, "--quiet", "--fresh",
-                           "--input", str(photos), "--output", str(out), "-o", "model.weights=random",
+                           "--input", str(photos), "--output", str(out), "-o", f"model.weights={weights}",
                            "-o", f"model.precision={a.precision}", "-o", f"compute.batch_size={a.batch_size}",
                            "-o", f"compute.torch_threads={a.threads}"])
         rep = json.loads((out / "_run_report.json").read_text())
@@ -87,9 +94,12 @@ def main() -> None:
         return {"wall_s": wall, "img_per_s": a.images / wall, "steady": rep["steady_img_per_s"],
                 "first_result_s": rep["seconds"]["first_result"], "busy": rep["stages"]["model_busy_fraction"]}
 
-    def model_only():
-        _, log = timed([PY, "-c", MODEL_ONLY, str(a.images), str(a.batch_size), a.precision, str(a.threads)])
-        return {"steady": field(log, "img_per_s")}
+    def model_only(layout="v1.5"):
+        def go():
+            _, log = timed([PY, "-c", MODEL_ONLY, str(a.images), str(a.batch_size), a.precision, str(a.threads),
+                            layout])
+            return {"steady": field(log, "img_per_s")}
+        return go
 
     def peer(script, *extra):
         def go():
@@ -99,7 +109,10 @@ def main() -> None:
                     "steady": field(log, "steady_img_per_s"), "first_result_s": field(log, "first_batch_s")}
         return go
 
-    contenders = {"model-only (ready tensors)": model_only, "resnet-batch": ours}
+    contenders = {"model-only (ready tensors)": model_only("v1.5"), "model-only, v1 layout": model_only("v1"),
+                  "resnet-batch": ours}
+    if a.keras:
+        contenders["resnet-batch, IMAGENET1K_KERAS (v1)"] = lambda: ours("IMAGENET1K_KERAS")
     if have_peers:
         contenders["peer: ray docs example"] = peer("ray_docs_example.py")
         contenders["peer: ray docs, actor 2 threads"] = peer("ray_docs_example.py", "--actor-threads", str(a.threads))
