@@ -203,7 +203,7 @@ def diff(cfg: InputConfig, fmt: str, root: str, current: pa.Table, manifest: pa.
         matched = fresh.filter(pc.is_valid(fresh.column("etag"))).join(donors, keys=["size", "etag"],
                                                                         join_type="inner")
         if len(matched):
-            matched = matched.sort_by([("path", "ascending"), ("old_shard", "ascending")])
+            matched = matched.sort_by([("path", "ascending"), ("old_shard", "ascending"), ("old_path", "ascending")])
             paths = matched.column("path").to_pylist()
             first = np.array([i == 0 or paths[i] != paths[i - 1] for i in range(len(paths))])
             matched = matched.filter(pa.array(first))

@@ -1,0 +1,486 @@
+"""syncdiff module: the sync diff as a partitioned merge, so the driver never holds the library.
+
+The listing and the manifest are split by a hash of the path into `partitions` (the number from the size),
+each partition is compared in its own task (new / changed / deleted / unchanged, exactly as `plan.diff` does
+for the whole), and moves or copies are found within a partition of (size, ETag) instead of a join against
+every row. New shards are numbered from per-unit counts and each unit writes its plan pieces under `_sync/`
+itself; the driver sees counts, one record per partition and per plan piece, never rows.
+
+With one partition (a night up to ROWS_PER_PARTITION entries) the same steps run in this process: a small
+night needs no Ray at all. The steps are plain functions on Arrow tables; `Steps` runs them as Ray tasks or
+in place.
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from resnet_batch.config import InputConfig
+from resnet_batch.embed.listing import (ENTRY_SCHEMA, FORMATS, SKIPPED_EXAMPLES, Skipped, extension, from_raw,
+                                        hidden, storable)
+from resnet_batch.embed.plan import COPIES_SCHEMA, DROPS_SCHEMA, _count, _same_version
+from resnet_batch.output.manifest import MANIFEST_SCHEMA, PIECE_ENTRIES, encode_piece, piece_name, piece_range
+from resnet_batch.output.store import MANIFEST_DIR, SYNC_DIR, OutputStore, read_parquet
+
+ROWS_PER_PARTITION = 1_000_000  # entries a diff task holds at most (listing + manifest ~ 200 B each)
+MAP_ROWS = 500_000  # listing entries the driver batches before a task splits them (driver-fed listings)
+MAX_PARTITIONS = 4096
+MIN_RAY_PARTITIONS = 8  # once in Ray, at least this many (the listing's size is unknown until it ends)
+DIFF_CPUS = 1.0
+_DONOR_SCHEMA = pa.schema([pa.field("old_path", pa.binary()), pa.field("size", pa.int64()),
+                           pa.field("etag", pa.binary()), pa.field("old_shard", pa.int64())])
+
+
+def partitions_for(rows: int, per: int = ROWS_PER_PARTITION) -> int:
+    """Partitions for a night of about `rows` entries: a power of two, each partition at most `per` rows."""
+    need = max(1, math.ceil(rows / max(per, 1)))
+    return min(MAX_PARTITIONS, 1 << (need - 1).bit_length())
+
+
+def _hash(values: pa.Array) -> np.ndarray:
+    """A stable 64-bit hash of binary values (the same in every process, unlike Python's hash())."""
+    import pandas as pd
+
+    return pd.util.hash_array(values.to_numpy(zero_copy_only=False), categorize=False)
+
+
+def path_partition(paths: pa.Array | pa.ChunkedArray, partitions: int) -> np.ndarray:
+    if isinstance(paths, pa.ChunkedArray):
+        paths = paths.combine_chunks()
+    if partitions == 1:
+        return np.zeros(len(paths), dtype=np.int64)
+    return (_hash(paths) % np.uint64(partitions)).astype(np.int64)
+
+
+def version_partition(sizes, etags, partitions: int) -> np.ndarray:
+    """The (size, ETag) partition of each row: a move or copy is found only among rows of equal both."""
+    if isinstance(etags, pa.ChunkedArray):
+        etags, sizes = etags.combine_chunks(), sizes.combine_chunks()
+    if partitions == 1:
+        return np.zeros(len(etags), dtype=np.int64)
+    h = _hash(etags) ^ (sizes.to_numpy(zero_copy_only=False).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    return (h % np.uint64(partitions)).astype(np.int64)
+
+
+def split(table: pa.Table, which: np.ndarray, partitions: int) -> list[pa.Table]:
+    """`table` cut into `partitions` tables by the partition number of each row."""
+    if partitions == 1:
+        return [table]
+    order = np.argsort(which, kind="stable")
+    bounds = np.searchsorted(which[order], np.arange(partitions + 1))
+    sorted_ = table.take(pa.array(order))
+    return [sorted_.slice(int(bounds[i]), int(bounds[i + 1] - bounds[i])) for i in range(partitions)]
+
+
+# -- the settings every step gets -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiffSettings:
+    """What a diff step needs: the input's selection rules, the output to read and write, the sizes."""
+
+    input: InputConfig
+    fmt: str
+    root: str
+    output_uri: str
+    output_options: dict
+    retry_window_s: float
+    run: int
+    partitions: int
+    move_partitions: int
+
+    def store(self) -> OutputStore:
+        return OutputStore(self.output_uri, dict(self.output_options), self.retry_window_s)
+
+    @property
+    def per_shard(self) -> int:
+        return self.input.images_per_shard if self.fmt == "folder" else 1
+
+
+def _fetch(items: list) -> list:
+    """Tables handed to a step: resolved from the object store in a Ray task, as they are in place."""
+    import ray
+
+    refs = [i for i in items if isinstance(i, ray.ObjectRef)]
+    if not refs:
+        return list(items)
+    got = iter(ray.get(refs))
+    return [next(got) if isinstance(i, ray.ObjectRef) else i for i in items]
+
+
+def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
+    tables = [t for t in tables if t is not None and len(t)]
+    return pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
+
+
+# -- step 1: split the listing and the manifest by path ------------------------------------------------
+
+
+def select_entries(cfg: InputConfig, fmt: str, page: pa.Table) -> tuple[pa.Table, int, list[str]]:
+    """The entries of a page this format takes (not hidden, a wanted extension), and the skipped ones:
+    their count and the first SKIPPED_EXAMPLES as examples."""
+    wanted = FORMATS[fmt].wanted(cfg)
+    rels = [from_raw(p) for p in page.column("path").to_pylist()]
+    keep = np.array([not hidden(r) and extension(r) in wanted for r in rels], dtype=bool)
+    skipped = [storable(r) for r, k in zip(rels, keep) if not k]
+    return page.filter(pa.array(keep, pa.bool_())), len(skipped), skipped[:SKIPPED_EXAMPLES]
+
+
+def split_listing(s: DiffSettings, pages, selected: bool = False) -> tuple:
+    """A batch of listing pages (a table, or a callable yielding pages: an inventory file, a listing task)
+    -> (info, partition 0, ..., partition P-1). info: listed, skipped, examples."""
+    source = [pages] if isinstance(pages, pa.Table) else pages()
+    parts: list[list[pa.Table]] = [[] for _ in range(s.partitions)]
+    info = {"listed": 0, "skipped": 0, "examples": []}
+    for page in source:
+        page = page.cast(ENTRY_SCHEMA)
+        if not selected:
+            page, n, examples = select_entries(s.input, s.fmt, page)
+            info["skipped"] += n
+            room = SKIPPED_EXAMPLES - len(info["examples"])
+            info["examples"] += examples[:max(room, 0)]
+        info["listed"] += len(page)
+        for p, t in enumerate(split(page, path_partition(page.column("path"), s.partitions), s.partitions)):
+            if len(t):
+                parts[p].append(t)
+    return (info, *[_concat(t, ENTRY_SCHEMA) for t in parts])
+
+
+def split_manifest(s: DiffSettings, names: list[str]) -> tuple:
+    """Manifest pieces -> (their shard counts, partition 0, ..., partition P-1)."""
+    store = s.store()
+    parts: list[list[pa.Table]] = [[] for _ in range(s.partitions)]
+    counts: dict[int, int] = {}
+    for name in names:
+        piece = read_parquet(store.fs, store.path(f"{MANIFEST_DIR}/{name}")).cast(MANIFEST_SCHEMA)
+        counts.update(_shard_counts(piece))
+        for p, t in enumerate(split(piece, path_partition(piece.column("path"), s.partitions), s.partitions)):
+            if len(t):
+                parts[p].append(t)
+    return (counts, *[_concat(t, MANIFEST_SCHEMA) for t in parts])
+
+
+def _shard_counts(table: pa.Table) -> dict[int, int]:
+    if not len(table):
+        return {}
+    g = table.group_by("shard").aggregate([("path", "count")])
+    return dict(zip(g.column("shard").to_pylist(), g.column("path_count").to_pylist()))
+
+
+# -- step 2: one partition's diff ------------------------------------------------------------------------
+
+
+def diff_partition(s: DiffSettings, index: int, listing: list, manifest: list, done) -> tuple:
+    """One path partition: listing rows against manifest rows. Writes its drops as a plan piece; returns
+    (summary, fresh rows without an ETag, fresh rows per (size, ETag) partition..., donors per partition...).
+    Fresh: new or changed entries; donors: manifest rows of complete shards that carry an ETag."""
+    current = _concat(_fetch(listing), ENTRY_SCHEMA)
+    old = _concat(_fetch(manifest), MANIFEST_SCHEMA)
+    done = _fetch([done])[0]
+    now = current.append_column("_new", pa.array(np.ones(len(current), bool)))
+    was = old.append_column("_old", pa.array(np.ones(len(old), bool)))
+    j = now.join(was, keys="path", join_type="full outer", right_suffix="_old", coalesce_keys=True)
+    in_new, in_old = pc.fill_null(j.column("_new"), False), pc.fill_null(j.column("_old"), False)
+    both = pc.and_(in_new, in_old)
+    same = _same_version(j.column("size"), j.column("mtime_ns"), j.column("etag"),
+                         j.column("size_old"), j.column("mtime_ns_old"), j.column("etag_old"))
+    changed = pc.and_(both, pc.invert(same))
+    deleted = pc.and_(in_old, pc.invert(in_new))
+    added = pc.and_(in_new, pc.invert(in_old))
+    drops = j.filter(pc.or_(changed, deleted)).select(["shard", "path"]).cast(DROPS_SCHEMA)
+    if len(drops):
+        _write(s.store(), f"{SYNC_DIR}/drops-{s.run:04d}-{index:05d}.parquet", drops)
+    fresh = j.filter(pc.or_(added, changed)).select(["path", "size", "mtime_ns", "etag"]).cast(ENTRY_SCHEMA)
+    with_etag = pc.is_valid(fresh.column("etag"))
+    plain = fresh.filter(pc.invert(with_etag))
+    fresh = fresh.filter(with_etag)
+    q = s.move_partitions
+    donors = _DONOR_SCHEMA.empty_table()
+    if len(old):
+        keep = pc.and_(pc.is_in(old.column("shard"), value_set=done), pc.is_valid(old.column("etag")))
+        donors = old.filter(keep).select(["path", "size", "etag", "shard"]).rename_columns(_DONOR_SCHEMA.names)
+    summary = {"listed": len(current), "unchanged": _count(pc.and_(both, same)), "changed": _count(changed),
+               "deleted": _count(deleted), "added": _count(added), "drops": len(drops), "plain": len(plain)}
+    return (summary, plain,
+            *split(fresh, version_partition(fresh.column("size"), fresh.column("etag"), q), q),
+            *split(donors, version_partition(donors.column("size"), donors.column("etag"), q), q))
+
+
+# -- step 3: moves and copies within a (size, ETag) partition ----------------------------------------------
+
+
+def match_moves(s: DiffSettings, fresh: list, donors: list) -> tuple:
+    """Fresh entries whose size and ETag equal those of an embedded row become copies of it (the row of the
+    lowest shard, then the lowest path, when several match). Returns (summary, copies (path, old_shard,
+    old_path) by path, their entries, the other fresh entries)."""
+    fresh = _concat(_fetch(fresh), ENTRY_SCHEMA)
+    donors = _concat(_fetch(donors), _DONOR_SCHEMA)
+    empty = pa.schema([("path", pa.binary()), ("old_shard", pa.int64()), ("old_path", pa.binary())]).empty_table()
+    matched = empty
+    if len(fresh) and len(donors):
+        m = fresh.select(["path", "size", "etag"]).join(donors, keys=["size", "etag"], join_type="inner")
+        if len(m):
+            m = m.sort_by([("path", "ascending"), ("old_shard", "ascending"), ("old_path", "ascending")])
+            paths = m.column("path").combine_chunks()
+            first = np.ones(len(m), dtype=bool)
+            if len(m) > 1:
+                first[1:] = pc.not_equal(paths.slice(1), paths.slice(0, len(m) - 1)).to_numpy(zero_copy_only=False)
+            matched = m.filter(pa.array(first)).select(["path", "old_shard", "old_path"])
+    reused = pc.is_in(fresh.column("path"), matched.column("path"))
+    copied = fresh.filter(reused).sort_by([("path", "ascending")])
+    rest = fresh.filter(pc.invert(reused))
+    return ({"copies": len(matched), "rest": len(rest)}, matched, copied, rest)
+
+
+# -- step 4: numbering and writing the plan pieces ---------------------------------------------------------
+
+
+def shards_for(n: int, per: int) -> int:
+    return math.ceil(n / per) if n else 0
+
+
+def write_unit(s: DiffSettings, unit: int, base: int, matched, copied, rest) -> dict:
+    """One unit's new shards from `base` on: copies first (by path), then the other fresh entries (by path);
+    written as plan pieces `_sync/copies-RRRR-UUUUU` and `_sync/entries-RRRR-UUUUU-m-FIRST-LAST` (the latter
+    manifest pieces as they are, moved into `_manifest/` when the plan is applied)."""
+    matched, copied, rest = _fetch([matched, copied, rest])
+    per = s.per_shard
+    store = s.store()
+    matched = matched.sort_by([("path", "ascending")])
+    n_copy = len(matched)
+    copy_shard = pa.array(base + np.arange(n_copy, dtype=np.int64) // per, pa.int64())
+    if n_copy:
+        copies = pa.table({"shard": copy_shard, "path": matched.column("path"),
+                           "old_shard": matched.column("old_shard"), "old_path": matched.column("old_path")},
+                          schema=COPIES_SCHEMA)
+        _write(store, f"{SYNC_DIR}/copies-{s.run:04d}-{unit:05d}.parquet", copies)
+    rest = rest.sort_by([("path", "ascending")])
+    rest_base = base + shards_for(n_copy, per)
+    rest_shard = pa.array(rest_base + np.arange(len(rest), dtype=np.int64) // per, pa.int64())
+    # copied is sorted by path like matched (the same paths): the same shard numbers line up
+    entries = pa.concat_tables([copied.cast(ENTRY_SCHEMA).append_column("shard", copy_shard),
+                                rest.cast(ENTRY_SCHEMA).append_column("shard", rest_shard)])
+    pieces = 0
+    shards = entries.column("shard").to_numpy()
+    start = 0
+    while start < len(entries):  # pieces of whole shards, PIECE_ENTRIES at most (as manifest.write_entries)
+        end = min(start + PIECE_ENTRIES, len(entries))
+        while end < len(entries) and shards[end] == shards[end - 1]:
+            end += 1
+        name = piece_name(int(shards[start]), int(shards[end - 1]))
+        store.write_bytes(f"{SYNC_DIR}/entries-{s.run:04d}-{unit:05d}-{name}", encode_piece(entries.slice(start, end - start)))
+        pieces += 1
+        start = end
+    return {"unit": unit, "entries": len(entries), "copies": n_copy, "pieces": pieces}
+
+
+def _write(store: OutputStore, name: str, table: pa.Table) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    store.write_bytes(name, sink.getvalue().to_pybytes())
+
+
+# -- running the steps ---------------------------------------------------------------------------------------
+
+
+class Steps:
+    """Runs a step as a Ray task (results stay in the object store, the driver holds references), or in
+    this process when `local`."""
+
+    def __init__(self, local: bool):
+        self.local = local
+        self._remote: dict = {}
+
+    def call(self, fn: Callable, *args, returns: int = 1):
+        """The step's result(s): a list of `returns` references (or values, in place)."""
+        if self.local:
+            out = fn(*args)
+            return list(out) if returns > 1 else [out]
+        import ray
+
+        key = (fn, returns)
+        if key not in self._remote:
+            self._remote[key] = ray.remote(fn).options(num_cpus=DIFF_CPUS, num_returns=returns, max_retries=2)
+        out = self._remote[key].remote(*args)
+        return list(out) if returns > 1 else [out]
+
+    def get(self, items: list) -> list:
+        if self.local:
+            return list(items)
+        import ray
+
+        return ray.get(list(items))
+
+    def put(self, value):
+        if self.local:
+            return value
+        import ray
+
+        return ray.put(value)
+
+
+@dataclass
+class DiffResult:
+    """What the driver keeps of a partitioned diff: counts, the new shard numbering, the manifest's shards."""
+
+    counts: dict
+    next_shard: int
+    skipped: Skipped
+    expected: dict[int, int]  # shard -> entries, of the manifest as it was (before the plan)
+    pieces: dict = field(default_factory=dict)  # plan pieces written: entries, copies, drops
+    partitions: int = 1
+    seconds: dict = field(default_factory=dict)
+
+    def touches_output(self) -> bool:
+        return bool(self.pieces.get("entries") or self.pieces.get("drops"))
+
+
+def manifest_pieces(store: OutputStore) -> list[tuple[str, int]]:
+    """The manifest's pieces with their entry counts (one footer read each, concurrently)."""
+    names = [n for n in store.list_dir(MANIFEST_DIR) if piece_range(n)]
+
+    def rows(name: str) -> int:
+        with store.fs.open(store.path(f"{MANIFEST_DIR}/{name}"), "rb") as f:
+            return pq.read_metadata(f).num_rows
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(zip(names, pool.map(rows, names)))
+
+
+def _groups(pieces: list[tuple[str, int]], rows: int) -> list[list[str]]:
+    """Consecutive pieces in groups of about `rows` entries."""
+    out, cur, n = [], [], 0
+    for name, k in pieces:
+        cur.append(name)
+        n += k
+        if n >= rows:
+            out.append(cur)
+            cur, n = [], 0
+    if cur:
+        out.append(cur)
+    return out
+
+
+def clear_work(store: OutputStore) -> None:
+    """Plan pieces an uncommitted earlier try left in _sync/ (only called when no plan is committed)."""
+    for n in store.list_dir(SYNC_DIR):
+        store.remove(f"{SYNC_DIR}/{n}")
+
+
+def partitioned_diff(s: DiffSettings, steps: Steps, sources: Iterable, pieces: list[tuple[str, int]],
+                     done: set[int], next_shard: int) -> DiffResult:
+    """The whole diff: `sources` yields listing batches (tables, or callables a task runs to get pages),
+    `pieces` are the manifest's (name, rows). Plan pieces are written under _sync/ for run `s.run`."""
+    import time
+
+    t0 = time.perf_counter()
+    P, Q = s.partitions, s.move_partitions
+    done_ref = steps.put(pa.array(sorted(done), pa.int64()))
+    # step 1: split; the driver keeps references, one per (batch, partition)
+    man_parts: list[list] = [[] for _ in range(P)]
+    count_refs = []
+    for group in _groups(pieces, MAP_ROWS):
+        out = steps.call(split_manifest, s, group, returns=P + 1)
+        count_refs.append(out[0])
+        for p in range(P):
+            man_parts[p].append(out[p + 1])
+    list_parts: list[list] = [[] for _ in range(P)]
+    info_refs = []
+    for source in sources:
+        out = steps.call(split_listing, s, *source, returns=P + 1) if isinstance(source, tuple) else \
+            steps.call(split_listing, s, source, returns=P + 1)
+        info_refs.append(out[0])
+        for p in range(P):
+            list_parts[p].append(out[p + 1])
+    t1 = time.perf_counter()
+    # step 2: a diff per path partition
+    summaries, plains = [], []
+    fresh_q: list[list] = [[] for _ in range(Q)]
+    donors_q: list[list] = [[] for _ in range(Q)]
+    for p in range(P):
+        out = steps.call(diff_partition, s, p, list_parts[p], man_parts[p], done_ref, returns=2 + 2 * Q)
+        summaries.append(out[0])
+        plains.append(out[1])
+        for q in range(Q):
+            fresh_q[q].append(out[2 + q])
+            donors_q[q].append(out[2 + Q + q])
+    del list_parts, man_parts
+    # step 3: moves per (size, ETag) partition
+    matches = [steps.call(match_moves, s, fresh_q[q], donors_q[q], returns=4) for q in range(Q)]
+    del fresh_q, donors_q
+    summaries = steps.get(summaries)
+    match_sums = steps.get([m[0] for m in matches])
+    t2 = time.perf_counter()
+    # step 4: number the new shards unit by unit (copies and fresh entries per (size, ETag) partition, then
+    # the fresh entries without an ETag per path partition), each unit writing its own plan pieces
+    per = s.per_shard
+    units = []
+    base = next_shard
+    empty = steps.put(ENTRY_SCHEMA.empty_table())
+    no_match = steps.put(pa.schema([("path", pa.binary()), ("old_shard", pa.int64()),
+                                    ("old_path", pa.binary())]).empty_table())
+    for q, (m, summary) in enumerate(zip(matches, match_sums)):
+        if summary["copies"] or summary["rest"]:
+            units.append(steps.call(write_unit, s, len(units), base, m[1], m[2], m[3])[0])
+            base += shards_for(summary["copies"], per) + shards_for(summary["rest"], per)
+    for p, summary in enumerate(summaries):
+        if summary["plain"]:
+            units.append(steps.call(write_unit, s, len(units), base, no_match, empty, plains[p])[0])
+            base += shards_for(summary["plain"], per)
+    written = steps.get(units)
+    infos = steps.get(info_refs)
+    expected: dict[int, int] = {}
+    for c in steps.get(count_refs):
+        expected.update(c)
+    skipped = Skipped()
+    for info in infos:
+        skipped.count += info["skipped"]
+        room = SKIPPED_EXAMPLES - len(skipped.examples)
+        skipped.examples.extend(info["examples"][:max(room, 0)])
+    total = {k: sum(x[k] for x in summaries) for k in ("listed", "unchanged", "changed", "deleted", "added", "drops")}
+    reused = sum(m["copies"] for m in match_sums)
+    counts = {"listed": total["listed"], "unchanged": total["unchanged"], "new": total["added"] - reused,
+              "changed": total["changed"], "deleted": total["deleted"], "reused": reused}
+    pieces_out = {"entries": sum(w["pieces"] for w in written), "copies": sum(bool(w["copies"]) for w in written),
+                  "drops": sum(bool(x["drops"]) for x in summaries)}
+    return DiffResult(counts, base, skipped, expected, pieces_out, P,
+                      {"split": round(t1 - t0, 3), "diff": round(t2 - t1, 3),
+                       "write": round(time.perf_counter() - t2, 3)})
+
+
+def batched(pages: Iterator[pa.Table], rows: int = MAP_ROWS) -> Iterator[pa.Table]:
+    """Listing pages from the driver in tables of about `rows` entries (each shipped to a split task)."""
+    buf, n = [], 0
+    for page in pages:
+        buf.append(page)
+        n += len(page)
+        if n >= rows:
+            yield pa.concat_tables(buf).combine_chunks()
+            buf, n = [], 0
+    if buf:
+        yield pa.concat_tables(buf).combine_chunks()
+
+
+def read_plan_pieces(store: OutputStore, run: int, kind: str, schema: pa.Schema) -> pa.Table:
+    """Every `_sync/{kind}-RRRR*` piece of a plan as one table (the plan's changes, not the library)."""
+    names = [n for n in store.list_dir(SYNC_DIR) if n.startswith(f"{kind}-{run:04d}") and n.endswith(".parquet")]
+    tables = [read_parquet(store.fs, store.path(f"{SYNC_DIR}/{n}")).cast(schema) for n in names]
+    return _concat(tables, schema)
+
+
+def entry_pieces(store: OutputStore, run: int) -> list[tuple[str, str]]:
+    """The plan's entry pieces: (name under _sync/, the manifest piece name it becomes)."""
+    prefix = f"entries-{run:04d}-"
+    out = []
+    for n in store.list_dir(SYNC_DIR):
+        if n.startswith(prefix) and "-m-" in n:
+            out.append((n, "m-" + n.split("-m-", 1)[1]))
+    return out
+
