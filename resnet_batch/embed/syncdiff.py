@@ -38,9 +38,10 @@ _DONOR_SCHEMA = pa.schema([pa.field("old_path", pa.binary()), pa.field("size", p
                            pa.field("etag", pa.binary()), pa.field("old_shard", pa.int64())])
 
 
-def partitions_for(rows: int, per: int = ROWS_PER_PARTITION) -> int:
-    """Partitions for a night of about `rows` entries: a power of two, each partition at most `per` rows."""
-    need = max(1, math.ceil(rows / max(per, 1)))
+def partitions_for(rows: int, per: Optional[int] = None) -> int:
+    """Partitions for a night of about `rows` entries: a power of two, each partition at most `per` rows
+    (ROWS_PER_PARTITION)."""
+    need = max(1, math.ceil(rows / max(per or ROWS_PER_PARTITION, 1)))
     return min(MAX_PARTITIONS, 1 << (need - 1).bit_length())
 
 
@@ -135,10 +136,14 @@ def select_entries(cfg: InputConfig, fmt: str, page: pa.Table) -> tuple[pa.Table
 
 def split_listing(s: DiffSettings, pages, selected: bool = False) -> tuple:
     """A batch of listing pages (a table, or a callable yielding pages: an inventory file, a listing task)
-    -> (info, partition 0, ..., partition P-1). info: listed, skipped, examples."""
-    source = [pages] if isinstance(pages, pa.Table) else pages()
-    parts: list[list[pa.Table]] = [[] for _ in range(s.partitions)]
+    -> (info, partition 0, ..., partition P-1). info: listed (entries selected), skipped, examples."""
     info = {"listed": 0, "skipped": 0, "examples": []}
+    if isinstance(pages, _Selected):
+        info.update(skipped=pages.skipped, examples=list(pages.examples))
+        source, selected = [pages.table], True
+    else:
+        source = [pages] if isinstance(pages, pa.Table) else pages()
+    parts: list[list[pa.Table]] = [[] for _ in range(s.partitions)]
     for page in source:
         page = page.cast(ENTRY_SCHEMA)
         if not selected:
@@ -207,7 +212,8 @@ def diff_partition(s: DiffSettings, index: int, listing: list, manifest: list, d
         keep = pc.and_(pc.is_in(old.column("shard"), value_set=done), pc.is_valid(old.column("etag")))
         donors = old.filter(keep).select(["path", "size", "etag", "shard"]).rename_columns(_DONOR_SCHEMA.names)
     summary = {"listed": len(current), "unchanged": _count(pc.and_(both, same)), "changed": _count(changed),
-               "deleted": _count(deleted), "added": _count(added), "drops": len(drops), "plain": len(plain)}
+               "deleted": _count(deleted), "added": _count(added), "drops": len(drops), "plain": len(plain),
+               "drop_shards": _shard_counts(drops)}
     return (summary, plain,
             *split(fresh, version_partition(fresh.column("size"), fresh.column("etag"), q), q),
             *split(donors, version_partition(donors.column("size"), donors.column("etag"), q), q))
@@ -278,7 +284,8 @@ def write_unit(s: DiffSettings, unit: int, base: int, matched, copied, rest) -> 
         store.write_bytes(f"{SYNC_DIR}/entries-{s.run:04d}-{unit:05d}-{name}", encode_piece(entries.slice(start, end - start)))
         pieces += 1
         start = end
-    return {"unit": unit, "entries": len(entries), "copies": n_copy, "pieces": pieces}
+    return {"unit": unit, "entries": len(entries), "copies": n_copy, "pieces": pieces,
+            "shards": _shard_counts(entries)}
 
 
 def _write(store: OutputStore, name: str, table: pa.Table) -> None:
@@ -334,6 +341,7 @@ class DiffResult:
     next_shard: int
     skipped: Skipped
     expected: dict[int, int]  # shard -> entries, of the manifest as it was (before the plan)
+    after: dict[int, int] = field(default_factory=dict)  # shard -> entries once the plan is applied
     pieces: dict = field(default_factory=dict)  # plan pieces written: entries, copies, drops
     partitions: int = 1
     seconds: dict = field(default_factory=dict)
@@ -394,8 +402,7 @@ def partitioned_diff(s: DiffSettings, steps: Steps, sources: Iterable, pieces: l
     list_parts: list[list] = [[] for _ in range(P)]
     info_refs = []
     for source in sources:
-        out = steps.call(split_listing, s, *source, returns=P + 1) if isinstance(source, tuple) else \
-            steps.call(split_listing, s, source, returns=P + 1)
+        out = steps.call(split_listing, s, source, returns=P + 1)
         info_refs.append(out[0])
         for p in range(P):
             list_parts[p].append(out[p + 1])
@@ -450,7 +457,15 @@ def partitioned_diff(s: DiffSettings, steps: Steps, sources: Iterable, pieces: l
               "changed": total["changed"], "deleted": total["deleted"], "reused": reused}
     pieces_out = {"entries": sum(w["pieces"] for w in written), "copies": sum(bool(w["copies"]) for w in written),
                   "drops": sum(bool(x["drops"]) for x in summaries)}
-    return DiffResult(counts, base, skipped, expected, pieces_out, P,
+    after = dict(expected)
+    for x in summaries:
+        for shard, n in x["drop_shards"].items():
+            after[shard] -= n
+            if after[shard] <= 0:
+                del after[shard]
+    for w in written:
+        after.update(w["shards"])
+    return DiffResult(counts, base, skipped, expected, after, pieces_out, P,
                       {"split": round(t1 - t0, 3), "diff": round(t2 - t1, 3),
                        "write": round(time.perf_counter() - t2, 3)})
 
@@ -484,3 +499,101 @@ def entry_pieces(store: OutputStore, run: int) -> list[tuple[str, str]]:
             out.append((n, "m-" + n.split("-m-", 1)[1]))
     return out
 
+
+
+# -- the manifest after the plan: pending shards, read piece by piece --------------------------------------
+
+
+def last_manifest_shard(store: OutputStore) -> int:
+    """The highest shard any manifest piece holds (-1 when none): new shards start above it even when a
+    killed first run never stored its next_shard."""
+    ranges = [r for n in store.list_dir(MANIFEST_DIR) if (r := piece_range(n))]
+    return max((r[1] for r in ranges), default=-1)
+
+
+def entries_of(store: OutputStore, shards: set[int]) -> Iterator[pa.Table]:
+    """The manifest entries of these shards, one piece at a time (a piece holds whole shards), in shard order:
+    the driver holds one piece, never the manifest."""
+    if not shards:
+        return
+    lo, hi = min(shards), max(shards)
+    wanted = pa.array(sorted(shards), pa.int64())
+    names = sorted((r, n) for n in store.list_dir(MANIFEST_DIR) if (r := piece_range(n)))
+    for (first, last), name in names:
+        if last < lo or first > hi:
+            continue
+        piece = read_parquet(store.fs, store.path(f"{MANIFEST_DIR}/{name}")).cast(MANIFEST_SCHEMA)
+        piece = piece.filter(pc.is_in(piece.column("shard"), value_set=wanted))
+        if len(piece):
+            yield piece.sort_by([("shard", "ascending"), ("path", "ascending")])
+
+
+def manifest_counts(store: OutputStore) -> dict[int, int]:
+    """shard -> entries over the whole manifest, piece by piece (O(shards) kept)."""
+    counts: dict[int, int] = {}
+    for name in store.list_dir(MANIFEST_DIR):
+        if piece_range(name):
+            counts.update(_shard_counts(read_parquet(store.fs, store.path(f"{MANIFEST_DIR}/{name}"), ["shard", "path"])))
+    return counts
+
+
+# -- where tonight's listing comes from ---------------------------------------------------------------------
+
+LISTING_TASKS = 16  # S3 listers at once when the diff runs in Ray
+
+
+def listing_sources(cfg: InputConfig, fmt: str, local: bool, retry_window_s: float):
+    """Tonight's listing as sources for split tasks, and how many entries it is about to hold (0: unknown):
+    an inventory's files (each read by its own task), an S3 input's prefixes (listing tasks) when the diff
+    runs in Ray, else the driver's own listing in batches. input.limit (trial runs): selected in the driver."""
+    from resnet_batch.embed.listing import list_entries
+    from resnet_batch.storage import is_s3
+
+    if cfg.limit is not None:
+        from resnet_batch.embed.plan import select
+
+        table, skipped = select(cfg, fmt, list_entries(cfg, retry_window_s).pages)
+        return [_Selected(table, skipped.count, tuple(skipped.examples))], len(table)
+    if cfg.inventory:
+        from resnet_batch.embed.inventory import inventory_files, rows_estimate
+
+        files = inventory_files(cfg.inventory, dict(cfg.storage_options), cfg.uri)
+        return files, rows_estimate(files)
+    if is_s3(cfg.uri) and not local:
+        from resnet_batch.embed.listing import listing_tasks
+
+        return listing_tasks(cfg.uri, dict(cfg.storage_options), LISTING_TASKS, retry_window_s), 0
+    return batched(list_entries(cfg, retry_window_s).pages), 0
+
+
+@dataclass(frozen=True)
+class _Selected:
+    """Entries already selected by the driver (input.limit), with what it skipped."""
+
+    table: pa.Table
+    skipped: int
+    examples: tuple[str, ...]
+
+
+def plan_sync(cfg: InputConfig, fmt: str, root: str, store: OutputStore, run: int, state_next_shard: int,
+              done: set[int], retry_window_s: float, start_ray: Callable[[], None]) -> DiffResult:
+    """Tonight's sync plan, written under _sync/ (not committed): the number of partitions from the size of
+    the manifest and of the inventory; one partition runs here without Ray, more run as Ray tasks
+    (`start_ray` is called first)."""
+    clear_work(store)
+    pieces = manifest_pieces(store)
+    manifest_rows = sum(n for _, n in pieces)
+    local = partitions_for(manifest_rows) == 1
+    sources, estimate = listing_sources(cfg, fmt, local, retry_window_s)
+    partitions = partitions_for(max(manifest_rows, estimate))
+    if partitions > 1 or not local:
+        local = False
+        start_ray()
+        partitions = max(partitions, MIN_RAY_PARTITIONS)
+        if not cfg.inventory and cfg.limit is None and isinstance(sources, Iterator):
+            # the driver's listing was chosen for one partition; an S3 input lists in tasks instead
+            sources, _ = listing_sources(cfg, fmt, False, retry_window_s)
+    s = DiffSettings(input=cfg, fmt=fmt, root=root, output_uri=store.uri, output_options=dict(store.storage_options),
+                     retry_window_s=retry_window_s, run=run, partitions=partitions, move_partitions=partitions)
+    next_shard = max(state_next_shard, last_manifest_shard(store) + 1)
+    return partitioned_diff(s, Steps(local=local), sources, pieces, done, next_shard)
