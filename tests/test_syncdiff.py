@@ -91,6 +91,10 @@ def _compare(cfg, store, result, manifest, current, done):
     copy_shards = set(copies.column("shard").to_pylist())
     fresh_shards = {s for p, s in by_path.items() if p not in set(copies.column("path").to_pylist())}
     assert not copy_shards & fresh_shards  # copies and embeddings never share a shard
+    # the new photos of one folder sit side by side: as few shards as their number needs (deleting that
+    # folder later rewrites those parts only)
+    new = [s for p, s in by_path.items() if p.startswith(b"new/")]
+    assert len(set(new)) == -(-len(new) // cfg.images_per_shard) == 10
     assert result.expected == dict(zip(*np.unique(manifest.column("shard").to_numpy(), return_counts=True)))
 
 

@@ -158,12 +158,13 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
             if deleted:
                 _say(f"--fresh: deleted {len(deleted)} files an earlier run wrote in {store.display()}")
         # Ray starts in this thread, never in a pool's: the processes it starts die with the thread that
-        # started them (their parent-death signal is per thread), and the exit then waits ~25 s for them.
-        timed("ray", init_ray, cfg.compute.ray_address, verbose)
+        # started them (their parent-death signal is per thread), and the exit then waits ~25 s for them. It
+        # starts when the run first needs it: a sync with nothing to do answers without it.
+        start_ray = functools.partial(timed, "ray", init_ray, cfg.compute.ray_address, verbose)
         weights, state_dict = resolving.result()
         spec = PreprocessSpec.from_weights(weights.transforms)
         provenance = build_provenance(cfg, weights, spec)
-        job = _Job(cfg, store, provenance, spec, state_dict, weights, t_start, marks, progress, embedder)
+        job = _Job(cfg, store, provenance, spec, state_dict, weights, t_start, marks, progress, embedder, start_ray)
         return job.run(retry_failed)
 
 
@@ -182,8 +183,10 @@ def _resolve_weights(cfg: JobConfig):
 class _Job:
     """The state of one run while it lasts."""
 
-    def __init__(self, cfg, store, provenance, spec, state_dict, weights, t_start, marks, progress, embedder):
+    def __init__(self, cfg, store, provenance, spec, state_dict, weights, t_start, marks, progress, embedder,
+                 start_ray):
         self.cfg, self.store, self.provenance, self.spec = cfg, store, provenance, spec
+        self._start_ray = start_ray  # called once, from this (the main) thread, when Ray is first needed
         self.state_dict, self.weights = state_dict, weights
         self.t_start, self.progress, self.embedder = t_start, progress, embedder
         self.marks: dict[str, float] = marks  # start-up steps, seconds after the command began
@@ -198,6 +201,7 @@ class _Job:
         self.startup_s = self.pipeline_s = 0.0  # seconds to build the pool; seconds of the pipeline
         self.driver_bytes = 0  # what the shards' records brought back to the driver
         self.actor_info: dict = {}  # every actor that came up: actor id -> node, pid, device
+        self.read_stats: dict = {}  # peak read tasks in flight, share of blocks embedded on their own node
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self, retry_failed: bool) -> dict:
@@ -298,55 +302,60 @@ class _Job:
         return fields, again()
 
     def _sync_run(self, state: OutputState, listing, retry_failed: bool) -> dict:
-        """An existing output: compare the input with the manifest, apply the difference, run what is left."""
+        """An existing output: compare the input with the manifest (a partitioned diff: the driver holds
+        counts, not rows), apply the difference, run what is left. A night with nothing to do answers
+        without starting Ray."""
         from resnet_batch.embed import sync as syncing
+        from resnet_batch.embed.syncdiff import entries_of, plan_sync
 
         cfg, store = self.cfg, self.store
         run_no = state.next_run()
         if state.pending:  # a sync that was committed but not finished: roll it forward first
             self._apply(state, state.pending["run"], syncing)
         ledger, parts = self._ledger()
-        manifest = read_manifest(store)
         done, by_shard = complete_shards(ledger)
         t0 = time.perf_counter()
-        current, skipped = select(cfg.input, state.format, listing.pages)
-        listed_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        plan = diff(cfg.input, state.format, state.root, current, manifest, done, state.next_shard)
-        self.sync = {**plan.counts, "listing_s": round(listed_s, 3), "diff_s": round(time.perf_counter() - t0, 3),
-                     "removed": plan.counts["deleted"]}
+        plan = plan_sync(cfg.input, state.format, state.root, store, run_no, state.next_shard, done,
+                         cfg.compute.retry_window_s, self._ray, listing=listing)
+        self.sync = {**plan.counts, "partitions": plan.partitions, "plan_s": round(time.perf_counter() - t0, 3),
+                     "steps_s": plan.seconds, "removed": plan.counts["deleted"]}
         state.runs.append(self._run_entry(run_no))
+        expected = plan.after
         if plan.touches_output():
             self._unpublish()
-            syncing.store_plan(store, run_no, plan)
             state.pending, state.next_shard = {"run": run_no}, plan.next_shard
             save(store, state)  # committed: a kill from here on is rolled forward by the next run
             self._apply(state, run_no, syncing)
-            dropped = pc.is_in(_keys(manifest), value_set=_keys(plan.drops))
-            manifest = pa.concat_tables([manifest.filter(pc.invert(dropped)), plan.new_entries.cast(MANIFEST_SCHEMA)])
             ledger, parts = self._ledger()
             done, by_shard = complete_shards(ledger)
         else:
+            state.next_shard = max(state.next_shard, plan.next_shard)
             save(store, state)
-        if not len(manifest):
-            raise no_input(cfg.input, state.format, len(current))
-        pending = pending_entries(manifest, done)
+        if not expected:
+            raise no_input(cfg.input, state.format, plan.counts["listed"])
+        todo = {s for s in expected if s not in done}
         self.done_before = sum(by_shard[s]["rows"] for s in done if s in by_shard)
-        retries = self._retry_shards(state, ledger, manifest, done) if retry_failed else []
-        if len(pending) or retries:
+        retries = self._retry_shards(state, ledger, done) if retry_failed else []
+        if todo or retries:
             queue = ShardQueue()
-            feeder = threading.Thread(target=_feed, args=(queue, retries, todo_shards(state.format, state.root,
-                                                                                     pending)), daemon=True)
+            shards = (shard for piece in entries_of(store, todo) for shard in todo_shards(state.format, state.root,
+                                                                                           piece))
+            feeder = threading.Thread(target=_feed, args=(queue, retries, shards), daemon=True)
             feeder.start()
             # tar and Parquet files hold an unknown number of images until they are read
-            self.progress.planned(len(pending) + sum(len(s.only) for s in retries) if state.format == "folder"
-                                  else None, True)
+            self.progress.planned(sum(expected[s] for s in todo) + sum(len(s.only) for s in retries)
+                                  if state.format == "folder" else None, True)
             self._execute(state, run_no, queue)
-        return self._finish(state, run_no, expected_counts(manifest), skipped, len(current))
+        return self._finish(state, run_no, expected, plan.skipped, plan.counts["listed"])
 
     def _apply(self, state: OutputState, plan_run: int, syncing) -> None:
         """Carry out the stored sync plan of run `plan_run` (copies, drops, manifest), then uncommit it."""
+        from resnet_batch.embed.syncdiff import move_entry_pieces
+
         entries, drops, copies = syncing.load_plan(self.store, plan_run)
+        if len(drops) or len(copies):
+            self._ray()  # the copies and drops run in Ray tasks
+        move_entry_pieces(self.store, plan_run)  # the new entries: manifest pieces already, moved as they are
         ledger, parts = self._ledger()
         records: dict[int, list[dict]] = {}
         for r in ledger.to_pylist():
@@ -375,7 +384,7 @@ class _Job:
                                                                          pa.array(list(parts), pa.string())))
         return ledger.filter(present), parts
 
-    def _retry_shards(self, state: OutputState, ledger: pa.Table, manifest: pa.Table, done: set) -> list[Shard]:
+    def _retry_shards(self, state: OutputState, ledger: pa.Table, done: set) -> list[Shard]:
         """--retry-failed: the failed rows of finished parts, each to be merged into the part that holds it."""
         failed = ledger.filter(pc.and_(pc.greater(ledger.column("failed"), 0), pc.not_equal(ledger.column("part"), "")))
         chunks = {}
@@ -390,12 +399,22 @@ class _Job:
             ids = t.filter(pc.not_equal(t.column("status"), "ok")).column("image_id").to_pylist()
             only.setdefault(r["shard"], {}).update({i: r["chunk"] for i in ids})
             self.merge_chunks[(r["shard"], r["chunk"])] = chunks.get(r["shard"], -1)
+        from resnet_batch.embed.syncdiff import entries_of
+
         shards = []
         kind = FORMATS[state.format].shard_kind
-        for shard, ids in sorted(only.items()):
-            entries = manifest.filter(pc.equal(manifest.column("shard"), shard))
-            shards.append(shard_of(shard, kind, state.root, entries, only=ids))
+        for piece in entries_of(self.store, set(only)):
+            for shard in sorted(set(piece.column("shard").to_pylist())):
+                entries = piece.filter(pc.equal(piece.column("shard"), shard))
+                shards.append(shard_of(shard, kind, state.root, entries, only=only[shard]))
         return shards
+
+    def _ray(self) -> None:
+        """Start (or join) Ray the first time the run needs it."""
+        import ray
+
+        if not ray.is_initialized():
+            self._start_ray()
 
     # -- running shards --------------------------------------------------------------------------
     def _ensure_ledger(self, run_no: int) -> None:
@@ -452,6 +471,7 @@ class _Job:
         from resnet_batch.weights import categories
 
         cfg, c = self.cfg, self.cfg.compute
+        self._ray()
         self._unpublish()
         self._ensure_ledger(run_no)
         t0 = time.perf_counter()
@@ -494,6 +514,7 @@ class _Job:
             if self.stats.first:
                 self.marks["first_result"] = self.stats.first[0] - self.t_start
             self.driver_bytes = scheduler.bytes_received
+            self.read_stats = scheduler.reads.summary()
             self.pipeline_s = time.perf_counter() - t0
             self.ledger.flush()
             self.progress.close()
@@ -577,6 +598,7 @@ class _Job:
             "actors": _actors(actors, st.actors),
             "stages": stages(st, max(len(actors), len(st.actors), 1)),
             "per_node": st.per_node(),
+            "reads": self.read_stats,
             "driver": {"pid": os.getpid(), "host": socket.gethostname(), "peak_rss_bytes": _peak_rss(),
                        "bytes_received": self.driver_bytes,
                        "bytes_per_image": round(self.driver_bytes / st.images, 2) if st.images else None},

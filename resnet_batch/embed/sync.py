@@ -37,9 +37,14 @@ def store_plan(store: OutputStore, run: int, plan: SyncPlan) -> None:
 
 
 def load_plan(store: OutputStore, run: int) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """A stored plan's entries, drops and copies: the single tables of `store_plan`, or the pieces that the
+    partitioned diff's tasks wrote (syncdiff). Entry pieces written as manifest pieces are not read here:
+    `syncdiff.move_entry_pieces` moves them into the manifest as they are."""
+    from resnet_batch.embed.syncdiff import read_plan_pieces
+
     tables = []
     for name, schema in (("entries", MANIFEST_SCHEMA), ("drops", DROPS_SCHEMA), ("copies", COPIES_SCHEMA)):
-        tables.append(read_parquet(store.fs, store.path(f"{SYNC_DIR}/{name}-{run:04d}.parquet")).cast(schema))
+        tables.append(read_plan_pieces(store, run, name, schema))
     return tables[0], tables[1], tables[2]
 
 

@@ -34,6 +34,7 @@ MAP_ROWS = 500_000  # listing entries the driver batches before a task splits th
 MAX_PARTITIONS = 4096
 MIN_RAY_PARTITIONS = 8  # once in Ray, at least this many (the listing's size is unknown until it ends)
 DIFF_CPUS = 1.0
+_MATCH_SCHEMA = pa.schema([("path", pa.binary()), ("old_shard", pa.int64()), ("old_path", pa.binary())])
 _DONOR_SCHEMA = pa.schema([pa.field("old_path", pa.binary()), pa.field("size", pa.int64()),
                            pa.field("etag", pa.binary()), pa.field("old_shard", pa.int64())])
 
@@ -68,6 +69,17 @@ def version_partition(sizes, etags, partitions: int) -> np.ndarray:
         return np.zeros(len(etags), dtype=np.int64)
     h = _hash(etags) ^ (sizes.to_numpy(zero_copy_only=False).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
     return (h % np.uint64(partitions)).astype(np.int64)
+
+
+def folder_partition(paths, partitions: int) -> np.ndarray:
+    """The partition of each path's folder: new shards are cut per folder partition, in path order, so the
+    photos of one folder (an album, a day) share a few parts, and deleting them later touches those only."""
+    if isinstance(paths, pa.ChunkedArray):
+        paths = paths.combine_chunks()
+    if partitions == 1 or not len(paths):
+        return np.zeros(len(paths), dtype=np.int64)
+    folders = pa.array([p.rpartition(b"/")[0] for p in paths.to_pylist()], pa.binary())
+    return (_hash(folders) % np.uint64(partitions)).astype(np.int64)
 
 
 def split(table: pa.Table, which: np.ndarray, partitions: int) -> list[pa.Table]:
@@ -184,8 +196,9 @@ def _shard_counts(table: pa.Table) -> dict[int, int]:
 
 def diff_partition(s: DiffSettings, index: int, listing: list, manifest: list, done) -> tuple:
     """One path partition: listing rows against manifest rows. Writes its drops as a plan piece; returns
-    (summary, fresh rows without an ETag, fresh rows per (size, ETag) partition..., donors per partition...).
-    Fresh: new or changed entries; donors: manifest rows of complete shards that carry an ETag."""
+    (summary, fresh rows without an ETag per folder partition..., fresh rows per (size, ETag) partition...,
+    donors per (size, ETag) partition...). Fresh: new or changed entries; donors: manifest rows of complete
+    shards that carry an ETag."""
     current = _concat(_fetch(listing), ENTRY_SCHEMA)
     old = _concat(_fetch(manifest), MANIFEST_SCHEMA)
     done = _fetch([done])[0]
@@ -211,10 +224,11 @@ def diff_partition(s: DiffSettings, index: int, listing: list, manifest: list, d
     if len(old):
         keep = pc.and_(pc.is_in(old.column("shard"), value_set=done), pc.is_valid(old.column("etag")))
         donors = old.filter(keep).select(["path", "size", "etag", "shard"]).rename_columns(_DONOR_SCHEMA.names)
+    plains = split(plain, folder_partition(plain.column("path"), s.partitions), s.partitions)
     summary = {"listed": len(current), "unchanged": _count(pc.and_(both, same)), "changed": _count(changed),
-               "deleted": _count(deleted), "added": _count(added), "drops": len(drops), "plain": len(plain),
-               "drop_shards": _shard_counts(drops)}
-    return (summary, plain,
+               "deleted": _count(deleted), "added": _count(added), "drops": len(drops),
+               "plain": [len(t) for t in plains], "drop_shards": _shard_counts(drops)}
+    return (summary, *plains,
             *split(fresh, version_partition(fresh.column("size"), fresh.column("etag"), q), q),
             *split(donors, version_partition(donors.column("size"), donors.column("etag"), q), q))
 
@@ -224,12 +238,11 @@ def diff_partition(s: DiffSettings, index: int, listing: list, manifest: list, d
 
 def match_moves(s: DiffSettings, fresh: list, donors: list) -> tuple:
     """Fresh entries whose size and ETag equal those of an embedded row become copies of it (the row of the
-    lowest shard, then the lowest path, when several match). Returns (summary, copies (path, old_shard,
-    old_path) by path, their entries, the other fresh entries)."""
+    lowest shard, then the lowest path, when several match). Returns (summary, then per folder partition:
+    copies (path, old_shard, old_path)..., their entries..., the other fresh entries...)."""
     fresh = _concat(_fetch(fresh), ENTRY_SCHEMA)
     donors = _concat(_fetch(donors), _DONOR_SCHEMA)
-    empty = pa.schema([("path", pa.binary()), ("old_shard", pa.int64()), ("old_path", pa.binary())]).empty_table()
-    matched = empty
+    matched = _MATCH_SCHEMA.empty_table()
     if len(fresh) and len(donors):
         m = fresh.select(["path", "size", "etag"]).join(donors, keys=["size", "etag"], join_type="inner")
         if len(m):
@@ -240,9 +253,13 @@ def match_moves(s: DiffSettings, fresh: list, donors: list) -> tuple:
                 first[1:] = pc.not_equal(paths.slice(1), paths.slice(0, len(m) - 1)).to_numpy(zero_copy_only=False)
             matched = m.filter(pa.array(first)).select(["path", "old_shard", "old_path"])
     reused = pc.is_in(fresh.column("path"), matched.column("path"))
-    copied = fresh.filter(reused).sort_by([("path", "ascending")])
+    copied = fresh.filter(reused)
     rest = fresh.filter(pc.invert(reused))
-    return ({"copies": len(matched), "rest": len(rest)}, matched, copied, rest)
+    r = s.partitions
+    matched = split(matched, folder_partition(matched.column("path"), r), r)
+    copied = split(copied, folder_partition(copied.column("path"), r), r)
+    rest = split(rest, folder_partition(rest.column("path"), r), r)
+    return ({"copies": [len(t) for t in matched], "rest": [len(t) for t in rest]}, *matched, *copied, *rest)
 
 
 # -- step 4: numbering and writing the plan pieces ---------------------------------------------------------
@@ -252,14 +269,16 @@ def shards_for(n: int, per: int) -> int:
     return math.ceil(n / per) if n else 0
 
 
-def write_unit(s: DiffSettings, unit: int, base: int, matched, copied, rest) -> dict:
-    """One unit's new shards from `base` on: copies first (by path), then the other fresh entries (by path);
-    written as plan pieces `_sync/copies-RRRR-UUUUU` and `_sync/entries-RRRR-UUUUU-m-FIRST-LAST` (the latter
-    manifest pieces as they are, moved into `_manifest/` when the plan is applied)."""
-    matched, copied, rest = _fetch([matched, copied, rest])
+def write_unit(s: DiffSettings, unit: int, base: int, matched: list, copied: list, fresh: list) -> dict:
+    """One folder partition's new shards from `base` on: copies first, then the other fresh entries, each in
+    path order (a folder's photos side by side); written as plan pieces `_sync/copies-RRRR-UUUUU` and
+    `_sync/entries-RRRR-UUUUU-m-FIRST-LAST` (manifest pieces as they are, moved into `_manifest/` when the
+    plan is applied)."""
+    matched = _concat(_fetch(matched), _MATCH_SCHEMA).sort_by([("path", "ascending")])
+    copied = _concat(_fetch(copied), ENTRY_SCHEMA).sort_by([("path", "ascending")])
+    rest = _concat(_fetch(fresh), ENTRY_SCHEMA).sort_by([("path", "ascending")])
     per = s.per_shard
     store = s.store()
-    matched = matched.sort_by([("path", "ascending")])
     n_copy = len(matched)
     copy_shard = pa.array(base + np.arange(n_copy, dtype=np.int64) // per, pa.int64())
     if n_copy:
@@ -267,12 +286,10 @@ def write_unit(s: DiffSettings, unit: int, base: int, matched, copied, rest) -> 
                            "old_shard": matched.column("old_shard"), "old_path": matched.column("old_path")},
                           schema=COPIES_SCHEMA)
         _write(store, f"{SYNC_DIR}/copies-{s.run:04d}-{unit:05d}.parquet", copies)
-    rest = rest.sort_by([("path", "ascending")])
     rest_base = base + shards_for(n_copy, per)
     rest_shard = pa.array(rest_base + np.arange(len(rest), dtype=np.int64) // per, pa.int64())
-    # copied is sorted by path like matched (the same paths): the same shard numbers line up
-    entries = pa.concat_tables([copied.cast(ENTRY_SCHEMA).append_column("shard", copy_shard),
-                                rest.cast(ENTRY_SCHEMA).append_column("shard", rest_shard)])
+    # copied holds the same paths as matched, in the same (path) order: the same shard numbers line up
+    entries = pa.concat_tables([copied.append_column("shard", copy_shard), rest.append_column("shard", rest_shard)])
     pieces = 0
     shards = entries.column("shard").to_numpy()
     start = 0
@@ -408,39 +425,47 @@ def partitioned_diff(s: DiffSettings, steps: Steps, sources: Iterable, pieces: l
             list_parts[p].append(out[p + 1])
     t1 = time.perf_counter()
     # step 2: a diff per path partition
-    summaries, plains = [], []
+    summaries = []
+    plain_r: list[list] = [[] for _ in range(P)]  # fresh rows without an ETag, by folder partition
     fresh_q: list[list] = [[] for _ in range(Q)]
     donors_q: list[list] = [[] for _ in range(Q)]
     for p in range(P):
-        out = steps.call(diff_partition, s, p, list_parts[p], man_parts[p], done_ref, returns=2 + 2 * Q)
+        out = steps.call(diff_partition, s, p, list_parts[p], man_parts[p], done_ref, returns=1 + P + 2 * Q)
         summaries.append(out[0])
-        plains.append(out[1])
+        for r in range(P):
+            plain_r[r].append(out[1 + r])
         for q in range(Q):
-            fresh_q[q].append(out[2 + q])
-            donors_q[q].append(out[2 + Q + q])
+            fresh_q[q].append(out[1 + P + q])
+            donors_q[q].append(out[1 + P + Q + q])
     del list_parts, man_parts
-    # step 3: moves per (size, ETag) partition
-    matches = [steps.call(match_moves, s, fresh_q[q], donors_q[q], returns=4) for q in range(Q)]
+    # step 3: moves per (size, ETag) partition; what is left goes back to its folder partition
+    matched_r: list[list] = [[] for _ in range(P)]
+    copied_r: list[list] = [[] for _ in range(P)]
+    rest_r: list[list] = [[] for _ in range(P)]
+    match_refs = []
+    for q in range(Q):
+        out = steps.call(match_moves, s, fresh_q[q], donors_q[q], returns=1 + 3 * P)
+        match_refs.append(out[0])
+        for r in range(P):
+            matched_r[r].append(out[1 + r])
+            copied_r[r].append(out[1 + P + r])
+            rest_r[r].append(out[1 + 2 * P + r])
     del fresh_q, donors_q
     summaries = steps.get(summaries)
-    match_sums = steps.get([m[0] for m in matches])
+    match_sums = steps.get(match_refs)
     t2 = time.perf_counter()
-    # step 4: number the new shards unit by unit (copies and fresh entries per (size, ETag) partition, then
-    # the fresh entries without an ETag per path partition), each unit writing its own plan pieces
+    # step 4: number the new shards folder partition by folder partition (copies, then the other fresh
+    # entries, each in path order), each partition's task writing its own plan pieces
     per = s.per_shard
     units = []
     base = next_shard
-    empty = steps.put(ENTRY_SCHEMA.empty_table())
-    no_match = steps.put(pa.schema([("path", pa.binary()), ("old_shard", pa.int64()),
-                                    ("old_path", pa.binary())]).empty_table())
-    for q, (m, summary) in enumerate(zip(matches, match_sums)):
-        if summary["copies"] or summary["rest"]:
-            units.append(steps.call(write_unit, s, len(units), base, m[1], m[2], m[3])[0])
-            base += shards_for(summary["copies"], per) + shards_for(summary["rest"], per)
-    for p, summary in enumerate(summaries):
-        if summary["plain"]:
-            units.append(steps.call(write_unit, s, len(units), base, no_match, empty, plains[p])[0])
-            base += shards_for(summary["plain"], per)
+    for r in range(P):
+        copies = sum(m["copies"][r] for m in match_sums)
+        fresh = sum(m["rest"][r] for m in match_sums) + sum(x["plain"][r] for x in summaries)
+        if copies or fresh:
+            units.append(steps.call(write_unit, s, len(units), base, matched_r[r], copied_r[r],
+                                    rest_r[r] + plain_r[r])[0])
+            base += shards_for(copies, per) + shards_for(fresh, per)
     written = steps.get(units)
     infos = steps.get(info_refs)
     expected: dict[int, int] = {}
@@ -452,7 +477,7 @@ def partitioned_diff(s: DiffSettings, steps: Steps, sources: Iterable, pieces: l
         room = SKIPPED_EXAMPLES - len(skipped.examples)
         skipped.examples.extend(info["examples"][:max(room, 0)])
     total = {k: sum(x[k] for x in summaries) for k in ("listed", "unchanged", "changed", "deleted", "added", "drops")}
-    reused = sum(m["copies"] for m in match_sums)
+    reused = sum(sum(m["copies"]) for m in match_sums)
     counts = {"listed": total["listed"], "unchanged": total["unchanged"], "new": total["added"] - reused,
               "changed": total["changed"], "deleted": total["deleted"], "reused": reused}
     pieces_out = {"entries": sum(w["pieces"] for w in written), "copies": sum(bool(w["copies"]) for w in written),
@@ -484,10 +509,32 @@ def batched(pages: Iterator[pa.Table], rows: int = MAP_ROWS) -> Iterator[pa.Tabl
 
 
 def read_plan_pieces(store: OutputStore, run: int, kind: str, schema: pa.Schema) -> pa.Table:
-    """Every `_sync/{kind}-RRRR*` piece of a plan as one table (the plan's changes, not the library)."""
-    names = [n for n in store.list_dir(SYNC_DIR) if n.startswith(f"{kind}-{run:04d}") and n.endswith(".parquet")]
+    """Every `_sync/{kind}-RRRR*` piece of a plan as one table (the plan's changes, not the library); entry
+    pieces that are manifest pieces (`...-m-FIRST-LAST.parquet`) excepted: see move_entry_pieces."""
+    names = [n for n in store.list_dir(SYNC_DIR) if n.startswith(f"{kind}-{run:04d}") and n.endswith(".parquet")
+             and "-m-" not in n]
     tables = [read_parquet(store.fs, store.path(f"{SYNC_DIR}/{n}")).cast(schema) for n in names]
     return _concat(tables, schema)
+
+
+def move_entry_pieces(store: OutputStore, run: int) -> int:
+    """The plan's new entries into the manifest: each entry piece is a manifest piece already, copied under
+    its manifest name (concurrently; a store-side copy on S3, no rows through this process). Idempotent:
+    a piece copied twice is the same piece. Returns pieces moved."""
+    pieces = entry_pieces(store, run)
+
+    def move(item: tuple[str, str]) -> None:
+        src, dst = item
+        if store.is_local():  # a local copy is not atomic: write the bytes as every piece is written
+            with store.fs.open(store.path(f"{SYNC_DIR}/{src}"), "rb") as f:
+                store.write_bytes(f"{MANIFEST_DIR}/{dst}", f.read())
+        else:  # an object store's copy is atomic and never leaves the store
+            store.fs.copy(store.path(f"{SYNC_DIR}/{src}"), store.path(f"{MANIFEST_DIR}/{dst}"))
+
+    if pieces:
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(move, pieces))
+    return len(pieces)
 
 
 def entry_pieces(store: OutputStore, run: int) -> list[tuple[str, str]]:
@@ -542,17 +589,19 @@ def manifest_counts(store: OutputStore) -> dict[int, int]:
 LISTING_TASKS = 16  # S3 listers at once when the diff runs in Ray
 
 
-def listing_sources(cfg: InputConfig, fmt: str, local: bool, retry_window_s: float):
+def listing_sources(cfg: InputConfig, fmt: str, local: bool, retry_window_s: float, listing=None):
     """Tonight's listing as sources for split tasks, and how many entries it is about to hold (0: unknown):
     an inventory's files (each read by its own task), an S3 input's prefixes (listing tasks) when the diff
-    runs in Ray, else the driver's own listing in batches. input.limit (trial runs): selected in the driver."""
+    runs in Ray, else the driver's own listing in batches (`listing`, when the caller has started it).
+    input.limit (trial runs): selected in the driver."""
     from resnet_batch.embed.listing import list_entries
     from resnet_batch.storage import is_s3
 
+    pages = (lambda: listing.pages) if listing is not None else (lambda: list_entries(cfg, retry_window_s).pages)
     if cfg.limit is not None:
         from resnet_batch.embed.plan import select
 
-        table, skipped = select(cfg, fmt, list_entries(cfg, retry_window_s).pages)
+        table, skipped = select(cfg, fmt, pages())
         return [_Selected(table, skipped.count, tuple(skipped.examples))], len(table)
     if cfg.inventory:
         from resnet_batch.embed.inventory import inventory_files, rows_estimate
@@ -563,7 +612,7 @@ def listing_sources(cfg: InputConfig, fmt: str, local: bool, retry_window_s: flo
         from resnet_batch.embed.listing import listing_tasks
 
         return listing_tasks(cfg.uri, dict(cfg.storage_options), LISTING_TASKS, retry_window_s), 0
-    return batched(list_entries(cfg, retry_window_s).pages), 0
+    return batched(pages()), 0
 
 
 @dataclass(frozen=True)
@@ -576,7 +625,7 @@ class _Selected:
 
 
 def plan_sync(cfg: InputConfig, fmt: str, root: str, store: OutputStore, run: int, state_next_shard: int,
-              done: set[int], retry_window_s: float, start_ray: Callable[[], None]) -> DiffResult:
+              done: set[int], retry_window_s: float, start_ray: Callable[[], None], listing=None) -> DiffResult:
     """Tonight's sync plan, written under _sync/ (not committed): the number of partitions from the size of
     the manifest and of the inventory; one partition runs here without Ray, more run as Ray tasks
     (`start_ray` is called first)."""
@@ -584,7 +633,7 @@ def plan_sync(cfg: InputConfig, fmt: str, root: str, store: OutputStore, run: in
     pieces = manifest_pieces(store)
     manifest_rows = sum(n for _, n in pieces)
     local = partitions_for(manifest_rows) == 1
-    sources, estimate = listing_sources(cfg, fmt, local, retry_window_s)
+    sources, estimate = listing_sources(cfg, fmt, local, retry_window_s, listing)
     partitions = partitions_for(max(manifest_rows, estimate))
     if partitions > 1 or not local:
         local = False
@@ -592,7 +641,7 @@ def plan_sync(cfg: InputConfig, fmt: str, root: str, store: OutputStore, run: in
         partitions = max(partitions, MIN_RAY_PARTITIONS)
         if not cfg.inventory and cfg.limit is None and isinstance(sources, Iterator):
             # the driver's listing was chosen for one partition; an S3 input lists in tasks instead
-            sources, _ = listing_sources(cfg, fmt, False, retry_window_s)
+            sources, _ = listing_sources(cfg, fmt, False, retry_window_s, listing)
     s = DiffSettings(input=cfg, fmt=fmt, root=root, output_uri=store.uri, output_options=dict(store.storage_options),
                      retry_window_s=retry_window_s, run=run, partitions=partitions, move_partitions=partitions)
     next_shard = max(state_next_shard, last_manifest_shard(store) + 1)
