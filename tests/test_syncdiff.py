@@ -114,3 +114,31 @@ def test_partitions_in_ray_tasks_match_the_in_memory_diff(tmp_path, ray_local):
 
 def test_partitions_grow_with_the_size():
     assert [partitions_for(n, 1000) for n in (0, 999, 1000, 1001, 5000, 10**9)] == [1, 1, 1, 2, 8, 4096]
+
+
+def test_dropped_entries_leave_only_the_pieces_that_hold_them(tmp_path):
+    from resnet_batch.embed.syncdiff import drop_manifest_entries
+    from resnet_batch.output.manifest import read_manifest
+
+    manifest, _, _ = _night(n=3000, per=50)
+    store = OutputStore(str(tmp_path / "out"), {})
+    import resnet_batch.output.manifest as m
+
+    old, m.PIECE_ENTRIES = m.PIECE_ENTRIES, 1000
+    try:
+        write_entries(store, manifest)  # 3 pieces of 20 shards
+    finally:
+        m.PIECE_ENTRIES = old
+    before = {n: (tmp_path / "out" / "_manifest" / n).stat().st_mtime_ns for n in store.list_dir("_manifest")}
+    assert len(before) == 3
+    drops = manifest.filter(pa.array([s in (0, 1) and i % 2 == 0 for i, s in
+                                      enumerate(manifest.column("shard").to_pylist())])).select(["shard", "path"])
+    gone = drops.append_column("x", pa.array([1] * len(drops)))
+    assert drop_manifest_entries(store, drops.cast(DROPS_SCHEMA)) == 1
+    assert drop_manifest_entries(store, drops.cast(DROPS_SCHEMA)) == 0  # idempotent
+    after = {n: (tmp_path / "out" / "_manifest" / n).stat().st_mtime_ns for n in store.list_dir("_manifest")}
+    assert [n for n in before if before[n] != after[n]] == ["m-000000-000019.parquet"]  # one piece rewritten
+    left = read_manifest(store)
+    assert len(left) == len(manifest) - len(gone) == 3000 - 50
+    assert not set(zip(drops.column("shard").to_pylist(), drops.column("path").to_pylist())) & \
+        set(zip(left.column("shard").to_pylist(), left.column("path").to_pylist()))

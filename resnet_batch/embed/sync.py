@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import ray
 
 from resnet_batch.embed.listing import from_raw, storable
-from resnet_batch.output.manifest import MANIFEST_SCHEMA, drop_entries, write_entries
+from resnet_batch.output.manifest import MANIFEST_SCHEMA, write_entries
 from resnet_batch.embed.plan import COPIES_SCHEMA, DROPS_SCHEMA, SyncPlan
 from resnet_batch.schema import STATUS_OK
 from resnet_batch.storage import display_path
@@ -89,8 +89,10 @@ def apply(store: OutputStore, part: PartSettings, fmt: str, root: str, protocol:
                 out["rewritten"] += 1
             out["deleted"] += deleted
         out["dropped"] = len(drops)
-    # (3) the manifest
-    drop_entries(store, drops)
+    # (3) the manifest (each piece that loses entries rewritten in its own task)
+    from resnet_batch.embed.syncdiff import drop_manifest_entries
+
+    drop_manifest_entries(store, drops)
     write_entries(store, entries)
     return out
 

@@ -646,3 +646,55 @@ def plan_sync(cfg: InputConfig, fmt: str, root: str, store: OutputStore, run: in
                      retry_window_s=retry_window_s, run=run, partitions=partitions, move_partitions=partitions)
     next_shard = max(state_next_shard, last_manifest_shard(store) + 1)
     return partitioned_diff(s, Steps(local=local), sources, pieces, done, next_shard)
+
+
+# -- the manifest's dropped entries, in parallel tasks ------------------------------------------------------
+
+
+def drop_piece(where: tuple, name: str, drops) -> int:
+    """One manifest piece rewritten without these (shard, path) entries (deleted when nothing is left).
+    Idempotent: a piece that no longer holds them is left alone. Returns 1 when the piece changed."""
+    drops = _fetch([drops])[0]
+    store = OutputStore(*where)
+    path = f"{MANIFEST_DIR}/{name}"
+    try:
+        piece = read_parquet(store.fs, store.path(path)).cast(MANIFEST_SCHEMA)
+    except FileNotFoundError:
+        return 0
+    key = _keys(piece)
+    keep = pc.invert(pc.is_in(key, value_set=_keys(drops)))
+    if pc.all(keep).as_py():
+        return 0
+    kept = piece.filter(keep)
+    if len(kept):
+        store.write_bytes(path, encode_piece(kept))
+    else:
+        store.remove(path)
+    return 1
+
+
+def _keys(table: pa.Table) -> pa.Array:
+    """shard + NUL + path, for matching manifest entries."""
+    return pc.binary_join_element_wise(pc.cast(pc.cast(table.column("shard"), pa.string()), pa.binary()),
+                                       table.column("path"), pa.scalar(b"\x00"))
+
+
+def drop_manifest_entries(store: OutputStore, drops: pa.Table) -> int:
+    """The manifest without the dropped entries: a Ray task per manifest piece that holds some (each gets only
+    its own drops; in this process when Ray is not running). Returns pieces changed."""
+    import ray
+
+    if not len(drops):
+        return 0
+    steps = Steps(local=not ray.is_initialized())
+    where = (store.uri, dict(store.storage_options), store.window)
+    ranges = sorted((r, n) for n in store.list_dir(MANIFEST_DIR) if (r := piece_range(n)))
+    shards = drops.column("shard").to_numpy()
+    order = np.argsort(shards, kind="stable")
+    drops, shards = drops.take(pa.array(order)), shards[order]
+    calls = []
+    for (first, last), name in ranges:
+        lo, hi = np.searchsorted(shards, first, "left"), np.searchsorted(shards, last, "right")
+        if hi > lo:
+            calls.append(steps.call(drop_piece, where, name, drops.slice(int(lo), int(hi - lo)))[0])
+    return sum(steps.get(calls))
