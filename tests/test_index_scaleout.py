@@ -106,3 +106,34 @@ def test_cli_index_ray(two_builds, tmp_path, capsys, monkeypatch):
     assert "a query node needs" in captured.err and "on Ray (" in captured.err
     meta = json.loads((tmp_path / "idx" / "index.json").read_text())
     assert meta["scaled_out"]["add_tasks"] == 2 and "lists.ivfdata" in meta["files"]
+
+
+@pytest.mark.s3
+def test_a_reader_on_object_storage_fetches_only_the_rows_it_reads(two_builds, s3_server, tmp_path, monkeypatch):
+    """Opened from S3, the re-ranking rows (most of the folder) are read by range into a per-node cache, never
+    downloaded whole; the answers are those of the same index opened from a local folder."""
+    root, vectors, _, held_out, _, scaled = two_builds
+    bucket = s3_server.make_bucket("scaleout-open")
+    fs = s3_server.filesystem()
+    for name in scaled["files"]:
+        fs.put_file(str(root / "scaled" / name), f"{bucket}/idx/{name}")
+    fs.pipe(f"{bucket}/idx/index.json", (root / "scaled" / "index.json").read_bytes())
+    monkeypatch.setenv("RESNET_BATCH_CACHE", str(tmp_path / "cache"))
+    remote = SimilarityIndex.open(f"s3://{bucket}/idx", s3_server.storage_options())
+    local = SimilarityIndex.open(str(root / "scaled"))
+    remote.search(held_out[:1], 10)
+    blocks = remote._refine[1]
+    assert 0 < blocks.cached_blocks() <= 4 * 10 < blocks.blocks / 4  # one query: its 40 candidates' blocks
+    scores_r, found_r = remote.search(held_out[:20], 10)
+    scores_l, found_l = local.search(held_out[:20], 10)
+    np.testing.assert_array_equal(found_r, found_l)
+    np.testing.assert_array_equal(scores_r, scores_l)
+    cache = next((tmp_path / "cache" / "indexes").iterdir())
+    assert not (cache / "refine.f16").exists()  # not copied
+    allocated = os.stat(cache / "refine.f16.ranges").st_blocks * 512
+    assert allocated <= blocks.cached_blocks() * blocks.BLOCK + 64 * 1024
+    # a second reader on the node (another process in production) reads the same rows from the cache
+    again = SimilarityIndex.open(f"s3://{bucket}/idx", s3_server.storage_options())
+    before = again._refine[1].cached_blocks()
+    np.testing.assert_array_equal(again.search(held_out[:20], 10)[1], found_l)
+    assert again._refine[1].cached_blocks() == before

@@ -162,13 +162,21 @@ class SimilarityIndex:
         import faiss
 
         meta = read_meta(uri, storage_options)
-        folder = local_folder(uri, meta, storage_options)
+        layout = layout_of(meta)
+        fs, root = filesystem(uri, dict(storage_options or {}))
+        remote = "file" not in protocols(fs)
+        # Consumers open, they do not copy: a local or shared folder is mapped in place; from object storage the
+        # re-ranking rows (most of the folder) are read by range into a per-node cache, the rest copied once.
+        ranged = {name for name, rows in (layout["refine"] or {}).get("segments", []) if rows} if remote else set()
+        folder = local_folder(uri, meta, storage_options, skip=ranged)
         for name, expected in meta["files"].items():
-            path = os.path.join(folder, name)
-            size = os.path.getsize(path) if os.path.exists(path) else None
+            if name in ranged:
+                size = fs.size(posixpath.join(root, name))
+            else:
+                path = os.path.join(folder, name)
+                size = os.path.getsize(path) if os.path.exists(path) else None
             if size != expected:
                 raise SimilarityIndexError(f"{uri}/{name} has {size} bytes, {META_FILE} says {expected}")
-        layout = layout_of(meta)
         # Inverted lists are mapped as on-disk lists; a flat index's codes through the mapped-file reader.
         if meta["kind"] == "ivf":
             index = read_faiss_index(os.path.join(folder, layout["index"]), bool(layout.get("lists")))
@@ -178,7 +186,8 @@ class SimilarityIndex:
         refine = None
         if layout["refine"]:
             decoder = faiss.read_index(os.path.join(folder, layout["refine"]["coder"]))
-            codes = open_refine_rows(folder, layout["refine"], decoder.sa_code_size(), len(ids))
+            codes = open_refine_rows(folder, layout["refine"], decoder.sa_code_size(), len(ids),
+                                     remote=(fs, root) if remote else None)
             refine = (refine_mean(decoder), codes)
         return cls(index, ids, meta, refine)
 
@@ -244,8 +253,9 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "resnet-batch")
 
 
-def local_folder(uri: str, meta: dict, storage_options: Optional[dict] = None) -> str:
-    """A local folder holding the index's data files: the folder itself when local, else a node-local copy.
+def local_folder(uri: str, meta: dict, storage_options: Optional[dict] = None, skip: frozenset = frozenset()) -> str:
+    """A local folder holding the index's data files: the folder itself when local, else a node-local copy of
+    them but those in `skip` (read by range instead).
 
     The copy is keyed by URI and build id, made once per node under a file lock (the actors of one node wait for
     the first), each file downloaded to a temp name and renamed, so a copy is never seen half-written. Files of
@@ -261,6 +271,8 @@ def local_folder(uri: str, meta: dict, storage_options: Optional[dict] = None) -
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for name, size in meta["files"].items():
+            if name in skip:
+                continue
             dest = folder / name
             if dest.exists() and dest.stat().st_size == size:
                 continue
@@ -284,5 +296,6 @@ def _drop_old_generations(folder: Path, meta: dict) -> None:
             continue
         if generation_of(sub.name) is not None:
             shutil.rmtree(sub, ignore_errors=True)
-        elif sub.name in DATA_FILES:
-            sub.unlink(missing_ok=True)
+        elif sub.name in DATA_FILES or sub.name.split(".ranges")[0] in DATA_FILES:  # a file or its range cache
+            if sub.name.split(".ranges")[0] not in keep:
+                sub.unlink(missing_ok=True)

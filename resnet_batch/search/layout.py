@@ -49,15 +49,20 @@ def generation_of(name: str) -> Optional[int]:
 
 
 @contextlib.contextmanager
-def faiss_stdout_to_stderr():
+def faiss_stdout_to_stderr(drop: bool = False):
     """FAISS's C++ code prints notes about on-disk lists ("resizing ...", "updating ondisk filename ...") on
-    file descriptor 1: send them to stderr while it runs, so that a command's stdout stays its result."""
+    file descriptor 1: send them to stderr while it runs (or, `drop`, nowhere: every reader opening an index
+    would print one), so that a command's stdout stays its result."""
     import sys
 
     sys.stdout.flush()
     saved = os.dup(1)
     try:
-        os.dup2(2, 1)
+        if drop:
+            with open(os.devnull, "wb") as null:
+                os.dup2(null.fileno(), 1)
+        else:
+            os.dup2(2, 1)
         yield
     finally:
         os.dup2(saved, 1)
@@ -70,7 +75,7 @@ def read_faiss_index(path: str, on_disk_lists: bool, mmap_codes: bool = True):
     import faiss
 
     if on_disk_lists:  # the on-disk lists map their file themselves (with IO_FLAG_MMAP as well FAISS crashes)
-        with faiss_stdout_to_stderr():
+        with faiss_stdout_to_stderr(drop=True):
             return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
     return faiss.read_index(path, faiss.IO_FLAG_MMAP if mmap_codes else 0)
 
@@ -149,12 +154,74 @@ class RefineRows:
         return out
 
 
-def open_refine_rows(folder: str, refine: dict, row_bytes: int, n: int):
+class RangeRows:
+    """Fixed-size rows of a file on object storage, read by byte range and cached per node by range.
+
+    The cache is a sparse local file of the remote file's size plus one byte a block saying which blocks it holds
+    (both memory-mapped, shared by every process of the node): a query fetches only the blocks of the rows it
+    reads (one ranged GET per run of adjacent missing blocks, all of a query's at once), never the whole file.
+    A block is written before it is marked, and a block's bytes never change (a generation's files are never
+    rewritten), so processes filling the same block at once write the same bytes."""
+
+    BLOCK = 64 << 10  # bytes fetched at least: 16 rows of 4 KiB, 64 of 1 KiB
+
+    def __init__(self, fs, path: str, shape: tuple[int, int], cache: str):
+        self.fs, self.path, self.shape = fs, path, shape
+        self.row_bytes = shape[1]
+        self.size = shape[0] * shape[1]
+        self.blocks = -(-self.size // self.BLOCK)
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        self.data_path, self.have_path = cache, cache + ".have"
+        for file, size in ((self.data_path, self.size), (self.have_path, self.blocks)):
+            with open(file, "ab") as f:  # created sparse, never shrunk
+                if f.tell() < size:
+                    f.truncate(size)
+        self.have = np.memmap(self.have_path, dtype=np.uint8, mode="r+", shape=(max(1, self.blocks),))
+        self.data = np.memmap(self.data_path, dtype=np.uint8, mode="r+", shape=(max(1, self.size),))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def cached_blocks(self) -> int:
+        return int(self.have[:self.blocks].sum())
+
+    def __getitem__(self, rows):
+        if np.isscalar(rows):
+            return self[np.array([rows])][0]
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = rows * self.row_bytes
+        need = np.unique(np.concatenate([starts // self.BLOCK, (starts + self.row_bytes - 1) // self.BLOCK]))
+        missing = need[self.have[need] == 0] if len(need) else need
+        if len(missing):
+            self._fetch(missing)
+        out = np.empty((len(rows), self.row_bytes), dtype=np.uint8)
+        for i, s in enumerate(starts.tolist()):
+            out[i] = self.data[s:s + self.row_bytes]
+        return out
+
+    def _fetch(self, blocks: np.ndarray) -> None:
+        """Runs of adjacent blocks, each one ranged read, all at once (fsspec's cat_ranges: concurrent on s3fs)."""
+        runs = np.split(blocks, np.flatnonzero(np.diff(blocks) != 1) + 1)
+        starts = [int(r[0]) * self.BLOCK for r in runs]
+        ends = [min(self.size, (int(r[-1]) + 1) * self.BLOCK) for r in runs]
+        for run, start, data in zip(runs, starts, self.fs.cat_ranges([self.path] * len(runs), starts, ends)):
+            self.data[start:start + len(data)] = np.frombuffer(data, dtype=np.uint8)
+            self.have[run] = 1
+
+
+def open_refine_rows(folder: str, refine: dict, row_bytes: int, n: int, remote=None):
     """The re-ranking codes a layout names, memory-mapped: the plain array for one segment in id-map order
-    (a fresh build), else a RefineRows over the segments and the row map."""
+    (a fresh build), else a RefineRows over the segments and the row map. `remote` (fs, root): the segments
+    stay on object storage and are read by range into a per-node cache in `folder` (RangeRows)."""
     import os
 
-    segments = [map_rows(os.path.join(folder, name), (rows, row_bytes)) for name, rows in refine["segments"] if rows]
+    def segment(name: str, rows: int):
+        if remote is None:
+            return map_rows(os.path.join(folder, name), (rows, row_bytes))
+        fs, root = remote
+        return RangeRows(fs, f"{root.rstrip('/')}/{name}", (rows, row_bytes), os.path.join(folder, name + ".ranges"))
+
+    segments = [segment(name, rows) for name, rows in refine["segments"] if rows]
     row_map = map_rows(os.path.join(folder, refine["rows"]), (n,), np.int64) if refine.get("rows") else None
     if row_map is None and len(segments) == 1:
         return segments[0]
