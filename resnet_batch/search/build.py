@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from resnet_batch.search.embeddings import Part, duplicate_id, input_root, ok_chunks, sample_rows, scan_embeddings
 from resnet_batch.errors import SimilarityIndexError
 from resnet_batch.search.index import FORMAT, IDS_FILE, IDS_SCHEMA, INDEX_FILE, REFINE_FILE, REFINE_SQ_FILE, normalize, \
-    refine_mean, refined_search
+    Refiner, refined_search
 from resnet_batch.search.changes import part_stamps
 from resnet_batch.search.folder import Staging
 from resnet_batch.search.spec import (DEFAULT_MAX_MEMORY, FLAT_MAX, PCA_AUTO, PCA_TRAIN_MAX, TUNE_QUERIES, IndexOptions,
@@ -312,15 +312,38 @@ def fit_projection(sample: np.ndarray, dims: int):
     return lt, figures
 
 
-def _trained_refiner(train: np.ndarray):
-    """The codes of full-dimension vectors that re-ranking decodes: float16 offsets from the mean (embeddings
-    crowd around it, so the offsets carry what tells neighbours apart; index_spec.py says why not 8 bits)."""
+def _trained_refiner(train: np.ndarray, dims: int = 0, code: str = "FP16"):
+    """The codes of full vectors that re-ranking decodes: offsets from the mean (embeddings crowd around it, so
+    the offsets carry what tells neighbours apart; index_spec.py says why not 8 bits of the raw vectors),
+    projected onto the top `dims` principal directions of the offsets (0: all dimensions kept), stored as
+    float16 ("FP16") or 8-bit ("SQ8") numbers."""
     import faiss
 
+    import torch
+
     d = train.shape[1]
-    refiner = faiss.IndexPreTransform(faiss.CenteringTransform(d), faiss.IndexScalarQuantizer(
-        d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT))
-    refiner.train(np.ascontiguousarray(train[:PCA_TRAIN_MAX], dtype=np.float32))
+    sample = np.ascontiguousarray(train[:PCA_TRAIN_MAX], dtype=np.float32)
+    chain = [faiss.CenteringTransform(d)]
+    stored = d
+    if dims and dims < d:
+        centred = torch.from_numpy(sample - sample.mean(axis=0))
+        values, vectors = torch.linalg.eigh((centred.T @ centred).double() / len(sample))
+        top = vectors.numpy()[:, np.argsort(values.numpy())[::-1][:dims]]
+        lt = faiss.LinearTransform(d, dims, False)
+        faiss.copy_array_to_vector(np.ascontiguousarray(top.T, dtype=np.float32).ravel(), lt.A)
+        lt.is_orthonormal = True
+        lt.is_trained = True
+        chain.append(lt)
+        stored = dims
+    qtype = faiss.ScalarQuantizer.QT_fp16 if code == "FP16" else faiss.ScalarQuantizer.QT_8bit
+    sq = faiss.IndexScalarQuantizer(stored, qtype, faiss.METRIC_INNER_PRODUCT)
+    refiner = faiss.IndexPreTransform(sq)
+    for transform in reversed(chain):  # applied in order: centre, then project
+        refiner.prepend_transform(transform)
+        transform.this.disown()
+    sq.this.disown()
+    refiner.own_fields = True
+    refiner.train(sample)
     return refiner
 
 
@@ -328,8 +351,8 @@ def _searcher(index, spec: IndexSpec, refiner, codes_path: str):
     """search(q, k) -> (scores, ids) as SimilarityIndex will answer it (ids are rows in a fresh build)."""
     if refiner is None:
         return index.search
-    mean, rows = refine_mean(refiner), RowFile(codes_path, refiner.sa_code_size())
-    return lambda q, k: refined_search(index, mean, rows, lambda ids: ids, q, k, spec.refine)
+    decoder, rows = Refiner(refiner), RowFile(codes_path, refiner.sa_code_size())
+    return lambda q, k: refined_search(index, decoder, rows, lambda ids: ids, q, k, spec.refine)
 
 
 class RowFile:

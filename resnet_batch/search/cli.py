@@ -145,6 +145,13 @@ def serve_main(args: argparse.Namespace) -> int:
                         storage_options=_storage_options(args.storage_options),
                         max_upload_bytes=parse_bytes(args.max_upload_bytes), max_k=args.max_k,
                         threads=args.threads, embed=not args.no_upload, reload_s=args.reload_s)
+    if args.ray:
+        from resnet_batch.search.serve_ray import RayServeConfig, run
+
+        low, high = (args.replicas, args.replicas) if args.replicas else (args.min_replicas, args.max_replicas)
+        run(RayServeConfig(service=cfg, min_replicas=low, max_replicas=high, max_batch=args.max_batch,
+                           ray_address=args.ray_address))
+        return EXIT_OK
     serve(cfg)
     return EXIT_OK
 
@@ -243,4 +250,12 @@ def register(subparsers) -> None:
     p.add_argument("--reload-s", type=float, default=60.0,
                    help="look for an updated index this often, and serve it once open (default 60; 0: never)")
     p.add_argument("--storage-options", help="fsspec options as JSON, for every URI")
+    p.add_argument("--ray", action="store_true",
+                   help="serve on Ray Serve: autoscaled index replicas (one mapped copy per node), uploads embedded "
+                        "in batches across requests (a local Ray, or --ray-address / $RAY_ADDRESS)")
+    p.add_argument("--ray-address", help="with --ray: the Ray cluster to serve on")
+    p.add_argument("--replicas", type=int, help="with --ray: a fixed number of index replicas (default: autoscaled)")
+    p.add_argument("--min-replicas", type=int, default=1, help="with --ray: autoscaling floor (default 1)")
+    p.add_argument("--max-replicas", type=int, default=4, help="with --ray: autoscaling ceiling (default 4)")
+    p.add_argument("--max-batch", type=int, default=16, help="with --ray: uploads embedded in one forward pass")
     p.set_defaults(func=serve_main)

@@ -59,7 +59,7 @@ class SimilarityIndex:
         if index.ntotal != len(ids):
             raise SimilarityIndexError(f"index holds {index.ntotal} vectors but the id map {len(ids)} rows")
         self.index, self.ids, self.meta = index, ids, meta
-        self._refine = refine  # (mean, float16 offsets as bytes: codes[i] is id-map row i's), or None
+        self._refine = refine  # (Refiner, codes as bytes: codes[i] is id-map row i's), or None
         self._faiss_ids = ids.column("id").to_numpy()
         self._image_ids = ids.column("image_id")
         self._by_hash: Optional[tuple[np.ndarray, np.ndarray]] = None
@@ -144,8 +144,8 @@ class SimilarityIndex:
 
         fid = self.faiss_id(image_id)
         if self._refine is not None:
-            mean, codes = self._refine
-            return decode_offsets(codes[self.rows_of(np.array([fid]))], mean)[0]
+            refiner, codes = self._refine
+            return refiner.vectors(codes[self.rows_of(np.array([fid]))])[0]
         ivf = self._ivf()
         if ivf is not None and not self._direct_map:
             try:  # ids 0..n-1 (a fresh build): an array; after incremental edits: a hash table
@@ -188,7 +188,7 @@ class SimilarityIndex:
             decoder = faiss.read_index(os.path.join(folder, layout["refine"]["coder"]))
             codes = open_refine_rows(folder, layout["refine"], decoder.sa_code_size(), len(ids),
                                      remote=(fs, root) if remote else None)
-            refine = (refine_mean(decoder), codes)
+            refine = (Refiner(decoder), codes)
         return cls(index, ids, meta, refine)
 
 
@@ -201,16 +201,60 @@ def rows_in(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.where((ids >= 0) & (sorted_ids[rows] == ids), rows, -1)
 
 
+class Refiner:
+    """The re-ranking coder (refine.faiss): a vector's offset from the mean, optionally projected onto the top
+    principal directions of the offsets (a `dims`-row LinearTransform), stored as float16 or 8-bit numbers. A
+    query is scored against a code as q.mean + (P q).decode(code): the projection P has orthonormal rows."""
+
+    def __init__(self, coder):
+        import faiss
+
+        self.coder = coder
+        chain = coder.chain
+        self.mean = faiss.vector_to_array(faiss.downcast_VectorTransform(chain.at(0)).mean).astype(np.float32)
+        self.proj = None
+        if chain.size() > 1:
+            lt = faiss.downcast_VectorTransform(chain.at(1))
+            self.proj = faiss.vector_to_array(lt.A).reshape(lt.d_out, lt.d_in).astype(np.float32)
+        self.sq = faiss.downcast_index(coder.index)
+        self.fp16 = self.sq.sq.qtype == faiss.ScalarQuantizer.QT_fp16
+        self.row_bytes = coder.sa_code_size()
+
+    @property
+    def dims(self) -> int:
+        return self.sq.d
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Codes (uint8 rows) -> the offsets they store, in the code's own (projected) dimensions."""
+        codes = np.ascontiguousarray(codes)
+        if self.fp16:
+            return codes.view(np.float16).astype(np.float32).reshape(len(codes), -1)
+        return self.sq.sa_decode(codes)
+
+    def queries(self, q: np.ndarray) -> np.ndarray:
+        """Queries in the code's dimensions."""
+        return q if self.proj is None else q @ self.proj.T
+
+    def vectors(self, codes: np.ndarray) -> np.ndarray:
+        """Full-dimension vectors from codes (the projection's component only, plus the mean)."""
+        offsets = self.decode(codes)
+        return (offsets if self.proj is None else offsets @ self.proj) + self.mean
+
+    def describe(self) -> str:
+        """What the codes are, for the factory string: FP16, or PCA512,FP16, or PCA1024,SQ8."""
+        code = "FP16" if self.fp16 else "SQ8"
+        return code if self.proj is None else f"PCA{self.dims},{code}"
+
+
 def decode_offsets(codes: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """Full-dimension vectors from re-ranking codes (float16 offsets from the mean, as bytes)."""
+    """Full-dimension vectors from full-dimension float16 re-ranking codes (offsets from the mean, as bytes)."""
     return codes.view(np.float16).astype(np.float32) + mean
 
 
-def refined_search(base, mean: np.ndarray, codes: np.ndarray, rows_of, q: np.ndarray, k: int, k_factor: int,
+def refined_search(base, refiner: "Refiner", codes: np.ndarray, rows_of, q: np.ndarray, k: int, k_factor: int,
                    block: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Search `base` for k_factor*k candidates, then re-score them with their full-dimension vectors (the
-    float16 offsets codes[row] of the candidates' id-map rows, plus `mean`) and keep the k best:
-    (scores, ids), best first."""
+    """Search `base` for k_factor*k candidates, then re-score them with their re-ranking codes (codes[row] of
+    the candidates' id-map rows, decoded by `refiner`) and keep the k best: (scores, ids), best first."""
     _, cand = base.search(q, k * k_factor)
     scores = np.full((len(q), k), -np.inf, dtype=np.float32)
     ids = np.full((len(q), k), -1, dtype=np.int64)
@@ -218,8 +262,9 @@ def refined_search(base, mean: np.ndarray, codes: np.ndarray, rows_of, q: np.nda
         c, qb = cand[s:s + block], q[s:s + block]
         rows = rows_of(c)
         valid = rows >= 0
-        offsets = codes[np.where(valid, rows, 0).ravel()].view(np.float16).astype(np.float32)
-        sc = np.matmul(offsets.reshape(*c.shape, -1), qb[:, :, None])[..., 0] + (qb @ mean)[:, None]
+        offsets = refiner.decode(codes[np.where(valid, rows, 0).ravel()])
+        qp = refiner.queries(qb)
+        sc = np.matmul(offsets.reshape(*c.shape, -1), qp[:, :, None])[..., 0] + (qb @ refiner.mean)[:, None]
         sc[~valid] = -np.inf
         top = np.argsort(-sc, axis=1, kind="stable")[:, :k]
         scores[s:s + block, :top.shape[1]] = np.take_along_axis(sc, top, axis=1)
@@ -230,9 +275,7 @@ def refined_search(base, mean: np.ndarray, codes: np.ndarray, rows_of, q: np.nda
 
 def refine_mean(decoder) -> np.ndarray:
     """The mean the re-ranking offsets are taken from (the coder's centering transform)."""
-    import faiss
-
-    return faiss.vector_to_array(faiss.downcast_VectorTransform(decoder.chain.at(0)).mean).astype(np.float32)
+    return Refiner(decoder).mean
 
 
 def read_meta(uri: str, storage_options: Optional[dict] = None) -> dict:

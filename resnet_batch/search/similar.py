@@ -93,6 +93,27 @@ class QueryEmbedder:
         emb, _ = self.embedder.embed(np.array(pixels[None]))  # writable: torch.from_numpy wants that
         return emb[0].cpu().numpy()
 
+    def embed_many(self, datas: list) -> list:
+        """Embeddings of several encoded images in one forward pass: per image its (2048,) float32 embedding, or
+        the DecodeError that refused it (the others are embedded all the same)."""
+        from resnet_batch.decode import DecodeError
+
+        out, pixels, at = [], [], []
+        for data in datas:
+            try:
+                px, _, _ = decode_image(data, self.spec, max_pixels=self.max_pixels, draft=self.draft)
+            except DecodeError as err:
+                out.append(err)
+                continue
+            at.append(len(out))
+            out.append(None)
+            pixels.append(np.asarray(px))
+        if pixels:
+            emb, _ = self.embedder.embed(np.stack(pixels))
+            for i, e in zip(at, emb.cpu().numpy()):
+                out[i] = e
+        return out
+
     def embed_uri(self, uri: str) -> np.ndarray:
         """The embedding of the image at a local path or URL (InputError when it cannot be read or decoded)."""
         import fsspec

@@ -23,8 +23,8 @@ import pyarrow as pa
 
 from resnet_batch.search.embeddings import CHUNK_ROWS, Part
 from resnet_batch.errors import SimilarityIndexError
-from resnet_batch.search.index import (IDS_SCHEMA, decode_offsets, local_folder, normalize, read_meta, refine_mean,
-                                refined_search, rows_in)
+from resnet_batch.search.index import (IDS_SCHEMA, Refiner, local_folder, normalize, read_meta, refined_search,
+                                       rows_in)
 from resnet_batch.search.build import (TUNE_K, BuildSource, IdMapWriter, add_parts, build_index, build_into,
                                       fold_folders, history_entry, image_roots, stderr_log, tune_index)
 from resnet_batch.search.changes import Changes, find_changes
@@ -239,7 +239,7 @@ def _tuning_after(previous: dict, index, codes, decoder, ids: pa.Table, options:
     kept = {"nprobe": previous["nprobe"], "tuning": previous["tuning"], "tuned_count": previous.get("tuned_count")}
     if not retune:
         return {**kept, "note": f"nprobe {previous['nprobe']} kept" if previous["nprobe"] else None}
-    t = _retune(index, codes, refine_mean(decoder), ids, previous["spec"], options)
+    t = _retune(index, codes, Refiner(decoder), ids, previous["spec"], options)
     return {"nprobe": t.nprobe, "tuning": t.as_dict(), "tuned_count": int(index.ntotal),
             "note": f"nprobe tuned again: {previous['nprobe']} -> {t.nprobe}, recall@{TUNE_K} {t.recall:.3f} "
                     f"({retune})"}
@@ -292,19 +292,19 @@ def _refine_rows_after(refine: dict, folder: str, stage: Staging, generation: in
     return {"coder": refine["coder"], "segments": segments, "rows": rows}, codes, False
 
 
-def _retune(index, codes, mean: np.ndarray, ids: pa.Table, spec: dict, options: IndexOptions):
+def _retune(index, codes, refiner: Refiner, ids: pa.Table, spec: dict, options: IndexOptions):
     """nprobe tuned again as a build tunes it, on database rows of the updated index, against exact search over
     the stored full-dimension vectors (the re-ranking codes: float16, as re-ranking scores them)."""
     faiss_ids = ids.column("id").to_numpy()
     n = len(faiss_ids)
     rows = np.sort(np.random.default_rng(options.seed).choice(n, size=min(options.tune_queries, n), replace=False))
-    queries = normalize(decode_offsets(codes[rows], mean))
+    queries = normalize(refiner.vectors(codes[rows]))
     exact = ExactTopK(queries, TUNE_K + 1)
     for start in range(0, n, CHUNK_ROWS):
         block = np.arange(start, min(start + CHUNK_ROWS, n))
-        exact.add(decode_offsets(codes[block], mean), faiss_ids[block])
+        exact.add(refiner.vectors(codes[block]), faiss_ids[block])
 
     def search(q: np.ndarray, k: int):
-        return refined_search(index, mean, codes, lambda found: rows_in(faiss_ids, found), q, k, spec["refine"])
+        return refined_search(index, refiner, codes, lambda found: rows_in(faiss_ids, found), q, k, spec["refine"])
 
     return tune_index(index, search, faiss_ids[rows], queries, exact, spec["nlist"], options.target_recall)
