@@ -30,7 +30,8 @@ from resnet_batch.search.index import Refiner, normalize, refined_search  # noqa
 from resnet_batch.search.tuning import ExactTopK, recall_at_k  # noqa: E402
 
 K, FACTOR = 10, 4
-CANDIDATES = [(0, "FP16"), (1024, "FP16"), (512, "FP16"), (1024, "SQ8"), (512, "SQ8"), (256, "FP16"), (256, "SQ8")]
+CANDIDATES = [(0, "FP16"), (0, "SQ4"), (0, "PQ1024"), (0, "PQ512"), (1024, "SQ8"), (512, "FP16"), (1024, "FP16"),
+              (0, "SQ6")]
 
 
 def main() -> int:
@@ -40,6 +41,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--nprobe", type=int, default=0, help="lists scanned (default: nlist/16)")
+    ap.add_argument("--codes", nargs="*", help="candidates as DIMS:CODE (0: all dimensions), e.g. 0:PQ1024 512:FP16")
     args = ap.parse_args()
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; n={args.n}, {args.queries} held-out "
           f"queries, k={K}, {FACTOR * K} candidates re-scored", flush=True)
@@ -85,7 +87,8 @@ def main() -> int:
         exact_rr.append(c[np.argsort(-sc, kind="stable")[:K]])
     print(f"{'re-read from the embed parts':<28} {'0 (+parts)':>12} {recall_at_k(exact_rr, truth, K):>9.4f} "
           f"{(time.perf_counter() - t0) * 1000 / len(queries):>9.3f}", flush=True)
-    for dims, code in CANDIDATES:
+    chosen = [(int(c.split(":")[0]), c.split(":")[1]) for c in args.codes] if args.codes else CANDIDATES
+    for dims, code in chosen:
         refiner = _trained_refiner(sample, dims, code)
         codes = np.concatenate([refiner.sa_encode(x[s:s + 50_000].astype(np.float32))
                                 for s in range(0, args.n, 50_000)])
@@ -94,6 +97,7 @@ def main() -> int:
         _, found = refined_search(Fixed(), r, codes, lambda ids: ids, queries, K, FACTOR)
         ms = (time.perf_counter() - t0) * 1000 / len(queries)
         name = ("full 2048-d" if not dims else f"PCA{dims} of offsets") + f", {code}"
+        t_enc = time.perf_counter() - t0
         print(f"{name:<28} {r.row_bytes:>12} {recall_at_k(list(found), truth, K):>9.4f} {ms:>9.3f}", flush=True)
         del codes
     return 0

@@ -316,7 +316,7 @@ def _trained_refiner(train: np.ndarray, dims: int = 0, code: str = "FP16"):
     """The codes of full vectors that re-ranking decodes: offsets from the mean (embeddings crowd around it, so
     the offsets carry what tells neighbours apart; index_spec.py says why not 8 bits of the raw vectors),
     projected onto the top `dims` principal directions of the offsets (0: all dimensions kept), stored as
-    float16 ("FP16") or 8-bit ("SQ8") numbers."""
+    float16 ("FP16"), 8-, 6- or 4-bit numbers ("SQ8", "SQ6", "SQ4") or product-quantizer bytes ("PQ<m>")."""
     import faiss
 
     import torch
@@ -335,8 +335,13 @@ def _trained_refiner(train: np.ndarray, dims: int = 0, code: str = "FP16"):
         lt.is_trained = True
         chain.append(lt)
         stored = dims
-    qtype = faiss.ScalarQuantizer.QT_fp16 if code == "FP16" else faiss.ScalarQuantizer.QT_8bit
-    sq = faiss.IndexScalarQuantizer(stored, qtype, faiss.METRIC_INNER_PRODUCT)
+    if code.startswith("PQ"):  # PQ<m>: m sub-vectors of stored/m dimensions, a byte each
+        sq = faiss.IndexPQ(stored, int(code[2:]), 8, faiss.METRIC_INNER_PRODUCT)
+        sq.pq.cp.seed = 1234
+    else:
+        qtype = {"FP16": faiss.ScalarQuantizer.QT_fp16, "SQ8": faiss.ScalarQuantizer.QT_8bit,
+                 "SQ6": faiss.ScalarQuantizer.QT_6bit, "SQ4": faiss.ScalarQuantizer.QT_4bit}[code]
+        sq = faiss.IndexScalarQuantizer(stored, qtype, faiss.METRIC_INNER_PRODUCT)
     refiner = faiss.IndexPreTransform(sq)
     for transform in reversed(chain):  # applied in order: centre, then project
         refiner.prepend_transform(transform)

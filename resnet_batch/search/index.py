@@ -217,7 +217,7 @@ class Refiner:
             lt = faiss.downcast_VectorTransform(chain.at(1))
             self.proj = faiss.vector_to_array(lt.A).reshape(lt.d_out, lt.d_in).astype(np.float32)
         self.sq = faiss.downcast_index(coder.index)
-        self.fp16 = self.sq.sq.qtype == faiss.ScalarQuantizer.QT_fp16
+        self.fp16 = isinstance(self.sq, faiss.IndexScalarQuantizer) and self.sq.sq.qtype == faiss.ScalarQuantizer.QT_fp16
         self.row_bytes = coder.sa_code_size()
 
     @property
@@ -242,7 +242,15 @@ class Refiner:
 
     def describe(self) -> str:
         """What the codes are, for the factory string: FP16, or PCA512,FP16, or PCA1024,SQ8."""
-        code = "FP16" if self.fp16 else "SQ8"
+        import faiss
+
+        if self.fp16:
+            code = "FP16"
+        elif isinstance(self.sq, faiss.IndexPQ):
+            code = f"PQ{self.sq.pq.M}"
+        else:
+            code = {faiss.ScalarQuantizer.QT_8bit: "SQ8", faiss.ScalarQuantizer.QT_6bit: "SQ6",
+                    faiss.ScalarQuantizer.QT_4bit: "SQ4"}.get(self.sq.sq.qtype, "SQ")
         return code if self.proj is None else f"PCA{self.dims},{code}"
 
 

@@ -1,12 +1,14 @@
 """neighbors module: a Ray job writing every image's top-k neighbours (itself excluded) and near-duplicate groups.
 
-Each actor opens the index memory-mapped (one copy per node in the page cache) with the tuned nprobe, turns
-embeddings parts into neighbours parts and writes them itself; the driver gets back per-part counts and the
-links at or above the threshold, from which it builds the near-duplicate groups: it never re-lists the output.
+The parts are listed by the driver and their footers checked in parallel tasks. Each actor opens the index
+memory-mapped (one copy per node in the page cache) with the tuned nprobe, turns embeddings parts into
+neighbours parts and writes them itself; it returns per-part counts to the driver and keeps the part's
+near-duplicate components (union-find on int64 id hashes, as stars) in the object store, where a tree of merge
+tasks joins them into the groups. The driver holds O(parts): the plan, a reference and a few counts a part;
+it never sees a link and never re-lists the output.
 """
 from __future__ import annotations
 
-import base64
 import json
 import os
 import posixpath
@@ -22,12 +24,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from resnet_batch.config import redact_options
-from resnet_batch.search.embeddings import list_parts, read_ok_rows, scan_embeddings
+from resnet_batch.search.embeddings import list_parts, read_ok_rows
 from resnet_batch.errors import ConfigError, OutputError, ProvenanceMismatch, RunFailed
 from resnet_batch.search.index import SimilarityIndex, read_meta
 from resnet_batch.provenance import differences
 from resnet_batch.schema import embeddings_to_numpy, with_provenance
-from resnet_batch.storage import filesystem, list_folder, protocols, put_bytes
+from resnet_batch.storage import display_path, filesystem, list_folder, protocols, put_bytes
 from resnet_batch.output.store import part_name
 
 NEIGHBORS_SCHEMA = pa.schema([
@@ -97,59 +99,87 @@ def neighbors_rows(index: SimilarityIndex, image_ids: list, vectors: np.ndarray,
                      "scores": all_scores}, schema=NEIGHBORS_SCHEMA)
 
 
+COMPONENTS_SCHEMA = pa.schema([  # near-duplicate components as stars: each image linked to its component's root
+    pa.field("node", pa.int64(), nullable=False),  # the image's 64-bit id hash (build.id_hashes)
+    pa.field("root", pa.int64(), nullable=False),  # the smallest node of its component
+    pa.field("score", pa.float32()),  # the weakest link of the component so far
+    pa.field("image_id", pa.string()),
+])
+
+
 def near_duplicate_groups(neighbors: pa.Table, threshold: float) -> pa.Table:
     """Connected components of the links with score >= threshold (groups of two or more), largest first."""
+    return groups_from_components(part_components(neighbors, threshold))
+
+
+def part_components(neighbors: pa.Table, threshold: float) -> pa.Table:
+    """The components of one part's links at or above `threshold`, as stars of int64 ids (COMPONENTS_SCHEMA):
+    what a neighbours worker returns for its part, in place of the links (a burst of 30 photos is 30 rows,
+    not 30 x k links)."""
+    from resnet_batch.search.build import id_hashes
+
     scores = neighbors.column("scores").combine_chunks()
     parent_rows = pc.list_parent_indices(scores)
     flat_scores = pc.list_flatten(scores)
     strong = pc.greater_equal(flat_scores, pa.scalar(threshold, pa.float32()))
     src = pc.take(neighbors.column("image_id"), pc.filter(parent_rows, strong)).to_pylist()
     dst = pc.filter(pc.list_flatten(neighbors.column("neighbor_ids").combine_chunks()), strong).to_pylist()
-    edge_scores = pc.filter(flat_scores, strong).to_numpy(zero_copy_only=False)
-    parent: dict[str, str] = {}
+    edge_scores = pc.filter(flat_scores, strong).to_numpy(zero_copy_only=False).astype(np.float32)
+    names = np.array(src + dst, dtype=object)
+    hashes = id_hashes(list(names))
+    n = len(src)
+    return _stars(hashes[:n], hashes[n:], edge_scores, hashes, names)
 
-    def find(x: str) -> str:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
 
-    for a, b in zip(src, dst):
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    members: dict[str, list] = {}
-    for x in parent:
-        members.setdefault(find(x), []).append(x)
-    weakest: dict[str, float] = {}
-    for a, s in zip(src, edge_scores):
-        r = find(a)
-        weakest[r] = min(weakest.get(r, float("inf")), float(s))
-    groups = sorted((sorted(m) for m in members.values() if len(m) > 1), key=lambda m: (-len(m), m[0]))
+def merge_components(tables: list) -> pa.Table:
+    """Components of several parts (or of earlier merges) joined where they share an image: the union-find of
+    the neighbours job, on int64 ids, in the merge tasks (the driver only passes references)."""
+    star = pa.concat_tables([t.cast(COMPONENTS_SCHEMA) for t in tables]) if tables else COMPONENTS_SCHEMA.empty_table()
+    node, root = star.column("node").to_numpy(), star.column("root").to_numpy()
+    score = star.column("score").to_numpy(zero_copy_only=False).astype(np.float32)
+    return _stars(node, root, score, node, star.column("image_id").to_numpy(zero_copy_only=False))
+
+
+def _stars(a: np.ndarray, b: np.ndarray, scores: np.ndarray, ids: np.ndarray, names: np.ndarray) -> pa.Table:
+    """Connected components of the edges a-b (int64 ids; `ids`/`names` say each id's image_id) as stars."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if not len(a):
+        return COMPONENTS_SCHEMA.empty_table()
+    nodes, first = np.unique(ids, return_index=True)
+    ia, ib = np.searchsorted(nodes, a), np.searchsorted(nodes, b)
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (ia, ib)), shape=(len(nodes), len(nodes)))
+    count, label = connected_components(graph, directed=False)
+    root = np.full(count, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(root, label, nodes)
+    weakest = np.full(count, np.inf, dtype=np.float32)
+    np.minimum.at(weakest, label[ia], scores)
+    return pa.table({"node": nodes, "root": root[label], "score": weakest[label],
+                     "image_id": pa.array(list(np.asarray(names, dtype=object)[first]), pa.string())},
+                    schema=COMPONENTS_SCHEMA)
+
+
+def groups_from_components(star: pa.Table) -> pa.Table:
+    """The near-duplicate groups table from components: members sorted, largest group first."""
+    members: dict[int, list] = {}
+    weakest: dict[int, float] = {}
+    for root, image_id, score in zip(star.column("root").to_pylist(), star.column("image_id").to_pylist(),
+                                     star.column("score").to_pylist()):
+        members.setdefault(root, []).append(image_id)
+        weakest[root] = score
+    groups = sorted(((sorted(m), weakest[r]) for r, m in members.items() if len(m) > 1),
+                    key=lambda g: (-len(g[0]), g[0][0]))
     return pa.table({"group_id": pa.array(range(len(groups)), pa.int32()),
-                     "size": pa.array([len(g) for g in groups], pa.int32()),
-                     "image_ids": groups,
-                     "min_score": pa.array([weakest[find(g[0])] for g in groups], pa.float32())},
-                    schema=GROUPS_SCHEMA)
+                     "size": pa.array([len(g) for g, _ in groups], pa.int32()),
+                     "image_ids": [g for g, _ in groups],
+                     "min_score": pa.array([w for _, w in groups], pa.float32())}, schema=GROUPS_SCHEMA)
 
 
 def strong_links(table: pa.Table, threshold: float) -> pa.Table:
     """The rows of a neighbours table whose best score reaches `threshold` (what the groups are built from)."""
     table = table.filter(pc.greater(pc.list_value_length(table.column("scores")), 0))
     return table.filter(pc.greater_equal(pc.list_element(table.column("scores"), 0), threshold))
-
-
-def to_text(table: pa.Table) -> str:
-    """A small table as base64 Arrow IPC: it travels in a Ray Data batch (numpy would strip bytes' NULs)."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
-    return base64.b64encode(sink.getvalue().to_pybytes()).decode("ascii")
-
-
-def from_text(text: str) -> pa.Table:
-    return pa.ipc.open_stream(base64.b64decode(text)).read_all()
 
 
 @dataclass(frozen=True)
@@ -168,7 +198,7 @@ class ActorSettings:
 
 
 class NeighborsActor:
-    """Ray Data actor: opens the index once (memory-mapped), then turns each embeddings part into a neighbours part."""
+    """Ray actor: opens the index once (memory-mapped), then turns each embeddings part into a neighbours part."""
 
     def __init__(self, settings: ActorSettings):
         import faiss
@@ -183,38 +213,80 @@ class NeighborsActor:
         self.fs, self.root = filesystem(settings.out_uri, dict(settings.storage_options))
         self.s = settings
 
-    def __call__(self, batch: dict) -> dict:
-        keys = ("out", "source", "rows", "failed", "work_s", "search_s", "cpu_s", "actor", "load_s", "strong")
-        out = {key: [] for key in keys}
-        for source, name in zip(batch["source"], batch["out"]):
-            t0, cpu0 = time.perf_counter(), time.process_time()
-            fs, path = filesystem(str(source), self.s.storage_options)
-            with fs.open(path, "rb") as f:
-                total = pq.ParquetFile(f).metadata.num_rows
-            rows = read_ok_rows(fs, path, ["image_id", "embedding"])
-            t_search = time.perf_counter()
-            table = neighbors_rows(self.index, rows.column("image_id").to_pylist(),
-                                   embeddings_to_numpy(rows.column("embedding")), self.s.k, self.s.query_batch)
-            search_s = time.perf_counter() - t_search
-            sink = pa.BufferOutputStream()
-            pq.write_table(table.replace_schema_metadata(self.s.schema.metadata), sink, compression="zstd")
-            put_bytes(self.fs, posixpath.join(self.root, str(name)), sink.getvalue().to_pybytes())
-            for key, value in zip(keys, (str(name), str(source), len(table), total - len(rows),
-                                         time.perf_counter() - t0, search_s, time.process_time() - cpu0,
-                                         self.actor_id, self.load_s,
-                                         to_text(strong_links(table, self.s.threshold)))):
-                out[key].append(value)
-        return out
+    def part(self, source: str, name: str) -> tuple[dict, pa.Table]:
+        """One embeddings part into its neighbours part (written here); returns its counts and timings, and the
+        near-duplicate components of its links (int64 ids), which go to the merge tasks, not to the driver."""
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        fs, path = filesystem(str(source), self.s.storage_options)
+        with fs.open(path, "rb") as f:
+            total = pq.ParquetFile(f).metadata.num_rows
+        rows = read_ok_rows(fs, path, ["image_id", "embedding"])
+        t_search = time.perf_counter()
+        table = neighbors_rows(self.index, rows.column("image_id").to_pylist(),
+                               embeddings_to_numpy(rows.column("embedding")), self.s.k, self.s.query_batch)
+        search_s = time.perf_counter() - t_search
+        sink = pa.BufferOutputStream()
+        pq.write_table(table.replace_schema_metadata(self.s.schema.metadata), sink, compression="zstd")
+        put_bytes(self.fs, posixpath.join(self.root, str(name)), sink.getvalue().to_pybytes())
+        components = part_components(table, self.s.threshold)
+        stats = {"out": str(name), "source": str(source), "rows": len(table), "failed": total - len(rows),
+                 "work_s": time.perf_counter() - t0, "search_s": search_s, "cpu_s": time.process_time() - cpu0,
+                 "actor": self.actor_id, "load_s": self.load_s, "linked": len(components)}
+        return stats, components
 
 
-def plan_parts(cfg: NeighborsConfig, meta: dict) -> tuple[list[dict], dict, list[str]]:
-    """One work item per embeddings part (output part-NNNNNN.parquet), after checking it matches the index."""
+def _merge_task(*tables: pa.Table) -> pa.Table:
+    return merge_components(list(tables))
+
+
+def _groups_task(star: pa.Table, out_uri: str, storage_options: dict, provenance: dict) -> tuple[int, int]:
+    """The near-duplicate groups from the merged components, written as GROUPS_FILE; (groups, images in them)."""
+    groups = groups_from_components(star)
+    fs, root = filesystem(out_uri, dict(storage_options))
+    sink = pa.BufferOutputStream()
+    pq.write_table(groups.replace_schema_metadata(with_provenance(GROUPS_SCHEMA, provenance).metadata), sink)
+    put_bytes(fs, posixpath.join(root, GROUPS_FILE), sink.getvalue().to_pybytes())
+    return len(groups), int(pc.sum(groups.column("size")).as_py() or 0)
+
+
+def _part_provenance(sources: list[str], storage_options: dict) -> list[tuple[str, dict]]:
+    """(part uri, provenance) of each part: its Parquet footer only."""
+    from resnet_batch.search.embeddings import part_provenance
+
+    out = []
+    for uri in sources:
+        fs, path = filesystem(uri, dict(storage_options))
+        with fs.open(path, "rb") as f:
+            out.append((uri, part_provenance(pq.ParquetFile(f).schema_arrow, uri)))
+    return out
+
+
+def plan_parts(cfg: NeighborsConfig, meta: dict, parallel: bool = False) -> tuple[list[dict], dict, list[str]]:
+    """One work item per embeddings part (output part-NNNNNN.parquet), after checking it matches the index:
+    the parts are listed here (O(parts)), their footers read in parallel Ray tasks when `parallel`."""
+    from resnet_batch.search.embeddings import check_provenance
+
     sources = list(cfg.embeddings) or list(meta["sources"])
-    parts, provenance = scan_embeddings(sources, cfg.storage_options)
+    uris = []
+    for source in sources:
+        fs, paths = list_parts(source, cfg.storage_options)
+        uris += [display_path(protocols(fs)[0], p) for p in paths]
+    if parallel:
+        import ray
+
+        task = ray.remote(num_cpus=0.25)(_part_provenance)
+        size = max(1, len(uris) // 64)
+        found = [x for group in ray.get([task.remote(uris[i:i + size], cfg.storage_options)
+                                         for i in range(0, len(uris), size)]) for x in group]
+    else:
+        found = _part_provenance(uris, cfg.storage_options)
+    provenance, first = (found[0][1], found[0][0]) if found else (meta["provenance"], cfg.index)
+    for uri, prov in found:
+        check_provenance(prov, uri, provenance, first)
     if diffs := differences(meta["provenance"], provenance):
         raise ProvenanceMismatch(f"embeddings {', '.join(sources)} were made with a different setup than the "
                                  f"index {cfg.index}: " + "; ".join(diffs))
-    items = [{"source": p.uri, "out": part_name(i)} for i, (_, p) in enumerate(parts)]
+    items = [{"source": uri, "out": part_name(i)} for i, uri in enumerate(uris)]
     return items, provenance, sources
 
 
@@ -273,15 +345,21 @@ def read_neighbors(uri: str, storage_options: Optional[dict] = None, min_score: 
     return pa.concat_tables(tables) if tables else NEIGHBORS_SCHEMA.empty_table()
 
 
+MERGE_FAN_IN = 16  # component tables a merge task joins
+
+
 def run_neighbors(cfg: NeighborsConfig, progress: bool = True) -> dict:
-    """Run the job: neighbours parts through a Ray actor pool, then the near-duplicate groups; returns the report."""
+    """Run the job: neighbours parts through a pool of Ray actors (each writes its parts and keeps its part's
+    near-duplicate components in the object store), the components merged by a tree of tasks into the groups;
+    the driver holds the plan and one reference and a few counts a part."""
     import ray
 
     from resnet_batch.embed.runner import init_ray
 
     t0 = time.perf_counter()
     meta = read_meta(cfg.index, cfg.storage_options)
-    items, provenance, sources = plan_parts(cfg, meta)
+    init_ray(cfg.ray_address)
+    items, provenance, sources = plan_parts(cfg, meta, parallel=True)
     check_out(cfg.out, [("embeddings", s) for s in sources] + [("index", cfg.index)], cfg.storage_options)
     nprobe = cfg.nprobe or meta.get("nprobe")
     _log(f"neighbours: {len(items)} parts against {meta['factory']} index {cfg.index} ({meta['count']} images"
@@ -291,27 +369,44 @@ def run_neighbors(cfg: NeighborsConfig, progress: bool = True) -> dict:
     prepare_output(cfg.out, cfg.storage_options, about)
     schema = with_provenance(NEIGHBORS_SCHEMA, provenance)
     schema = schema.with_metadata({**schema.metadata, NEIGHBORS_KEY: json.dumps(about).encode()})
-    init_ray(cfg.ray_address)
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = progress
     settings = ActorSettings(index_uri=cfg.index, out_uri=cfg.out, storage_options=dict(cfg.storage_options),
                              k=cfg.k, threshold=cfg.threshold, query_batch=cfg.query_batch, nprobe=cfg.nprobe,
                              schema=schema, threads=max(1, int(cfg.cpus_per_actor)))
-    ds = ray.data.from_items(items).map_batches(
-        NeighborsActor, batch_size=1, batch_format="numpy", fn_constructor_kwargs={"settings": settings},
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor)
-    stats = ds.take_all()
+    # Plain actors with their (small) settings inline: no constructor arguments in the object store, so no
+    # core_worker warning about restarting such actors, and nothing printed that `--quiet` did not ask for.
+    actor_cls = ray.remote(NeighborsActor).options(num_cpus=cfg.cpus_per_actor)
+    actors = [actor_cls.remote(settings) for _ in range(min(cfg.actors, max(1, len(items))))]
+    stats, components, queue, running = [], [], list(reversed(items)), {}
+    for actor in actors:
+        if queue:
+            item = queue.pop()
+            stat_ref, comp_ref = actor.part.options(num_returns=2).remote(item["source"], item["out"])
+            running[stat_ref] = actor
+            components.append(comp_ref)
+    while running:
+        done, _ = ray.wait(list(running), num_returns=1)
+        actor = running.pop(done[0])
+        stats.append(ray.get(done[0]))
+        if progress and (len(stats) % max(1, len(items) // 10) == 0 or len(stats) == len(items)):
+            _log(f"neighbours: {len(stats)}/{len(items)} parts", progress)
+        if queue:
+            item = queue.pop()
+            stat_ref, comp_ref = actor.part.options(num_returns=2).remote(item["source"], item["out"])
+            running[stat_ref] = actor
+            components.append(comp_ref)
+    for actor in actors:
+        ray.kill(actor)
     if sorted(str(s["out"]) for s in stats) != [i["out"] for i in items]:
         raise RunFailed(f"neighbours job finished {len(stats)} of {len(items)} parts")
     t_groups = time.perf_counter()
-    strong = pa.concat_tables([from_text(str(s["strong"])) for s in stats]) if stats \
-        else NEIGHBORS_SCHEMA.empty_table()
-    groups = near_duplicate_groups(strong, cfg.threshold)
+    merge = ray.remote(num_cpus=1)(_merge_task)
+    refs = components
+    while len(refs) > 1:
+        refs = [merge.remote(*refs[i:i + MERGE_FAN_IN]) for i in range(0, len(refs), MERGE_FAN_IN)]
+    star = refs[0] if refs else ray.put(COMPONENTS_SCHEMA.empty_table())
+    n_groups, in_groups = ray.get(ray.remote(num_cpus=1)(_groups_task).remote(
+        star, cfg.out, dict(cfg.storage_options), provenance))
     fs, root = filesystem(cfg.out, dict(cfg.storage_options))
-    sink = pa.BufferOutputStream()
-    pq.write_table(groups.replace_schema_metadata(with_provenance(GROUPS_SCHEMA, provenance).metadata), sink)
-    put_bytes(fs, posixpath.join(root, GROUPS_FILE), sink.getvalue().to_pybytes())
     images = sum(int(s["rows"]) for s in stats)
     search_s = sum(float(s["search_s"]) for s in stats)
     report = {
@@ -319,7 +414,8 @@ def run_neighbors(cfg: NeighborsConfig, progress: bool = True) -> dict:
         "index_kind": meta["kind"], "index_factory": meta["factory"], "index_count": meta["count"],
         "nprobe": nprobe, "parts": len(stats), "images": images,
         "failed_rows_skipped": sum(int(s["failed"]) for s in stats),
-        "near_duplicate_groups": len(groups), "images_in_groups": int(pc.sum(groups.column("size")).as_py() or 0),
+        "near_duplicate_groups": n_groups, "images_in_groups": in_groups,
+        "linked_images_by_part": sum(int(s["linked"]) for s in stats),
         "actors": sorted({str(s["actor"]) for s in stats}),
         "index_load_s": max((float(s["load_s"]) for s in stats), default=0.0),
         "parts_s": round(sum(float(s["work_s"]) for s in stats), 3),  # read + search + write, all actors
