@@ -9,7 +9,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package, in --working-dir
 
-from resnet_batch.cli import add_embed_arguments, embed_main, stop_ray  # noqa: E402
+from resnet_batch.cli import add_embed_arguments, embed_main  # noqa: E402
+from resnet_batch.cluster import stop_ray  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="resnet-batch embed job")

@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package, in --working-dir
 
-from resnet_batch.cli import stop_ray  # noqa: E402
+from resnet_batch.cluster import stop_ray  # noqa: E402
 from resnet_batch.search.cli import add_neighbors_arguments, neighbors_main  # noqa: E402
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import traceback
 from typing import Optional
 
 from resnet_batch import __version__
+from resnet_batch.cluster import ray_connected, stop_ray
 
 from resnet_batch.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE  # noqa: F401 (re-exported)
 
@@ -131,19 +132,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         if not callers:
             stop_ray()
-
-
-def ray_connected() -> bool:
-    """Whether this process is connected to Ray (without importing it)."""
-    ray = sys.modules.get("ray")  # commands that never touched Ray do not import it here
-    return ray is not None and ray.is_initialized()
-
-
-def stop_ray() -> None:
-    """Leave Ray (and stop the local one a command started) while the interpreter is whole: left to Ray's exit
-    hooks, its processes can be killed before the driver has flushed to them, and the exit then waits ~25 s."""
-    if ray_connected():
-        sys.modules["ray"].shutdown()
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def test_cli_missing_input_fails_fast(tmp_path, checkpoint):
 
 
 def test_compute_device_decides_whether_actors_ask_for_gpus():
-    from resnet_batch.embed.runner import wants_gpu
+    from resnet_batch.cluster import wants_gpu
 
     assert build_config(BASE).compute.device == "auto"
     assert [wants_gpu("auto", g) for g in (0, 0.5, 8)] == [False, True, True]  # the cluster as it is now

@@ -9,7 +9,19 @@ from collections import deque
 from typing import Optional
 
 from resnet_batch.embed.report import RunStats
-from resnet_batch.embed.runner import Progress
+
+
+class Progress:
+    """What the scheduler reports as it goes (the CLI's progress display implements it)."""
+
+    def planned(self, images: Optional[int], final: bool) -> None:
+        """Images to do (None when unknown: tar and Parquet files), and whether the listing has ended."""
+
+    def update(self, stats: RunStats, waiting: int, actors: int) -> None:
+        """Called from the driver's loop: what is done, blocks waiting for an actor, actors ready."""
+
+    def close(self) -> None:
+        """The run's work is over (the summary follows)."""
 
 
 def _hms(seconds: float) -> str:

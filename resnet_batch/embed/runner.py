@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from resnet_batch.cluster import init_ray, ray_logs_dir, wants_gpu
 from resnet_batch.config import JobConfig, redacted
 from resnet_batch.decode import PreprocessSpec, decode_table, pillow_formats
 from resnet_batch.errors import InputError, OutputError, RunFailed
@@ -28,6 +29,7 @@ from resnet_batch.output.ledger import LedgerWriter, compact, read_ledger, recov
 from resnet_batch.embed.listing import FORMATS, Shard, list_entries, shard_of
 from resnet_batch.output.lock import OutputLock
 from resnet_batch.output.manifest import MANIFEST_SCHEMA, read_manifest
+from resnet_batch.embed.progress import Progress, make_progress
 from resnet_batch.embed.plan import (StreamPlanner, complete_shards, detect, diff, expected_counts, layout_of, no_input,
                                pending_entries, select, todo_shards)
 from resnet_batch.errors import ProvenanceMismatch
@@ -47,48 +49,6 @@ CROP_ROW_BYTES = 224 * 224 * 3 + 512  # a decoded row in flight
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def init_ray(address: Optional[str], verbose: bool = False) -> None:
-    """Connect to the given cluster (else RAY_ADDRESS), or start a local Ray; no-op when already connected.
-    Ray's own INFO/WARNING lines stay in its log folder unless `verbose`."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    quiet = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
-    if address:
-        ray.init(address=address, **quiet)
-    else:
-        ray.init(include_dashboard=False, **quiet)
-    quiet_ray_data(verbose)
-
-
-def quiet_ray_data(verbose: bool) -> None:
-    """Ray Data logs every execution at INFO on the console; keep that in its log file (the session's
-    logs folder) and show only errors, unless `verbose`."""
-    import ray.data  # noqa: F401 (configures the "ray.data" logger)
-    from ray.data._internal.logging import SessionFileHandler
-
-    for handler in logging.getLogger("ray.data").handlers:
-        if not isinstance(handler, SessionFileHandler):
-            handler.setLevel(logging.INFO if verbose else logging.ERROR)
-
-
-def ray_logs_dir() -> Optional[str]:
-    """Where this Ray session keeps its logs (on the head node for a cluster)."""
-    try:
-        import ray
-
-        return ray._private.worker.global_worker.node.get_logs_dir_path()
-    except Exception:
-        return None
-
-
-def wants_gpu(device: str, cluster_gpus: float) -> bool:
-    """Whether the model actors ask Ray for GPUs (compute.device; `auto` looks at the cluster now)."""
-    return device == "cuda" or (device == "auto" and cluster_gpus > 0)
 
 
 def check_overlap(cfg: JobConfig) -> None:
@@ -111,19 +71,6 @@ def check_overlap(cfg: JobConfig) -> None:
                           "output as photos; use an output folder outside the input")
 
 
-class Progress:
-    """What the scheduler reports as it goes (the CLI's progress display implements it)."""
-
-    def planned(self, images: Optional[int], final: bool) -> None:
-        """Images to do (None when unknown: tar and Parquet files), and whether the listing has ended."""
-
-    def update(self, stats: RunStats, waiting: int, actors: int) -> None:
-        """Called from the driver's loop: what is done, blocks waiting for an actor, actors ready."""
-
-    def close(self) -> None:
-        """The run's work is over (the summary follows)."""
-
-
 def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, progress: "Progress | bool" = False,
         verbose: bool = False, embedder: Optional[Callable] = None) -> dict:
     """Run (or resume, or sync) an embed job; returns the run report.
@@ -134,8 +81,6 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
     """
     t_start = time.perf_counter()
     if not isinstance(progress, Progress):  # True: lines on stderr; False/None: nothing
-        from resnet_batch.embed.progress import make_progress
-
         progress = make_progress(quiet=not progress, every_s=30.0)
     check_overlap(cfg)
     cfg = prepare_storage(cfg)  # storage options resolved; input readable, output writable, before any work

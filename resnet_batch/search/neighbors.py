@@ -354,7 +354,7 @@ def run_neighbors(cfg: NeighborsConfig, progress: bool = True) -> dict:
     the driver holds the plan and one reference and a few counts a part."""
     import ray
 
-    from resnet_batch.embed.runner import init_ray
+    from resnet_batch.cluster import init_ray
 
     t0 = time.perf_counter()
     meta = read_meta(cfg.index, cfg.storage_options)
