@@ -1,0 +1,89 @@
+"""first_run module: a run into a new output: the listing streams into shards (each stored in the manifest)
+while the first shards already run; the pass-through columns come from the first readable file."""
+from __future__ import annotations
+
+import posixpath
+
+import pyarrow as pa
+
+from resnet_batch.embed.dispatch import dispatch
+from resnet_batch.embed.job import Job, say
+from resnet_batch.embed.listing import FORMATS
+from resnet_batch.embed.plan import StreamPlanner, detect, layout_of, no_input
+from resnet_batch.embed.reader import check_passthrough_names, passthrough_fields
+from resnet_batch.embed.reconcile import finish
+from resnet_batch.embed.scheduler import ShardQueue
+from resnet_batch.errors import InputError
+from resnet_batch.output.state import OutputState, save, schema_to_text
+from resnet_batch.output.store import PROVENANCE_FILE
+from resnet_batch.storage import display_path, filesystem
+
+
+def first_run(job: Job, listing) -> dict:
+    """A new output: the listing streams into shards, each stored in the manifest, then run."""
+    from resnet_batch.redact import safe_uri
+
+    cfg, store = job.cfg, job.store
+    fmt, pages = detect(cfg.input, listing)
+    check_passthrough_names(cfg.input.passthrough_columns, fmt)
+    passthrough, pages = _passthrough(job, fmt, listing, pages)
+    state = OutputState(safe_uri(cfg.input.uri), fmt, listing.root, listing.protocol, layout_of(cfg.input, fmt),
+                        schema_to_text(tuple(passthrough)))
+    run_no = state.next_run()
+    state.runs.append(job.run_entry(run_no))
+    store.write_json(PROVENANCE_FILE, job.provenance)
+    save(store, state)
+    queue = ShardQueue()
+    planner = StreamPlanner(cfg.input, fmt, listing.root, pages, store, release=queue.put, close=queue.close)
+    planner.start()
+    dispatch(job, state, run_no, queue, planner=planner)
+    if planner.error is not None:
+        raise planner.error
+    if planner.images == 0 and planner.shards == 0:
+        store.remove(PROVENANCE_FILE)
+        from resnet_batch.output.store import STATE_FILE
+
+        store.remove(STATE_FILE)
+        raise no_input(cfg.input, fmt, planner.listed)
+    state.next_shard = planner.next_shard
+    return finish(job, state, run_no, planner.expected, planner.skipped, planner.listed)
+
+
+def _passthrough(job: Job, fmt: str, listing, pages):
+    """The pass-through output columns, from the first shard file that can be read (buffered pages are
+    handed on), or strings when none of the first five can."""
+    names = job.cfg.input.passthrough_columns
+    if fmt == "folder":
+        return [], pages
+    from resnet_batch.embed.listing import extension, from_raw, hidden
+    from resnet_batch.embed.reader import WDS_FIELDS
+
+    wanted = FORMATS[fmt].wanted(job.cfg.input)
+    seen, candidates = [], []
+    for page in pages:
+        seen.append(page)
+        candidates += [r for r in map(from_raw, page.column("path").to_pylist())
+                       if not hidden(r) and extension(r) in wanted]
+        if len(candidates) >= 5:
+            break
+    fs = filesystem(job.cfg.input.uri, dict(job.cfg.input.storage_options))[0]
+    fields = None
+    for rel in candidates[:5]:
+        path = posixpath.join(listing.root, rel)
+        try:
+            fields = passthrough_fields(fmt, fs, path, names, job.cfg.input.extensions,
+                                        job.cfg.input.image_column, display_path(listing.protocol, path))
+            break
+        except InputError:
+            raise
+        except Exception as err:
+            say(f"{display_path(listing.protocol, path)}: cannot read its columns ({type(err).__name__}: "
+                f"{err}); trying the next file")
+    if fields is None:
+        fields = (list(WDS_FIELDS) if fmt == "webdataset" else []) + [pa.field(n, pa.string()) for n in names]
+
+    def again():
+        yield from seen
+        yield from pages
+
+    return fields, again()
