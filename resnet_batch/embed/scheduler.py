@@ -17,11 +17,11 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import ray
 
+from resnet_batch.embed.attempts import Attempts, Failure
 from resnet_batch.errors import RunFailed, one_line as _one_line
 from resnet_batch.embed.listing import Shard
 from resnet_batch.embed.pool import ModelPool
@@ -146,36 +146,6 @@ class ShardQueue:
             return self.closed and not self.new and not self.retries and not self.in_hand
 
 
-@dataclass
-class _Window:
-    shards: set
-    reading: bool = True
-    outstanding: int = 0
-    error: Optional[str] = None
-
-
-@dataclass
-class _ShardRun:
-    shard: Shard
-    attempt: int
-    window: int
-    groups: Optional[int] = None
-    done: set = field(default_factory=set)
-    error: Optional[str] = None
-
-    def complete(self) -> bool:
-        return self.groups is not None and len(self.done) >= self.groups
-
-
-@dataclass
-class Failure:
-    """A shard that failed every attempt."""
-
-    shard: Shard
-    attempts: int
-    reason: str
-
-
 class Scheduler:
     """Runs the shards of a ShardQueue to the end; `on_record(record)` gets every chunk record."""
 
@@ -188,9 +158,7 @@ class Scheduler:
         self.target_block_bytes, self.window_shards = target_block_bytes, window_shards
         self.items: queue.Queue = queue.Queue(maxsize=pool.calls_per_actor * max(pool.max, 1) + 2)
         self.stop = threading.Event()
-        self.windows: dict[int, _Window] = {}
-        self.runs: dict[int, _ShardRun] = {}
-        self.failures: list[Failure] = []
+        self.book = Attempts(max_attempts)  # which results count, what goes round again
         self.next_window = 0
         self.window_lock = threading.Lock()
         self.waiting_blocks = 0
@@ -287,8 +255,8 @@ class Scheduler:
                 for f in futures:
                     if f.done() and f.exception():
                         raise f.exception()
-                if source.empty() and not self.windows and held is None and self.items.empty() and not inflight:
-                    return self.failures
+                if source.empty() and self.book.idle() and held is None and self.items.empty() and not inflight:
+                    return self.book.failures
         finally:
             self.stop.set()
             source.abort()
@@ -303,12 +271,9 @@ class Scheduler:
                     return None
             kind, wid = held[0], held[1]
             if kind == "start":
-                self.windows[wid] = _Window({s.index for s, _ in held[2]})
-                for shard, attempt in held[2]:
-                    self.runs[shard.index] = _ShardRun(shard, attempt, wid)
+                self.book.started(wid, held[2])
             elif kind == "end":
-                self.windows[wid].reading = False
-                self.windows[wid].error = held[2]
+                self.book.read(wid, held[2])
             else:
                 self.marks.setdefault("first_block", time.perf_counter())
                 member = self.pool.free(node=held[4])
@@ -316,52 +281,28 @@ class Scheduler:
                     return held
                 self.marks.setdefault("first_dispatch", time.perf_counter())
                 self.reads.dispatched(held[4] is not None and member.info.get("node") == held[4])
-                self.windows[wid].outstanding += 1
+                self.book.sent(wid)
                 inflight[self.pool.submit(member, held[2], held[3])] = (member, wid)
             held = None
 
     def _result(self, ref, member, wid: int) -> None:
         self.pool.done(member)
-        window = self.windows[wid]
-        window.outstanding -= 1
         try:
             records = ray.get(ref)
             self.bytes_received += len(pickle.dumps(records))
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
             self.pool.on_died(member)
-            window.error = f"model actor lost ({_one_line(err)})"
+            self.book.lost(wid, f"model actor lost ({_one_line(err)})")
             return
         except Exception as err:  # the block itself was lost with its node, or the call failed
-            window.error = _one_line(err)
+            self.book.lost(wid, _one_line(err))
             return
-        for record in records:
-            run = self.runs.get(record["shard"])
-            if run is None or run.window != wid:
-                continue  # a late result of an earlier try of a shard that is done or going round again
-            if record.get("error"):
-                run.error = record["error"]
-                continue
-            if record.get("groups", -1) > 0:
-                run.groups = record["groups"]
-            run.done.add(record["chunk"])
+        for record in self.book.answered(wid, records):
             self.on_record(record)
-            if run.complete():
-                del self.runs[record["shard"]]
-                window.shards.discard(record["shard"])
 
     def _resolve(self, source: ShardQueue) -> None:
         """Windows that are read and answered: their unfinished shards go round again, or fail for good."""
-        for wid, window in list(self.windows.items()):
-            if window.reading or window.outstanding:
-                continue
-            for index in sorted(window.shards):
-                run = self.runs.pop(index)
-                reason = run.error or window.error or "no result came back (its read task or model actor was lost)"
-                if run.attempt < self.max_attempts:
-                    log.warning("shard %d failed (try %d of %d), retrying: %s", index, run.attempt,
-                                self.max_attempts, reason)
-                    source.retry(run.shard, run.attempt + 1)
-                else:
-                    self.failures.append(Failure(run.shard, run.attempt, reason))
-            del self.windows[wid]
-
+        for shard, attempt, reason in self.book.settle():
+            log.warning("shard %d failed (try %d of %d), retrying: %s", shard.index, attempt, self.max_attempts,
+                        reason)
+            source.retry(shard, attempt + 1)
