@@ -84,7 +84,7 @@ def build_into_ray(stage: Staging, uris: Sequence[str], options: IndexOptions, s
     import faiss
     import ray
 
-    from resnet_batch.embed.runner import init_ray
+    from resnet_batch.cluster import init_ray
 
     t0 = time.perf_counter()
     init_ray(scale.address)
