@@ -9,13 +9,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package, in --working-dir
 
+from resnet_batch import logs  # noqa: E402
 from resnet_batch.cluster import stop_ray  # noqa: E402
 from resnet_batch.search.cli import add_neighbors_arguments, neighbors_main  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="resnet-batch neighbours job")
     add_neighbors_arguments(parser)
+    parser.add_argument("--verbose", action="store_true", help="show details (debug lines) too")
+    args = parser.parse_args()
+    logs.setup(verbose=args.verbose, quiet=args.quiet)
     try:
-        sys.exit(neighbors_main(parser.parse_args()))
+        sys.exit(neighbors_main(args))
     finally:
         stop_ray()

@@ -6,10 +6,20 @@ import sys
 import traceback
 from typing import Optional
 
-from resnet_batch import __version__
+from resnet_batch import __version__, logs
 from resnet_batch.cluster import ray_connected, stop_ray
 
 from resnet_batch.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE  # noqa: F401 (re-exported)
+
+DESCRIPTION = """\
+Label and embed photos with ResNet-50 on Ray: every image gets its top-k ImageNet labels and a 2048-d
+embedding in Parquet, failures are rows with a reason, and a rerun resumes or syncs with what changed in
+the input. Then index the embeddings with FAISS to find similar photos, near-duplicates, and serve queries."""
+EPILOG = """\
+typical night:  resnet-batch embed --config configs/local.yaml
+                resnet-batch index --embeddings OUT --out INDEX   (updates INDEX when it exists)
+                resnet-batch similar --index INDEX photo.jpg
+`resnet-batch COMMAND --help` lists a command's options; README.md and docs/ say more."""
 
 
 def add_embed_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,7 +31,7 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="delete what an earlier run wrote to the output, start over")
     p.add_argument("--retry-failed", action="store_true", help="also re-process the images recorded as failed")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
-    p.add_argument("--verbose", action="store_true", help="show Ray's own logging too")
+    p.add_argument("--verbose", action="store_true", help="show details, with Ray's own logging too")
     p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
                    help="without a terminal: a progress line every SECONDS (default 30)")
 
@@ -100,7 +110,8 @@ def weights_main(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="resnet-batch", description=__doc__)
+    parser = argparse.ArgumentParser(prog="resnet-batch", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"resnet-batch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("embed", help="classify and embed images into Parquet (resumes by default)")
@@ -121,11 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     register(sub)
     from resnet_batch.output.status import register as register_status
     register_status(sub)
+    for command in sub.choices.values():  # one voice for every command (resnet_batch.logs)
+        if "--verbose" not in command._option_string_actions:
+            command.add_argument("--verbose", action="store_true", help="show details (debug lines) too")
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    logs.setup(verbose=args.verbose, quiet=getattr(args, "quiet", False))
     callers = ray_connected()  # called from Python with Ray already up (a notebook, tests): it stays up
     try:
         return args.func(args)

@@ -3,18 +3,20 @@ and the per-chunk records into the ledger and the run's counters."""
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import time
 from typing import Optional
 
 from resnet_batch.cluster import wants_gpu
 from resnet_batch.decode import decode_table, pillow_formats
-from resnet_batch.embed.job import Job, say
+from resnet_batch.embed.job import Job
 from resnet_batch.embed.plan import StreamPlanner
 from resnet_batch.embed.reader import CHUNK_BYTES, ReadSettings
 from resnet_batch.embed.scheduler import ShardQueue
 from resnet_batch.output.state import OutputState
 
+log = logging.getLogger(__name__)
 CROP_ROW_BYTES = 224 * 224 * 3 + 512  # a decoded row in flight
 
 
@@ -106,6 +108,6 @@ def use_gpu(job: Job) -> bool:
         gpus = ray.cluster_resources().get("GPU", 0)
         job.gpu = wants_gpu(job.cfg.compute.device, gpus)
         if job.gpu and not gpus:
-            say("compute.device=cuda: no GPU in the cluster yet; the model actors wait for the autoscaler to "
-                "add GPU nodes")
+            log.warning("compute.device=cuda: no GPU in the cluster yet; the model actors wait for the autoscaler "
+                        "to add GPU nodes")
     return job.gpu

@@ -2,12 +2,13 @@
 while the first shards already run; the pass-through columns come from the first readable file."""
 from __future__ import annotations
 
+import logging
 import posixpath
 
 import pyarrow as pa
 
 from resnet_batch.embed.dispatch import dispatch
-from resnet_batch.embed.job import Job, say
+from resnet_batch.embed.job import Job
 from resnet_batch.embed.listing import FORMATS
 from resnet_batch.embed.plan import StreamPlanner, detect, layout_of, no_input
 from resnet_batch.embed.reader import check_passthrough_names, passthrough_fields
@@ -17,6 +18,8 @@ from resnet_batch.errors import InputError
 from resnet_batch.output.state import OutputState, save, schema_to_text
 from resnet_batch.output.store import PROVENANCE_FILE
 from resnet_batch.storage import display_path, filesystem
+
+log = logging.getLogger(__name__)
 
 
 def first_run(job: Job, listing) -> dict:
@@ -77,8 +80,8 @@ def _passthrough(job: Job, fmt: str, listing, pages):
         except InputError:
             raise
         except Exception as err:
-            say(f"{display_path(listing.protocol, path)}: cannot read its columns ({type(err).__name__}: "
-                f"{err}); trying the next file")
+            log.warning(f"{display_path(listing.protocol, path)}: cannot read its columns ({type(err).__name__}: "
+                        f"{err}); trying the next file")
     if fields is None:
         fields = (list(WDS_FIELDS) if fmt == "webdataset" else []) + [pa.field(n, pa.string()) for n in names]
 

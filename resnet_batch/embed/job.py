@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -15,10 +14,6 @@ from resnet_batch.output.ledger import LedgerWriter
 from resnet_batch.output.state import OutputState, stamp
 from resnet_batch.output.store import OutputStore, PartSettings
 from resnet_batch.schema import output_schema, with_provenance
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass(eq=False)

@@ -10,6 +10,7 @@ Each step has its module: first_run and sync_run (what to do), dispatch (the pip
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ from resnet_batch.cluster import init_ray
 from resnet_batch.config import JobConfig
 from resnet_batch.decode import PreprocessSpec
 from resnet_batch.embed.first_run import first_run
-from resnet_batch.embed.job import Job, say
+from resnet_batch.embed.job import Job
 from resnet_batch.embed.listing import list_entries
 from resnet_batch.embed.plan import layout_of
 from resnet_batch.embed.progress import Progress, make_progress
@@ -30,6 +31,8 @@ from resnet_batch.output.state import OutputState, load
 from resnet_batch.output.store import LEGACY_MANIFEST, PROVENANCE_FILE, OutputStore
 from resnet_batch.provenance import build_provenance, differences
 from resnet_batch.storage import prepare as prepare_storage
+
+log = logging.getLogger(__name__)
 
 
 def check_overlap(cfg: JobConfig) -> None:
@@ -70,7 +73,7 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
     if LEGACY_MANIFEST in names and not fresh:
         raise OutputError(f"{store.display()} was written by resnet-batch 0.1 (one _manifest.json); this version "
                           "keeps a Parquet manifest and a part ledger: rerun with --fresh, or use another output.uri")
-    with OutputLock(store, on_takeover=say), ThreadPoolExecutor(1, thread_name_prefix="weights") as pool:
+    with OutputLock(store, on_takeover=log.warning), ThreadPoolExecutor(1, thread_name_prefix="weights") as pool:
         marks: dict[str, float] = {}  # when each start-up step was done, seconds after the command began
 
         def timed(name, fn, *args):
@@ -82,12 +85,13 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
         if fresh:
             deleted = store.clear()
             if deleted:
-                say(f"--fresh: deleted {len(deleted)} files an earlier run wrote in {store.display()}")
+                log.info(f"--fresh: deleted {len(deleted)} files an earlier run wrote in {store.display()}")
         # Ray starts in this thread, never in a pool's: the processes it starts die with the thread that
         # started them (their parent-death signal is per thread), and the exit then waits ~25 s for them. It
         # starts when the run first needs it: a sync with nothing to do answers without it.
         start_ray = functools.partial(timed, "ray", init_ray, cfg.compute.ray_address, verbose)
         weights, state_dict = resolving.result()
+        log.debug("start-up: " + ", ".join(f"{k} ready at {v:.1f} s" for k, v in marks.items()))
         spec = PreprocessSpec.from_weights(weights.transforms)
         provenance = build_provenance(cfg, weights, spec)
         job = Job(cfg=cfg, store=store, provenance=provenance, spec=spec, state_dict=state_dict, weights=weights,

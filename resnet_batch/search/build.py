@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import posixpath
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -37,15 +37,13 @@ TUNE_K = 10
 COLUMNS = ["image_id", "path", "topk_labels", "topk_probs", "embedding"]  # what adding a row reads
 
 
-def stderr_log(msg: str) -> None:
-    """Progress lines of a build go to stderr (the result line to stdout)."""
-    print(msg, file=sys.stderr, flush=True)
+LOG = logging.getLogger(__name__)  # a build's progress lines (INFO, see resnet_batch.logs); its result line is printed
 
 
 def build_index(uris: Sequence[str], out: str, *, kind: str = "auto", max_memory: int = DEFAULT_MAX_MEMORY,
                 pca: Optional[int] = None, flat_max: int = FLAT_MAX, target_recall: float = 0.95,
                 tune_queries: int = TUNE_QUERIES, seed: int = 0, storage_options: Optional[dict] = None,
-                log: Callable[[str], None] = stderr_log) -> dict:
+                log: Callable[[str], None] = LOG.info) -> dict:
     """Index every 'ok' embedding under `uris` (one provenance) into the folder `out`; returns its index.json."""
     options = IndexOptions(kind=kind, max_memory=max_memory, pca=pca, flat_max=flat_max,
                            target_recall=target_recall, tune_queries=tune_queries, seed=seed)
@@ -91,7 +89,7 @@ class BuildSource:
 
 
 def build_into(stage: Staging, source: BuildSource, options: IndexOptions, opts: dict,
-               log: Callable[[str], None] = stderr_log) -> dict:
+               log: Callable[[str], None] = LOG.info) -> dict:
     """Build the index in `stage` (its data files, named as in a fresh folder); returns its index.json, but for
     "files" and "history", which publishing adds."""
     import faiss

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import logging
 import posixpath
-import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -31,6 +31,8 @@ from resnet_batch.provenance import differences
 from resnet_batch.schema import embeddings_to_numpy, with_provenance
 from resnet_batch.storage import display_path, filesystem, list_folder, protocols, put_bytes
 from resnet_batch.output.store import part_name
+
+log = logging.getLogger(__name__)
 
 NEIGHBORS_SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
@@ -362,8 +364,9 @@ def run_neighbors(cfg: NeighborsConfig, progress: bool = True) -> dict:
     items, provenance, sources = plan_parts(cfg, meta, parallel=True)
     check_out(cfg.out, [("embeddings", s) for s in sources] + [("index", cfg.index)], cfg.storage_options)
     nprobe = cfg.nprobe or meta.get("nprobe")
-    _log(f"neighbours: {len(items)} parts against {meta['factory']} index {cfg.index} ({meta['count']} images"
-         f"{f', nprobe={nprobe}' if nprobe else ''}), k={cfg.k}", progress)
+    if progress:
+        log.info(f"neighbours: {len(items)} parts against {meta['factory']} index {cfg.index} ({meta['count']} "
+                 f"images{f', nprobe={nprobe}' if nprobe else ''}), k={cfg.k}")
     about = {"k": cfg.k, "index": cfg.index, "index_kind": meta["kind"], "index_count": meta["count"],
              "nprobe": nprobe}
     prepare_output(cfg.out, cfg.storage_options, about)
@@ -429,8 +432,3 @@ def run_neighbors(cfg: NeighborsConfig, progress: bool = True) -> dict:
     }
     put_bytes(fs, posixpath.join(root, REPORT_FILE), json.dumps(report, indent=2, sort_keys=True).encode())
     return report
-
-
-def _log(msg: str, enabled: bool = True) -> None:
-    if enabled:
-        print(msg, file=sys.stderr, flush=True)

@@ -37,7 +37,7 @@ import pyarrow as pa
 from resnet_batch.errors import SimilarityIndexError
 from resnet_batch.schema import EMBEDDING_DIM, embeddings_to_numpy
 from resnet_batch.search.build import (TUNE_K, IdMapWriter, _searcher, _trained_index, _trained_refiner, add_parts,
-                                       check_unique_ids, history_entry, image_roots, part_id_hashes, stderr_log,
+                                       check_unique_ids, history_entry, image_roots, part_id_hashes, LOG,
                                        tune_index)
 from resnet_batch.search.changes import part_stamps
 from resnet_batch.search.embeddings import Part, list_parts, ok_chunks, part_provenance, check_provenance, \
@@ -67,7 +67,7 @@ class ScaleOut:
 
 
 def build_index_ray(uris: Sequence[str], out: str, options: IndexOptions, scale: ScaleOut = ScaleOut(), *,
-                    storage_options: Optional[dict] = None, log: Callable[[str], None] = stderr_log) -> dict:
+                    storage_options: Optional[dict] = None, log: Callable[[str], None] = LOG.info) -> dict:
     """Index every 'ok' embedding under `uris` into the folder `out` with Ray tasks; returns its index.json."""
     options.check()
     opts = dict(storage_options or {})

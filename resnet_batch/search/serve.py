@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import sys
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -31,6 +31,8 @@ from resnet_batch.errors import ConfigError, SimilarityIndexError
 from resnet_batch.search.index import SimilarityIndex, UnknownImageId, read_meta
 from resnet_batch.provenance import differences
 from resnet_batch.search.similar import Match, QueryEmbedder, similar_to_id, similar_to_vector
+
+log = logging.getLogger(__name__)
 
 MAX_JSON_BYTES = 1 * 2**20  # a 2048-float vector as JSON is about 50 KiB
 
@@ -225,8 +227,7 @@ def create_app(searcher: Searcher):
         except SimilarityIndexError as err:
             return web.json_response({"error": str(err)}, status=422)
         except Exception as err:  # a bug, not the client's fault: say so, keep serving
-            print(f"serve: {request.method} {request.path_qs}: {type(err).__name__}: {err}", file=sys.stderr,
-                  flush=True)
+            log.error(f"serve: {request.method} {request.path_qs}: {type(err).__name__}: {err}")
             return web.json_response({"error": f"internal error: {type(err).__name__}"}, status=500)
 
     app = web.Application(middlewares=[errors], client_max_size=cfg.max_upload_bytes + 2**16)
@@ -241,11 +242,11 @@ def create_app(searcher: Searcher):
                 await asyncio.sleep(cfg.reload_s)
                 try:
                     if await asyncio.get_running_loop().run_in_executor(None, searcher.refresh):
-                        print(f"serve: now serving generation {searcher.index.meta.get('generation', 0)} of "
-                              f"{cfg.index} ({len(searcher.index)} images)", file=sys.stderr, flush=True)
+                        log.info(f"serve: now serving generation {searcher.index.meta.get('generation', 0)} of "
+                                 f"{cfg.index} ({len(searcher.index)} images)")
                 except Exception as err:  # a half-published or unreadable index: keep the one in use
-                    print(f"serve: keeping the index in use; cannot open the new one: {type(err).__name__}: {err}",
-                          file=sys.stderr, flush=True)
+                    log.warning(f"serve: keeping the index in use; cannot open the new one: {type(err).__name__}: "
+                                f"{err}")
         if cfg.reload_s > 0:
             watching.append(asyncio.get_running_loop().create_task(watch()))
 

@@ -26,7 +26,7 @@ from resnet_batch.errors import SimilarityIndexError
 from resnet_batch.search.index import (IDS_SCHEMA, Refiner, local_folder, normalize, read_meta, refined_search,
                                        rows_in)
 from resnet_batch.search.build import (TUNE_K, BuildSource, IdMapWriter, add_parts, build_index, build_into,
-                                      fold_folders, history_entry, image_roots, stderr_log, tune_index)
+                                      fold_folders, history_entry, image_roots, LOG, tune_index)
 from resnet_batch.search.changes import Changes, find_changes
 from resnet_batch.search.folder import UPDATE_PREFIX, Staging
 from resnet_batch.search.layout import (FORMATS, IDS_FILE, INDEX_FILE, LISTS_FILE, META_FILE, REFINE_FILE, REFINE_ROWS_FILE,
@@ -71,7 +71,7 @@ class Outcome:
 
 
 def index_embeddings(uris: Sequence[str], out: str, given: Optional[dict] = None, *, rebuild: bool = False,
-                     storage_options: Optional[dict] = None, log: Callable[[str], None] = stderr_log,
+                     storage_options: Optional[dict] = None, log: Callable[[str], None] = LOG.info,
                      scale=None) -> Outcome:
     """Index the embeddings under `uris` into `out`: a new index, or the one there brought up to date (options
     not `given` are the ones it recorded); `rebuild` builds it again whatever changed. With `scale` (a
