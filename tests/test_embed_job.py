@@ -172,3 +172,32 @@ def test_retry_failed_folds_fixed_images_in(tmp_path, photos, checkpoint, ray_lo
     ids = table.column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == 13 and "late.jpg" in ids
     assert set(table.column("status").to_pylist()) == {"ok"}
+
+
+def test_the_summary_names_the_index_to_build_then_the_one_to_update(first_run):
+    from resnet_batch.embed.report import summary
+    from resnet_batch.search.update import index_embeddings
+
+    cfg, out, report = first_run
+    index = f"{out}-index"
+    assert f"  next: resnet-batch index --embeddings {out} --out {index}  (builds the index there; the same command " \
+        "after a later run updates it)" in summary(report).splitlines()
+    index_embeddings([str(out)], index, log=lambda msg: None)
+    again = run(cfg, progress=False)
+    assert f"  next: resnet-batch index --embeddings {out} --out {index}  (updates the index there with what " \
+        "changed)" in summary(again).splitlines()
+
+
+def test_a_night_whose_photos_all_failed_says_none_was_embedded(tmp_path, checkpoint, ray_local):
+    from resnet_batch.embed.report import summary
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        (src / f"broken-{i}.jpg").write_bytes(b"not a photo at all")
+    report = run(job_config(src, tmp_path / "out", checkpoint), progress=False)
+    assert report["complete"] and report["counts"]["this_run"] == {"images": 3, "ok": 0, "failed": 3}
+    lines = summary(report).splitlines()
+    assert "  this run: none embedded: all 3 failed; 0 already done" in lines
+    assert "  nothing to index: no image of this output was embedded" in lines
+    assert not any("next:" in line for line in lines)

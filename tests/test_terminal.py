@@ -128,7 +128,8 @@ def test_embed_in_a_terminal_shows_one_bar_then_the_summary(env, few_photos, tmp
     after_bar = lines[last + 1:]  # the bar ended on its own line; the summary follows it
     assert after_bar[0] == f"resnet-batch: complete -> {out}", after_bar
     assert f"  images: {PHOTOS} ok, 0 failed, 0 skipped (of {PHOTOS} inputs)" in after_bar
-    assert f"  next: resnet-batch index --embeddings {out} --out INDEX_DIR" in after_bar
+    assert f"  next: resnet-batch index --embeddings {out} --out {out}-index  (builds the index there; the same " \
+        "command after a later run updates it)" in after_bar
     assert _noise(lines) == [], _noise(lines)
 
     # The commands that follow read the output and the index only: no Ray starts, nothing of Ray is printed.
@@ -162,5 +163,6 @@ def test_embed_without_a_terminal_prints_plain_progress_lines(env, few_photos, t
     summary = res.stdout.splitlines()
     assert summary[0] == f"resnet-batch: complete -> {out}", summary
     assert f"  images: {PHOTOS} ok, 0 failed, 0 skipped (of {PHOTOS} inputs)" in summary
-    assert f"  next: resnet-batch index --embeddings {out} --out INDEX_DIR" in summary
+    assert f"  next: resnet-batch index --embeddings {out} --out {out}-index  (builds the index there; the same " \
+        "command after a later run updates it)" in summary
     assert _noise(lines) == [], _noise(lines)

@@ -169,9 +169,11 @@ def run_report(job: "Job", state, run_no: int, complete: bool, totals: dict, ski
     wall = time.perf_counter() - job.t_start
     pipeline, actors = job.pipeline_s, job.actor_info
     first = (st.first[0] - st.t0) if st.first else 0.0
+    output_arg = job.cfg.output.uri if "://" in job.cfg.output.uri else job.store.display()
     report = {
         "output": job.store.display(),
-        "output_arg": job.cfg.output.uri if "://" in job.cfg.output.uri else job.store.display(),
+        "output_arg": output_arg,
+        "next_index": _next_index(output_arg, dict(job.cfg.output.storage_options)),
         "complete": complete,
         "run": run_no,
         "counts": {"inputs": totals["rows"] + skipped_total, "ok": totals["ok"], "failed": totals["failed"],
@@ -203,6 +205,20 @@ def run_report(job: "Job", state, run_no: int, complete: bool, totals: dict, ski
         "config": redacted(job.cfg),
     }
     return report
+
+
+def _next_index(output_arg: str, storage_options: dict) -> dict:
+    """Where the summary suggests the index of this output (beside it, as the README's `OUT-index`), and whether
+    one is there already (then `index` updates it)."""
+    from resnet_batch.storage import filesystem
+
+    uri = output_arg.rstrip("/") + "-index"
+    try:
+        fs, path = filesystem(uri, storage_options)
+        exists = fs.exists(path + "/index.json")  # search/layout.META_FILE: an index's own description
+    except Exception:  # unreachable or refused: the hint only says less
+        exists = False
+    return {"uri": uri, "exists": bool(exists)}
 
 
 def _actors(started: dict, worked: dict) -> list[dict]:
@@ -242,7 +258,11 @@ def summary(report: dict, printable=str) -> str:
              f"  images: {c['ok']:,} ok, {c['failed']:,} failed, {c['skipped']:,} skipped (of {c['inputs']:,} "
              f"inputs)"]
     sync = report.get("sync") or {}
-    changes = [f"{this['images']:,} embedded"] + [f"{sync[k]:,} {label}" for k, label in
+    if this["images"] and not this["ok"]:  # a night whose every photo failed embedded nothing
+        done = f"none embedded: all {this['failed']:,} failed"
+    else:
+        done = f"{this['ok']:,} embedded" + (f", {this['failed']:,} failed" if this["failed"] else "")
+    changes = [done] + [f"{sync[k]:,} {label}" for k, label in
                                                    (("reused", "reused (moved or copied)"),
                                                     ("deleted", "removed (deleted)"),
                                                     ("changed", "changed"))
@@ -280,8 +300,13 @@ def summary(report: dict, printable=str) -> str:
     if str(report["provenance"].get("weights_id", "")).startswith("random"):
         lines.append("  note: random weights (model.weights=random): labels are not meaningful, embeddings are "
                      "only self-consistent")
-    if report["complete"]:
-        lines.append(f"  next: resnet-batch index --embeddings {report['output_arg']} --out INDEX_DIR")
+    if report["complete"] and not c["ok"]:
+        lines.append("  nothing to index: no image of this output was embedded")
+    elif report["complete"]:
+        index = report.get("next_index") or {"uri": report["output_arg"].rstrip("/") + "-index", "exists": False}
+        then = ("updates the index there with what changed" if index["exists"] else
+                "builds the index there; the same command after a later run updates it")
+        lines.append(f"  next: resnet-batch index --embeddings {report['output_arg']} --out {index['uri']}  ({then})")
     else:
         lines.append("  rerun the same command to finish (done parts are kept)")
     if report.get("ray_logs"):
