@@ -6,15 +6,17 @@ import functools
 import logging
 import math
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from resnet_batch.cluster import wants_gpu
 from resnet_batch.decode import decode_table, pillow_formats
 from resnet_batch.embed.job import Job
-from resnet_batch.embed.plan import StreamPlanner
-from resnet_batch.embed.reader import CHUNK_BYTES, ReadSettings
-from resnet_batch.embed.scheduler import ShardQueue
 from resnet_batch.output.state import OutputState
+
+if TYPE_CHECKING:  # Ray, Ray Data and torch load when a run first needs them, not with the command
+    from resnet_batch.embed.plan import StreamPlanner
+    from resnet_batch.embed.reader import ReadSettings
+    from resnet_batch.embed.scheduler import ShardQueue
 
 log = logging.getLogger(__name__)
 CROP_ROW_BYTES = 224 * 224 * 3 + 512  # a decoded row in flight
@@ -84,6 +86,8 @@ def dispatch(job: Job, state: OutputState, run_no: int, queue: ShardQueue,
 
 def read_settings(job: Job, root: str, protocol: str, passthrough) -> ReadSettings:
     """How the read tasks list, read and decode a shard (decoded on the GPU actors with compute.gpu_decode)."""
+    from resnet_batch.embed.reader import CHUNK_BYTES, ReadSettings
+
     c, i = job.cfg.compute, job.cfg.input
     formats = pillow_formats(i.extensions)
     if c.gpu_decode and use_gpu(job):

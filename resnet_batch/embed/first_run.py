@@ -11,9 +11,7 @@ from resnet_batch.embed.dispatch import dispatch
 from resnet_batch.embed.job import Job
 from resnet_batch.embed.listing import FORMATS
 from resnet_batch.embed.plan import StreamPlanner, detect, layout_of, no_input
-from resnet_batch.embed.reader import check_passthrough_names, passthrough_fields
 from resnet_batch.embed.reconcile import finish
-from resnet_batch.embed.scheduler import ShardQueue
 from resnet_batch.errors import InputError
 from resnet_batch.output.state import OutputState, save, schema_to_text
 from resnet_batch.output.store import PROVENANCE_FILE
@@ -24,6 +22,8 @@ log = logging.getLogger(__name__)
 
 def first_run(job: Job, listing) -> dict:
     """A new output: the listing streams into shards, each stored in the manifest, then run."""
+    from resnet_batch.embed.reader import check_passthrough_names
+    from resnet_batch.embed.scheduler import ShardQueue
     from resnet_batch.redact import safe_uri
 
     cfg, store = job.cfg, job.store
@@ -59,7 +59,7 @@ def _passthrough(job: Job, fmt: str, listing, pages):
     if fmt == "folder":
         return [], pages
     from resnet_batch.embed.listing import extension, from_raw, hidden
-    from resnet_batch.embed.reader import WDS_FIELDS
+    from resnet_batch.embed.reader import WDS_FIELDS, passthrough_fields
 
     wanted = FORMATS[fmt].wanted(job.cfg.input)
     seen, candidates = [], []

@@ -5,20 +5,22 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from resnet_batch.embed import sync as syncing
 from resnet_batch.embed.dispatch import dispatch
 from resnet_batch.embed.job import Job
 from resnet_batch.embed.listing import FORMATS, Shard, shard_of
 from resnet_batch.embed.plan import complete_shards, no_input, todo_shards
 from resnet_batch.embed.reconcile import current_ledger, finish
-from resnet_batch.embed.scheduler import ShardQueue
 from resnet_batch.errors import RunFailed
 from resnet_batch.output.state import OutputState, save
 from resnet_batch.output.store import read_parquet
+
+if TYPE_CHECKING:
+    from resnet_batch.embed.scheduler import ShardQueue
 
 
 def sync_run(job: Job, state: OutputState, listing, retry_failed: bool) -> dict:
@@ -56,6 +58,8 @@ def sync_run(job: Job, state: OutputState, listing, retry_failed: bool) -> dict:
     job.done_before = sum(by_shard[s]["rows"] for s in done if s in by_shard)
     retries = _retry_shards(job, state, ledger, done) if retry_failed else []
     if todo or retries:
+        from resnet_batch.embed.scheduler import ShardQueue
+
         queue = ShardQueue()
         shards = (shard for piece in entries_of(store, todo) for shard in todo_shards(state.format, state.root,
                                                                                        piece))
@@ -70,6 +74,7 @@ def sync_run(job: Job, state: OutputState, listing, retry_failed: bool) -> dict:
 
 def _apply(job: Job, state: OutputState, plan_run: int) -> None:
     """Carry out the stored sync plan of run `plan_run` (copies, drops, manifest), then uncommit it."""
+    from resnet_batch.embed import sync as syncing  # with Ray: loaded when a run gets this far
     from resnet_batch.embed.syncdiff import move_entry_pieces
 
     entries, drops, copies = syncing.load_plan(job.store, plan_run)
