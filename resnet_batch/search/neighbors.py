@@ -391,7 +391,7 @@ def run_neighbors(cfg: NeighborsConfig, progress: bool = True) -> dict:
         actor = running.pop(done[0])
         stats.append(ray.get(done[0]))
         if progress and (len(stats) % max(1, len(items) // 10) == 0 or len(stats) == len(items)):
-            _log(f"neighbours: {len(stats)}/{len(items)} parts", progress)
+            log.info(f"neighbours: {len(stats)}/{len(items)} parts")
         if queue:
             item = queue.pop()
             stat_ref, comp_ref = actor.part.options(num_returns=2).remote(item["source"], item["out"])

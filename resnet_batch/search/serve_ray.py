@@ -270,7 +270,7 @@ def build_app(args: dict):
 def run(cfg: RayServeConfig, block: bool = True):
     """Start Ray Serve (HTTP on cfg.service.host:port) with the application; prints the address; with `block`,
     serves until interrupted, then shuts the application down."""
-    from resnet_batch.embed.runner import init_ray
+    from resnet_batch.cluster import init_ray
 
     t0 = time.perf_counter()
     init_ray(cfg.ray_address)
