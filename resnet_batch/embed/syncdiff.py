@@ -645,7 +645,23 @@ def plan_sync(cfg: InputConfig, fmt: str, root: str, store: OutputStore, run: in
     s = DiffSettings(input=cfg, fmt=fmt, root=root, output_uri=store.uri, output_options=dict(store.storage_options),
                      retry_window_s=retry_window_s, run=run, partitions=partitions, move_partitions=partitions)
     next_shard = max(state_next_shard, last_manifest_shard(store) + 1)
-    return partitioned_diff(s, Steps(local=local), sources, pieces, done, next_shard)
+    if local:
+        return partitioned_diff(s, Steps(local=True), sources, pieces, done, next_shard)
+    import ray
+
+    # The steps are run by a coordinating task, not by the driver: Ray keeps a task's small results (under
+    # 100 KB, such as most of a night's per-partition changes) in the memory of whoever called it, which
+    # would make the driver grow with the library. Listing batches the driver reads itself go to the object
+    # store first (the driver keeps their references only).
+    if isinstance(sources, Iterator):
+        sources = [ray.put(batch) for batch in sources]
+    coordinate = ray.remote(_coordinate).options(num_cpus=0, max_retries=0)
+    return ray.get(coordinate.remote(s, sources, pieces, done, next_shard))
+
+
+def _coordinate(s: DiffSettings, sources: list, pieces: list, done: set[int], next_shard: int) -> DiffResult:
+    """partitioned_diff with its steps in Ray tasks, itself run in a task (see plan_sync)."""
+    return partitioned_diff(s, Steps(local=False), sources, pieces, done, next_shard)
 
 
 # -- the manifest's dropped entries, in parallel tasks ------------------------------------------------------
