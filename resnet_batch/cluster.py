@@ -49,6 +49,17 @@ def wants_gpu(device: str, cluster_gpus: float) -> bool:
     return device == "cuda" or (device == "auto" and cluster_gpus > 0)
 
 
+def worker_uri(uri: str) -> str:
+    """A URI as Ray workers must get it: a local path made absolute, since a worker runs in its raylet's
+    folder, not the driver's (a driver joining a Ray started elsewhere would write `out/...` there)."""
+    from fsspec.core import split_protocol
+
+    protocol, path = split_protocol(uri)
+    if (protocol or "file") not in ("file", "local"):
+        return uri
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def ray_connected() -> bool:
     """Whether this process is connected to Ray (without importing it)."""
     ray = sys.modules.get("ray")  # commands that never touched Ray do not import it here

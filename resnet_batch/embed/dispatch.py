@@ -8,7 +8,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Optional
 
-from resnet_batch.cluster import wants_gpu
+from resnet_batch.cluster import wants_gpu, worker_uri
 from resnet_batch.decode import decode_table, pillow_formats
 from resnet_batch.embed.job import Job
 from resnet_batch.output.state import OutputState
@@ -99,7 +99,7 @@ def read_settings(job: Job, root: str, protocol: str, passthrough) -> ReadSettin
         decode = functools.partial(decode_table, spec=job.spec, max_pixels=i.max_pixels, draft=i.jpeg_draft,
                                    formats=formats)
         chunk_bytes = max(CHUNK_BYTES, i.images_per_shard * CROP_ROW_BYTES)
-    return ReadSettings(root, protocol, i.uri, dict(i.storage_options), tuple(i.extensions), i.image_column,
+    return ReadSettings(root, protocol, worker_uri(i.uri), dict(i.storage_options), tuple(i.extensions), i.image_column,
                         tuple(passthrough), i.max_bytes, i.images_per_shard, c.decode_batch_size,
                         c.retry_window_s, decode, chunk_bytes)
 

@@ -6,6 +6,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from resnet_batch.cluster import worker_uri
 from resnet_batch.config import JobConfig
 from resnet_batch.decode import PreprocessSpec
 from resnet_batch.embed.progress import Progress
@@ -65,7 +66,7 @@ class Job:
         schema = with_provenance(output_schema(state.passthrough_fields, self.cfg.output.embedding_dtype),
                                  self.provenance)
         o = self.cfg.output
-        return PartSettings(o.uri, dict(o.storage_options), schema, None if o.compression == "none" else o.compression,
+        return PartSettings(worker_uri(o.uri), dict(o.storage_options), schema, None if o.compression == "none" else o.compression,
                             o.embedding_dtype, self.cfg.compute.retry_window_s, run_no)
 
     def run_entry(self, run_no: int) -> dict:

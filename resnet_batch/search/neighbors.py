@@ -356,7 +356,7 @@ def run_neighbors(cfg: NeighborsConfig, progress: bool = True) -> dict:
     the driver holds the plan and one reference and a few counts a part."""
     import ray
 
-    from resnet_batch.cluster import init_ray
+    from resnet_batch.cluster import init_ray, worker_uri
 
     t0 = time.perf_counter()
     meta = read_meta(cfg.index, cfg.storage_options)
@@ -372,7 +372,7 @@ def run_neighbors(cfg: NeighborsConfig, progress: bool = True) -> dict:
     prepare_output(cfg.out, cfg.storage_options, about)
     schema = with_provenance(NEIGHBORS_SCHEMA, provenance)
     schema = schema.with_metadata({**schema.metadata, NEIGHBORS_KEY: json.dumps(about).encode()})
-    settings = ActorSettings(index_uri=cfg.index, out_uri=cfg.out, storage_options=dict(cfg.storage_options),
+    settings = ActorSettings(index_uri=worker_uri(cfg.index), out_uri=worker_uri(cfg.out), storage_options=dict(cfg.storage_options),
                              k=cfg.k, threshold=cfg.threshold, query_batch=cfg.query_batch, nprobe=cfg.nprobe,
                              schema=schema, threads=max(1, int(cfg.cpus_per_actor)))
     # Plain actors with their (small) settings inline: no constructor arguments in the object store, so no
@@ -408,7 +408,7 @@ def run_neighbors(cfg: NeighborsConfig, progress: bool = True) -> dict:
         refs = [merge.remote(*refs[i:i + MERGE_FAN_IN]) for i in range(0, len(refs), MERGE_FAN_IN)]
     star = refs[0] if refs else ray.put(COMPONENTS_SCHEMA.empty_table())
     n_groups, in_groups = ray.get(ray.remote(num_cpus=1)(_groups_task).remote(
-        star, cfg.out, dict(cfg.storage_options), provenance))
+        star, worker_uri(cfg.out), dict(cfg.storage_options), provenance))
     fs, root = filesystem(cfg.out, dict(cfg.storage_options))
     images = sum(int(s["rows"]) for s in stats)
     search_s = sum(float(s["search_s"]) for s in stats)
