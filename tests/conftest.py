@@ -61,6 +61,14 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def ray_address(ray_local) -> dict:
+    """The session's Ray for commands a test runs as subprocesses: {"RAY_ADDRESS": ...} for their environment,
+    so they join it (as a run on a cluster does) instead of each starting a Ray of its own (seconds apiece).
+    Tests that kill a driver with its Ray, count Ray sessions or check what a fresh start prints keep their own."""
+    return {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real SeaweedFS S3 server on loopback (identities file: keys are checked), shared by the session
     and stopped by its pid at the end. See tests/s3server.py."""

@@ -17,7 +17,7 @@ import pytest
 
 from tests.raycluster import REPO, LoopbackCluster
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_ray]
 
 
 @pytest.fixture(scope="module")

@@ -42,10 +42,10 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("page", [p.relative_to(REPO).as_posix() for p in DOCS if shell_blocks(p)])
-def test_shell_blocks_run(page, workdir):
+def test_shell_blocks_run(page, workdir, ray_address):
     port = str(free_ports(1)[0])
     for block in shell_blocks(REPO / page):
         script = block.replace("8000", port)  # the service's example port, free here
         res = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=workdir, capture_output=True, text=True,
-                             timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+                             timeout=600, env={**os.environ, "PYTHONPATH": str(REPO), **ray_address})
         assert res.returncode == 0, f"{page}:\n{block}\n--- stdout\n{res.stdout[-3000:]}\n--- stderr\n{res.stderr[-3000:]}"

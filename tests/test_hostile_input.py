@@ -253,9 +253,9 @@ def test_archive_bombs_are_refused_with_bounded_memory(tmp_path, jpeg, capsys):
 # -- the output folder -------------------------------------------------------------------------------
 
 
-def _cli(*args, timeout=300):
+def _cli(*args, timeout=300, env=None):
     return subprocess.run([sys.executable, "-m", "resnet_batch.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
 def test_input_and_output_must_not_overlap(tmp_path, jpeg):
@@ -270,7 +270,7 @@ def test_input_and_output_must_not_overlap(tmp_path, jpeg):
     assert sorted(p.name for p in root.iterdir()) == ["a.jpg"]  # --fresh deleted nothing
 
 
-def test_fresh_refuses_a_foreign_folder_and_a_foreign_part_is_named(tmp_path, jpeg, checkpoint):
+def test_fresh_refuses_a_foreign_folder_and_a_foreign_part_is_named(tmp_path, jpeg, checkpoint, ray_address):
     root = tmp_path / "photos"
     root.mkdir()
     (root / "a.jpg").write_bytes(jpeg)
@@ -285,14 +285,14 @@ def test_fresh_refuses_a_foreign_folder_and_a_foreign_part_is_named(tmp_path, jp
     out = tmp_path / "out"
     args = ("embed", "--quiet", "--input", str(root), "--output", str(out), "-o", f"model.weights={checkpoint}",
             "-o", "model.precision=fp32")
-    assert _cli(*args).returncode == 0
+    assert _cli(*args, env=ray_address).returncode == 0
     (out / "part-000009.parquet").write_bytes(b"someone's file")
     (out / "notes.txt").write_text("mine")
     res = _cli(*args)
     assert res.returncode == 2
     assert f"error: {out}/part-000009.parquet is not a readable Parquet part" in res.stderr
     assert "move it out of the output folder, or rerun with --fresh" in res.stderr
-    res = _cli(*args, "--fresh")
+    res = _cli(*args, "--fresh", env=ray_address)
     assert res.returncode == 0, res.stderr
     assert (out / "notes.txt").read_text() == "mine" and (out / "_SUCCESS").exists()
 
@@ -320,7 +320,7 @@ def test_a_dead_holders_lock_is_taken_over(tmp_path):
 
 
 @pytest.mark.ray
-def test_two_concurrent_cli_runs(tmp_path, jpeg, checkpoint):
+def test_two_concurrent_cli_runs(tmp_path, jpeg, checkpoint, ray_address):
     root = tmp_path / "photos"
     root.mkdir()
     for i in range(24):
@@ -329,7 +329,7 @@ def test_two_concurrent_cli_runs(tmp_path, jpeg, checkpoint):
     args = [sys.executable, "-m", "resnet_batch.cli", "embed", "--quiet", "--input", str(root), "--output", str(out),
             "-o", f"model.weights={checkpoint}", "-o", "compute.torch_threads=1", "-o", "input.images_per_shard=4"]
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": str(REPO)})
+                             env={**os.environ, "PYTHONPATH": str(REPO), **ray_address})
     deadline = time.time() + 120
     while not (out / "_lock").exists():
         assert first.poll() is None and time.time() < deadline

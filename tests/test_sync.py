@@ -98,6 +98,7 @@ def _cli(root, out, checkpoint):
 
 
 @pytest.mark.slow
+@pytest.mark.own_ray
 def test_kill_during_a_sync_then_rerun_is_exactly_once(tmp_path, checkpoint):
     root = tmp_path / "library"
     make_sample_photos(root, 16, per_folder=8, seed=6)

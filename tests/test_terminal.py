@@ -26,7 +26,7 @@ import pytest
 
 from resnet_batch.dev.sample_data import make_sample_photos
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_ray]
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTOS = 8
