@@ -38,7 +38,7 @@ def main() -> None:
         crops[draft] = np.stack([decode_image(b, spec, max_pixels=10**8, draft=draft)[0] for b in datas])
         secs[draft] = time.perf_counter() - t0
     info, sd = resolve_weights(ModelConfig(weights=a.weights))
-    model = ResNet50Embedder(sd, spec, precision="fp32", threads=2)
+    model = ResNet50Embedder(sd, spec, precision="fp32", threads=2, layout=info.layout)  # v1 for IMAGENET1K_KERAS
     embs, tops = {}, {}
     for draft in (False, True):
         e, logits = zip(*(model.embed(crops[draft][i:i + 32]) for i in range(0, a.images, 32)))

