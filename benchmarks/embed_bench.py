@@ -36,15 +36,19 @@ layout = {"v1.5": TORCHVISION, "v1": MSRA_V1}[sys.argv[5]]  # speed does not dep
 e = ResNet50Embedder(random_state_dict(0), PreprocessSpec.from_weights("IMAGENET1K_V2"), precision=precision,
                      threads=threads, layout=layout)
 x = np.random.default_rng(0).integers(0, 256, (bs, 224, 224, 3), dtype=np.uint8)
+from torch.utils.flop_counter import FlopCounterMode
+with FlopCounterMode(display=False) as flops:  # the work itself, whatever else the machine is doing
+    e.embed(x[:1])
 for _ in range(2):
     e.embed(x)
-done, t0 = 0, time.perf_counter()
+done, t0, c0 = 0, time.perf_counter(), time.process_time()
 while done < n:
     b = min(bs, n - done)
     emb, logits = e.embed(x[:b])
     torch.softmax(logits, 1).topk(5)
     done += b
-print(f"img_per_s={done / (time.perf_counter() - t0):.2f}")
+print(f"img_per_s={done / (time.perf_counter() - t0):.2f} cpu_ms_per_img={1000 * (time.process_time() - c0) / done:.1f} "
+      f"gflop_per_img={flops.get_total_flops() / 1e9:.3f}")
 """
 
 
@@ -73,6 +77,7 @@ def main() -> None:
     p.add_argument("--peers", default=str(REPO.parent / "shared" / "peers"))
     p.add_argument("--config", default=str(REPO / "configs" / "local.yaml"))
     p.add_argument("--keras", action="store_true", help="also the job with model.weights=IMAGENET1K_KERAS (v1)")
+    p.add_argument("--layouts-only", action="store_true", help="only the model-only ceiling, in both layouts")
     a = p.parse_args()
 
     work = Path(a.workdir)
@@ -98,7 +103,8 @@ def main() -> None:
         def go():
             _, log = timed([PY, "-c", MODEL_ONLY, str(a.images), str(a.batch_size), a.precision, str(a.threads),
                             layout])
-            return {"steady": field(log, "img_per_s")}
+            return {"steady": field(log, "img_per_s"), "cpu_ms": field(log, "cpu_ms_per_img"),
+                    "gflop": field(log, "gflop_per_img")}
         return go
 
     def peer(script, *extra):
@@ -109,9 +115,10 @@ def main() -> None:
                     "steady": field(log, "steady_img_per_s"), "first_result_s": field(log, "first_batch_s")}
         return go
 
-    contenders = {"model-only (ready tensors)": model_only("v1.5"), "model-only, v1 layout": model_only("v1"),
-                  "resnet-batch": ours}
-    if a.keras:
+    contenders = {"model-only (ready tensors)": model_only("v1.5"), "model-only, v1 layout": model_only("v1")}
+    if not a.layouts_only:
+        contenders["resnet-batch"] = ours
+    if a.keras and not a.layouts_only:
         contenders["resnet-batch, IMAGENET1K_KERAS (v1)"] = lambda: ours("IMAGENET1K_KERAS")
     if have_peers:
         contenders["peer: ray docs example"] = peer("ray_docs_example.py")
@@ -136,7 +143,10 @@ def main() -> None:
         fmt = lambda v, w=8, d=2: f"{v:{w}.{d}f}" if v is not None else f"{'-':>{w}s}"  # noqa: E731
         ratio = steady / ceiling if steady and ceiling else None
         print(f"{name:34s} {fmt(wall)} {fmt(ips)} {fmt(steady)} {fmt(ratio, 6)} {fmt(first)}")
-    if results["resnet-batch"]:
+    for name in ("model-only (ready tensors)", "model-only, v1 layout"):
+        print(f"{name}: {med(name, 'cpu_ms'):.1f} CPU-ms per image (all threads, median), "
+              f"{med(name, 'gflop'):.3f} GFLOP per image")
+    if results.get("resnet-batch"):
         print(f"resnet-batch model busy fraction: {med('resnet-batch', 'busy')}")
 
 
