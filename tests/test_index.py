@@ -123,10 +123,12 @@ def test_exact_index_agrees_with_numpy_skips_failed_rows_and_reads_float16(three
 def test_the_folder_is_checked_when_opened(three_parts, tmp_path):
     root, _, _ = three_parts
     meta = build_index([str(root)], str(tmp_path / "idx"), **QUIET)
-    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["ids.arrow", "index.faiss", "index.json"]
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["ids.arrow", "ids.hash", "index.faiss",
+                                                                    "index.json"]
     on_disk = json.loads((tmp_path / "idx" / "index.json").read_text())
     assert on_disk == meta and meta["sources"] == [str(root)]
-    assert meta["files"] == {n: (tmp_path / "idx" / n).stat().st_size for n in (INDEX_FILE, IDS_FILE)}
+    assert meta["files"] == {n: (tmp_path / "idx" / n).stat().st_size for n in (INDEX_FILE, IDS_FILE, "ids.hash")}
+    assert meta["files"]["ids.hash"] == 16 * meta["count"]  # the image_id lookup: a hash and a row, int64 each
     (tmp_path / "idx" / INDEX_FILE).write_bytes((tmp_path / "idx" / INDEX_FILE).read_bytes()[:1000])
     with pytest.raises(SimilarityIndexError, match=f"index.faiss has 1000 bytes, index.json says "
                                                    f"{meta['files'][INDEX_FILE]}$"):
@@ -158,7 +160,7 @@ def test_streamed_ivf_build_matches_an_in_memory_build(ivf_build):
     pca = meta["pca"]["dims"]
     assert meta["pca"]["auto"] and pca in (256, 512, 1024)  # the synthetic vectors keep 99% of their variance there
     assert meta["factory"] == f"PCA{pca},IVF64,SQ8,Refine(FP16)" and spec["refine"] == 4
-    assert sorted(meta["files"]) == ["ids.arrow", "index.faiss", "refine.f16", "refine.faiss"]
+    assert sorted(meta["files"]) == ["ids.arrow", "ids.hash", "index.faiss", "refine.f16", "refine.faiss"]
     assert meta["files"]["refine.f16"] == 3000 * 2048 * 2  # float16 full-dimension offsets, on disk
     x = normalize(vectors)
     reference = faiss.index_factory(2048, "IVF64,SQ8", faiss.METRIC_INNER_PRODUCT)  # everything in memory
@@ -248,7 +250,7 @@ def test_embeddings_and_index_on_s3(three_parts, s3_server, tmp_path, monkeypatc
     meta = build_index([f"s3://{bucket}/emb"], f"s3://{bucket}/idx", storage_options=opts, **QUIET)
     assert meta["count"] == 270 and meta["sources"] == [f"s3://{bucket}/emb"]
     assert sorted(fs.ls(f"{bucket}/idx", detail=False)) == [f"{bucket}/idx/{n}" for n in
-                                                            ("ids.arrow", "index.faiss", "index.json")]
+                                                            ("ids.arrow", "ids.hash", "index.faiss", "index.json")]
     monkeypatch.setenv("RESNET_BATCH_CACHE", str(tmp_path / "cache"))
     loaded = SimilarityIndex.open(f"s3://{bucket}/idx", opts)
     _, ref = brute_force(vectors, vectors[:3], 4)

@@ -44,7 +44,8 @@ def test_distributed_build_equals_the_single_process_build(two_builds):
     assert scaled["count"] == single["count"] == len(ids) == 5990
     assert scaled["factory"] == single["factory"] and scaled["spec"] == single["spec"]
     assert scaled["scaled_out"]["add_tasks"] == 3 and scaled["next_id"] == single["next_id"]
-    assert sorted(scaled["files"]) == ["ids.arrow", "index.faiss", "lists.ivfdata", "refine.f16", "refine.faiss"]
+    assert sorted(scaled["files"]) == ["ids.arrow", "ids.hash", "index.faiss", "lists.ivfdata", "refine.f16",
+                                       "refine.faiss"]
     codes = 5990 * (scaled["spec"]["pca"] + 8)  # SQ8 of the projection and a 64-bit id a vector
     assert scaled["files"]["lists.ivfdata"] == codes  # the codes are in the lists file, not index.faiss:
     assert single["files"]["index.faiss"] - scaled["files"]["index.faiss"] >= 0.99 * codes

@@ -210,8 +210,9 @@ def test_ivf_update_keeps_its_training_then_compacts_and_tunes_again(tmp_path):
     never_returned(index, lib.vectors[1000:1010], Library.names(range(1000, 1010)))
     # only this generation and the one before remain (and the coder both use)
     assert sorted(str(p.relative_to(idx)) for p in idx.rglob("*") if p.is_file()) == [
-        "gen-000001/ids.arrow", "gen-000001/index.faiss", "gen-000001/refine.f16", "gen-000001/refine.rows",
-        "gen-000002/ids.arrow", "gen-000002/index.faiss", "gen-000002/refine.f16", "index.json", "refine.f16",
+        "gen-000001/ids.arrow", "gen-000001/ids.hash", "gen-000001/index.faiss", "gen-000001/refine.f16",
+        "gen-000001/refine.rows", "gen-000002/ids.arrow", "gen-000002/ids.hash", "gen-000002/index.faiss",
+        "gen-000002/refine.f16", "index.json", "refine.f16",
         "refine.faiss"]  # refine.f16: the build's codes, which generation 1 still reads
 
 
@@ -354,13 +355,15 @@ def test_an_index_on_s3_follows_its_embeddings(s3_server, tmp_path, monkeypatch)
     index = SimilarityIndex.open(idx, opts)  # through the node-local cache, which fetches the new generation
     assert sorted(index.ids.column("image_id").to_pylist()) == Library.names(lib.live())
     never_returned(index, lib.vectors[150:200], Library.names(range(150, 200)))
-    assert listing() == ["gen-000001/ids.arrow", "gen-000001/index.faiss", "ids.arrow", "index.faiss", "index.json"]
+    assert listing() == ["gen-000001/ids.arrow", "gen-000001/ids.hash", "gen-000001/index.faiss", "ids.arrow",
+                         "ids.hash", "index.faiss", "index.json"]
 
     lib.delete(0)
     mirror()
     assert index_embeddings([emb], idx, storage_options=opts, **QUIET).removed == 100
-    assert listing() == ["gen-000001/ids.arrow", "gen-000001/index.faiss", "gen-000002/ids.arrow",
-                         "gen-000002/index.faiss", "index.json"]  # the build's files: neither version uses them
+    assert listing() == ["gen-000001/ids.arrow", "gen-000001/ids.hash", "gen-000001/index.faiss",
+                         "gen-000002/ids.arrow", "gen-000002/ids.hash", "gen-000002/index.faiss",
+                         "index.json"]  # the build's files: neither version uses them
     assert len(SimilarityIndex.open(idx, opts)) == 110
     cached, = (tmp_path / "cache" / "indexes").iterdir()
     assert sorted(p.name for p in cached.iterdir() if not p.name.startswith(".")) == [

@@ -28,6 +28,7 @@ from resnet_batch.search.index import FORMAT, IDS_FILE, IDS_SCHEMA, INDEX_FILE, 
     Refiner, refined_search
 from resnet_batch.search.changes import part_stamps
 from resnet_batch.search.folder import Staging
+from resnet_batch.search.layout import HASH_FILE, write_id_lookup
 from resnet_batch.search.spec import (DEFAULT_MAX_MEMORY, FLAT_MAX, PCA_AUTO, PCA_TRAIN_MAX, TUNE_QUERIES, IndexOptions,
                                      IndexSpec, query_node_line, resolve_pca)
 from resnet_batch.schema import EMBEDDING_DIM, embeddings_to_numpy
@@ -67,6 +68,7 @@ class BuildSource:
     provenance: dict
     spec: IndexSpec
     scan_s: float
+    hashes: np.ndarray  # build.id_hashes of every ok row, in scan order (= id-map row order)
 
     @property
     def count(self) -> int:
@@ -78,14 +80,14 @@ class BuildSource:
         t0 = time.perf_counter()
         stamps = {p.uri: p.stamp for p in part_stamps(uris, opts)}  # before the parts: see part_stamps
         parts, provenance = scan_embeddings(uris, opts)
-        check_unique_ids(parts)
+        hashes = check_unique_ids(parts)
         n = sum(p.ok_rows for _, p in parts)
         if n == 0:
             raise SimilarityIndexError(f"no embeddings with status 'ok' under {', '.join(uris)}")
         spec = IndexSpec.choose(n, kind=options.kind, dim=int(provenance.get("embedding_dim", EMBEDDING_DIM)),
                                 max_memory=options.max_memory, pca=options.pca, flat_max=options.flat_max,
                                 target_recall=options.target_recall)
-        return cls(tuple(uris), parts, stamps, provenance, spec, time.perf_counter() - t0)
+        return cls(tuple(uris), parts, stamps, provenance, spec, time.perf_counter() - t0, hashes)
 
 
 def build_into(stage: Staging, source: BuildSource, options: IndexOptions, opts: dict,
@@ -124,6 +126,7 @@ def build_into(stage: Staging, source: BuildSource, options: IndexOptions, opts:
                                      f"in {time.perf_counter() - t_tune:.1f} s" if tuning else ""))
 
     faiss.write_index(index, stage.path(INDEX_FILE))
+    write_id_lookup(stage.path(HASH_FILE), source.hashes)
     if refiner is not None:
         faiss.write_index(refiner, stage.path(REFINE_SQ_FILE))
     meta = {
@@ -169,18 +172,19 @@ def part_id_hashes(fs, part: Part) -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.empty(0, np.int64)
 
 
-def check_unique_ids(parts: list[tuple], hashes: Optional[list] = None) -> None:
+def check_unique_ids(parts: list[tuple], hashes: Optional[list] = None) -> np.ndarray:
     """Refuse an image_id that appears twice among the ok rows (before any work; 8 bytes a row of hashes);
-    `hashes`: each part's part_id_hashes where they were computed already (in parallel)."""
+    `hashes`: each part's part_id_hashes where they were computed already (in parallel). Returns the hashes
+    of every ok row in scan order (the id map's row order: the build writes them as its lookup)."""
     hashes = [part_id_hashes(fs, part) for fs, part in parts] if hashes is None else hashes
     if not hashes:
-        return
+        return np.empty(0, np.int64)
     h = np.concatenate(hashes)
     owner = np.concatenate([np.full(len(x), i, dtype=np.int32) for i, x in enumerate(hashes)])
     order = np.argsort(h, kind="stable")
     same = np.flatnonzero(h[order][1:] == h[order][:-1])
     if not len(same):
-        return
+        return h
     wanted = set(h[order][same].tolist())
     seen: dict[str, str] = {}
     for i in sorted(set(owner[order][same].tolist()) | set(owner[order][same + 1].tolist())):
@@ -189,6 +193,7 @@ def check_unique_ids(parts: list[tuple], hashes: Optional[list] = None) -> None:
             if image_id in seen:
                 duplicate_id(image_id, seen[image_id], part.uri)
             seen[image_id] = part.uri
+    return h  # two ids with one hash: both indexed, the lookup compares the strings
 
 
 def _ids_with_hashes(fs, part: Part, wanted: set) -> list[str]:

@@ -14,7 +14,7 @@ import posixpath
 import shutil
 import tempfile
 
-from resnet_batch.search.layout import (DATA_FILES, FORMAT_LAYOUT, LISTS_FILE, META_FILE, REFINE_FILE, REFINE_SQ_FILE,
+from resnet_batch.search.layout import (DATA_FILES, FORMAT_LAYOUT, HASH_FILE, LISTS_FILE, META_FILE, REFINE_FILE, REFINE_SQ_FILE,
                                        generation_dir, generation_of)
 from resnet_batch.storage import filesystem, list_folder, protocols, put_bytes
 
@@ -23,7 +23,7 @@ UPDATE_PREFIX = ".update-"  # staging folders of updates and rebuilds in place (
 
 def layout_files(layout: dict) -> list[str]:
     """Every file a layout names, relative to the index folder."""
-    names = [layout["index"], layout["ids"], *([layout["lists"]] if layout.get("lists") else [])]
+    names = [layout["index"], layout["ids"], *(layout[key] for key in ("lists", "hash") if layout.get(key))]
     if refine := layout.get("refine"):
         names += [refine["coder"], *(name for name, rows in refine["segments"] if rows)]
         names += [refine["rows"]] if refine.get("rows") else []
@@ -62,7 +62,7 @@ class Staging:
         old = posixpath.join(self.root, META_FILE)
         if self.fs.exists(old):
             self.fs.rm(old)
-        for stale in {REFINE_SQ_FILE, REFINE_FILE, LISTS_FILE} - set(names):  # an earlier build's, not this one's
+        for stale in {REFINE_SQ_FILE, REFINE_FILE, LISTS_FILE, HASH_FILE} - set(names):  # an earlier build's, not this one's
             if self.fs.exists(posixpath.join(self.root, stale)):
                 self.fs.rm(posixpath.join(self.root, stale))
         for name in names:

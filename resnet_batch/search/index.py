@@ -26,7 +26,7 @@ import pyarrow as pa
 from resnet_batch.errors import SimilarityIndexError
 from resnet_batch.search.layout import (DATA_FILES, FORMAT, FORMATS, IDS_FILE, INDEX_FILE,  # noqa: F401 (re-exported)
                                        META_FILE, REFINE_FILE, REFINE_SQ_FILE, generation_of, layout_of,
-                                       open_refine_rows, read_faiss_index)
+                                       open_id_lookup, open_refine_rows, read_faiss_index)
 from resnet_batch.storage import filesystem, protocols
 
 CACHE_ENV = "RESNET_BATCH_CACHE"  # node-local folder for copies of remote indexes (default ~/.cache/resnet-batch)
@@ -55,14 +55,15 @@ def normalize(x: np.ndarray) -> np.ndarray:
 class SimilarityIndex:
     """A FAISS inner-product index over L2-normalised embeddings (inner product = cosine), its id map and meta."""
 
-    def __init__(self, index, ids: pa.Table, meta: dict, refine: Optional[tuple] = None):
+    def __init__(self, index, ids: pa.Table, meta: dict, refine: Optional[tuple] = None,
+                 lookup: Optional[tuple] = None):
         if index.ntotal != len(ids):
             raise SimilarityIndexError(f"index holds {index.ntotal} vectors but the id map {len(ids)} rows")
         self.index, self.ids, self.meta = index, ids, meta
         self._refine = refine  # (Refiner, codes as bytes: codes[i] is id-map row i's), or None
         self._faiss_ids = ids.column("id").to_numpy()
         self._image_ids = ids.column("image_id")
-        self._by_hash: Optional[tuple[np.ndarray, np.ndarray]] = None
+        self._by_hash: Optional[tuple[np.ndarray, np.ndarray]] = lookup  # (sorted id hashes, their rows)
         self._direct_map = False
         if meta.get("nprobe"):
             self.set_nprobe(int(meta["nprobe"]))
@@ -125,13 +126,17 @@ class SimilarityIndex:
         return {c: self.ids.column(c)[r].as_py() for c in self.ids.column_names}
 
     def faiss_id(self, image_id: str) -> int:
-        """The FAISS id of an indexed image (a sorted table of string hashes: 16 bytes a row, built once)."""
+        """The FAISS id of an indexed image: a sorted table of image_id hashes and their rows (16 bytes a row),
+        memory-mapped from the folder's ids.hash (built here once for an index written before it existed)."""
+        from resnet_batch.search.build import id_hashes
+
         if self._by_hash is None:
-            hashes = np.fromiter((hash(s) for s in self._image_ids.to_pylist()), dtype=np.int64, count=len(self))
+            hashes = np.concatenate([id_hashes(c.to_pylist()) for c in self._image_ids.chunks] or
+                                    [np.empty(0, np.int64)])
             order = np.argsort(hashes, kind="stable")
             self._by_hash = (hashes[order], order)
         hashes, order = self._by_hash
-        h = hash(image_id)
+        h = int(id_hashes([image_id])[0])
         for i in range(np.searchsorted(hashes, h), np.searchsorted(hashes, h, side="right")):
             if self._image_ids[int(order[i])].as_py() == image_id:
                 return int(self._faiss_ids[order[i]])
@@ -189,7 +194,8 @@ class SimilarityIndex:
             codes = open_refine_rows(folder, layout["refine"], decoder.sa_code_size(), len(ids),
                                      remote=(fs, root) if remote else None)
             refine = (Refiner(decoder), codes)
-        return cls(index, ids, meta, refine)
+        lookup = open_id_lookup(os.path.join(folder, layout["hash"]), len(ids)) if layout.get("hash") else None
+        return cls(index, ids, meta, refine, lookup)
 
 
 def rows_in(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -29,11 +29,12 @@ META_FILE = "index.json"  # written last: an index folder without it is incomple
 REFINE_FILE = "refine.f16"
 REFINE_SQ_FILE = "refine.faiss"
 REFINE_ROWS_FILE = "refine.rows"  # (after removals) int64 per id-map row: its row in the re-ranking segments
+HASH_FILE = "ids.hash"  # the id map's image_id hashes, sorted, then the row of each: lookups without a dict
 LISTS_FILE = "lists.ivfdata"  # (a scaled-out build) the inverted lists on disk, beside the index.faiss naming them
 FORMAT = 2  # index.json "format" of a fresh build (files at the top); 1 was ids.parquet + positions
 FORMAT_LAYOUT = 3  # an updated or rebuilt index: index.json "layout" names the files (in generation folders)
 FORMATS = (FORMAT, FORMAT_LAYOUT)
-DATA_FILES = (INDEX_FILE, IDS_FILE, REFINE_FILE, REFINE_SQ_FILE, REFINE_ROWS_FILE, LISTS_FILE)
+DATA_FILES = (INDEX_FILE, IDS_FILE, REFINE_FILE, REFINE_SQ_FILE, REFINE_ROWS_FILE, LISTS_FILE, HASH_FILE)
 _GENERATION_RE = re.compile(r"^gen-(\d{6})$")
 
 
@@ -107,7 +108,31 @@ def layout_of(meta: dict) -> dict:
     if REFINE_FILE in meta["files"]:
         refine = {"coder": REFINE_SQ_FILE, "segments": [[REFINE_FILE, int(meta["count"])]], "rows": None}
     return {"index": INDEX_FILE, "ids": IDS_FILE, "refine": refine,
-            **({"lists": LISTS_FILE} if LISTS_FILE in meta["files"] else {})}
+            **({"lists": LISTS_FILE} if LISTS_FILE in meta["files"] else {}),
+            **({"hash": HASH_FILE} if HASH_FILE in meta["files"] else {})}
+
+
+def write_id_lookup(path: str, hashes: np.ndarray) -> None:
+    """The lookup from image_id to id-map row: `hashes` (build.id_hashes of each row's image_id, in row order)
+    sorted, then each one's row; both int64, memory-mapped by readers (no Python object per id)."""
+    order = np.argsort(hashes, kind="stable")
+    with open(path, "wb") as f:
+        f.write(np.ascontiguousarray(hashes[order], dtype=np.int64).tobytes())
+        f.write(order.astype(np.int64).tobytes())
+
+
+def open_id_lookup(path: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted hashes, their rows), memory-mapped."""
+    both = np.memmap(path, dtype=np.int64, mode="r", shape=(2, n)) if n else np.zeros((2, 0), np.int64)
+    return both[0], both[1]
+
+
+def hashes_by_row(path: str, n: int) -> np.ndarray:
+    """The image_id hashes of an id map in row order, from its lookup file."""
+    sorted_hashes, rows = open_id_lookup(path, n)
+    out = np.empty(n, dtype=np.int64)
+    out[rows] = sorted_hashes
+    return out
 
 
 def map_rows(path: str, shape: tuple[int, int], dtype=np.uint8) -> np.ndarray:

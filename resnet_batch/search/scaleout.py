@@ -44,7 +44,7 @@ from resnet_batch.search.embeddings import Part, list_parts, ok_chunks, part_pro
     sample_rows
 from resnet_batch.search.folder import Staging
 from resnet_batch.search.index import FORMAT, IDS_FILE, IDS_SCHEMA, INDEX_FILE, REFINE_FILE, REFINE_SQ_FILE, normalize
-from resnet_batch.search.layout import LISTS_FILE, faiss_stdout_to_stderr
+from resnet_batch.search.layout import HASH_FILE, LISTS_FILE, faiss_stdout_to_stderr, write_id_lookup
 from resnet_batch.search.spec import IndexOptions, IndexSpec, query_node_line
 from resnet_batch.search.tuning import ExactTopK
 from resnet_batch.storage import display_path, filesystem, protocols
@@ -104,7 +104,7 @@ def build_into_ray(stage: Staging, uris: Sequence[str], options: IndexOptions, s
             parts.append(part)
             hashes.append(h)
     fs_parts = [(filesystem(p.uri, opts)[0], p) for p in parts]
-    check_unique_ids(fs_parts, hashes)
+    row_hashes = check_unique_ids(fs_parts, hashes)
     del hashes
     n = sum(p.ok_rows for p in parts)
     if n == 0:
@@ -182,6 +182,8 @@ def build_into_ray(stage: Staging, uris: Sequence[str], options: IndexOptions, s
     with faiss_stdout_to_stderr():
         faiss.write_index(index, stage.path(INDEX_FILE))
     faiss.write_index(refiner, stage.path(REFINE_SQ_FILE))
+    write_id_lookup(stage.path(HASH_FILE), row_hashes)
+    del row_hashes
     protos = sorted({p for a in added for p in a["roots"]["protocols"]})
     commons = [a["roots"]["common"] for a in added if a["roots"]["common"] is not None]
     common = _common_folder(commons)

@@ -29,9 +29,10 @@ from resnet_batch.search.build import (TUNE_K, BuildSource, IdMapWriter, add_par
                                       fold_folders, history_entry, image_roots, LOG, tune_index)
 from resnet_batch.search.changes import Changes, find_changes
 from resnet_batch.search.folder import UPDATE_PREFIX, Staging
-from resnet_batch.search.layout import (FORMATS, IDS_FILE, INDEX_FILE, LISTS_FILE, META_FILE, REFINE_FILE, REFINE_ROWS_FILE,
-                                       REFINE_SQ_FILE, RefineRows, generation_dir, layout_of, lists_into_memory,
-                                       map_rows, open_refine_rows, read_faiss_index)
+from resnet_batch.search.layout import (FORMATS, HASH_FILE, IDS_FILE, INDEX_FILE, LISTS_FILE, META_FILE,
+                                       REFINE_FILE, REFINE_ROWS_FILE, REFINE_SQ_FILE, RefineRows, generation_dir,
+                                       hashes_by_row, layout_of, lists_into_memory, map_rows, open_refine_rows,
+                                       read_faiss_index, write_id_lookup)
 from resnet_batch.search.spec import IndexOptions, decide
 from resnet_batch.storage import filesystem
 from resnet_batch.search.tuning import ExactTopK
@@ -172,7 +173,7 @@ def _rebuild(target: Target, reason: str) -> Outcome:
         refine = {"coder": f"{folder}/{REFINE_SQ_FILE}", "segments": [[f"{folder}/{REFINE_FILE}", meta["count"]]],
                   "rows": None}
         meta["layout"] = {"index": f"{folder}/{INDEX_FILE}", "ids": f"{folder}/{IDS_FILE}",
-                          "refine": refine if meta["spec"]["refine"] else None,
+                          "refine": refine if meta["spec"]["refine"] else None, "hash": f"{folder}/{HASH_FILE}",
                           **({"lists": f"{folder}/{LISTS_FILE}"} if os.path.exists(stage.path(LISTS_FILE)) else {})}
         meta["history"] = [*target.previous.get("history", []),
                            history_entry(meta, "rebuild", reason, meta["build_s"])]
@@ -207,6 +208,7 @@ def _update(target: Target, folder: str, ids: pa.Table, changes: Changes, reason
             raise SimilarityIndexError(f"the index at {out} holds {index.ntotal} vectors after the update, its "
                                        f"embeddings {changes.after}; rebuild it with --rebuild")
         new_ids = pa.ipc.open_file(pa.memory_map(stage.path(IDS_FILE))).read_all()
+        write_id_lookup(stage.path(HASH_FILE), _hashes_after(folder, layout, ids, changes, new_ids))
         notes, refine, codes, compacted = [], None, None, False
         if decoder is not None:
             refine, codes, compacted = _refine_rows_after(layout["refine"], folder, stage, generation, ids, changes,
@@ -222,7 +224,8 @@ def _update(target: Target, folder: str, ids: pa.Table, changes: Changes, reason
                 "options": target.options.as_dict(), "sources": list(target.uris), "parts": len(changes.parts),
                 "part_uris": [p.uri for p in changes.parts], "part_stamps": [p.stamp for p in changes.parts],
                 "image_roots": image_roots(target.uris, target.opts, found),
-                "layout": {"index": f"{folder_g}/{INDEX_FILE}", "ids": f"{folder_g}/{IDS_FILE}", "refine": refine},
+                "layout": {"index": f"{folder_g}/{INDEX_FILE}", "ids": f"{folder_g}/{IDS_FILE}", "refine": refine,
+                           "hash": f"{folder_g}/{HASH_FILE}"},
                 "updated_at": time.time(), "update_s": round(time.perf_counter() - t0, 3)}
         counts = {"added": changes.added_count, "removed": len(changes.removed), "kept": changes.kept}
         meta["history"] = [*previous.get("history", []),
@@ -230,6 +233,22 @@ def _update(target: Target, folder: str, ids: pa.Table, changes: Changes, reason
                                          **counts)]
         stage.publish_generation(meta, previous)
     return Outcome("updated", reason, meta, notes=tuple(notes), seconds=meta["update_s"], **counts)
+
+
+def _hashes_after(folder: str, layout: dict, ids: pa.Table, changes: Changes, new_ids: pa.Table) -> np.ndarray:
+    """The image_id hashes of the updated id map, in row order: the kept rows' from the previous lookup (numpy,
+    no Python object per row), the added rows' computed (they are few)."""
+    from resnet_batch.search.build import id_hashes
+
+    if layout.get("hash"):
+        keep = np.ones(len(ids), dtype=bool)
+        keep[changes.removed_rows] = False
+        kept = hashes_by_row(os.path.join(folder, layout["hash"]), len(ids))[keep]
+    else:  # an index from before the lookup file: every row once
+        kept = id_hashes(ids.column("image_id").to_pylist())[np.isin(np.arange(len(ids)), changes.removed_rows,
+                                                                     invert=True)]
+    added = new_ids.column("image_id").slice(len(kept)).to_pylist()
+    return np.concatenate([kept, id_hashes(added)])
 
 
 def _tuning_after(previous: dict, index, codes, decoder, ids: pa.Table, options: IndexOptions,
