@@ -11,7 +11,6 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from resnet_batch.architecture import MSRA_V1, TORCHVISION, build_resnet, layout_of
 from resnet_batch.errors import WeightsError
