@@ -50,18 +50,20 @@ def test_least_busy_first_and_none_when_all_are_full():
 
 
 def test_a_block_prefers_an_actor_on_the_node_that_decoded_it():
-    pool = _pool("a", "b", "c", calls_per_actor=4)
+    pool = _pool("a", "b", "c", calls_per_actor=3)
     a, b, c = pool.members
     for m, node in ((a, "n1"), (b, "n2"), (c, "n2")):
         m.info = {"node": node}
-    assert pool.free(node="n2") is b  # equally busy: the local one, even though a waited longest
+    assert pool.free(node="n2") is b  # a local one, even though a waited longest
     pool.submit(b, 0)
-    assert pool.free(node="n2") is c  # the other local one
+    assert pool.free(node="n2") is c  # of the local ones, the least busy
     pool.submit(c, 1)
     pool.submit(b, 2)
-    assert pool.free(node="n2") is c  # c: one call (local, counted as none) against a: none
-    pool.submit(c, 3)
-    assert pool.free(node="n2") is a  # both local ones two calls ahead: the block crosses the network
+    assert pool.free(node="n2") is c  # local with room beats an idle actor elsewhere
+    for k in range(3, 6):
+        pool.submit(pool.free(node="n2"), k)
+    assert (b.inflight, c.inflight, a.inflight) == (3, 3, 0)
+    assert pool.free(node="n2") is a  # every local one full: the block crosses the network
     assert pool.free(node="n9") is a and pool.free() is a  # no actor there, or no node known: least busy
 
 

@@ -105,10 +105,10 @@ class ModelPool:
 
     # -- dispatch --------------------------------------------------------------------------------
     def free(self, node: Optional[str] = None) -> Optional[Member]:
-        """The ready actor with the fewest calls in flight, counting one fewer for an actor on `node` (the node
-        that decoded the block: the block then never crosses the network, unless that actor is busier than
-        another by two calls or more); of those, a local one, then the one given a block longest ago, so that actors faster than
-        the reads still share the work; if it has room for one more. At the start the pool waits for its
+        """A ready actor with room for one more call: one on `node` (the node that decoded the block, so the
+        block never crosses the network) when one has room, as Ray Data's locality-aware actor pools do;
+        else, and among those, the one with the fewest calls in flight, then the one given a block longest
+        ago, so that actors faster than the reads still share the work. At the start the pool waits for its
         min_actors (up to MIN_ACTORS_WAIT_S after the first is up), so that the work of a run is shared by the
         actors it asked for rather than taken by whichever imported torch first."""
         if self.first_ready is None:
@@ -119,7 +119,7 @@ class ModelPool:
         self.waiting_for_min = False
         ready = [m for m in self.members if m.ready and m.inflight < self.calls_per_actor]
         local = lambda m: node is not None and m.info.get("node") == node  # noqa: E731
-        return min(ready, key=lambda m: (m.inflight - local(m), not local(m), m.last_sent)) if ready else None
+        return min(ready, key=lambda m: (not local(m), m.inflight, m.last_sent)) if ready else None
 
     def submit(self, member: Member, *args):
         member.inflight += 1
