@@ -629,10 +629,16 @@ def plan_sync(cfg: InputConfig, fmt: str, root: str, store: OutputStore, run: in
     """Tonight's sync plan, written under _sync/ (not committed): the number of partitions from the size of
     the manifest and of the inventory; one partition runs here without Ray, more run as Ray tasks
     (`start_ray` is called first)."""
+    from resnet_batch.output.state import load
+
     clear_work(store)
     pieces = manifest_pieces(store)
     manifest_rows = sum(n for _, n in pieces)
-    local = partitions_for(manifest_rows) == 1
+    # The manifest tells the size of the library once a run has completed; a first run that was killed may
+    # have listed a sliver of it, so its resume plans in Ray, whatever the manifest holds.
+    state = load(store)
+    listed_whole = state is not None and any(r.get("status") == "complete" for r in state.runs)
+    local = partitions_for(manifest_rows) == 1 and listed_whole
     sources, estimate = listing_sources(cfg, fmt, local, retry_window_s, listing)
     partitions = partitions_for(max(manifest_rows, estimate))
     if partitions > 1 or not local:
