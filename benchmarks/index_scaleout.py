@@ -36,7 +36,11 @@ REPO = Path(__file__).resolve().parent.parent
 K = 10
 
 
-def build(label: str, emb: Path, out: Path, extra: list[str], env: dict) -> dict:
+def build(label: str, emb: Path, out: Path, extra: list[str], env: dict, reuse: bool = False) -> dict:
+    if reuse and (out / "index.json").exists():  # figures of an earlier run: its own build_s, no process RSS
+        meta = json.loads((out / "index.json").read_text())
+        return {"label": label, "wall": meta["build_s"], "driver_rss": 0, "out": out, "meta": meta,
+                "task_rss": meta.get("scaled_out", {}).get("task_peak_rss", 0)}
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", PEAK, "index", "--embeddings", str(emb), "--out", str(out), *extra],
@@ -49,7 +53,8 @@ def build(label: str, emb: Path, out: Path, extra: list[str], env: dict) -> dict
     meta = json.loads((out / "index.json").read_text())
     tasks = meta.get("scaled_out", {}).get("task_peak_rss", 0)
     print(f"--- {label}\n{err.strip()}\n{done.stdout.strip()}", flush=True)
-    return {"label": label, "wall": wall, "driver_rss": int(peak.split()[-1]), "task_rss": tasks, "meta": meta}
+    return {"label": label, "wall": wall, "driver_rss": int(peak.split()[-1]), "task_rss": tasks, "meta": meta,
+            "out": out}
 
 
 # The command in this process, then its own peak RSS as the last line of stderr (RUSAGE_CHILDREN would mix runs).
@@ -74,6 +79,8 @@ def main() -> int:
     ap.add_argument("--part-rows", type=int, default=10_000)
     ap.add_argument("--cpus-per-node", type=int, default=1)
     ap.add_argument("--skip-single", action="store_true", help="leave out the single-process build")
+    ap.add_argument("--reuse", action="store_true",
+                    help="report the builds an earlier run left (their recorded build_s; peak RSS of the tasks only)")
     ap.add_argument("--work", default=str(REPO / "out" / "bench-scaleout"))
     args = ap.parse_args()
     work = Path(args.work) / str(args.n)
@@ -94,10 +101,13 @@ def main() -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     runs = []
     if not args.skip_single:
-        runs.append(build("single process", emb, work / "single", [], env))
+        runs.append(build("single process", emb, work / "single", [], env, args.reuse))
     from resnet_batch.dev.localcluster import LocalCluster
 
     for nodes in (1, 2):
+        if args.reuse and (work / f"ray{nodes}" / "index.json").exists():
+            runs.append(build(f"--ray on {nodes} node(s)", emb, work / f"ray{nodes}", [], env, True))
+            continue
         with tempfile.TemporaryDirectory(prefix="rb-", dir="/tmp") as root:
             cluster = LocalCluster(Path(root))
             try:
@@ -114,8 +124,7 @@ def main() -> int:
           f"{'recall@10 held-out':>18} {'bytes/vector':>12}")
     for r in runs:
         m = r["meta"]
-        out = work / ("single" if r["label"] == "single process" else f"ray{r['label'][12]}")
-        recall = held_out_recall(out, queries, truth)
+        recall = held_out_recall(r["out"], queries, truth)
         largest = max(r["driver_rss"], r["task_rss"])
         print(f"{r['label']:<20} {r['wall']:8.1f} {m['add_s']:7.1f} {m.get('merge_s', 0):8.1f} "
               f"{largest / 2**30:31.2f} {recall:18.4f} {sum(m['files'].values()) / m['count']:12.0f}", flush=True)
@@ -123,16 +132,18 @@ def main() -> int:
     if ray:
         m = ray[-1]["meta"]
         per_cpu = m["count"] / (m["add_s"] * m["scaled_out"]["cpus"])  # vectors a CPU-second while adding
-        merge_rate = m["files"]["lists.ivfdata"] / max(m["merge_s"], 1e-9)
+        merged = sum(m["files"][f] for f in ("lists.ivfdata", "ids.arrow", "refine.f16"))  # what the merge writes
+        merge_rate = merged / max(m["merge_s"], 1e-9)
+        per_vector = merged / m["count"]
         print(f"\nmeasured: add {per_cpu:,.0f} vectors a CPU-second (read + project + encode + id map + re-ranking "
-              f"codes, 2 nodes); merge {merge_rate / 2**20:.0f} MiB of lists a second (one process)")
+              f"codes, 2 nodes); merge {merge_rate / 2**20:.0f} MiB a second (lists, id maps and re-ranking rows "
+              f"written by one process: {per_vector:,.0f} bytes a vector)")
         for n in (100_000_000, 1_000_000_000):
-            lists = n * (m["spec"]["pca"] + 8)
             for cpus in (64, 256):
                 add_h = n / (per_cpu * cpus) / 3600
-                merge_h = lists / merge_rate / 3600
-                print(f"extrapolated to {n:,} on {cpus} CPUs: add {add_h:.1f} h + merge {merge_h:.1f} h (lists "
-                      f"{lists / 2**30:.0f} GiB), from the measured add and merge rates above")
+                merge_h = n * per_vector / merge_rate / 3600
+                print(f"extrapolated to {n:,} on {cpus} CPUs: add {add_h:.1f} h + merge {merge_h:.1f} h "
+                      f"({n * per_vector / 2**30:,.0f} GiB written), from the measured add and merge rates above")
     return 0
 
 
