@@ -69,6 +69,10 @@ def test_parquet_list_for_a_local_folder_and_its_errors(tmp_path):
     assert rows_estimate(inventory_files(str(inv), {}, str(root))) == 6
     with pytest.raises(InputError, match="inventory not found"):
         inventory_files(str(tmp_path / "missing.parquet"), {}, str(root))
+    # a hand-made CSV list with a header: keys and ETags that look like numbers stay text
+    (tmp_path / "list.csv").write_text(f"key,size,etag\n{root}/00123.jpg,5,0012\n{root}/b.jpg,6,\n")
+    assert _rows(inventory_listing(str(tmp_path / "list.csv"), {}, str(root))) == {
+        "00123.jpg": (5, None, b"0012"), "b.jpg": (6, None, None)}
     pq.write_table(pa.table({"name": ["a"]}), inv / "p2.parquet")
     with pytest.raises(InputError, match=r"p2.parquet: no key, size column \(it has \[.name.\]\)"):
         _rows(inventory_listing(str(inv), {}, str(root)))

@@ -75,10 +75,14 @@ class InventoryFile:
         else:
             import pyarrow.csv as pacsv
 
-            names = list(self.columns) or None
-            read = pacsv.ReadOptions(column_names=names, block_size=8 << 20)
-            # every column as text: keys that look like numbers stay keys; sizes are cast below
-            convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in (names or [])},
+            names = list(self.columns)
+            if not names:  # a header row: its names, so that every column can be read as text below
+                with fs.open(path, "rb", compression="infer") as f:
+                    header = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 20)).schema.names
+            read = pacsv.ReadOptions(column_names=names or None, block_size=8 << 20)
+            # every column as text: keys that look like numbers stay keys (and ETags keep leading zeros);
+            # sizes and times are converted below
+            convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in (names or header)},
                                            strings_can_be_null=True)
             with fs.open(path, "rb", compression="infer") as f:
                 reader = pacsv.open_csv(f, read_options=read, convert_options=convert)
