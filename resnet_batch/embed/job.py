@@ -45,6 +45,7 @@ class Job:
     driver_bytes: int = 0  # what the shards' records brought back to the driver
     actor_info: dict = field(default_factory=dict)  # every actor that came up: actor id -> node, pid, device
     read_stats: dict = field(default_factory=dict)  # peak read tasks in flight, share of blocks embedded on their node
+    recovered: list = field(default_factory=list)  # records the last current_ledger() read from parts the ledger lacked
 
     def ensure_ray(self) -> None:
         """Start (or join) Ray the first time the run needs it."""

@@ -21,6 +21,11 @@ def finish(job: Job, state: OutputState, run_no: int, expected: dict[int, int], 
     if job.ledger is not None:
         job.ledger.flush()
     ledger, parts = current_ledger(job)
+    if job.recovered:  # records a killed driver never logged, read from the parts: logged now
+        job.ensure_ledger(run_no)
+        for record in job.recovered:
+            job.ledger.add(record)
+        job.ledger.flush()
     done, by_shard = complete_shards(ledger)
     stale = [n for n, (s, _) in parts.items() if s not in expected]
     for n in stale:  # parts of shards the manifest no longer has (an interrupted sync's leftovers)
@@ -65,8 +70,9 @@ def current_ledger(job: Job) -> tuple[pa.Table, dict]:
     ledger = read_ledger(job.store)
     logged = set(pc.filter(ledger.column("part"), pc.not_equal(ledger.column("part"), "")).to_pylist())
     missing = sorted(n for n in parts if n not in logged)
+    job.recovered = recover(job.store, missing, job.provenance) if missing else []
     if missing:
-        ledger = read_ledger_with(ledger, recover(job.store, missing, job.provenance))
+        ledger = read_ledger_with(ledger, job.recovered)
     present = pc.or_(pc.equal(ledger.column("part"), ""), pc.is_in(ledger.column("part"),
                                                                      pa.array(list(parts), pa.string())))
     return ledger.filter(present), parts

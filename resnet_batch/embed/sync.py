@@ -4,13 +4,16 @@ Order matters and is kept: (1) copies (rows of moved or copied objects, written 
 that hold them), (2) drops (rows of deleted and changed objects leave their parts; a part left empty is
 deleted; a changed tar or Parquet file's parts go), (3) the manifest (new entries stored, dropped ones
 removed). The plan is stored under `_sync/` and committed in `_state.json` before step 1, so a run killed in
-the middle is rolled forward by the next one: every step can be done twice with the same result.
+the middle is rolled forward by the next one: every step can be done twice with the same result, in what
+it writes and in what it records (a step done again returns the records of the parts it finds already
+done, so the ledger and the parts agree after a kill at any point; docs/safety.md).
 """
 from __future__ import annotations
 
+import json
 import posixpath
 from collections import defaultdict
-from typing import Callable
+from typing import Callable, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,7 +23,7 @@ import ray
 from resnet_batch.embed.listing import from_raw, storable
 from resnet_batch.output.manifest import MANIFEST_SCHEMA, write_entries
 from resnet_batch.embed.plan import COPIES_SCHEMA, DROPS_SCHEMA, SyncPlan
-from resnet_batch.schema import STATUS_OK
+from resnet_batch.schema import PART_STATS_KEY, STATUS_OK
 from resnet_batch.storage import display_path
 from resnet_batch.output.store import (SYNC_DIR, OutputStore, PartSettings, encode_part, part_name, part_record,
                                  read_parquet, write_bytes)
@@ -55,8 +58,10 @@ def clear_plan(store: OutputStore) -> None:
 
 def apply(store: OutputStore, part: PartSettings, fmt: str, root: str, protocol: str, entries: pa.Table,
           drops: pa.Table, copies: pa.Table, parts: dict[str, tuple[int, int]],
-          records: dict[int, list[dict]], on_record: Callable[[dict], None]) -> dict:
-    """Carry out a stored plan. `parts`: the output's part files now; `records`: ledger records by shard.
+          records: dict[int, list[dict]], on_record: Callable[[dict], None],
+          flush: Callable[[], None] = lambda: None) -> dict:
+    """Carry out a stored plan. `parts`: the output's part files now; `records`: ledger records by shard;
+    `flush` stores the records handed to `on_record` (called after each step, before the next one starts).
     Returns counts: copied rows, dropped rows, parts rewritten / deleted."""
     out = {"copied": 0, "dropped": 0, "rewritten": 0, "deleted": 0}
     remote = ray.remote(num_cpus=COPY_CPUS, max_retries=2)
@@ -77,18 +82,20 @@ def apply(store: OutputStore, part: PartSettings, fmt: str, root: str, protocol:
             for r in recs:
                 on_record(r)
                 out["copied"] += r["rows"]
+        flush()
         pending = []
     # (2) drops, grouped by the shard they leave
     if len(drops):
         for shard, group in _groups(drops, "shard"):
             ids = sorted(storable(from_raw(p)) for p in group.column("path").to_pylist())
             pending.append(remote(_drop).remote(part, fmt, shard, ids, sorted(by_shard.get(shard, []))))
-        for recs, deleted in ray.get(pending):
+        for recs, rewritten, deleted in ray.get(pending):
             for r in recs:
                 on_record(r)
-                out["rewritten"] += 1
+            out["rewritten"] += rewritten
             out["deleted"] += deleted
         out["dropped"] = len(drops)
+        flush()
     # (3) the manifest (each piece that loses entries rewritten in its own task)
     from resnet_batch.embed.syncdiff import drop_manifest_entries
 
@@ -109,7 +116,11 @@ def _groups(table: pa.Table, column: str):
 
 def _copy(part: PartSettings, fmt: str, root: str, protocol: str, shard: int, items: list,
           sources: dict[int, list], meta: dict[int, dict]) -> list[dict]:
-    """Rows of earlier parts written again as this shard's part(s), under their new ids and paths."""
+    """Rows of earlier parts written again as this shard's part(s), under their new ids and paths.
+
+    A part this plan's copy already wrote (an earlier attempt, killed before its record reached the ledger)
+    is kept and its own record returned: its sources may be gone by now (the drops follow the copies), so
+    writing it again could only lose rows."""
     import os
     import time
 
@@ -117,6 +128,8 @@ def _copy(part: PartSettings, fmt: str, root: str, protocol: str, shard: int, it
 
     fs, out_root = part.fs()
     records = []
+    if fmt == "folder" and (done := _copied(fs, posixpath.join(out_root, part_name(shard)), part.run)) is not None:
+        return [done]
     if fmt == "folder":
         wanted: dict[int, dict[str, tuple[str, str]]] = defaultdict(dict)
         for new_rel, old_shard, old_rel in items:
@@ -155,6 +168,10 @@ def _copy(part: PartSettings, fmt: str, root: str, protocol: str, shard: int, it
                   "skipped": skipped, "decode_s": 0.0, "model_s": 0.0, "write_s": 0.0, "bytes": 0,
                   "node": _node_name(), "pid": os.getpid(), "device": "copy", "actor": "", "run": part.run,
                   "written_at": time.time()}
+        if table is not None and (done := _copied(fs, posixpath.join(out_root, part_name(shard, chunk)),
+                                                  part.run)) is not None:
+            records.append(done)
+            continue
         if table is not None:
             name = part_name(shard, chunk)
             ok = int(pc.sum(pc.equal(table.column("status"), STATUS_OK)).as_py() or 0)
@@ -166,35 +183,58 @@ def _copy(part: PartSettings, fmt: str, root: str, protocol: str, shard: int, it
     return records
 
 
-def _drop(part: PartSettings, fmt: str, shard: int, ids: list[str], sources: list) -> tuple[list[dict], int]:
+def _copied(fs, path: str, run: int) -> Optional[dict]:
+    """The record of a part that a copy of run `run` wrote at `path` (None when there is none such)."""
+    try:
+        record = part_record(fs, path)
+    except FileNotFoundError:
+        return None
+    if record and record.get("device") == "copy" and record.get("run") == run:
+        return record
+    return None
+
+
+def _drop(part: PartSettings, fmt: str, shard: int, ids: list[str], sources: list) -> tuple[list[dict], int, int]:
     """This shard's rows of deleted or changed objects leave its part(s): a folder part is rewritten without
-    them (deleted when nothing is left); a tar or Parquet shard's parts all go (the file is gone or new)."""
+    them (deleted when nothing is left); a tar or Parquet shard's parts all go (the file is gone or new).
+
+    Idempotent in what it records, not only in what it writes: every folder part that remains yields its
+    record, read from the part's own metadata when an earlier, killed attempt already rewrote it. A driver
+    killed after the rewrite but before the record reached the ledger is thus caught up by the next run
+    (the ledger and the parts agree again). Returns (records, parts rewritten now, parts deleted now)."""
+    import time
+
     fs, out_root = part.fs()
-    records, deleted = [], 0
+    records, rewritten, deleted = [], 0, 0
     for chunk, name in sources:
         path = posixpath.join(out_root, name)
         if fmt != "folder":
             _rm(fs, path)
             deleted += 1
             continue
-        t = read_parquet(fs, path)
+        try:
+            t = read_parquet(fs, path)
+        except FileNotFoundError:
+            continue  # an earlier attempt deleted it (nothing was left)
         keep = t.filter(pc.invert(pc.is_in(t.column("image_id"), pa.array(ids, pa.string()))))
         if len(keep) == len(t):
+            own = (t.schema.metadata or {}).get(PART_STATS_KEY)
+            if own:  # already without them: its own record, which the ledger may lack
+                records.append(json.loads(own))
             continue
         if not len(keep):
             _rm(fs, path)
             deleted += 1
             continue
-        record = dict(part_record(fs, path) or {})
+        record = json.loads((t.schema.metadata or {}).get(PART_STATS_KEY) or b"{}")
         ok = int(pc.sum(pc.equal(keep.column("status"), STATUS_OK)).as_py() or 0)
-        import time
-
         record.update(part=name, shard=shard, chunk=chunk, rows=len(keep), ok=ok, failed=len(keep) - ok,
                       run=part.run, written_at=time.time())
         data = encode_part(keep, part.schema, record, part.compression, record.get("node", ""), record.get("pid", 0))
         write_bytes(fs, path, data, part.retry_window_s)
         records.append(record)
-    return records, deleted
+        rewritten += 1
+    return records, rewritten, deleted
 
 
 def _rm(fs, path: str) -> None:

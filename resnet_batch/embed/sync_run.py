@@ -17,7 +17,7 @@ from resnet_batch.embed.plan import complete_shards, no_input, todo_shards
 from resnet_batch.embed.reconcile import current_ledger, finish
 from resnet_batch.errors import RunFailed
 from resnet_batch.output.state import OutputState, save
-from resnet_batch.output.store import read_parquet
+from resnet_batch.output.store import SYNC_DIR, read_parquet
 
 if TYPE_CHECKING:
     from resnet_batch.embed.scheduler import ShardQueue
@@ -33,6 +33,10 @@ def sync_run(job: Job, state: OutputState, listing, retry_failed: bool) -> dict:
     run_no = state.next_run()
     if state.pending:  # a sync that was committed but not finished: roll it forward first
         _apply(job, state, state.pending["run"])
+    else:  # a plan stored but never committed, or uncommitted but not yet cleared (a killed run)
+        for name in store.list_dir(SYNC_DIR):
+            if name:
+                store.remove(f"{SYNC_DIR}/{name}")
     ledger, parts = current_ledger(job)
     done, by_shard = complete_shards(ledger)
     t0 = time.perf_counter()
@@ -88,7 +92,7 @@ def _apply(job: Job, state: OutputState, plan_run: int) -> None:
     job.ensure_ledger(state.next_run() - 1 if state.runs else 1)
     counts = syncing.apply(job.store, job.part_settings(state, state.runs[-1]["run"] if state.runs else 1),
                            state.format, state.root, state.protocol, entries, drops, copies, parts, records,
-                           job.ledger.add)
+                           job.ledger.add, job.ledger.flush)
     job.ledger.flush()
     job.stats.copied += counts["copied"]
     job.stats.dropped += counts["dropped"]

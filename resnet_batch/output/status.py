@@ -39,8 +39,11 @@ def output_status(uri: str, storage_options: Optional[dict] = None) -> Optional[
     report = store.read_json(REPORT_FILE) if SUCCESS_FILE in names else store.read_json(INCOMPLETE_REPORT_FILE)
     counts = (report or {}).get("counts") or {**totals(present), "inputs": None}
     provenance = store.read_json(PROVENANCE_FILE) or {}
-    runs = (state.runs if state else [])
-    last = runs[-1] if runs else {}
+    runs = [dict(r) for r in (state.runs if state else [])]
+    last = dict(runs[-1]) if runs else {}
+    for r in runs[:-1] if live else runs:  # a run that no live lock backs was killed or lost
+        if r.get("status") == "running":
+            r["status"] = "interrupted"
     if SUCCESS_FILE in names and not live:
         verdict = "complete"
     elif live:

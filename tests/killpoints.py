@@ -1,0 +1,174 @@
+"""Test driver: an embed run that dies at one named commit point, the way a kill -9 does (tests only).
+
+Run as `python -m tests.killpoints SPEC_JSON`. The hooks live here, nowhere in the package: the driver
+leaves with os._exit (no exception, no clean-up, no atexit), or a Ray task of the run SIGKILLs the driver
+from outside once its own work is stored, so the task's result never reaches the driver. The run uses the
+stand-in embedder through the Python API and the Ray cluster named in the spec.
+
+Points of a sync (an existing output): `copy-task` (a copy task wrote its part, the driver dies before its
+record), `drop-rewrite` (a drop task rewrote its first part), `drop-task` (a drop task finished), `ledger`
+(the records of the copies and drops are stored, the manifest is not), `manifest` (the manifest is updated,
+the plan still committed), `state` (the plan is uncommitted, not yet cleared), `success` (the report is
+written, `_SUCCESS` is not). Of a first run: `first-manifest` (the first manifest piece is stored),
+`first-record` (the first part is written, its record never logged), `first-ledger` (the first ledger
+piece is stored), and `success`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+EXIT = 137  # what a shell reports for a SIGKILLed process
+
+
+def _die() -> None:
+    sys.stderr.flush()
+    os._exit(EXIT)
+
+
+def _killing_task(name: str, driver: int, after_write: bool):
+    """A stand-in for sync.<name> that runs the real one in the worker, then SIGKILLs the driver: after its
+    first part write (after_write), else once the task's work is done."""
+
+    def task(*args):
+        import os
+        import signal
+        import time
+
+        import resnet_batch.embed.sync as S
+
+        def kill():
+            try:
+                os.kill(driver, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            time.sleep(600)  # the result must never arrive
+
+        if after_write:
+            real = S.write_bytes
+
+            def write_then_kill(*a, **k):
+                real(*a, **k)
+                kill()
+
+            S.write_bytes = write_then_kill
+        out = getattr(S, name)(*args)
+        kill()
+        return out
+
+    task.__name__ = name
+    return task
+
+
+def install(point: str) -> None:
+    """Arm the hook of `point` in this driver."""
+    from resnet_batch.embed import sync, sync_run
+    from resnet_batch.output import ledger, manifest, store
+
+    driver = os.getpid()
+    if point == "copy-task":
+        sync._copy = _killing_task("_copy", driver, after_write=False)
+    elif point == "drop-rewrite":
+        sync._drop = _killing_task("_drop", driver, after_write=True)
+    elif point == "drop-task":
+        sync._drop = _killing_task("_drop", driver, after_write=False)
+    elif point == "ledger":
+        real_apply = sync.apply
+
+        def apply(store_, part, fmt, root, protocol, entries, drops, copies, parts, records, on_record, flush):
+            steps = [len(copies) > 0, len(drops) > 0]
+            last = sum(steps)
+            calls = []
+
+            def flush_then_die():
+                flush()
+                calls.append(1)
+                if len(calls) == last:
+                    _die()
+
+            return real_apply(store_, part, fmt, root, protocol, entries, drops, copies, parts, records, on_record,
+                              flush_then_die)
+
+        sync.apply = apply
+    elif point == "manifest":
+        real_write = sync.write_entries
+
+        def write_entries(*a):
+            real_write(*a)
+            _die()
+
+        sync.write_entries = write_entries
+    elif point == "state":
+        real_save = sync_run.save
+        seen = []
+
+        def save(store_, state):
+            real_save(store_, state)
+            if state.pending:
+                seen.append(1)
+            elif seen:
+                _die()
+
+        sync_run.save = save
+    elif point == "success":
+        real_json = store.OutputStore.write_json
+
+        def write_json(self, name, value):
+            if name == store.SUCCESS_FILE:
+                _die()
+            real_json(self, name, value)
+
+        store.OutputStore.write_json = write_json
+    elif point == "first-manifest":
+        real_flush = manifest.ManifestWriter.flush
+
+        def flush(self):
+            had = bool(self.shards)
+            real_flush(self)
+            if had:
+                _die()
+
+        manifest.ManifestWriter.flush = flush
+    elif point == "first-record":
+        def add(self, record):
+            _die()
+
+        ledger.LedgerWriter.add = add
+    elif point == "first-ledger":
+        real_lflush = ledger.LedgerWriter.flush
+
+        def lflush(self):
+            had = bool(self.buffer)
+            real_lflush(self)
+            if had:
+                _die()
+
+        ledger.LedgerWriter.flush = lflush
+    else:
+        raise SystemExit(f"unknown kill point {point!r}")
+
+
+def main(spec: dict) -> None:
+    import ray
+
+    from resnet_batch.embed.runner import run
+    from tests.conftest import job_config
+    from tests.standin import StandInEmbedder
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    ray.init(address=spec["ray"], log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": spec["pythonpath"]}})
+    opts = spec.get("storage_options") or {}
+    cfg = job_config(spec["input"], spec["output"], spec["checkpoint"],
+                     input={"images_per_shard": spec["per_shard"], "storage_options": opts},
+                     output={"storage_options": opts})
+    install(spec["point"])
+    run(cfg, embedder=StandInEmbedder)
+    print("the run ended without reaching its kill point", file=sys.stderr, flush=True)
+    os._exit(3)
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))
