@@ -60,6 +60,7 @@ def dispatch(job: Job, state: OutputState, run_no: int, queue: ShardQueue,
         job.stats.absorb(record)
 
     def on_tick() -> None:
+        job.lock_check()  # a lost lock stops the run here: no more work is handed out
         if planner is not None:
             job.progress.planned(planner.images if state.format == "folder" else None, planner.done.is_set())
         job.progress.update(job.stats, scheduler.waiting_blocks, pool.ready_count())
@@ -78,10 +79,12 @@ def dispatch(job: Job, state: OutputState, run_no: int, queue: ShardQueue,
         job.driver_bytes = scheduler.bytes_received
         job.read_stats = scheduler.reads.summary()
         job.pipeline_s = time.perf_counter() - t0
-        job.ledger.flush()
-        job.progress.close()
-        job.actor_info = dict(pool.seen)
-        pool.shutdown()
+        try:
+            job.ledger.flush()  # raises LockLost when the output is no longer this run's: the pool still stops
+        finally:
+            job.progress.close()
+            job.actor_info = dict(pool.seen)
+            pool.shutdown()
 
 
 def read_settings(job: Job, root: str, protocol: str, passthrough) -> ReadSettings:

@@ -32,6 +32,7 @@ class Job:
     progress: Progress
     embedder: Optional[Callable] = None
     start_ray: Callable[[], None] = lambda: None  # called once, from the main thread, when Ray is first needed
+    lock_check: Callable[[], None] = lambda: None  # raises LockLost once the output lock is no longer this run's
     stats: RunStats = field(default_factory=RunStats)
     sync: dict = field(default_factory=dict)
     failures: list = field(default_factory=list)

@@ -28,7 +28,7 @@ from resnet_batch.embed.sync_run import sync_run
 from resnet_batch.errors import OutputError, ProvenanceMismatch
 from resnet_batch.output.lock import OutputLock
 from resnet_batch.output.state import OutputState, load
-from resnet_batch.output.store import LEGACY_MANIFEST, PROVENANCE_FILE, OutputStore
+from resnet_batch.output.store import LEGACY_MANIFEST, LOCK_FILE, PROVENANCE_FILE, OutputStore
 from resnet_batch.provenance import build_provenance, differences
 from resnet_batch.storage import prepare as prepare_storage
 
@@ -73,7 +73,8 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
     if LEGACY_MANIFEST in names and not fresh:
         raise OutputError(f"{store.display()} was written by resnet-batch 0.1 (one _manifest.json); this version "
                           "keeps a Parquet manifest and a part ledger: rerun with --fresh, or use another output.uri")
-    with OutputLock(store, on_takeover=log.warning), ThreadPoolExecutor(1, thread_name_prefix="weights") as pool:
+    with OutputLock(store, on_takeover=log.warning, on_lost=log.error) as lock, \
+            ThreadPoolExecutor(1, thread_name_prefix="weights") as pool:
         marks: dict[str, float] = {}  # when each start-up step was done, seconds after the command began
 
         def timed(name, fn, *args):
@@ -83,7 +84,7 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
 
         resolving = pool.submit(timed, "weights", _resolve_weights, cfg)  # torch imports while Ray starts
         if fresh:
-            deleted = store.clear()
+            deleted = [n for n in store.clear() if n != LOCK_FILE]  # the lock is this run's own, kept
             if deleted:
                 log.info(f"--fresh: deleted {len(deleted)} files an earlier run wrote in {store.display()}")
         # Ray starts in this thread, never in a pool's: the processes it starts die with the thread that
@@ -95,7 +96,8 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
         spec = PreprocessSpec.from_weights(weights.transforms)
         provenance = build_provenance(cfg, weights, spec)
         job = Job(cfg=cfg, store=store, provenance=provenance, spec=spec, state_dict=state_dict, weights=weights,
-                  t_start=t_start, marks=marks, progress=progress, embedder=embedder, start_ray=start_ray)
+                  t_start=t_start, marks=marks, progress=progress, embedder=embedder, start_ray=start_ray,
+                  lock_check=lock.check)
         return _start(job, retry_failed)
 
 

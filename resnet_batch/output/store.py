@@ -8,7 +8,7 @@ import posixpath
 import re
 import socket
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -122,6 +122,9 @@ class OutputStore:
         self.storage_options = dict(storage_options)
         self.fs, self.root = filesystem(uri, self.storage_options)
         self.window = retry_window_s
+        # Called before every write or delete of the run's bookkeeping: the output lock sets it to its
+        # ensure() (raises LockLost when the lock is no longer this run's), so no commit point writes blind.
+        self.guard: Optional[Callable[[], None]] = None
 
     def path(self, name: str) -> str:
         return posixpath.join(self.root, name)
@@ -150,9 +153,13 @@ class OutputStore:
         self.write_bytes(name, json.dumps(value, indent=2, sort_keys=True).encode())
 
     def write_bytes(self, name: str, data: bytes) -> None:
+        if self.guard is not None:
+            self.guard()
         write_bytes(self.fs, self.path(name), data, self.window)
 
     def remove(self, name: str) -> None:
+        if self.guard is not None:
+            self.guard()
         def rm():
             try:
                 self.fs.rm(self.path(name))
