@@ -139,6 +139,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """The `resnet-batch` command. Called with argv (from Python) it returns the exit code; as the program
+    (no argv) it ends the process with it once everything is flushed (see _leave)."""
+    if argv is None:
+        try:
+            code = _main(None)
+        except SystemExit as stop:  # argparse: --help, --version, a usage error
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else EXIT_USAGE)
+        except KeyboardInterrupt:
+            code = 130
+        except BaseException:
+            traceback.print_exc()
+            code = EXIT_FAILED
+        _leave(code)
+    return _main(argv)
+
+
+def _leave(code: int) -> None:
+    """End the program with `code`, its output flushed and Ray stopped, without the interpreter's teardown.
+
+    The teardown frees objects while native threads of the libraries a command used (Arrow's pools, grpc's,
+    fsspec's IO loop) may still be finishing: a thread that then needs the GIL is ended inside C++ and the
+    process aborts (exit 134) after printing its answer. A command's promise is 0, 1 or 2, so once it has
+    answered nothing is left to tear down."""
+    import logging
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed pipe: nothing more can be said there
+    logging.shutdown()
+    os._exit(code)
+
+
+def _main(argv: Optional[list[str]]) -> int:
+    from resnet_batch.errors import honour_interrupts
+
+    honour_interrupts()
     args = build_parser().parse_args(argv)
     logs.setup(verbose=args.verbose, quiet=getattr(args, "quiet", False))
     callers = ray_connected()  # called from Python with Ray already up (a notebook, tests): it stays up

@@ -89,8 +89,17 @@ def write_bytes(fs, path: str, data: bytes, window_s: float) -> None:
 
 
 def read_parquet(fs, path: str, columns: Optional[list[str]] = None) -> pa.Table:
+    """A Parquet file read whole into memory that Arrow owns, then decoded.
+
+    Never a Python file object handed to Arrow: its reader keeps the object, and the last reference can be
+    dropped by one of Arrow's pool threads a moment after the read returned; that release needs the GIL, and
+    a thread asking for the GIL while the interpreter exits is ended inside C++ frames: `terminate called
+    without an active exception`, SIGABRT (seen as `status` exiting 134 under load)."""
     with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
+        data = f.read()
+    buf = pa.allocate_buffer(len(data))
+    memoryview(buf).cast("B")[:] = data
+    return pq.read_table(pa.BufferReader(buf), columns=columns)
 
 
 def part_record(fs, path: str, with_provenance: bool = False):
