@@ -144,7 +144,9 @@ def serve_main(args: argparse.Namespace) -> int:
     cfg = ServiceConfig(index=_index_uri(args), host=args.host, port=args.port, weights=args.weights,
                         storage_options=_storage_options(args.storage_options),
                         max_upload_bytes=parse_bytes(args.max_upload_bytes), max_k=args.max_k,
-                        threads=args.threads, embed=not args.no_upload, reload_s=args.reload_s)
+                        threads=args.threads, embed=not args.no_upload, reload_s=args.reload_s,
+                        max_uploads=args.max_uploads, max_embed_queue=args.max_embed_queue,
+                        read_timeout_s=args.read_timeout_s)
     if args.ray:
         from resnet_batch.search.serve_ray import RayServeConfig, run
 
@@ -245,6 +247,12 @@ def register(subparsers) -> None:
                    "for IMAGENET1K_KERAS also the package tarball")
     p.add_argument("--max-upload-bytes", default="20M", help="uploads above this are refused with 413 (default 20M)")
     p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for (default 100)")
+    p.add_argument("--max-uploads", type=int, default=8,
+                   help="uploads received at once; more get 503 with Retry-After (default 8)")
+    p.add_argument("--max-embed-queue", type=int, default=8,
+                   help="received uploads waiting for the model; more get 503 with Retry-After (default 8)")
+    p.add_argument("--read-timeout-s", type=float, default=30.0,
+                   help="an upload not received in this time gets 408 (default 30)")
     p.add_argument("--threads", type=int, default=4, help="searches and embeddings run at once (default 4)")
     p.add_argument("--no-upload", action="store_true", help="no model: answer id and vector queries only")
     p.add_argument("--reload-s", type=float, default=60.0,

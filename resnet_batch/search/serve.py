@@ -35,6 +35,7 @@ from resnet_batch.search.similar import Match, QueryEmbedder, similar_to_id, sim
 log = logging.getLogger(__name__)
 
 MAX_JSON_BYTES = 1 * 2**20  # a 2048-float vector as JSON is about 50 KiB
+HEAD_BYTES = 64 * 2**10  # an upload's format and size are judged from this much, before the rest is read
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,20 @@ class ServiceConfig:
     threads: int = 4
     embed: bool = True  # load the model for uploads
     reload_s: float = 60.0  # how often to look for a newer version of the index (0: never)
+    # Memory is bounded by (max_uploads + max_embed_queue) * max_upload_bytes: uploads being read at once, and
+    # uploads read and waiting for (or in) the model; past either a request gets 503 with Retry-After at once.
+    max_uploads: int = 8
+    max_embed_queue: int = 8
+    read_timeout_s: float = 30.0  # an upload not received in this time gets 408 (a slow or stalled client)
+    retry_after_s: int = 2
 
 
 class BadRequest(Exception):
     """A request the service refuses: HTTP status and reason."""
 
-    def __init__(self, status: int, reason: str):
+    def __init__(self, status: int, reason: str, headers: Optional[dict] = None):
         super().__init__(reason)
+        self.headers = headers or {}
         self.status = status
 
 
@@ -110,22 +118,37 @@ class Searcher:
             raise BadRequest(422, "vector must be finite and not all zero")
         return similar_to_vector(self.index, vector, k)
 
-    def embed(self, data: bytes) -> np.ndarray:
-        """The embedding of uploaded bytes; over the pixel cap: 413, not an image: 422."""
+    def check_header(self, head: bytes, complete: bool) -> bool:
+        """Judge an upload by its first bytes (`complete`: they are all of it): not an allowed image format 422,
+        over the pixel cap 413. Only the allowed formats' parsers are tried. True once judged; False when the
+        size is not in `head` yet (judged again with more)."""
         from PIL import Image
 
-        from resnet_batch.decode import DecodeError
+        from resnet_batch.decode import DEFAULT_FORMATS, sniff_format
 
         if self.embedder is None:
             raise BadRequest(503, "this service was started with --no-upload")
+        if sniff_format(head) not in DEFAULT_FORMATS:
+            raise BadRequest(422, "not an image (format not recognised)")
         try:
-            with Image.open(io.BytesIO(data)) as im:  # the header only: refuse a bomb before decoding
+            with Image.open(io.BytesIO(head), formats=list(DEFAULT_FORMATS)) as im:  # the header only
                 width, height = im.size
+        except Image.DecompressionBombError:
+            raise BadRequest(413, f"image is over the pixel cap of {self.max_pixels} the index records") from None
         except Exception:
+            if not complete:
+                return False  # the size lies further in (a long EXIF block, say)
             raise BadRequest(422, "not an image (format not recognised)") from None
         if width * height > self.max_pixels:
             raise BadRequest(413, f"image is {width}x{height} = {width * height} pixels, over the cap of "
                                   f"{self.max_pixels} the index records")
+        return True
+
+    def embed(self, data: bytes) -> np.ndarray:
+        """The embedding of uploaded bytes; over the pixel cap: 413, not an image: 422."""
+        from resnet_batch.decode import DecodeError
+
+        self.check_header(data, complete=True)
         try:
             return self.embedder.embed_bytes(data)
         except DecodeError as err:
@@ -187,19 +210,46 @@ def create_app(searcher: Searcher):
         k = k_of(request)
         return answer({"id": image_id}, k, await run(search_pool, searcher.by_id, image_id, k), t0)
 
+    busy = {"reading": 0, "embedding": 0}  # uploads being read; read and waiting for (or in) the model
+
+    def full(what: str, limit: int) -> BadRequest:
+        return BadRequest(503, f"busy: {limit} uploads are {what} already; retry in {cfg.retry_after_s} s",
+                          {"Retry-After": str(cfg.retry_after_s)})
+
     async def by_image(request):
         t0 = time.perf_counter()
         k = k_of(request)
-        data, name = await read_upload(request, cfg.max_upload_bytes)
-        vector = await run(embed_pool, searcher.embed, data)
-        return answer({"image": name, "bytes": len(data)}, k, await run(search_pool, searcher.by_vector, vector, k),
+        if searcher.embedder is None:
+            raise BadRequest(503, "this service was started with --no-upload")
+        if busy["reading"] >= cfg.max_uploads:  # refused before a byte of the body is read
+            raise full("being received", cfg.max_uploads)
+        if busy["embedding"] >= cfg.max_embed_queue:
+            raise full("waiting for the model", cfg.max_embed_queue)
+        busy["reading"] += 1
+        try:
+            data, name = await asyncio.wait_for(read_upload(request, cfg.max_upload_bytes, searcher.check_header),
+                                                cfg.read_timeout_s)
+        except asyncio.TimeoutError:
+            raise BadRequest(408, f"the upload did not arrive within {cfg.read_timeout_s:g} s") from None
+        finally:
+            busy["reading"] -= 1
+        if busy["embedding"] >= cfg.max_embed_queue:
+            raise full("waiting for the model", cfg.max_embed_queue)
+        busy["embedding"] += 1
+        try:
+            size = len(data)
+            vector = await run(embed_pool, searcher.embed, data)
+        finally:
+            busy["embedding"] -= 1
+            del data
+        return answer({"image": name, "bytes": size}, k, await run(search_pool, searcher.by_vector, vector, k),
                       t0)
 
     async def by_vector(request):
         t0 = time.perf_counter()
         try:
             body = json.loads(await read_capped(request.content, MAX_JSON_BYTES, request.content_length))
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
             raise BadRequest(400, 'the body must be JSON: {"vector": [...], "k": 10}') from None
         if not isinstance(body, dict) or not isinstance(body.get("vector"), list):
             raise BadRequest(400, 'the body must be JSON: {"vector": [...], "k": 10}')
@@ -218,7 +268,7 @@ def create_app(searcher: Searcher):
         try:
             return await handler(request)
         except BadRequest as err:
-            return web.json_response({"error": str(err)}, status=err.status)
+            return web.json_response({"error": str(err)}, status=err.status, headers=err.headers)
         except web.HTTPException as err:  # aiohttp's own: 404 route, 405 method, 413 body over client_max_size
             if err.status < 400:
                 raise
@@ -261,21 +311,27 @@ def create_app(searcher: Searcher):
     return app
 
 
-async def read_capped(stream, cap: int, declared: Optional[int]) -> bytes:
-    """A body of at most `cap` bytes: refused by its Content-Length up front, else while reading."""
+async def read_capped(stream, cap: int, declared: Optional[int], check_head=None) -> bytearray:
+    """A body of at most `cap` bytes: refused by its Content-Length up front, else while reading; held once (one
+    growing buffer, no list of chunks joined into a second copy). `check_head(head, complete)` judges the first
+    HEAD_BYTES (more, until it can) before the rest is read."""
     if declared is not None and declared > cap:
         raise BadRequest(413, f"upload of {declared} bytes is over the cap of {cap} bytes")
     read = getattr(stream, "read_chunk", None) or stream.read  # a multipart field, or the request body
-    chunks, total = [], 0
+    body = bytearray()
+    judged = check_head is None
     while chunk := await read(2**16):
-        total += len(chunk)
-        if total > cap:
+        if len(body) + len(chunk) > cap:
             raise BadRequest(413, f"upload is over the cap of {cap} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        body += chunk
+        if not judged and len(body) >= HEAD_BYTES:
+            judged = check_head(bytes(body[:4 * HEAD_BYTES]), False) or len(body) >= 4 * HEAD_BYTES
+    if not judged and body:
+        check_head(bytes(body), True)
+    return body
 
 
-async def read_upload(request, cap: int) -> tuple[bytes, Optional[str]]:
+async def read_upload(request, cap: int, check_head=None) -> tuple[bytearray, Optional[str]]:
     """The uploaded image: the multipart field "image" (a browser form) or the raw request body."""
     if request.content_length is not None and request.content_length > cap + 2**16:
         raise BadRequest(413, f"upload of {request.content_length} bytes is over the cap of {cap} bytes")
@@ -283,12 +339,12 @@ async def read_upload(request, cap: int) -> tuple[bytes, Optional[str]]:
         reader = await request.multipart()
         while (part := await reader.next()) is not None:
             if part.name == "image":
-                data = await read_capped(part, cap, None)
+                data = await read_capped(part, cap, None, check_head)
                 if not data:
                     raise BadRequest(400, "the image field is empty")
                 return data, part.filename
         raise BadRequest(400, 'no "image" field in the form')
-    data = await read_capped(request.content, cap, request.content_length)
+    data = await read_capped(request.content, cap, request.content_length, check_head)
     if not data:
         raise BadRequest(400, "no image: send it as the body or as the multipart field \"image\"")
     return data, None
