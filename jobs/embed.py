@@ -14,6 +14,9 @@ from resnet_batch import logs  # noqa: E402
 from resnet_batch.cluster import stop_ray  # noqa: E402
 
 if __name__ == "__main__":
+    from resnet_batch.errors import honour_interrupts
+
+    honour_interrupts()
     parser = argparse.ArgumentParser(description="resnet-batch embed job")
     add_embed_arguments(parser)
     args = parser.parse_args()

@@ -14,6 +14,9 @@ from resnet_batch.cluster import stop_ray  # noqa: E402
 from resnet_batch.search.cli import add_neighbors_arguments, neighbors_main  # noqa: E402
 
 if __name__ == "__main__":
+    from resnet_batch.errors import honour_interrupts
+
+    honour_interrupts()
     parser = argparse.ArgumentParser(description="resnet-batch neighbours job")
     add_neighbors_arguments(parser)
     parser.add_argument("--verbose", action="store_true", help="show details (debug lines) too")

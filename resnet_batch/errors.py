@@ -60,3 +60,15 @@ def one_line(err: BaseException) -> str:
     if inner:
         return inner[-1]
     return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+
+
+def honour_interrupts() -> None:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt in this process, whatever it inherited. A process started in
+    the background by a non-interactive shell (`make test &`, cron, nohup) inherits SIGINT *ignored*, and
+    Python then leaves it ignored: an interrupt at any moment (a job being submitted, say) was lost and the run
+    went on to exit 0. Commands that promise 130 on an interrupt call this first (main thread only)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -85,6 +85,9 @@ def _interrupt(signum, frame):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from resnet_batch.errors import honour_interrupts
+
+    honour_interrupts()  # started from a background shell, SIGINT would be ignored: Ctrl-C must stop the demo
     args = build_parser().parse_args(argv)
     working_dir = Path(args.working_dir).resolve()
     if not (working_dir / "jobs" / "embed.py").is_file():
