@@ -23,11 +23,22 @@ _SECRET_NAMES = ("sig", "pwd", "pw", "pass")
 
 # (lengths are bounded so that a long run of name characters costs linear time, not quadratic)
 _NAME = r"(?:[\w.-]{0,64}(?:" + "|".join(_SECRET_PARTS) + r")[\w.-]{0,64}|" + "|".join(_SECRET_NAMES) + ")"
+_USERINFO = r"[^\s@/:'\"]{1,256}:[^\s@'\"]{0,1024}@"  # user:password@, the password may hold "/" (AWS secrets do)
 _PATTERNS = (
-    # scheme://user:password@host -> scheme://***@host
+    # scheme://user:pass/word@host -> scheme://***@host
+    (re.compile(r"\b([a-z][a-z0-9+.-]{0,31}://)" + _USERINFO, re.IGNORECASE), r"\1" + MASK + "@"),
+    # scheme://user@host -> scheme://***@host
     (re.compile(r"\b([a-z][a-z0-9+.-]{0,31}://)[^/\s@'\"]+@", re.IGNORECASE), r"\1" + MASK + "@"),
+    # name%3Dvalue: a secret pair inside a percent-encoded URL (up to the next encoded or plain separator)
+    (re.compile(r"(?<![\w.-])(" + _NAME + r")%3D(?:%(?!26|3B)[0-9A-F]{2}|[^;&\s'\",%])*", re.IGNORECASE),
+     r"\1%3D" + MASK),
     # name=value with a secret name: query strings, connection strings, AWS4 Authorization headers
     (re.compile(r"(?<![\w.-])(" + _NAME + r")=[^;&\s'\",]*", re.IGNORECASE), r"\1=" + MASK),
+    # name = value, name: value (YAML, logs) when the value looks like a credential (a digit or a symbol in
+    # it, or 12 characters or more), so that prose ("ExpiredToken: the token has expired") stays as it is
+    (re.compile(r"(?<![\w.-])(" + _NAME + r")(\s{1,8}=\s{0,8}|=\s{1,8}|:[ \t]{1,8})"
+                r"(?!(?:Bearer|Basic|Digest|Negotiate|NTLM)\b)(?=[^;&\s'\",]{0,1024}[\d/+=_.-]|[^;&\s'\",]{12})"
+                r"[^;&\s'\",]+", re.IGNORECASE), r"\1\2" + MASK),
     # 'name': 'value' (a dict or JSON inside a message)
     (re.compile(r"(['\"])(" + _NAME + r")\1(\s*:\s*)(['\"]).*?(?<!\\)\4", re.IGNORECASE),
      r"\1\2\1\3\4" + MASK + r"\4"),
@@ -75,5 +86,7 @@ def safe_uri(uri: str) -> str:
 def _safe_one(uri: str) -> str:
     if "://" not in uri:
         return redact_text(uri)
+    # user:pass@ whose password holds "/" is not userinfo to urlsplit (the "/" starts its path): cut it first
+    uri = re.sub(r"^([a-z][a-z0-9+.-]{0,31}://)" + _USERINFO, r"\1", uri, flags=re.IGNORECASE)
     parts = urlsplit(uri)
     return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))

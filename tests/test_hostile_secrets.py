@@ -261,3 +261,14 @@ def test_an_endpoint_password_is_not_echoed_by_a_refused_run(tmp_path, photos, c
                           f"http://***@127.0.0.1:{s3_server.ports['s3']} ")
     assert _secrets_in((out + err).encode()) == []
     assert s3_server.filesystem().find("hostile-out/refused") == []
+
+
+def test_redaction_catches_slashes_in_url_credentials_spaced_pairs_and_percent_encoded_tokens():
+    from resnet_batch.redact import redact_text, safe_uri
+
+    assert safe_uri("s3://AKIAEXAMPLE:wJalr/XUtnFEMI+K7MDENG@bucket/p") == "s3://bucket/p"
+    assert redact_text("copy s3://AKIAEXAMPLE:wJalr/XUtnFEMI@bucket/p failed") == "copy s3://***@bucket/p failed"
+    assert redact_text("aws_secret_access_key: wJalr/XUtn") == "aws_secret_access_key: ***"
+    assert redact_text("password = hunter2; user = me") == "password = ***; user = me"
+    assert redact_text("https://h/p%3FX-Amz-Signature%3Dabc123%26a%3D1") == "https://h/p%3FX-Amz-Signature%3D***%26a%3D1"
+    assert redact_text("s3://bucket/a@b.jpg") == "s3://bucket/a@b.jpg"  # an @ in a path is not userinfo

@@ -37,9 +37,11 @@ def output_status(uri: str, storage_options: Optional[dict] = None) -> Optional[
     present = ledger.filter(pc.or_(pc.equal(ledger.column("part"), ""),
                                    pc.is_in(ledger.column("part"), pa.array(list(parts), pa.string()))))
     report = store.read_json(REPORT_FILE) if SUCCESS_FILE in names else store.read_json(INCOMPLETE_REPORT_FILE)
-    counts = (report or {}).get("counts") or {**totals(present), "inputs": None}
+    counts = report.get("counts") if isinstance(report, dict) else None
+    counts = counts if isinstance(counts, dict) else {**totals(present), "inputs": None}
     provenance = store.read_json(PROVENANCE_FILE) or {}
-    runs = [dict(r) for r in (state.runs if state else [])]
+    provenance = provenance if isinstance(provenance, dict) else {}
+    runs = [dict(r) for r in (state.runs if state and isinstance(state.runs, list) else []) if isinstance(r, dict)]
     last = dict(runs[-1]) if runs else {}
     for r in runs[:-1] if live else runs:  # a run that no live lock backs was killed or lost
         if r.get("status") == "running":
@@ -68,36 +70,59 @@ def output_status(uri: str, storage_options: Optional[dict] = None) -> Optional[
     }
 
 
+def _t(value) -> str:
+    """A field read from the output's own files (which anyone could have written), safe to print: any type,
+    terminal controls escaped."""
+    return printable("" if value is None else str(value))
+
+
+def _n(value, spec: str = ",") -> str:
+    """A count or a figure; a field of another type is shown as text, not a traceback."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, spec)
+    return _t(value if value is not None else 0)
+
+
+def _when(value) -> str:
+    try:
+        return time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(value)))
+    except (TypeError, ValueError, OverflowError, OSError):
+        return _t(value)
+
+
 def format_status(s: dict) -> str:
-    """The status as a few lines for a person."""
-    lines = [f"{s['output']}: {s['status']}"]
+    """The status as a few lines for a person (every field from the output's files through printable())."""
+    lines = [f"{_t(s['output'])}: {s['status']}"]
     if s["held_by"]:
         h = s["held_by"]
-        lines.append(f"  a run holds it now: pid {h['pid']} on {h['host']}, started "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(h['started']))}")
+        lines.append(f"  a run holds it now: pid {_t(h.get('pid'))} on {_t(h.get('host'))}, started "
+                     f"{_when(h.get('started'))}")
     elif not s["last_run_finished"]:
         lines.append("  the last run did not finish (killed or lost); rerun the same command to finish it")
     c = s["counts"]
-    inputs = f" (of {c['inputs']:,} inputs)" if c.get("inputs") is not None else ""
-    lines.append(f"  images: {c['ok'] or 0:,} ok, {c['failed'] or 0:,} failed, {c['skipped'] or 0:,} skipped{inputs}; "
-                 f"{s['parts']:,} parts")
+    inputs = f" (of {_n(c['inputs'])} inputs)" if c.get("inputs") is not None else ""
+    lines.append(f"  images: {_n(c['ok'] or 0)} ok, {_n(c['failed'] or 0)} failed, {_n(c['skipped'] or 0)} skipped"
+                 f"{inputs}; {_n(s['parts'])} parts")
     if s["input"]:
         m = s["model"]
-        lines.append(f"  input: {s['input']} ({s['format']}); weights {m['weights_id']}, {m['precision']}")
-    if s["runs"]:
+        lines.append(f"  input: {_t(s['input'])} ({_t(s['format'])}); weights {_t(m['weights_id'])}, "
+                     f"{_t(m['precision'])}")
+    runs = [r for r in s["runs"] if isinstance(r, dict)] if isinstance(s["runs"], list) else []
+    if runs:
         lines.append("  runs:")
-        for r in s["runs"][-10:]:
-            speed = f", {r['img_per_s']:,.1f} img/s" if r.get("img_per_s") else ""
-            wall = f" in {r['wall_s']:.0f}s" if r.get("wall_s") is not None else ""
-            lines.append(f"    #{r['run']} {r.get('started', '?')} {r.get('status', '?')}: "
-                         f"{r.get('embedded', 0):,} embedded, {r.get('reused', 0):,} reused, "
-                         f"{r.get('removed', 0):,} removed{wall}{speed}; {r.get('weights_id')} {r.get('precision')}")
+        for r in runs[-10:]:
+            speed = f", {_n(r['img_per_s'], ',.1f')} img/s" if r.get("img_per_s") else ""
+            wall = f" in {_n(r['wall_s'], '.0f')}s" if r.get("wall_s") is not None else ""
+            lines.append(f"    #{_t(r.get('run'))} {_t(r.get('started', '?'))} {_t(r.get('status', '?'))}: "
+                         f"{_n(r.get('embedded', 0))} embedded, {_n(r.get('reused', 0))} reused, "
+                         f"{_n(r.get('removed', 0))} removed{wall}{speed}; {_t(r.get('weights_id'))} "
+                         f"{_t(r.get('precision'))}")
     if s["failures"]:
         lines.append("  failures:")
         for g in s["failures"][:5]:
             ids = ", ".join(printable(i) for i in g["examples"])
-            lines.append(f"    {g['count']:,} × {g['status']}: {printable(g['reason'] or '')[:100]} (e.g. {ids})")
-        lines.append(f"  all of them: resnet-batch status {s['output']} --failed")
+            lines.append(f"    {_n(g['count'])} × {_t(g['status'])}: {printable(g['reason'] or '')[:100]} (e.g. {ids})")
+        lines.append(f"  all of them: resnet-batch status {_t(s['output'])} --failed")
     return "\n".join(lines)
 
 

@@ -180,10 +180,15 @@ def render_html(entries: list, meta: dict, title: str = "resnet-batch: similar i
         '<button type="submit">search</button></form>')
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_CSS}</style></head><body><header><h1>{html.escape(title)}</h1>"
-            f"<p>{meta['count']} images, {html.escape(meta['kind'])} index ({html.escape(meta['factory'])}), "
-            f"cosine similarity; model {html.escape(prov['model'])}, weights {html.escape(prov['weights_id'])}, "
-            f"{html.escape(prov['precision'])}.</p><p>Left: a sampled image with its top-1 label. Right: its nearest "
+            f"<p>{_text(meta.get('count'))} images, {_text(meta.get('kind'))} index ({_text(meta.get('factory'))}), "
+            f"cosine similarity; model {_text(prov.get('model'))}, weights {_text(prov.get('weights_id'))}, "
+            f"{_text(prov.get('precision'))}.</p><p>Left: a sampled image with its top-1 label. Right: its nearest "
             f"images, best first, with scores.</p>{form}</header>\n" + "\n".join(rows) + "\n</body></html>\n")
+
+
+def _text(value) -> str:
+    """Any field of the index's own JSON, escaped for HTML whatever its type (index.json is data, not markup)."""
+    return html.escape(str(value))
 
 
 def write_gallery(index: SimilarityIndex, out: str, *, storage_options: Optional[dict] = None,
