@@ -138,6 +138,7 @@ class OutputLock:
         self._version: Optional[str] = None  # what our last write left there (S3: its ETag)
         self._beat_ok = time.monotonic()  # when our last heartbeat was stored
         self.lost: Optional[str] = None  # why the lock is no longer ours
+        self._made_root = False
         self._mutex = threading.Lock()  # the heartbeat and ensure() do not write at once
 
     def __enter__(self) -> "OutputLock":
@@ -219,7 +220,9 @@ class OutputLock:
         path = self.store.path(LOCK_FILE)
         body = self._body()
         if self.store.is_local():
-            os.makedirs(self.store.root, exist_ok=True)
+            if not os.path.isdir(self.store.root):
+                os.makedirs(self.store.root, exist_ok=True)
+                self._made_root = True  # removed again on release if nothing else was written there
             tmp = self._temp(body)
             try:
                 os.link(tmp, path)  # fails when the name exists; readers never see a partial lock
@@ -369,6 +372,8 @@ class OutputLock:
             current, version = self._read()
             if current is not None and current.token == self.holder.token:
                 self._replace(version, self.holder.token, body=b"")
+            if self._made_root:
+                os.rmdir(self.store.root)  # fails (and stays) unless the run left nothing there
         except Exception:
             pass  # a lock left behind goes stale; the next run says so and takes it over
 

@@ -82,17 +82,18 @@ def index_embeddings(uris: Sequence[str], out: str, given: Optional[dict] = None
     from resnet_batch.output.store import OutputStore
 
     opts = dict(storage_options or {})
-    if existing_meta(out, opts) is None:
-        if scale is not None:
-            from resnet_batch.search.scaleout import build_index_ray
-
-            meta = build_index_ray(uris, out, IndexOptions.given(**(given or {})), scale, storage_options=opts,
-                                   log=log)
-        else:
-            meta = build_index(uris, out, storage_options=opts, log=log,
-                               **IndexOptions.given(**(given or {})).as_dict())
-        return Outcome("built", "new index", meta)
+    # Under the folder's lock from the start: two first builds racing into one new folder would publish a mix.
     with OutputLock(OutputStore(out, opts), on_takeover=log):
+        if existing_meta(out, opts) is None:
+            if scale is not None:
+                from resnet_batch.search.scaleout import build_index_ray
+
+                meta = build_index_ray(uris, out, IndexOptions.given(**(given or {})), scale, storage_options=opts,
+                                       log=log)
+            else:
+                meta = build_index(uris, out, storage_options=opts, log=log,
+                                   **IndexOptions.given(**(given or {})).as_dict())
+            return Outcome("built", "new index", meta)
         previous = read_meta(out, opts)  # again, under the lock
         options = IndexOptions.given(previous.get("options"), **(given or {}))
         options.check()
