@@ -150,7 +150,47 @@ def install(point: str) -> None:
         raise SystemExit(f"unknown kill point {point!r}")
 
 
+def install_index(point: str) -> None:
+    """Arm the hook of an `index` update's commit point: `staged` (the new generation staged, not moved),
+    `generation` (the generation folder in place, index.json not switched), `switched` (index.json switched,
+    unused files not removed), `cleaned` (unused files removed, the lock not released)."""
+    from resnet_batch.search import folder
+
+    if point == "staged":
+        def publish_generation(self, meta, previous):
+            _die()
+
+        folder.Staging.publish_generation = publish_generation
+    elif point == "generation":
+        real_put = folder.put_bytes
+
+        def put_bytes(fs, path, data, *a, **k):
+            if path.endswith("/" + folder.META_FILE):
+                _die()
+            return real_put(fs, path, data, *a, **k)
+
+        folder.put_bytes = put_bytes
+    elif point in ("switched", "cleaned"):
+        real_remove = folder.remove_unused
+
+        def remove_unused(*a, **k):
+            if point == "cleaned":
+                real_remove(*a, **k)
+            _die()
+
+        folder.remove_unused = remove_unused
+    else:
+        raise SystemExit(f"unknown index kill point {point!r}")
+
+
 def main(spec: dict) -> None:
+    if spec.get("index"):  # an `index` update over spec["embeddings"] into spec["index"]
+        from resnet_batch.cli import main as cli
+
+        install_index(spec["point"])
+        cli(["index", "--embeddings", spec["embeddings"], "--out", spec["index"]])
+        print("the update ended without reaching its kill point", file=sys.stderr, flush=True)
+        os._exit(3)
     import ray
 
     from resnet_batch.embed.runner import run

@@ -1,0 +1,54 @@
+"""An `index` update killed at each of its commit points (os._exit from a test-only hook): the index in the
+folder stays the one before or the one after, and one rerun brings it to exactly the current embeddings."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from resnet_batch.cli import main
+from resnet_batch.search.index import SimilarityIndex, UnknownImageId
+from tests.conftest import REPO
+from tests.search_helpers import clustered_vectors, write_part
+
+POINTS = ["staged", "generation", "switched", "cleaned"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("idxkill")
+    emb = root / "emb"
+    for p in range(4):
+        write_part(emb / f"part-{p:06d}.parquet", [f"img-{p}-{i:03d}" for i in range(100)],
+                   clustered_vectors(100, seed=p))
+    idx = root / "idx"
+    assert main(["index", "--embeddings", str(emb), "--out", str(idx)]) == 0
+    assert main(["index", "--embeddings", str(emb), "--out", str(idx), "--rebuild"]) == 0  # a generation layout
+    return root, emb, idx
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_an_index_update_killed_at_each_commit_point_converges_on_one_rerun(built, tmp_path, point):
+    root, emb0, idx0 = built
+    emb, idx = tmp_path / "emb", tmp_path / "idx"
+    shutil.copytree(emb0, emb)
+    shutil.copytree(idx0, idx)
+    (emb / "part-000001.parquet").unlink()  # 100 rows leave
+    write_part(emb / "part-000009.parquet", [f"new-{i:03d}" for i in range(50)], clustered_vectors(50, seed=9))
+    spec = {"index": str(idx), "embeddings": str(emb), "point": point}
+    proc = subprocess.run([sys.executable, "-m", "tests.killpoints", json.dumps(spec)], capture_output=True,
+                          text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 137, proc.stdout + proc.stderr
+    before = SimilarityIndex.open(str(idx))  # readers see a whole index, the old one or the new one
+    assert len(before) in (400, 350)
+    assert main(["index", "--embeddings", str(emb), "--out", str(idx)]) == 0
+    after = SimilarityIndex.open(str(idx))
+    assert len(after) == 350
+    assert after.faiss_id("new-000") is not None
+    with pytest.raises(UnknownImageId):
+        after.faiss_id("img-1-000")
+    assert not (idx / "_lock").exists()
