@@ -30,3 +30,22 @@ def test_status_of_a_crafted_output_prints_no_escapes_and_no_traceback(tmp_path)
         assert "Traceback" not in res.stderr, res.stderr
         assert "\x1b" not in res.stdout and "\x07" not in res.stdout, repr(res.stdout)
     assert res.returncode == 1
+
+
+def test_fresh_deletes_only_the_names_this_job_writes_in_its_folders(tmp_path):
+    from resnet_batch.output.lock import OutputLock
+    from resnet_batch.output.store import OutputStore
+
+    out = tmp_path / "out"
+    for d, ours in (("_manifest", "m-000000-000003.parquet"), ("_ledger", "l-0001-000000.parquet"),
+                    ("_sync", "drops-0002-00001.parquet")):
+        (out / d).mkdir(parents=True)
+        (out / d / ours).write_bytes(b"x")
+        (out / d / "notes.txt").write_text("someone else's")
+    (out / "_state.json").write_text("{}")
+    store = OutputStore(str(out), {})
+    with OutputLock(store):
+        deleted = store.clear()
+    assert "_lock" in deleted and "_state.json" in deleted
+    for d in ("_manifest", "_ledger", "_sync"):
+        assert [p.name for p in (out / d).iterdir()] == ["notes.txt"]

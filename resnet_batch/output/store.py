@@ -32,6 +32,10 @@ LEGACY_MANIFEST = "_manifest.json"  # the layout before 0.2 (one JSON plan); ref
 OUR_FILES = (PROVENANCE_FILE, STATE_FILE, REPORT_FILE, INCOMPLETE_REPORT_FILE, SUCCESS_FILE, LOCK_FILE)
 OUR_DIRS = (MANIFEST_DIR, LEDGER_DIR, SYNC_DIR)
 PART_RE = re.compile(r"^part-(\d{6,})(?:-(\d{4,}))?\.parquet$")
+# the names this job writes in its sub-folders: manifest pieces, ledger pieces, sync plans (what --fresh deletes)
+OUR_PIECES = {MANIFEST_DIR: re.compile(r"^m-\d{6,}-\d{6,}\.parquet$"),
+              LEDGER_DIR: re.compile(r"^l-\d{4,}-(?:\d{6,}|compact)\.parquet$"),
+              SYNC_DIR: re.compile(r"^(?:entries|drops|copies)-\d{4,}(?:-[\w.-]+)?\.parquet$")}
 # put_bytes' temporary names for our own files only: ".NAME.tmp-xxxxxxxx"
 TEMP_RE = re.compile(r"^\.(part-\d{6,}(?:-\d{4,})?\.parquet|_[A-Za-z_.]+|[ml]-[\d-]+\.parquet)\.tmp-[0-9a-f]{8}$")
 
@@ -227,7 +231,8 @@ class OutputStore:
         for d in OUR_DIRS:
             if d in names:
                 for n in self.list_dir(d):
-                    self.remove(f"{d}/{n}")
+                    if n and (OUR_PIECES[d].match(n) or TEMP_RE.match(n)):  # only names this job writes there
+                        self.remove(f"{d}/{n}")
                 self._rmdir(d)
         return ours
 
