@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from resnet_batch.redact import safe_uri
 from resnet_batch.config import redact_options
 from resnet_batch.search.embeddings import list_parts, read_ok_rows
 from resnet_batch.errors import ConfigError, OutputError, ProvenanceMismatch, RunFailed
@@ -365,9 +366,9 @@ def run_neighbors(cfg: NeighborsConfig, progress: bool = True) -> dict:
     check_out(cfg.out, [("embeddings", s) for s in sources] + [("index", cfg.index)], cfg.storage_options)
     nprobe = cfg.nprobe or meta.get("nprobe")
     if progress:
-        log.info(f"neighbours: {len(items)} parts against {meta['factory']} index {cfg.index} ({meta['count']} "
+        log.info(f"neighbours: {len(items)} parts against {meta['factory']} index {safe_uri(cfg.index)} ({meta['count']} "
                  f"images{f', nprobe={nprobe}' if nprobe else ''}), k={cfg.k}")
-    about = {"k": cfg.k, "index": cfg.index, "index_kind": meta["kind"], "index_count": meta["count"],
+    about = {"k": cfg.k, "index": safe_uri(cfg.index), "index_kind": meta["kind"], "index_count": meta["count"],
              "nprobe": nprobe}
     prepare_output(cfg.out, cfg.storage_options, about)
     schema = with_provenance(NEIGHBORS_SCHEMA, provenance)
@@ -428,7 +429,7 @@ def run_neighbors(cfg: NeighborsConfig, progress: bool = True) -> dict:
         "cpu_ms_per_query": round(1000 * sum(float(s["cpu_s"]) for s in stats) / max(images, 1), 4),
         "groups_s": round(time.perf_counter() - t_groups, 3),
         "wall_s": round(time.perf_counter() - t0, 3),
-        "outputs": {str(s["out"]): str(s["source"]) for s in sorted(stats, key=lambda s: str(s["out"]))},
+        "outputs": {str(s["out"]): safe_uri(str(s["source"])) for s in sorted(stats, key=lambda s: str(s["out"]))},
     }
     put_bytes(fs, posixpath.join(root, REPORT_FILE), json.dumps(report, indent=2, sort_keys=True).encode())
     return report
