@@ -103,6 +103,15 @@ IN_FLIGHT_COLUMNS = {
 # Status values CONTROL_END and CONTROL_FAILURE mark rows that are not images (see above).
 PASSTHROUGH_PREFIX = "pt:"  # pass-through columns travel as "pt:<name>", so no input column can clash
 
+# One page of the listing: path relative to the root (raw bytes), size, and the version of the object:
+# mtime in ns on file systems, the ETag on object stores.
+ENTRY_SCHEMA = pa.schema([
+    pa.field("path", pa.binary(), nullable=False),
+    pa.field("size", pa.int64()),
+    pa.field("mtime_ns", pa.int64()),
+    pa.field("etag", pa.binary()),
+])
+
 # One record per part written, from the actor that wrote it to the driver (and the part ledger).
 PART_RECORD_SCHEMA = pa.schema([
     pa.field("part", pa.string(), nullable=False),  # file name, e.g. part-000012.parquet

@@ -14,7 +14,6 @@ import os
 import posixpath
 import sys
 import time
-import uuid
 from typing import Callable, Optional
 
 import fsspec
@@ -115,22 +114,6 @@ def list_folder(fs, root: str) -> list[str]:
         return fs.ls(root, detail=False)
     except FileNotFoundError:
         return []
-
-
-def put_bytes(fs, path: str, data: bytes) -> None:
-    """Write a file so that readers never see it half-written: locally a hidden temp file (`.NAME.tmp-*`),
-    fsynced, then renamed; on object stores one PUT, which publishes the object only when it completes."""
-    if "file" not in protocols(fs):
-        fs.pipe_file(path, data)
-        return
-    folder, name = os.path.split(path)
-    os.makedirs(folder or ".", exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def endpoint_of(fs) -> str:

@@ -7,7 +7,8 @@ from resnet_batch.config import InputConfig
 from resnet_batch.embed.listing import ENTRY_SCHEMA, ShardCutter
 from resnet_batch.output.manifest import MANIFEST_SCHEMA
 from resnet_batch.embed.plan import complete_shards, diff, expected_counts, pending_entries, todo_shards
-from resnet_batch.embed.report import RunStats, failure_groups, reason_key, stages
+from resnet_batch.embed.report import RunStats, stages
+from resnet_batch.output.failures import failure_groups, reason_key
 from resnet_batch.embed.attempts import _ShardRun
 from resnet_batch.schema import PART_RECORD_SCHEMA
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 from resnet_batch.config import InputConfig
 from resnet_batch.errors import InputError  # noqa: F401 (re-exported)
 from resnet_batch.retry import is_transient, retrying
+from resnet_batch.schema import ENTRY_SCHEMA  # noqa: F401 (the listing's pages)
 from resnet_batch.storage import S3_PROTOCOLS, display_path, endpoint_of, explain, filesystem, is_s3, protocols
 
 PAGE = 1000  # entries per page from the local and generic walkers (S3 pages are the store's own)
@@ -28,14 +29,6 @@ S3_CONCURRENCY = 32  # prefixes listed at once
 DETECT_ENTRIES = 1000  # input.format=auto decides after this many entries (or at the end)
 SKIPPED_EXAMPLES = 1000
 
-# One page of the listing: path relative to the root (raw bytes), size, and the version of the object:
-# mtime in ns on file systems, the ETag on object stores.
-ENTRY_SCHEMA = pa.schema([
-    pa.field("path", pa.binary(), nullable=False),
-    pa.field("size", pa.int64()),
-    pa.field("mtime_ns", pa.int64()),
-    pa.field("etag", pa.binary()),
-])
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from resnet_batch.embed.listing import ENTRY_SCHEMA, Shard
 from resnet_batch.output.store import MANIFEST_DIR, OutputStore, read_parquet
+from resnet_batch.schema import ENTRY_SCHEMA
 
 MANIFEST_SCHEMA = pa.schema(list(ENTRY_SCHEMA) + [pa.field("shard", pa.int64(), nullable=False)])
 PIECE_ENTRIES = 100_000  # entries per piece at most

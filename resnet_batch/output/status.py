@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from resnet_batch.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from resnet_batch.output.ledger import read_ledger, totals
 from resnet_batch.output.lock import STALE_S, OutputLock, alive_here
-from resnet_batch.embed.report import read_failures
+from resnet_batch.output.failures import read_failures
 from resnet_batch.output.state import load
 from resnet_batch.text import printable
 from resnet_batch.output.store import (INCOMPLETE_REPORT_FILE, PROVENANCE_FILE, REPORT_FILE, SUCCESS_FILE, OutputStore,

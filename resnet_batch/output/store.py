@@ -7,6 +7,7 @@ import os
 import posixpath
 import re
 import socket
+import uuid
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 from resnet_batch.errors import OutputError  # noqa: F401 (re-exported)
 from resnet_batch.retry import retrying
 from resnet_batch.schema import PART_STATS_KEY, PROVENANCE_KEY, STATUS_OK, WRITER_KEY
-from resnet_batch.storage import display_path, filesystem, list_folder, protocols, put_bytes
+from resnet_batch.storage import display_path, filesystem, list_folder, protocols
 
 PROVENANCE_FILE = "_provenance.json"
 STATE_FILE = "_state.json"
@@ -85,6 +86,22 @@ def encode_part(table: pa.Table, schema: pa.Schema, record: dict, compression: O
     pq.write_table(table.replace_schema_metadata(meta), sink, compression=compression,
                    row_group_size=max(len(table), 1))
     return sink.getvalue().to_pybytes()
+
+
+def put_bytes(fs, path: str, data: bytes) -> None:
+    """Write a file so that readers never see it half-written: locally a hidden temp file (`.NAME.tmp-*`),
+    fsynced, then renamed; on object stores one PUT, which publishes the object only when it completes."""
+    if "file" not in protocols(fs):
+        fs.pipe_file(path, data)
+        return
+    folder, name = os.path.split(path)
+    os.makedirs(folder or ".", exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def write_bytes(fs, path: str, data: bytes, window_s: float) -> None:

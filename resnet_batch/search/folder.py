@@ -16,7 +16,8 @@ import tempfile
 
 from resnet_batch.search.layout import (DATA_FILES, FORMAT_LAYOUT, HASH_FILE, LISTS_FILE, META_FILE, REFINE_FILE, REFINE_SQ_FILE,
                                        generation_dir, generation_of)
-from resnet_batch.storage import filesystem, list_folder, protocols, put_bytes
+from resnet_batch.output.store import put_bytes
+from resnet_batch.storage import filesystem, list_folder, protocols
 
 UPDATE_PREFIX = ".update-"  # staging folders of updates and rebuilds in place (local)
 

@@ -20,7 +20,8 @@ from resnet_batch.errors import SimilarityIndexError
 from resnet_batch.search.index import SimilarityIndex
 from resnet_batch.search.neighbors import read_neighbors
 from resnet_batch.search.similar import similar_to_id
-from resnet_batch.storage import filesystem, put_bytes
+from resnet_batch.output.store import put_bytes
+from resnet_batch.storage import filesystem
 
 MAX_IMAGE_BYTES = 50 * 2**20  # a thumbnail's source is refused above this many bytes
 

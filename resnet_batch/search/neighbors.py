@@ -30,7 +30,8 @@ from resnet_batch.errors import ConfigError, OutputError, ProvenanceMismatch, Ru
 from resnet_batch.search.index import SimilarityIndex, read_meta
 from resnet_batch.provenance import differences
 from resnet_batch.schema import embeddings_to_numpy, with_provenance
-from resnet_batch.storage import display_path, filesystem, list_folder, protocols, put_bytes
+from resnet_batch.output.store import put_bytes
+from resnet_batch.storage import display_path, filesystem, list_folder, protocols
 from resnet_batch.output.store import part_name
 
 log = logging.getLogger(__name__)
