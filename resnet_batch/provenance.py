@@ -1,11 +1,12 @@
-"""provenance module: what produced an output, and the check that refuses mixing two different setups."""
+"""provenance module: what produced an output, and the one check that refuses mixing two different setups."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from resnet_batch import __version__
 from resnet_batch.config import JobConfig
 from resnet_batch.decode import PreprocessSpec
+from resnet_batch.errors import ProvenanceMismatch, UserError
 from resnet_batch.schema import EMBEDDING_DIM
 
 if TYPE_CHECKING:  # importing weights pulls in torch; the driver imports it in a thread while Ray starts
@@ -35,17 +36,19 @@ def build_provenance(cfg: JobConfig, weights: WeightsInfo, spec: PreprocessSpec)
     }
 
 
-def differences(old: dict, new: dict, keys=BINDING_KEYS) -> list[str]:
-    """Human-readable list of binding differences between two provenance dicts (empty when compatible)."""
-    return [f"{k}: {old.get(k)!r} != {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+def _differences(a: dict, b: dict, keys: tuple[str, ...]) -> list[str]:
+    """The one provenance comparison: each binding key whose values differ, as "key: a != b"."""
+    return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
-from resnet_batch.errors import ProvenanceMismatch  # noqa: E402 (re-exported)
+def check_compatible(expected: dict, found: dict, what: str, *, hint: str = "",
+                     error: type[UserError] = ProvenanceMismatch, keys: tuple[str, ...] = BINDING_KEYS) -> None:
+    """Refuse mixing setups (embed resume, ledger recovery, index build and update, neighbours, similar, serve):
+    raise `error`("{what}: key: expected != found; ...{hint}") when a binding key differs."""
+    if diffs := _differences(expected, found, keys):
+        raise error(f"{what}: " + "; ".join(diffs) + hint)
 
 
-def check_compatible(old: Optional[dict], new: dict, what: str) -> None:
-    if old is None:
-        return
-    diffs = differences(old, new)
-    if diffs:
-        raise ProvenanceMismatch(f"{what} was written with a different setup: " + "; ".join(diffs))
+def same_setup(a: dict, b: dict) -> bool:
+    """True when embeddings made under provenance `a` and under `b` can be mixed (check_compatible passes)."""
+    return not _differences(a, b, BINDING_KEYS)

@@ -113,14 +113,14 @@ def install(point: str) -> None:
 
         sync_run.save = save
     elif point == "success":
-        real_json = store.OutputStore.write_json
+        real_write = store.OutputStore.write
 
-        def write_json(self, name, value):
+        def write(self, name, content, **parquet):
             if name == store.SUCCESS_FILE:
                 _die()
-            real_json(self, name, value)
+            return real_write(self, name, content, **parquet)
 
-        store.OutputStore.write_json = write_json
+        store.OutputStore.write = write
     elif point == "first-manifest":
         real_flush = manifest.ManifestWriter.flush
 

@@ -3,6 +3,7 @@ import base64
 import html
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -15,12 +16,14 @@ from PIL import Image
 from resnet_batch.cli import main
 from resnet_batch.decode import DecodeError
 from resnet_batch.errors import SimilarityIndexError
+from resnet_batch.output.store import parse_part, part_name
+from resnet_batch.schema import read_provenance
 from resnet_batch.search.gallery import ImageRoots, build_gallery, pick_queries, render_html, thumbnail_uri, write_gallery
 from resnet_batch.search.index import SimilarityIndex
 from resnet_batch.search.build import build_index
 from resnet_batch.search.neighbors import NEIGHBORS_SCHEMA
 from resnet_batch.search.similar import similar_to_id
-from tests.search_helpers import clustered_vectors, write_part
+from tests.search_helpers import clustered_vectors, embedded_photos, write_part
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--disable-quic"]
@@ -130,25 +133,31 @@ def test_chromium_loads_every_thumbnail_of_a_page_that_stands_alone(gallery_inde
     assert max(max(w, h) for _, _, w, h in images) == 160
 
 
-def test_thumbnails_only_from_the_recorded_input_root_and_within_the_caps(photos, tmp_path):
-    """Issue 11: the gallery loaded any path or URL an index named (local files, internal URLs)."""
-    root = tmp_path / "input"
-    shutil.copytree(sorted(photos.iterdir())[0], root / "shard")
-    inside = sorted((root / "shard").glob("*.jpg"))[:2]
-    (tmp_path / "secret.jpg").write_bytes(inside[0].read_bytes())
-    paths = [str(inside[0]), str(inside[1]), str(root / "shard" / ".." / ".." / "secret.jpg"), "/etc/hostname",
+def test_thumbnails_only_from_the_recorded_input_root_and_within_the_caps(photos, checkpoint, tmp_path_factory,
+                                                                         tmp_path, ray_local):
+    """Issue 11: the gallery loaded any path or URL an index named (local files, internal URLs). The root is the
+    one the embed job records (`_state.json` of a real embed output), never the rows' common folder."""
+    emb = tmp_path / "emb"
+    shutil.copytree(embedded_photos(tmp_path_factory, photos, checkpoint), emb)
+    real = pq.read_table(sorted(emb.glob("part-*.parquet"))[0])
+    inside = real.column("path").to_pylist()[:2]
+    secret = tmp_path / "secret.jpg"  # outside the input root, named through it with ".."
+    secret.write_bytes(open(inside[0], "rb").read())
+    paths = [*inside, os.path.join(str(photos), os.path.relpath(secret, photos)), "/etc/hostname",
              "http://127.0.0.1:9/internal.jpg", str(tmp_path / "input-other" / "x.jpg")]
     ids = [f"i{i}" for i in range(len(paths))]
-    emb = tmp_path / "emb"
-    write_part(emb / "part-000000.parquet", ids, clustered_vectors(len(ids), seed=4), paths=paths)
-    (emb / "_manifest.json").write_text(json.dumps({"root": str(root), "protocol": "file"}))  # the embed job's
+    last = max(parse_part(p.name)[0] for p in emb.glob("part-*.parquet"))
+    write_part(emb / part_name(last + 1), ids, clustered_vectors(len(ids), seed=4), paths=paths,
+               provenance=read_provenance(real.schema))  # rows an index must not be trusted with
     build_index([str(emb)], str(tmp_path / "idx"), log=lambda m: None)
     index = SimilarityIndex.open(str(tmp_path / "idx"))
-    assert index.meta["image_roots"] == {"from": "manifest", "roots": [{"protocol": "file", "root": str(root)}]}
-    entries = build_gallery(index, n=6, k=1, seed=0)
+    assert index.meta["image_roots"] == {"from": "manifest", "roots": [{"protocol": "file", "root": str(photos)}]}
+    entries = build_gallery(index, n=len(index.ids), k=1, seed=0)  # every image a query
     errors = {q.image_id: q.error for q, _ in entries}
-    refused = f"PermissionError: outside the indexed input root (file://{root}, from the manifest)"
-    assert errors == {"i0": None, "i1": None, "i2": refused, "i3": refused, "i4": refused, "i5": refused}
+    refused = f"PermissionError: outside the indexed input root (file://{photos}, from the manifest)"
+    assert {i: errors.pop(i) for i in ids} == {"i0": None, "i1": None, "i2": refused, "i3": refused, "i4": refused,
+                                               "i5": refused}
+    assert len(errors) == len(list(photos.rglob("*.jpg"))) and set(errors.values()) == {None}  # all inside
     roots = ImageRoots({"image_roots": {"from": "none", "roots": []}})
     with pytest.raises(PermissionError, match="^the index records no input root, so no image is read"):
         roots.check(str(inside[0]))

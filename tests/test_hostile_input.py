@@ -311,7 +311,7 @@ def test_a_dead_holders_lock_is_taken_over(tmp_path):
     store = OutputStore(str(tmp_path / "out"), {})
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    store.write_json("_lock", {"host": __import__("socket").gethostname(), "pid": int(dead), "token": "t",
+    store.write("_lock", {"host": __import__("socket").gethostname(), "pid": int(dead), "token": "t",
                                "started": time.time(), "heartbeat": time.time()})
     said = []
     with OutputLock(store, on_takeover=said.append) as lock:

@@ -46,7 +46,7 @@ def _store(where) -> OutputStore:
 def _plant(store: OutputStore, **fields) -> None:
     """A lock of another run (stale unless fields say otherwise)."""
     body = {"host": "elsewhere", "pid": 1, "token": "old", "started": 0, "heartbeat": 0, **fields}
-    store.write_bytes(LOCK_FILE, json.dumps(body).encode())
+    store.write(LOCK_FILE, json.dumps(body).encode())
 
 
 class Timeline:
@@ -59,7 +59,7 @@ class Timeline:
     def write(self, store: OutputStore, who: str) -> bool:
         t0 = time.monotonic()
         try:
-            store.write_bytes(f"_written-by-{who}", who.encode())
+            store.write(f"_written-by-{who}", who.encode())
         except LockLost:
             return False
         with self.mutex:

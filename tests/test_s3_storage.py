@@ -18,7 +18,8 @@ from resnet_batch.embed.plan import list_shards
 from resnet_batch.schema import embedding_array, output_schema
 from resnet_batch.storage import (StorageOptionsError, filesystem, prepare,
                                   resolve_options)
-from resnet_batch.output.store import OutputError, encode_part, write_bytes
+from resnet_batch.errors import OutputError
+from resnet_batch.output.store import encode_part, write_file
 from tests.conftest import REPO
 from tests.s3server import ACCESS_KEY, REGION, SECRET_KEY, free_ports
 
@@ -270,7 +271,7 @@ def test_output_objects_are_never_visible_partially(s3):
     t.start()
     fs, root = filesystem("s3://storage-out/atomic", s3.storage_options())
     try:
-        write_bytes(fs, f"{root}/part-000000.parquet", encode_part(table, schema, {"rows": n}, "zstd", "n", 1), 30)
+        write_file(fs, f"{root}/part-000000.parquet", encode_part(table, schema, {"rows": n}, "zstd", "n", 1), 30)
         time.sleep(0.3)
     finally:
         stop.set()

@@ -54,8 +54,8 @@ def test_part_is_sorted_typed_and_stamped(tmp_path):
 def test_fresh_clear_removes_only_our_files(tmp_path):
     out = tmp_path / "out"
     store = OutputStore(str(out), {})
-    store.write_json("_provenance.json", {"a": 1})
-    store.write_json("_SUCCESS", {})
+    store.write("_provenance.json", {"a": 1})
+    store.write("_SUCCESS", {})
     (out / "part-000000.parquet").write_bytes(b"x")
     (out / "part-000001-0003.parquet").write_bytes(b"x")
     (out / ".part-000002.parquet.tmp-0123abcd").write_bytes(b"x")
@@ -192,4 +192,4 @@ def test_persistent_write_failure_is_a_clear_error(tmp_path):
     blocker.write_text("not a folder")
     store = OutputStore(str(blocker / "out"), {}, retry_window_s=1)
     with pytest.raises(NotADirectoryError):
-        store.write_json("_SUCCESS", {})
+        store.write("_SUCCESS", {})

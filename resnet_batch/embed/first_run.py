@@ -34,7 +34,7 @@ def first_run(job: Job, listing) -> dict:
                         schema_to_text(tuple(passthrough)))
     run_no = state.next_run()
     state.runs.append(job.run_entry(run_no))
-    store.write_json(PROVENANCE_FILE, job.provenance)
+    store.write(PROVENANCE_FILE, job.provenance)
     save(store, state)
     queue = ShardQueue()
     planner = StreamPlanner(cfg.input, fmt, listing.root, pages, store, release=queue.put, close=queue.close)

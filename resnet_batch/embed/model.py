@@ -19,7 +19,7 @@ from resnet_batch.architecture import TORCHVISION, Layout, build_resnet
 from resnet_batch.decode import PreprocessSpec, crops_of
 from resnet_batch.schema import (CONTROL_END, CONTROL_FAILURE, DEVICE_NO_CUDA, EMBEDDING_DIM, PASSTHROUGH_PREFIX,
                                  STATUS_DECODE_ERROR, STATUS_OK, embedding_array)
-from resnet_batch.output.store import PartSettings, encode_part, part_name, read_parquet, write_bytes
+from resnet_batch.output.store import PartSettings, encode_part, part_name, read_parquet, write_file
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -191,7 +191,7 @@ class EmbedActor:
         ok = int(pc.sum(pc.equal(table.column("status"), STATUS_OK)).as_py() or 0)
         record.update(part=name, rows=len(table), ok=ok, failed=len(table) - ok, written_at=time.time())
         data = encode_part(table, out.schema, record, out.compression, self.node, self.pid)
-        write_bytes(self.fs, posixpath.join(self.root, name), data, out.retry_window_s)
+        write_file(self.fs, posixpath.join(self.root, name), data, out.retry_window_s)
         record.update(write_s=time.perf_counter() - t1, bytes=len(data))
         return record
 

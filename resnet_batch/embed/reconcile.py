@@ -41,12 +41,12 @@ def finish(job: Job, state: OutputState, run_no: int, expected: dict[int, int], 
     report = run_report(job, state, run_no, complete, totals, skipped, skipped_total, expected, missing, mismatched,
                         ledger)
     if complete:
-        store.write_json(REPORT_FILE, report)
-        store.write_json(SUCCESS_FILE, {"inputs": report["counts"]["inputs"], "ok": totals["ok"],
+        store.write(REPORT_FILE, report)
+        store.write(SUCCESS_FILE, {"inputs": report["counts"]["inputs"], "ok": totals["ok"],
                                         "failed": totals["failed"], "skipped": skipped_total})
         store.remove(INCOMPLETE_REPORT_FILE)
     else:
-        store.write_json(INCOMPLETE_REPORT_FILE, report)
+        store.write(INCOMPLETE_REPORT_FILE, report)
     entry = state.run(run_no)
     entry.update(finished=stamp(), status="complete" if complete else "incomplete",
                  embedded=job.stats.images, failed=job.stats.failed, reused=job.sync.get("reused", 0),

@@ -25,11 +25,11 @@ from resnet_batch.embed.listing import list_entries
 from resnet_batch.embed.plan import layout_of
 from resnet_batch.embed.progress import Progress, make_progress
 from resnet_batch.embed.sync_run import sync_run
-from resnet_batch.errors import OutputError, ProvenanceMismatch
+from resnet_batch.errors import OutputError
 from resnet_batch.output.lock import OutputLock
 from resnet_batch.output.state import OutputState, load
 from resnet_batch.output.store import LEGACY_MANIFEST, LOCK_FILE, PROVENANCE_FILE, OutputStore
-from resnet_batch.provenance import build_provenance, differences
+from resnet_batch.provenance import build_provenance, check_compatible
 from resnet_batch.storage import prepare as prepare_storage
 
 log = logging.getLogger(__name__)
@@ -118,10 +118,9 @@ def _start(job: Job, retry_failed: bool) -> dict:
     cfg, store = job.cfg, job.store
     state = load(store)
     old_prov = store.read_json(PROVENANCE_FILE)
-    if old_prov is not None and (diffs := differences(old_prov, job.provenance)):
-        raise ProvenanceMismatch(f"output {store.display()} was written with a different setup: "
-                                 + "; ".join(diffs) + "; use the earlier settings, another output.uri, or --fresh "
-                                 "to start over")
+    if old_prov is not None:
+        check_compatible(old_prov, job.provenance, f"output {store.display()} was written with a different setup",
+                         hint="; use the earlier settings, another output.uri, or --fresh to start over")
     listing = list_entries(cfg.input, cfg.compute.retry_window_s)
     if state is None:
         if retry_failed:

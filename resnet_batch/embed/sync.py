@@ -17,26 +17,33 @@ from typing import Callable, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
 from resnet_batch.embed.listing import from_raw, storable
 from resnet_batch.output.manifest import MANIFEST_SCHEMA, write_entries
+from resnet_batch.output.pieces import PieceLog
 from resnet_batch.embed.plan import COPIES_SCHEMA, DROPS_SCHEMA, SyncPlan
 from resnet_batch.schema import PART_STATS_KEY, STATUS_OK
 from resnet_batch.storage import display_path
 from resnet_batch.output.store import (SYNC_DIR, OutputStore, PartSettings, encode_part, part_name, part_record,
-                                 read_parquet, write_bytes)
+                                 read_parquet, write_file)
 
 COPY_CPUS = 0.5
 
 
+PLAN_TABLES = (("entries", MANIFEST_SCHEMA), ("drops", DROPS_SCHEMA), ("copies", COPIES_SCHEMA))
+
+
+def plan_pieces(store: OutputStore, table: str, schema: pa.Schema) -> PieceLog:
+    """One table of sync plans as a piece log: `_sync/TABLE-RRRR.parquet`, one piece per run."""
+    return PieceLog(store, SYNC_DIR, schema, lambda n: n.startswith(f"{table}-") and n.endswith(".parquet"),
+                    compression="zstd")
+
+
 def store_plan(store: OutputStore, run: int, plan: SyncPlan) -> None:
     """The plan's three tables under _sync/ (committed afterwards by the state file)."""
-    for name, table in (("entries", plan.new_entries), ("drops", plan.drops), ("copies", plan.copies)):
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
-        store.write_bytes(f"{SYNC_DIR}/{name}-{run:04d}.parquet", sink.getvalue().to_pybytes())
+    for (name, schema), table in zip(PLAN_TABLES, (plan.new_entries, plan.drops, plan.copies)):
+        plan_pieces(store, name, schema).write(f"{name}-{run:04d}.parquet", table)
 
 
 def load_plan(store: OutputStore, run: int) -> tuple[pa.Table, pa.Table, pa.Table]:
@@ -45,10 +52,8 @@ def load_plan(store: OutputStore, run: int) -> tuple[pa.Table, pa.Table, pa.Tabl
     `syncdiff.move_entry_pieces` moves them into the manifest as they are."""
     from resnet_batch.embed.syncdiff import read_plan_pieces
 
-    tables = []
-    for name, schema in (("entries", MANIFEST_SCHEMA), ("drops", DROPS_SCHEMA), ("copies", COPIES_SCHEMA)):
-        tables.append(read_plan_pieces(store, run, name, schema))
-    return tables[0], tables[1], tables[2]
+    entries, drops, copies = (read_plan_pieces(store, run, name, schema) for name, schema in PLAN_TABLES)
+    return entries, drops, copies
 
 
 def clear_plan(store: OutputStore) -> None:
@@ -177,7 +182,7 @@ def _copy(part: PartSettings, fmt: str, root: str, protocol: str, shard: int, it
             ok = int(pc.sum(pc.equal(table.column("status"), STATUS_OK)).as_py() or 0)
             record.update(part=name, rows=len(table), ok=ok, failed=len(table) - ok)
             data = encode_part(table, part.schema, record, part.compression, record["node"], record["pid"])
-            write_bytes(fs, posixpath.join(out_root, name), data, part.retry_window_s)
+            write_file(fs, posixpath.join(out_root, name), data, part.retry_window_s)
             record["bytes"] = len(data)
         records.append(record)
     return records
@@ -231,7 +236,7 @@ def _drop(part: PartSettings, fmt: str, shard: int, ids: list[str], sources: lis
         record.update(part=name, shard=shard, chunk=chunk, rows=len(keep), ok=ok, failed=len(keep) - ok,
                       run=part.run, written_at=time.time())
         data = encode_part(keep, part.schema, record, part.compression, record.get("node", ""), record.get("pid", 0))
-        write_bytes(fs, path, data, part.retry_window_s)
+        write_file(fs, path, data, part.retry_window_s)
         records.append(record)
         rewritten += 1
     return records, rewritten, deleted

@@ -26,7 +26,9 @@ from resnet_batch.config import InputConfig
 from resnet_batch.embed.listing import (ENTRY_SCHEMA, FORMATS, SKIPPED_EXAMPLES, Skipped, extension, from_raw,
                                         hidden, storable)
 from resnet_batch.embed.plan import COPIES_SCHEMA, DROPS_SCHEMA, _count, _same_version
-from resnet_batch.output.manifest import MANIFEST_SCHEMA, PIECE_ENTRIES, encode_piece, piece_name, piece_range
+from resnet_batch.output.manifest import MANIFEST_SCHEMA, PIECE_ENCODING, PIECE_ENTRIES, piece_name, piece_range
+from resnet_batch.output.manifest import pieces as manifest_log
+from resnet_batch.output.pieces import PieceLog
 from resnet_batch.output.store import MANIFEST_DIR, SYNC_DIR, OutputStore, read_parquet
 
 ROWS_PER_PARTITION = 1_000_000  # entries a diff task holds at most (listing + manifest ~ 200 B each)
@@ -298,7 +300,8 @@ def write_unit(s: DiffSettings, unit: int, base: int, matched: list, copied: lis
         while end < len(entries) and shards[end] == shards[end - 1]:
             end += 1
         name = piece_name(int(shards[start]), int(shards[end - 1]))
-        store.write_bytes(f"{SYNC_DIR}/entries-{s.run:04d}-{unit:05d}-{name}", encode_piece(entries.slice(start, end - start)))
+        store.write(f"{SYNC_DIR}/entries-{s.run:04d}-{unit:05d}-{name}",
+                    entries.slice(start, end - start).cast(MANIFEST_SCHEMA), **PIECE_ENCODING)
         pieces += 1
         start = end
     return {"unit": unit, "entries": len(entries), "copies": n_copy, "pieces": pieces,
@@ -306,9 +309,7 @@ def write_unit(s: DiffSettings, unit: int, base: int, matched: list, copied: lis
 
 
 def _write(store: OutputStore, name: str, table: pa.Table) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    store.write_bytes(name, sink.getvalue().to_pybytes())
+    store.write(name, table, compression="zstd")
 
 
 # -- running the steps ---------------------------------------------------------------------------------------
@@ -511,10 +512,8 @@ def batched(pages: Iterator[pa.Table], rows: int = MAP_ROWS) -> Iterator[pa.Tabl
 def read_plan_pieces(store: OutputStore, run: int, kind: str, schema: pa.Schema) -> pa.Table:
     """Every `_sync/{kind}-RRRR*` piece of a plan as one table (the plan's changes, not the library); entry
     pieces that are manifest pieces (`...-m-FIRST-LAST.parquet`) excepted: see move_entry_pieces."""
-    names = [n for n in store.list_dir(SYNC_DIR) if n.startswith(f"{kind}-{run:04d}") and n.endswith(".parquet")
-             and "-m-" not in n]
-    tables = [read_parquet(store.fs, store.path(f"{SYNC_DIR}/{n}")).cast(schema) for n in names]
-    return _concat(tables, schema)
+    return PieceLog(store, SYNC_DIR, schema, lambda n: n.startswith(f"{kind}-{run:04d}") and n.endswith(".parquet")
+                    and "-m-" not in n).read()
 
 
 def move_entry_pieces(store: OutputStore, run: int) -> int:
@@ -527,7 +526,7 @@ def move_entry_pieces(store: OutputStore, run: int) -> int:
         src, dst = item
         if store.is_local():  # a local copy is not atomic: write the bytes as every piece is written
             with store.fs.open(store.path(f"{SYNC_DIR}/{src}"), "rb") as f:
-                store.write_bytes(f"{MANIFEST_DIR}/{dst}", f.read())
+                store.write(f"{MANIFEST_DIR}/{dst}", f.read())
         else:  # an object store's copy is atomic and never leaves the store
             store.fs.copy(store.path(f"{SYNC_DIR}/{src}"), store.path(f"{MANIFEST_DIR}/{dst}"))
 
@@ -689,7 +688,7 @@ def drop_piece(where: tuple, name: str, drops) -> int:
         return 0
     kept = piece.filter(keep)
     if len(kept):
-        store.write_bytes(path, encode_piece(kept))
+        manifest_log(store).write(name, kept)
     else:
         store.remove(path)
     return 1

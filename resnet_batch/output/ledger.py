@@ -8,17 +8,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from resnet_batch.errors import OutputError
+from resnet_batch.output.pieces import READ_THREADS, PieceLog
+from resnet_batch.output.store import LEDGER_DIR, OutputStore, part_record
+from resnet_batch.provenance import check_compatible
 from resnet_batch.schema import PART_RECORD_SCHEMA
-from resnet_batch.output.store import LEDGER_DIR, OutputStore, part_record, read_parquet
 
 FLUSH_RECORDS = 1000
 FLUSH_S = 10.0
 COMPACT_PIECES = 32  # more pieces than this are merged into one at the end of a run
-READERS = 16
 
 
 def records_table(records: Iterable[dict]) -> pa.Table:
@@ -27,11 +29,17 @@ def records_table(records: Iterable[dict]) -> pa.Table:
     return pa.Table.from_pylist([{k: r.get(k) for k in names} for r in records], schema=PART_RECORD_SCHEMA)
 
 
+def pieces(store: OutputStore) -> PieceLog:
+    """The ledger's piece log: `_ledger/l-RRRR-NNNNNN.parquet` (run, sequence) and `l-RRRR-compact.parquet`."""
+    return PieceLog(store, LEDGER_DIR, PART_RECORD_SCHEMA, lambda n: n.startswith("l-") and n.endswith(".parquet"),
+                    compression="zstd")
+
+
 class LedgerWriter:
     """Appends records in pieces `_ledger/l-RRRR-NNNNNN.parquet` (every FLUSH_RECORDS or FLUSH_S)."""
 
     def __init__(self, store: OutputStore, run: int):
-        self.store, self.run = store, run
+        self.log, self.run = pieces(store), run
         self.buffer: list[dict] = []
         self.seq = len([n for n in store.list_dir(LEDGER_DIR) if n.startswith(f"l-{run:04d}-")])
         self.last = time.monotonic()
@@ -50,21 +58,14 @@ class LedgerWriter:
         self.last = time.monotonic()
         if not self.buffer:
             return
-        sink = pa.BufferOutputStream()
-        pq.write_table(records_table(self.buffer), sink, compression="zstd")
-        self.store.write_bytes(f"{LEDGER_DIR}/l-{self.run:04d}-{self.seq:06d}.parquet", sink.getvalue().to_pybytes())
+        self.log.write(f"l-{self.run:04d}-{self.seq:06d}.parquet", records_table(self.buffer))
         self.seq += 1
         self.buffer = []
 
 
 def read_ledger(store: OutputStore) -> pa.Table:
     """The latest record of every (shard, chunk) ever written to this output (read concurrently)."""
-    names = [n for n in store.list_dir(LEDGER_DIR) if n.startswith("l-") and n.endswith(".parquet")]
-    if not names:
-        return PART_RECORD_SCHEMA.empty_table()
-    with ThreadPoolExecutor(READERS) as pool:
-        tables = list(pool.map(lambda n: read_parquet(store.fs, store.path(f"{LEDGER_DIR}/{n}")), names))
-    return latest(pa.concat_tables([t.cast(PART_RECORD_SCHEMA) for t in tables]))
+    return latest(pieces(store).read())
 
 
 def latest(table: pa.Table) -> pa.Table:
@@ -73,8 +74,6 @@ def latest(table: pa.Table) -> pa.Table:
         return table
     table = table.sort_by([("shard", "ascending"), ("chunk", "ascending"), ("written_at", "descending")])
     s, c = table.column("shard").to_numpy(), table.column("chunk").to_numpy()
-    import numpy as np
-
     first = np.ones(len(table), dtype=bool)
     first[1:] = (s[1:] != s[:-1]) | (c[1:] != c[:-1])
     return table.filter(pa.array(first))
@@ -84,9 +83,6 @@ def recover(store: OutputStore, part_names: list[str], provenance: Optional[dict
     """Records of parts that have none in the ledger, read from the parts' own metadata. A part without it
     (not written by this job), or made with another setup than `provenance`, raises OutputError naming the
     file and the way out."""
-    from resnet_batch.errors import OutputError
-    from resnet_batch.provenance import differences
-
     def one(name: str) -> dict:
         try:
             record, theirs = part_record(store.fs, store.path(name), with_provenance=True)
@@ -96,30 +92,29 @@ def recover(store: OutputStore, part_names: list[str], provenance: Optional[dict
         if record is None:
             raise OutputError(f"{store.display(name)} was not written by resnet-batch (no part record in its "
                               "metadata); move it out of the output folder, or use another output.uri")
-        if provenance is not None and (diffs := differences(theirs or {}, provenance)):
-            raise OutputError(f"{store.display(name)} was made with another setup ({'; '.join(diffs)}); move it out "
-                              "of the output folder, or rerun with --fresh")
+        if provenance is not None:
+            check_compatible(theirs or {}, provenance, f"{store.display(name)} was made with another setup",
+                             hint="; move it out of the output folder, or rerun with --fresh", error=OutputError)
         return record
 
     if not part_names:
         return []
-    with ThreadPoolExecutor(READERS) as pool:
+    with ThreadPoolExecutor(READ_THREADS) as pool:
         return list(pool.map(one, part_names))
 
 
 def compact(store: OutputStore, run: int, table: Optional[pa.Table] = None) -> None:
     """Merge the ledger's pieces into one when there are many (the merged piece first, then the old ones go)."""
-    names = [n for n in store.list_dir(LEDGER_DIR) if n.startswith("l-") and n.endswith(".parquet")]
+    log = pieces(store)
+    names = log.names()
     if len(names) <= COMPACT_PIECES:
         return
     table = read_ledger(store) if table is None else table
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
     merged = f"l-{run:04d}-compact.parquet"
-    store.write_bytes(f"{LEDGER_DIR}/{merged}", sink.getvalue().to_pybytes())
+    log.write(merged, table)
     for n in names:
         if n != merged:
-            store.remove(f"{LEDGER_DIR}/{n}")
+            log.remove(n)
 
 
 def totals(table: pa.Table) -> dict:

@@ -4,20 +4,22 @@ only once its piece is stored), read in one go by the next run to resume or sync
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from resnet_batch.output.store import MANIFEST_DIR, OutputStore, read_parquet
+from resnet_batch.output.pieces import PieceLog
+from resnet_batch.output.store import MANIFEST_DIR, OutputStore
 from resnet_batch.schema import ENTRY_SCHEMA
 
 MANIFEST_SCHEMA = pa.schema(list(ENTRY_SCHEMA) + [pa.field("shard", pa.int64(), nullable=False)])
 PIECE_ENTRIES = 100_000  # entries per piece at most
 FLUSH_S = 2.0  # a piece is written at least this often while shards wait for it
-READERS = 16  # pieces read at once
+# A piece's encoding: paths delta-encoded (sorted paths share prefixes), zstd; ~20-30 B per entry.
+PIECE_ENCODING = {"compression": "zstd", "use_dictionary": ["etag"], "write_statistics": False,
+                  "column_encoding": {"path": "DELTA_BYTE_ARRAY", "size": "DELTA_BINARY_PACKED",
+                                      "mtime_ns": "DELTA_BINARY_PACKED", "shard": "DELTA_BINARY_PACKED"}}
 
 
 def piece_name(first: int, last: int) -> str:
@@ -35,32 +37,28 @@ def piece_range(name: str) -> Optional[tuple[int, int]]:
         return None
 
 
-def encode_piece(table: pa.Table) -> bytes:
-    """A piece's bytes: paths delta-encoded (sorted paths share prefixes), zstd; ~20-30 B per entry."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table.cast(MANIFEST_SCHEMA), sink, compression="zstd", use_dictionary=["etag"],
-                   column_encoding={"path": "DELTA_BYTE_ARRAY", "size": "DELTA_BINARY_PACKED",
-                                    "mtime_ns": "DELTA_BINARY_PACKED", "shard": "DELTA_BINARY_PACKED"},
-                   write_statistics=False)
-    return sink.getvalue().to_pybytes()
+def pieces(store: OutputStore) -> PieceLog:
+    """The manifest's piece log: `_manifest/m-FIRST-LAST.parquet`, each holding whole shards FIRST..LAST."""
+    return PieceLog(store, MANIFEST_DIR, MANIFEST_SCHEMA, lambda n: piece_range(n) is not None, **PIECE_ENCODING)
 
 
 class ManifestWriter:
-    """Buffers shards with their entries and stores them as pieces; `release(shards)` is called with the
-    shards of each piece once it is stored (so no part is ever written for a shard the manifest lacks)."""
+    """Buffers shards (anything with an `.index`: the listing's Shard) with their entries and stores them as
+    pieces; `release(shards)` is called with the shards of each piece once it is stored (so no part is ever
+    written for a shard the manifest lacks)."""
 
-    def __init__(self, store: OutputStore, release: Callable[[list[Shard]], None],
+    def __init__(self, store: OutputStore, release: Callable[[list], None],
                  piece_entries: int = PIECE_ENTRIES, flush_s: float = FLUSH_S):
-        self.store, self.release = store, release
+        self.log, self.release = pieces(store), release
         self.piece_entries, self.flush_s = piece_entries, flush_s
-        self.shards: list[Shard] = []
+        self.shards: list = []
         self.tables: list[pa.Table] = []
         self.rows = 0
         self.last_flush = time.monotonic()
         self.pieces = 0
         self.bytes = 0
 
-    def add(self, shard: Shard, entries: pa.Table) -> None:
+    def add(self, shard, entries: pa.Table) -> None:
         self.shards.append(shard)
         self.tables.append(entries.append_column("shard", pa.array([shard.index] * len(entries), pa.int64())))
         self.rows += len(entries)
@@ -70,10 +68,9 @@ class ManifestWriter:
     def flush(self) -> None:
         if not self.shards:
             return
-        data = encode_piece(pa.concat_tables(self.tables))
-        self.store.write_bytes(f"{MANIFEST_DIR}/{piece_name(self.shards[0].index, self.shards[-1].index)}", data)
+        self.bytes += self.log.write(piece_name(self.shards[0].index, self.shards[-1].index),
+                                     pa.concat_tables(self.tables))
         self.pieces += 1
-        self.bytes += len(data)
         shards = self.shards
         self.shards, self.tables, self.rows = [], [], 0
         self.last_flush = time.monotonic()
@@ -82,12 +79,7 @@ class ManifestWriter:
 
 def read_manifest(store: OutputStore) -> pa.Table:
     """Every entry of the manifest (all pieces, read concurrently)."""
-    names = [n for n in store.list_dir(MANIFEST_DIR) if piece_range(n)]
-    if not names:
-        return MANIFEST_SCHEMA.empty_table()
-    with ThreadPoolExecutor(READERS) as pool:
-        tables = list(pool.map(lambda n: read_parquet(store.fs, store.path(f"{MANIFEST_DIR}/{n}")), names))
-    return pa.concat_tables([t.cast(MANIFEST_SCHEMA) for t in tables])
+    return pieces(store).read()
 
 
 def drop_entries(store: OutputStore, drops: pa.Table) -> int:
@@ -97,12 +89,12 @@ def drop_entries(store: OutputStore, drops: pa.Table) -> int:
         return 0
     shards = set(drops.column("shard").to_pylist())
     touched = 0
-    for name in store.list_dir(MANIFEST_DIR):
-        rng = piece_range(name)
-        if rng is None or not any(rng[0] <= s <= rng[1] for s in shards):
+    log = pieces(store)
+    for name in log.names():
+        first, last = piece_range(name)
+        if not any(first <= s <= last for s in shards):
             continue
-        path = f"{MANIFEST_DIR}/{name}"
-        piece = read_parquet(store.fs, store.path(path)).cast(MANIFEST_SCHEMA)
+        piece = log.read_one(name)
         key = pc.binary_join_element_wise(pc.cast(piece.column("shard"), pa.string()).cast(pa.binary()),
                                           piece.column("path"), b"\x00")
         gone = pc.binary_join_element_wise(pc.cast(drops.column("shard"), pa.string()).cast(pa.binary()),
@@ -112,9 +104,9 @@ def drop_entries(store: OutputStore, drops: pa.Table) -> int:
             continue
         kept = piece.filter(keep)
         if len(kept):
-            store.write_bytes(path, encode_piece(kept))
+            log.write(name, kept)
         else:
-            store.remove(path)
+            log.remove(name)
         touched += 1
     return touched
 
@@ -125,14 +117,13 @@ def write_entries(store: OutputStore, entries: pa.Table) -> int:
         return 0
     entries = entries.cast(MANIFEST_SCHEMA).sort_by([("shard", "ascending"), ("path", "ascending")])
     shards = entries.column("shard").to_numpy()
-    pieces, start = 0, 0
+    log = pieces(store)
+    written, start = 0, 0
     while start < len(entries):
         end = min(start + PIECE_ENTRIES, len(entries))
         while end < len(entries) and shards[end] == shards[end - 1]:
             end += 1  # a shard is never split over two pieces
-        piece = entries.slice(start, end - start)
-        store.write_bytes(f"{MANIFEST_DIR}/{piece_name(int(shards[start]), int(shards[end - 1]))}",
-                          encode_piece(piece))
-        pieces += 1
+        log.write(piece_name(int(shards[start]), int(shards[end - 1])), entries.slice(start, end - start))
+        written += 1
         start = end
-    return pieces
+    return written

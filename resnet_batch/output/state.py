@@ -62,7 +62,7 @@ def load(store: OutputStore) -> Optional[OutputState]:
 
 def save(store: OutputStore, state: OutputState) -> None:
     state.runs = state.runs[-HISTORY:]
-    store.write_json(STATE_FILE, asdict(state))
+    store.write(STATE_FILE, asdict(state))
 
 
 def stamp() -> str:

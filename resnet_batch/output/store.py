@@ -1,5 +1,7 @@
-"""writer module: the output folder: Parquet parts (written by the model actors, atomically, under names that
-only this job uses), the run's bookkeeping files, and deleting exactly what this job wrote, nothing else."""
+"""store module: the one owner of an output folder: the one way a file is written there (atomic, transient
+errors retried for the window), the one rule for what is a part, and deleting exactly what we wrote, nothing else.
+
+Embed outputs, neighbours outputs, index folders and the gallery page all write through `write_file`."""
 from __future__ import annotations
 
 import json
@@ -9,15 +11,15 @@ import re
 import socket
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from resnet_batch.errors import OutputError  # noqa: F401 (re-exported)
+from resnet_batch.errors import OutputError
 from resnet_batch.retry import retrying
-from resnet_batch.schema import PART_STATS_KEY, PROVENANCE_KEY, STATUS_OK, WRITER_KEY
+from resnet_batch.schema import PART_STATS_KEY, PROVENANCE_KEY, WRITER_KEY
 from resnet_batch.storage import display_path, filesystem, list_folder, protocols
 
 PROVENANCE_FILE = "_provenance.json"
@@ -32,13 +34,18 @@ SYNC_DIR = "_sync"
 LEGACY_MANIFEST = "_manifest.json"  # the layout before 0.2 (one JSON plan); refused with a clear message
 OUR_FILES = (PROVENANCE_FILE, STATE_FILE, REPORT_FILE, INCOMPLETE_REPORT_FILE, SUCCESS_FILE, LOCK_FILE)
 OUR_DIRS = (MANIFEST_DIR, LEDGER_DIR, SYNC_DIR)
+RETRY_WINDOW_S = 300.0  # how long a write keeps retrying transient errors when the caller names no window
+# The one rule for what is a part (of an embed output or a neighbours output): part-SSSSSS[-CCCC].parquet.
+# Spark's part-00000-<uuid>.snappy.parquet and anything else a person put there are never ours.
 PART_RE = re.compile(r"^part-(\d{6,})(?:-(\d{4,}))?\.parquet$")
 # the names this job writes in its sub-folders: manifest pieces, ledger pieces, sync plans (what --fresh deletes)
 OUR_PIECES = {MANIFEST_DIR: re.compile(r"^m-\d{6,}-\d{6,}\.parquet$"),
               LEDGER_DIR: re.compile(r"^l-\d{4,}-(?:\d{6,}|compact)\.parquet$"),
               SYNC_DIR: re.compile(r"^(?:entries|drops|copies)-\d{4,}(?:-[\w.-]+)?\.parquet$")}
-# put_bytes' temporary names for our own files only: ".NAME.tmp-xxxxxxxx"
-TEMP_RE = re.compile(r"^\.(part-\d{6,}(?:-\d{4,})?\.parquet|_[A-Za-z_.]+|[ml]-[\d-]+\.parquet)\.tmp-[0-9a-f]{8}$")
+# _put_atomic's temporary names for our own files only: ".NAME.tmp-xxxxxxxx" (parts, `_` files, pieces)
+TEMP_RE = re.compile(r"^\.(part-\d{6,}(?:-\d{4,})?\.parquet|_[A-Za-z_.]+|[ml]-[\d-]+\.parquet"
+                     r"|(?:entries|drops|copies)-\d{4,}\.parquet)\.tmp-[0-9a-f]{8}$")
+Content = Union[bytes, dict, pa.Table]
 
 
 def part_name(shard: int, chunk: int = -1) -> str:
@@ -47,7 +54,8 @@ def part_name(shard: int, chunk: int = -1) -> str:
 
 
 def parse_part(name: str) -> Optional[tuple[int, int]]:
-    """(shard, chunk) of a part file name of ours (chunk -1 for a folder shard), else None."""
+    """(shard, chunk) of a part file name of ours (chunk -1 for a folder shard), else None: the one test of
+    whether a file name is a part."""
     m = PART_RE.match(name)
     if not m:
         return None
@@ -82,13 +90,11 @@ def encode_part(table: pa.Table, schema: pa.Schema, record: dict, compression: O
     meta = dict(schema.metadata or {})
     meta[PART_STATS_KEY] = json.dumps(record, sort_keys=True).encode()
     meta[WRITER_KEY] = json.dumps({"node_id": node_id, "pid": pid, "host": socket.gethostname()}).encode()
-    sink = pa.BufferOutputStream()
-    pq.write_table(table.replace_schema_metadata(meta), sink, compression=compression,
-                   row_group_size=max(len(table), 1))
-    return sink.getvalue().to_pybytes()
+    return parquet_bytes(table.replace_schema_metadata(meta), compression=compression,
+                         row_group_size=max(len(table), 1))
 
 
-def put_bytes(fs, path: str, data: bytes) -> None:
+def _put_atomic(fs, path: str, data: bytes) -> None:
     """Write a file so that readers never see it half-written: locally a hidden temp file (`.NAME.tmp-*`),
     fsynced, then renamed; on object stores one PUT, which publishes the object only when it completes."""
     if "file" not in protocols(fs):
@@ -104,9 +110,26 @@ def put_bytes(fs, path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_bytes(fs, path: str, data: bytes, window_s: float) -> None:
-    """put_bytes (atomic) with transient errors retried for the window."""
-    retrying(lambda: put_bytes(fs, path, data), window_s, f"writing {path}")
+def parquet_bytes(table: pa.Table, **options) -> bytes:
+    """A table as Parquet file bytes; `options` are pyarrow.parquet.write_table's (compression, encodings...)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **options)
+    return sink.getvalue().to_pybytes()
+
+
+def json_bytes(value: dict) -> bytes:
+    return json.dumps(value, indent=2, sort_keys=True).encode()
+
+
+def write_file(fs, path: str, content: Content, window_s: float = RETRY_WINDOW_S, **parquet) -> int:
+    """The one way a file is written into an output: bytes as they are, a dict as JSON, a table as Parquet
+    (`parquet`: write_table's options); atomic, transient errors retried for `window_s`. Returns its size."""
+    if isinstance(content, pa.Table):
+        data = parquet_bytes(content, **parquet)
+    else:
+        data = json_bytes(content) if isinstance(content, dict) else content
+    retrying(lambda: _put_atomic(fs, path, data), window_s, f"writing {path}")
+    return len(data)
 
 
 def read_parquet(fs, path: str, columns: Optional[list[str]] = None) -> pa.Table:
@@ -136,18 +159,13 @@ def part_record(fs, path: str, with_provenance: bool = False):
     return record, json.loads(prov) if prov else None
 
 
-def failed_ids(table: pa.Table) -> list[str]:
-    """The image_ids of a part's failed rows."""
-    return table.filter(pc.not_equal(table.column("status"), STATUS_OK)).column("image_id").to_pylist()
-
-
 # -- the output folder ------------------------------------------------------------------------------
 
 
 class OutputStore:
-    """Reads and writes the bookkeeping of one output location (local path or any fsspec URL)."""
+    """One output location (local path or any fsspec URL): its files, written and deleted with the retry window."""
 
-    def __init__(self, uri: str, storage_options: dict, retry_window_s: float = 300.0):
+    def __init__(self, uri: str, storage_options: dict, retry_window_s: float = RETRY_WINDOW_S):
         self.uri = uri
         self.storage_options = dict(storage_options)
         self.fs, self.root = filesystem(uri, self.storage_options)
@@ -179,13 +197,12 @@ class OutputStore:
             raise OutputError(f"{self.display(name)} is not valid JSON ({err}); it was not written by this job, "
                               "or was damaged: use another output.uri, or --fresh to start over") from None
 
-    def write_json(self, name: str, value: dict) -> None:
-        self.write_bytes(name, json.dumps(value, indent=2, sort_keys=True).encode())
-
-    def write_bytes(self, name: str, data: bytes) -> None:
+    def write(self, name: str, content: Content, **parquet) -> int:
+        """Write `name` (bytes, a dict as JSON, a table as Parquet) through `write_file`, after the guard (the
+        run still holds the output); returns its size."""
         if self.guard is not None:
             self.guard()
-        write_bytes(self.fs, self.path(name), data, self.window)
+        return write_file(self.fs, self.path(name), content, self.window, **parquet)
 
     def remove(self, name: str) -> None:
         if self.guard is not None:
@@ -217,7 +234,7 @@ class OutputStore:
     def is_output(self, names: Optional[list[str]] = None) -> bool:
         """True when this folder holds a resnet-batch output (its provenance or state file)."""
         names = self.names() if names is None else names
-        return PROVENANCE_FILE in names or STATE_FILE in names
+        return bool(set(names) & set(EMBED_OUTPUT.marks))
 
     def published(self) -> bool:
         return self.fs.exists(self.path(SUCCESS_FILE))
@@ -233,19 +250,19 @@ class OutputStore:
         return {n: sc for n in names if (sc := parse_part(n)) is not None}
 
     # -- deleting only our own files -----------------------------------------------------------
-    def clear(self) -> list[str]:
-        """--fresh: delete what this job wrote here (exact names of ours), nothing else. Refuses a folder that
-        holds other files but is not a resnet-batch output. Returns what was deleted."""
+    def clear(self, owner: Optional["Ownership"] = None) -> list[str]:
+        """Delete what we wrote here (the exact names `owner` claims), nothing else; refuses a folder that holds
+        other files but carries none of the owner's marks. Returns what was deleted. Default: an embed output
+        (--fresh)."""
+        owner = owner or EMBED_OUTPUT
         names = self.names()
-        if names and not self.is_output(names) and set(names) != {LOCK_FILE}:
-            raise OutputError(f"--fresh: {self.display()} is not a resnet-batch output (no {PROVENANCE_FILE} or "
-                              f"{STATE_FILE}) and is not empty ({len(names)} entries, e.g. {names[0]!r}); "
-                              "refusing to delete anything there: use an empty or new output.uri")
-        ours = [n for n in names if n in OUR_FILES or n == LEGACY_MANIFEST or parse_part(n) or TEMP_RE.match(n)]
+        if names and not set(names) & set(owner.marks) and not set(names) <= owner.kept:
+            raise owner.refusal(self.display(), names)
+        ours = [n for n in names if owner.files(n)]
         for n in ours:
-            if n != LOCK_FILE:  # the lock is this run's own
+            if n not in owner.kept:  # the lock is this run's own
                 self.remove(n)
-        for d in OUR_DIRS:
+        for d in owner.dirs:
             if d in names:
                 for n in self.list_dir(d):
                     if n and (OUR_PIECES[d].match(n) or TEMP_RE.match(n)):  # only names this job writes there
@@ -271,3 +288,26 @@ class OutputStore:
                     self.remove(f"{d}/{n}")
         return len(stale)
 
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """Which folders are ours and which names in them we wrote, so that clearing one deletes those alone."""
+
+    marks: tuple[str, ...]  # a folder holding any of these is one of ours
+    files: Callable[[str], bool]  # the names (directly in the folder) that we wrote
+    refusal: Callable[[str, list[str]], OutputError]  # the error for a folder that is not ours: (shown, names)
+    dirs: tuple[str, ...] = ()  # sub-folders of ours, emptied
+    kept: frozenset = frozenset()  # names never deleted (and that alone do not make a folder foreign)
+
+
+def _not_an_embed_output(shown: str, names: list[str]) -> OutputError:
+    return OutputError(f"--fresh: {shown} is not a resnet-batch output (no {PROVENANCE_FILE} or {STATE_FILE}) and "
+                       f"is not empty ({len(names)} entries, e.g. {names[0]!r}); refusing to delete anything there: "
+                       "use an empty or new output.uri")
+
+
+EMBED_OUTPUT = Ownership(
+    marks=(PROVENANCE_FILE, STATE_FILE),
+    files=lambda n: n in OUR_FILES or n == LEGACY_MANIFEST or parse_part(n) is not None or bool(TEMP_RE.match(n)),
+    refusal=_not_an_embed_output, dirs=OUR_DIRS, kept=frozenset({LOCK_FILE}))

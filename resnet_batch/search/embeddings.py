@@ -1,7 +1,6 @@
 """embeddings module: an embed output as the search side reads it: its parts, their provenance, 'ok' rows in chunks."""
 from __future__ import annotations
 
-import json
 import posixpath
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -11,12 +10,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from resnet_batch.errors import ProvenanceMismatch, SimilarityIndexError
-from resnet_batch.provenance import differences
+from resnet_batch.errors import OutputError, SimilarityIndexError
+from resnet_batch.output.state import load as load_state
+from resnet_batch.output.store import OutputStore, parse_part
+from resnet_batch.provenance import check_compatible
 from resnet_batch.schema import PROVENANCE_KEY, STATUS_OK, read_provenance
 from resnet_batch.storage import display_path, filesystem, protocols
 
-MANIFEST_FILE = "_manifest.json"  # the embed job's listing: input root and protocol (writer.MANIFEST_FILE)
+STATE_RETRY_S = 30.0  # reading an embed output's state: transient store errors retried this long
 CHUNK_ROWS = 8192  # rows read at a time: 64 MiB of float32 embeddings
 
 
@@ -30,11 +31,6 @@ class Part:
     ok_rows: int
 
 
-def is_part_name(name: str) -> bool:
-    """part-NNNNNN.parquet and container parts part-NNNNNN-CCCC.parquet; never `_`/`.` bookkeeping entries."""
-    return name.startswith("part-") and name.endswith(".parquet")
-
-
 def list_parts(uri: str, storage_options: Optional[dict] = None) -> tuple[object, list[str]]:
     """The fsspec filesystem and the parts of an embed output (or the one .parquet file `uri` names), sorted."""
     fs, entries = list_part_entries(uri, storage_options)
@@ -45,8 +41,8 @@ def list_part_entries(uri: str, storage_options: Optional[dict] = None) -> tuple
     """The fsspec filesystem and the listing entries (name, size, mtime or ETag) of the parts of an embed
     output (or of the one .parquet file `uri` names), sorted by name.
 
-    The one place that knows an output's layout: only top-level `part-*.parquet` files count; sub-folders
-    (`_manifest/`, `_ledger/`) and `_`/`.`-prefixed entries are ignored.
+    Only top-level parts count (output.store.parse_part: part-SSSSSS[-CCCC].parquet); sub-folders (`_manifest/`,
+    `_ledger/`), `_`/`.`-prefixed entries and other Parquet files are ignored.
     """
     fs, root = filesystem(uri, dict(storage_options or {}))
     fs.invalidate_cache(root)  # a listing cached before workers wrote would miss their parts
@@ -57,7 +53,7 @@ def list_part_entries(uri: str, storage_options: Optional[dict] = None) -> tuple
     except FileNotFoundError:
         raise SimilarityIndexError(f"not found: {uri}") from None
     parts = sorted((e for e in entries  # files, and links to files
-                    if e.get("type") != "directory" and is_part_name(posixpath.basename(e["name"]))),
+                    if e.get("type") != "directory" and parse_part(posixpath.basename(e["name"])) is not None),
                    key=lambda e: e["name"])
     if not parts:
         raise SimilarityIndexError(f"no parts (part-*.parquet) under {uri}")
@@ -77,9 +73,8 @@ def part_provenance(schema: pa.Schema, shown: str) -> dict:
 
 def check_provenance(provenance: dict, shown: str, reference: dict, reference_shown: str, hint: str = "") -> None:
     """Refuse embeddings made with another setup than `reference` (the binding provenance keys)."""
-    if diffs := differences(reference, provenance):
-        raise ProvenanceMismatch(f"refusing to mix embeddings with different provenance: {shown} differs from "
-                                 f"{reference_shown}: " + "; ".join(diffs) + hint)
+    check_compatible(reference, provenance, f"refusing to mix embeddings with different provenance: {shown} differs "
+                     f"from {reference_shown}", hint=hint)
 
 
 def scan_embeddings(uris: Sequence[str], storage_options: Optional[dict] = None) -> tuple[list[tuple], dict]:
@@ -133,15 +128,15 @@ def sample_rows(counts: list[int], size: int, seed: int) -> list[np.ndarray]:
 
 
 def input_root(uri: str, storage_options: Optional[dict] = None) -> Optional[dict]:
-    """{"protocol", "root"} of the images an embed output was made from (its manifest), or None if unknown."""
-    fs, root = filesystem(uri, dict(storage_options or {}))
+    """{"protocol", "root"} of the images an embed output was made from (what its `_state.json` records), or
+    None when `uri` is one file, or a folder that the embed job did not write (or whose state is unreadable)."""
+    store = OutputStore(uri, dict(storage_options or {}), retry_window_s=STATE_RETRY_S)
     try:
-        if fs.isfile(root):
+        if store.fs.isfile(store.root):
             return None
-        with fs.open(posixpath.join(root, MANIFEST_FILE), "rb") as f:
-            manifest = json.loads(f.read())
-    except (FileNotFoundError, ValueError):
+        state = load_state(store)
+    except (FileNotFoundError, OutputError, TypeError):  # TypeError: a state without the fields of one
         return None
-    if isinstance(manifest.get("root"), str) and isinstance(manifest.get("protocol"), str):
-        return {"protocol": manifest["protocol"], "root": manifest["root"]}
-    return None
+    if state is None or not isinstance(state.root, str) or not isinstance(state.protocol, str):
+        return None
+    return {"protocol": state.protocol, "root": state.root}

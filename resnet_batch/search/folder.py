@@ -8,7 +8,6 @@ stays for the readers that read the old index.json a moment ago; older ones are 
 """
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import shutil
@@ -16,7 +15,7 @@ import tempfile
 
 from resnet_batch.search.layout import (DATA_FILES, FORMAT_LAYOUT, HASH_FILE, LISTS_FILE, META_FILE, REFINE_FILE, REFINE_SQ_FILE,
                                        generation_dir, generation_of)
-from resnet_batch.output.store import put_bytes
+from resnet_batch.output.store import write_file
 from resnet_batch.storage import filesystem, list_folder, protocols
 
 UPDATE_PREFIX = ".update-"  # staging folders of updates and rebuilds in place (local)
@@ -71,7 +70,7 @@ class Staging:
                 os.replace(self.path(name), os.path.join(self.root, name))
             else:
                 self.fs.put_file(self.path(name), posixpath.join(self.root, name))
-        put_bytes(self.fs, old, json.dumps(meta, indent=2, sort_keys=True).encode())
+        write_file(self.fs, old, meta)
 
     def publish_generation(self, meta: dict, previous: dict) -> None:
         """The staged files as generation meta["generation"] (meta["layout"] names them under its folder, and
@@ -89,7 +88,7 @@ class Staging:
         else:
             for name in names:
                 self.fs.put_file(self.path(name), posixpath.join(target, name))
-        put_bytes(self.fs, posixpath.join(self.root, META_FILE), json.dumps(meta, indent=2, sort_keys=True).encode())
+        write_file(self.fs, posixpath.join(self.root, META_FILE), meta)
         remove_unused(self.fs, self.root, set(meta["files"]) | set(previous["files"]), self.local)
 
 

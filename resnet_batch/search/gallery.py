@@ -20,7 +20,7 @@ from resnet_batch.errors import SimilarityIndexError
 from resnet_batch.search.index import SimilarityIndex
 from resnet_batch.search.neighbors import read_neighbors
 from resnet_batch.search.similar import similar_to_id
-from resnet_batch.output.store import put_bytes
+from resnet_batch.output.store import write_file
 from resnet_batch.storage import filesystem
 
 MAX_IMAGE_BYTES = 50 * 2**20  # a thumbnail's source is refused above this many bytes
@@ -198,7 +198,7 @@ def write_gallery(index: SimilarityIndex, out: str, *, storage_options: Optional
     entries = build_gallery(index, storage_options=storage_options, **options)
     page = render_html(entries, index.meta, service=service.rstrip("/") if service else None)
     fs, path = filesystem(out, dict(storage_options or {}))
-    put_bytes(fs, path, page.encode())
+    write_file(fs, path, page.encode())
     tiles = [t for q, nbrs in entries for t in (q, *nbrs)]
     return {"queries": len(entries), "thumbnails": sum(t.src is not None for t in tiles),
             "unavailable": sum(t.src is None for t in tiles), "bytes": len(page)}

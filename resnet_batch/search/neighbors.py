@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import logging
-import posixpath
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -26,13 +25,12 @@ import pyarrow.parquet as pq
 from resnet_batch.redact import safe_uri
 from resnet_batch.config import redact_options
 from resnet_batch.search.embeddings import list_parts, read_ok_rows
-from resnet_batch.errors import ConfigError, OutputError, ProvenanceMismatch, RunFailed
+from resnet_batch.errors import ConfigError, OutputError, RunFailed
 from resnet_batch.search.index import SimilarityIndex, read_meta
-from resnet_batch.provenance import differences
+from resnet_batch.provenance import check_compatible
 from resnet_batch.schema import embeddings_to_numpy, with_provenance
-from resnet_batch.output.store import put_bytes
-from resnet_batch.storage import display_path, filesystem, list_folder, protocols
-from resnet_batch.output.store import part_name
+from resnet_batch.output.store import OutputStore, Ownership, parse_part, part_name
+from resnet_batch.storage import display_path, filesystem, protocols
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +49,12 @@ GROUPS_FILE = "near_duplicates.parquet"
 REPORT_FILE = "_neighbors.json"
 MARKER_FILE = "_NEIGHBORS"  # written before any part: this folder is a neighbours output (safe to clear)
 NEIGHBORS_KEY = b"resnet_batch.neighbors"  # Parquet metadata: k and the index the table was searched in
+NEIGHBORS_OUTPUT = Ownership(
+    marks=(MARKER_FILE, REPORT_FILE),
+    files=lambda n: parse_part(n) is not None or n in (GROUPS_FILE, REPORT_FILE),
+    refusal=lambda shown, names: OutputError(
+        f"--out {shown} is not empty ({', '.join(sorted(names)[:3]) + (', ...' if len(names) > 3 else '')}) and is "
+        "not a neighbours output; choose a new or empty folder"))
 
 
 @dataclass(frozen=True)
@@ -214,7 +218,7 @@ class NeighborsActor:
             self.index.set_nprobe(settings.nprobe)
         self.load_s = time.perf_counter() - t0
         self.actor_id = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.fs, self.root = filesystem(settings.out_uri, dict(settings.storage_options))
+        self.out = OutputStore(settings.out_uri, dict(settings.storage_options))
         self.s = settings
 
     def part(self, source: str, name: str) -> tuple[dict, pa.Table]:
@@ -229,9 +233,7 @@ class NeighborsActor:
         table = neighbors_rows(self.index, rows.column("image_id").to_pylist(),
                                embeddings_to_numpy(rows.column("embedding")), self.s.k, self.s.query_batch)
         search_s = time.perf_counter() - t_search
-        sink = pa.BufferOutputStream()
-        pq.write_table(table.replace_schema_metadata(self.s.schema.metadata), sink, compression="zstd")
-        put_bytes(self.fs, posixpath.join(self.root, str(name)), sink.getvalue().to_pybytes())
+        self.out.write(str(name), table.replace_schema_metadata(self.s.schema.metadata), compression="zstd")
         components = part_components(table, self.s.threshold)
         stats = {"out": str(name), "source": str(source), "rows": len(table), "failed": total - len(rows),
                  "work_s": time.perf_counter() - t0, "search_s": search_s, "cpu_s": time.process_time() - cpu0,
@@ -246,10 +248,9 @@ def _merge_task(*tables: pa.Table) -> pa.Table:
 def _groups_task(star: pa.Table, out_uri: str, storage_options: dict, provenance: dict) -> tuple[int, int]:
     """The near-duplicate groups from the merged components, written as GROUPS_FILE; (groups, images in them)."""
     groups = groups_from_components(star)
-    fs, root = filesystem(out_uri, dict(storage_options))
-    sink = pa.BufferOutputStream()
-    pq.write_table(groups.replace_schema_metadata(with_provenance(GROUPS_SCHEMA, provenance).metadata), sink)
-    put_bytes(fs, posixpath.join(root, GROUPS_FILE), sink.getvalue().to_pybytes())
+    OutputStore(out_uri, dict(storage_options)).write(
+        GROUPS_FILE, groups.replace_schema_metadata(with_provenance(GROUPS_SCHEMA, provenance).metadata),
+        compression="snappy")
     return len(groups), int(pc.sum(groups.column("size")).as_py() or 0)
 
 
@@ -287,9 +288,8 @@ def plan_parts(cfg: NeighborsConfig, meta: dict, parallel: bool = False) -> tupl
     provenance, first = (found[0][1], found[0][0]) if found else (meta["provenance"], cfg.index)
     for uri, prov in found:
         check_provenance(prov, uri, provenance, first)
-    if diffs := differences(meta["provenance"], provenance):
-        raise ProvenanceMismatch(f"embeddings {', '.join(sources)} were made with a different setup than the "
-                                 f"index {cfg.index}: " + "; ".join(diffs))
+    check_compatible(meta["provenance"], provenance,
+                     f"embeddings {', '.join(sources)} were made with a different setup than the index {cfg.index}")
     items = [{"source": uri, "out": part_name(i)} for i, uri in enumerate(uris)]
     return items, provenance, sources
 
@@ -323,19 +323,12 @@ def check_out(out: str, inputs: list[tuple[str, str]], storage_options: dict) ->
 def prepare_output(uri: str, storage_options: dict, about: dict) -> None:
     """Make `uri` a neighbours output: a new or empty folder, or an earlier neighbours run's (whose files
     are removed); a folder holding anything else is refused. The marker is written before any part."""
-    fs, root = filesystem(uri, dict(storage_options))
-    fs.invalidate_cache(root)
-    if fs.isfile(root):
+    store = OutputStore(uri, dict(storage_options))
+    store.invalidate()
+    if store.fs.isfile(store.root):
         raise OutputError(f"--out {uri} is a file, not a folder")
-    names = {posixpath.basename(p): p for p in list_folder(fs, root)}
-    if names and MARKER_FILE not in names and REPORT_FILE not in names:
-        shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
-        raise OutputError(f"--out {uri} is not empty ({shown}) and is not a neighbours output; "
-                          "choose a new or empty folder")
-    for name, path in names.items():
-        if (name.startswith("part-") and name.endswith(".parquet")) or name in (GROUPS_FILE, REPORT_FILE):
-            fs.rm(path)
-    put_bytes(fs, posixpath.join(root, MARKER_FILE), json.dumps(about, sort_keys=True).encode())
+    store.clear(NEIGHBORS_OUTPUT)
+    store.write(MARKER_FILE, about)
 
 
 def read_neighbors(uri: str, storage_options: Optional[dict] = None, min_score: Optional[float] = None) -> pa.Table:
@@ -411,7 +404,7 @@ def run_neighbors(cfg: NeighborsConfig, progress: bool = True) -> dict:
     star = refs[0] if refs else ray.put(COMPONENTS_SCHEMA.empty_table())
     n_groups, in_groups = ray.get(ray.remote(num_cpus=1)(_groups_task).remote(
         star, worker_uri(cfg.out), dict(cfg.storage_options), provenance))
-    fs, root = filesystem(cfg.out, dict(cfg.storage_options))
+    out = OutputStore(cfg.out, dict(cfg.storage_options))
     images = sum(int(s["rows"]) for s in stats)
     search_s = sum(float(s["search_s"]) for s in stats)
     report = {
@@ -432,5 +425,5 @@ def run_neighbors(cfg: NeighborsConfig, progress: bool = True) -> dict:
         "wall_s": round(time.perf_counter() - t0, 3),
         "outputs": {str(s["out"]): safe_uri(str(s["source"])) for s in sorted(stats, key=lambda s: str(s["out"]))},
     }
-    put_bytes(fs, posixpath.join(root, REPORT_FILE), json.dumps(report, indent=2, sort_keys=True).encode())
+    out.write(REPORT_FILE, report)
     return report

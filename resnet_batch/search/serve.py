@@ -29,7 +29,7 @@ import numpy as np
 
 from resnet_batch.errors import ConfigError, SimilarityIndexError
 from resnet_batch.search.index import SimilarityIndex, UnknownImageId, read_meta
-from resnet_batch.provenance import differences
+from resnet_batch.provenance import same_setup
 from resnet_batch.search.similar import Match, QueryEmbedder, similar_to_id, similar_to_vector
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class Searcher:
         if _version(meta) == _version(self.index.meta):
             return False
         index = SimilarityIndex.open(self.cfg.index, self.cfg.storage_options)
-        if self.embedder is not None and differences(self.index.provenance, index.provenance):
+        if self.embedder is not None and not same_setup(self.index.provenance, index.provenance):
             self.embedder = QueryEmbedder(index.provenance, weights=self.cfg.weights,
                                           storage_options=self.cfg.storage_options)
         _warm(index)

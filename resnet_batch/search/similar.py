@@ -9,7 +9,8 @@ import numpy as np
 
 from resnet_batch.config import ModelConfig
 from resnet_batch.decode import PreprocessSpec, decode_image
-from resnet_batch.errors import InputError, ProvenanceMismatch, WeightsError
+from resnet_batch.errors import InputError, WeightsError
+from resnet_batch.provenance import check_compatible
 from resnet_batch.search.index import SimilarityIndex
 from resnet_batch.text import printable
 from resnet_batch.architecture import layout_of
@@ -75,9 +76,9 @@ class QueryEmbedder:
                                "the index's)") from None
         # the network the index's weights need, whichever way the same weights (same hash) arrive here
         layout = layout_of(provenance.get("model", info.layout.model))
-        if info.sha256 != provenance["weights_sha256"]:
-            raise ProvenanceMismatch(f"weights {info.weights_id} hash {info.sha256[:12]}... differ from the index's "
-                                     f"{provenance['weights_id']} ({provenance['weights_sha256'][:12]}...)")
+        check_compatible(provenance, {"weights_sha256": info.sha256},
+                         f"weights {info.weights_id} hash {info.sha256[:12]}... differ from the index's "
+                         f"{provenance['weights_id']} ({provenance['weights_sha256'][:12]}...)", keys=("weights_sha256",))
         self.spec = preprocess_spec_for(provenance)
         prep = provenance["preprocessing"]
         self.max_pixels, self.draft = int(prep["max_pixels"]), bool(prep["jpeg_draft"])
