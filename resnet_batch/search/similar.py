@@ -65,7 +65,7 @@ class QueryEmbedder:
 
     def __init__(self, provenance: dict, *, weights: Optional[str] = None, storage_options: Optional[dict] = None,
                  device: Optional[str] = None):
-        from resnet_batch.embed.model import ResNet50Embedder
+        from resnet_batch.network import ResNet50Embedder
 
         try:
             info, state_dict = resolve_weights(model_config_for(provenance, weights), dict(storage_options or {}))
