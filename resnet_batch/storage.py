@@ -1,4 +1,5 @@
-"""storage module: filesystems for input/output URLs, S3 options and listing, and the preflight run before any work.
+"""storage module: filesystems for input/output URLs, S3 options, error explanations, and the preflight run before
+any work (listing the input is embed/listing.py's; writing into an output, output/store.py's).
 
 Credentials are never copied anywhere by this module: each process (driver, Ray workers) resolves them
 through botocore's usual chain (storage_options key/secret/token/profile, then AWS_ACCESS_KEY_ID /
@@ -8,13 +9,10 @@ workers on other machines talk to the same store.
 """
 from __future__ import annotations
 
-import asyncio
 import inspect
 import os
 import posixpath
-import sys
-import time
-from typing import Callable, Optional
+from typing import Optional
 
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
@@ -122,91 +120,6 @@ def endpoint_of(fs) -> str:
         return fs.s3.meta.endpoint_url
     except Exception:
         return fs.endpoint_url or "the default AWS endpoint"
-
-
-# -- listing ------------------------------------------------------------------------------------
-def list_files(fs: fsspec.AbstractFileSystem, root: str,
-               on_progress: Optional[Callable[[int], None]] = None, concurrency: int = 16) -> list[str]:
-    """All file paths below root (protocol-less), unsorted.
-
-    On S3 this is one paginated ListObjectsV2 walk per prefix, never a request per object: the root is
-    listed with a delimiter, then each sub-prefix is walked without one, up to `concurrency` at a time.
-    `on_progress(n)` is called with the running total after every page.
-    """
-    if not set(protocols(fs)) & set(S3_PROTOCOLS):
-        found = fs.find(root, withdirs=False)
-        if on_progress:
-            on_progress(len(found))
-        return found
-    from fsspec.asyn import sync
-
-    bucket, key, _ = fs.split_path(root)
-    prefix = f"{key.rstrip('/')}/" if key else ""
-    return sync(fs.loop, _list_s3, fs, bucket, prefix, on_progress, concurrency)
-
-
-async def _list_s3(fs, bucket: str, prefix: str, on_progress, concurrency: int) -> list[str]:
-    total = [0]
-
-    async def pages(p: str, delimiter: str):
-        kwargs = dict(Bucket=bucket, Prefix=p, **fs.req_kw)
-        if delimiter:
-            kwargs["Delimiter"] = delimiter
-        while True:
-            out = await fs._call_s3("list_objects_v2", **kwargs)
-            keys = [f"{bucket}/{c['Key']}" for c in out.get("Contents", ()) if not c["Key"].endswith("/")]
-            total[0] += len(keys)
-            if on_progress:
-                on_progress(total[0])
-            yield keys, [c["Prefix"] for c in out.get("CommonPrefixes", ())]
-            if not out.get("IsTruncated"):
-                return
-            kwargs["ContinuationToken"] = out["NextContinuationToken"]
-
-    files: list[str] = []
-    subs: list[str] = []
-    async for keys, common in pages(prefix, "/"):
-        files.extend(keys)
-        subs.extend(common)
-    limit = asyncio.Semaphore(concurrency)
-
-    async def walk(p: str) -> list[str]:
-        async with limit:
-            got: list[str] = []
-            async for keys, _ in pages(p, ""):
-                got.extend(keys)
-            return got
-
-    for got in await asyncio.gather(*(walk(p) for p in subs)):
-        files.extend(got)
-    return files
-
-
-class ListingProgress:
-    """Prints `listing URI: N objects (R/s)` to stderr at most every `every_s` seconds, and a final line."""
-
-    def __init__(self, uri: str, enabled: bool = True, every_s: float = 2.0):
-        self.uri, self.enabled, self.every_s = uri, enabled, every_s
-        self.t0 = self.last = time.perf_counter()
-        self.count = 0
-
-    def __call__(self, count: int) -> None:
-        self.count = count
-        now = time.perf_counter()
-        if self.enabled and now - self.last >= self.every_s:
-            self.last = now
-            self._print("so far")
-
-    def done(self) -> float:
-        seconds = time.perf_counter() - self.t0
-        if self.enabled and (seconds >= self.every_s or self.count >= 10_000):
-            self._print("in total")
-        return seconds
-
-    def _print(self, what: str) -> None:
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        print(f"listing {self.uri}: {self.count:,} objects {what} in {dt:.1f}s ({self.count / dt:,.0f} objects/s)",
-              file=sys.stderr, flush=True)
 
 
 # -- explaining errors ----------------------------------------------------------------------------
@@ -331,8 +244,7 @@ def prepare(cfg):
 
     Raises InputError / OutputError (the CLI's exit code 2) with a message that says what to fix.
     """
-    from resnet_batch.embed.listing import InputError
-    from resnet_batch.output.store import OutputError
+    from resnet_batch.errors import InputError, OutputError
 
     try:
         inp = resolve_options(cfg.input.uri, dict(cfg.input.storage_options), where="input.storage_options")
