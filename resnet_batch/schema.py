@@ -14,7 +14,6 @@ PROVENANCE_KEY = b"resnet_batch.provenance"
 STATUS_OK = "ok"
 STATUS_READ_ERROR = "read_error"  # the bytes could not be fetched
 STATUS_DECODE_ERROR = "decode_error"  # not an image, truncated, too large, ...
-STATUSES = (STATUS_OK, STATUS_READ_ERROR, STATUS_DECODE_ERROR)
 # (A forward pass that raises fails its whole shard, which is retried and, if it keeps failing, named.)
 # Control rows between the read tasks and the model actors (never written to a part):
 CONTROL_END = "_end"  # closes a shard; its _chunks / _skipped say how many chunks and non-image members
