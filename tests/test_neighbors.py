@@ -14,7 +14,7 @@ from resnet_batch.errors import ConfigError, OutputError
 from resnet_batch.search.index import SimilarityIndex, normalize
 from resnet_batch.search.build import build_index
 from resnet_batch.search.neighbors import (GROUPS_FILE, GROUPS_SCHEMA, MARKER_FILE, NEIGHBORS_KEY, NEIGHBORS_SCHEMA,
-                                    REPORT_FILE, NeighborsConfig, exclude_self, near_duplicate_groups,
+                                    NEIGHBORS_REPORT_FILE, NeighborsConfig, exclude_self, near_duplicate_groups,
                                     read_neighbors, run_neighbors)
 from resnet_batch.provenance import ProvenanceMismatch
 from resnet_batch.schema import read_provenance
@@ -80,12 +80,12 @@ def test_job_writes_numpy_exact_neighbours_and_groups(planted, tmp_path, ray_loc
     (out / MARKER_FILE).write_text("{}")  # an earlier neighbours run's folder: its leftovers are removed
     (out / "part-000009.parquet").write_bytes(b"stale")
     report = run_neighbors(NeighborsConfig(index=index_uri, out=str(out), k=5, threshold=0.999), progress=False)
-    assert sorted(p.name for p in out.iterdir()) == [MARKER_FILE, REPORT_FILE, GROUPS_FILE, "part-000000.parquet",
+    assert sorted(p.name for p in out.iterdir()) == [MARKER_FILE, NEIGHBORS_REPORT_FILE, GROUPS_FILE, "part-000000.parquet",
                                                      "part-000001.parquet", "part-000002.parquet"]
     assert (report["parts"], report["images"], report["failed_rows_skipped"]) == (3, 86, 4)
     assert len(report["actors"]) == 1  # one actor, the index loaded once for all three parts
     assert report["outputs"] == {f"part-{p:06d}.parquet": str(root / f"part-{p:06d}.parquet") for p in range(3)}
-    assert json.loads((out / REPORT_FILE).read_text())["near_duplicate_groups"] == 2
+    assert json.loads((out / NEIGHBORS_REPORT_FILE).read_text())["near_duplicate_groups"] == 2
 
     schema = pq.read_schema(out / "part-000001.parquet")
     assert schema.remove_metadata() == NEIGHBORS_SCHEMA
@@ -198,5 +198,5 @@ def test_job_reads_and_writes_s3_and_keeps_the_secret_out_of_the_report(planted,
     assert (again["images"], again["near_duplicate_groups"], again["images_in_groups"]) == (86, 2, 5)
     assert report["outputs"]["part-000002.parquet"] == f"s3://{bucket}/emb/part-000002.parquet"
     assert read_neighbors(f"s3://{bucket}/nb", opts).column("image_id").to_pylist() == ids
-    stored = fs.cat_file(f"{bucket}/nb/{REPORT_FILE}").decode()
+    stored = fs.cat_file(f"{bucket}/nb/{NEIGHBORS_REPORT_FILE}").decode()
     assert SECRET_KEY not in stored and json.loads(stored)["config"]["storage_options"]["secret"] == "***"

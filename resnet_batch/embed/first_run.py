@@ -10,7 +10,7 @@ import pyarrow as pa
 from resnet_batch.embed.dispatch import dispatch
 from resnet_batch.embed.job import Job
 from resnet_batch.embed.listing import FORMATS
-from resnet_batch.embed.plan import StreamPlanner, detect, layout_of, no_input
+from resnet_batch.embed.plan import StreamPlanner, detect, input_layout, no_input
 from resnet_batch.embed.reconcile import finish
 from resnet_batch.errors import InputError
 from resnet_batch.output.state import OutputState, save, schema_to_text
@@ -30,7 +30,7 @@ def first_run(job: Job, listing) -> dict:
     fmt, pages = detect(cfg.input, listing)
     check_passthrough_names(cfg.input.passthrough_columns, fmt)
     passthrough, pages = _passthrough(job, fmt, listing, pages)
-    state = OutputState(safe_uri(cfg.input.uri), fmt, listing.root, listing.protocol, layout_of(cfg.input, fmt),
+    state = OutputState(safe_uri(cfg.input.uri), fmt, listing.root, listing.protocol, input_layout(cfg.input, fmt),
                         schema_to_text(tuple(passthrough)))
     run_no = state.next_run()
     state.runs.append(job.run_entry(run_no))

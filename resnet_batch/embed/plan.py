@@ -47,7 +47,7 @@ def detect(cfg: InputConfig, listing: InputListing) -> tuple[str, Iterator[pa.Ta
     return fmt, again()
 
 
-def layout_of(cfg: InputConfig, fmt: str) -> dict:
+def input_layout(cfg: InputConfig, fmt: str) -> dict:
     """The input settings that shape this format's shards and columns (a rerun must keep them)."""
     keys = FORMATS[fmt].layout_keys
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.model_dump(include=set(keys)).items()}

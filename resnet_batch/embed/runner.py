@@ -22,7 +22,7 @@ from resnet_batch.decode import PreprocessSpec
 from resnet_batch.embed.first_run import first_run
 from resnet_batch.embed.job import Job
 from resnet_batch.embed.listing import list_entries
-from resnet_batch.embed.plan import layout_of
+from resnet_batch.embed.plan import input_layout
 from resnet_batch.embed.progress import Progress, make_progress
 from resnet_batch.embed.sync_run import sync_run
 from resnet_batch.errors import OutputError
@@ -136,7 +136,7 @@ def _check_state(job: Job, state: OutputState) -> None:
     if state.input != safe_uri(job.cfg.input.uri):
         raise OutputError(f"output {job.store.display()} holds a run over input {state.input!r}, not "
                           f"{safe_uri(job.cfg.input.uri)!r}; use another output.uri, or --fresh to start over")
-    layout = layout_of(job.cfg.input, state.format)
+    layout = input_layout(job.cfg.input, state.format)
     diffs = [f"input.{k}: {state.layout.get(k)!r} != {v!r}" for k, v in layout.items()
              if state.layout.get(k) != v]
     if diffs:

@@ -34,7 +34,7 @@ COPY_CPUS = 0.5
 PLAN_TABLES = (("entries", MANIFEST_SCHEMA), ("drops", DROPS_SCHEMA), ("copies", COPIES_SCHEMA))
 
 
-def plan_pieces(store: OutputStore, table: str, schema: pa.Schema) -> PieceLog:
+def plan_log(store: OutputStore, table: str, schema: pa.Schema) -> PieceLog:
     """One table of sync plans as a piece log: `_sync/TABLE-RRRR.parquet`, one piece per run."""
     return PieceLog(store, SYNC_DIR, schema, lambda n: n.startswith(f"{table}-") and n.endswith(".parquet"),
                     compression="zstd")
@@ -43,7 +43,7 @@ def plan_pieces(store: OutputStore, table: str, schema: pa.Schema) -> PieceLog:
 def store_plan(store: OutputStore, run: int, plan: SyncPlan) -> None:
     """The plan's three tables under _sync/ (committed afterwards by the state file)."""
     for (name, schema), table in zip(PLAN_TABLES, (plan.new_entries, plan.drops, plan.copies)):
-        plan_pieces(store, name, schema).write(f"{name}-{run:04d}.parquet", table)
+        plan_log(store, name, schema).write(f"{name}-{run:04d}.parquet", table)
 
 
 def load_plan(store: OutputStore, run: int) -> tuple[pa.Table, pa.Table, pa.Table]:

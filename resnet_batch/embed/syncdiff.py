@@ -27,7 +27,7 @@ from resnet_batch.embed.listing import (ENTRY_SCHEMA, FORMATS, SKIPPED_EXAMPLES,
                                         hidden, storable)
 from resnet_batch.embed.plan import COPIES_SCHEMA, DROPS_SCHEMA, _count, _same_version
 from resnet_batch.output.manifest import MANIFEST_SCHEMA, PIECE_ENCODING, PIECE_ENTRIES, piece_name, piece_range
-from resnet_batch.output.manifest import pieces as manifest_log
+from resnet_batch.output.manifest import manifest_log
 from resnet_batch.output.pieces import PieceLog
 from resnet_batch.output.store import MANIFEST_DIR, SYNC_DIR, OutputStore, read_parquet
 

@@ -29,7 +29,7 @@ def records_table(records: Iterable[dict]) -> pa.Table:
     return pa.Table.from_pylist([{k: r.get(k) for k in names} for r in records], schema=PART_RECORD_SCHEMA)
 
 
-def pieces(store: OutputStore) -> PieceLog:
+def ledger_log(store: OutputStore) -> PieceLog:
     """The ledger's piece log: `_ledger/l-RRRR-NNNNNN.parquet` (run, sequence) and `l-RRRR-compact.parquet`."""
     return PieceLog(store, LEDGER_DIR, PART_RECORD_SCHEMA, lambda n: n.startswith("l-") and n.endswith(".parquet"),
                     compression="zstd")
@@ -39,7 +39,7 @@ class LedgerWriter:
     """Appends records in pieces `_ledger/l-RRRR-NNNNNN.parquet` (every FLUSH_RECORDS or FLUSH_S)."""
 
     def __init__(self, store: OutputStore, run: int):
-        self.log, self.run = pieces(store), run
+        self.log, self.run = ledger_log(store), run
         self.buffer: list[dict] = []
         self.seq = len([n for n in store.list_dir(LEDGER_DIR) if n.startswith(f"l-{run:04d}-")])
         self.last = time.monotonic()
@@ -65,7 +65,7 @@ class LedgerWriter:
 
 def read_ledger(store: OutputStore) -> pa.Table:
     """The latest record of every (shard, chunk) ever written to this output (read concurrently)."""
-    return latest(pieces(store).read())
+    return latest(ledger_log(store).read())
 
 
 def latest(table: pa.Table) -> pa.Table:
@@ -105,7 +105,7 @@ def recover(store: OutputStore, part_names: list[str], provenance: Optional[dict
 
 def compact(store: OutputStore, run: int, table: Optional[pa.Table] = None) -> None:
     """Merge the ledger's pieces into one when there are many (the merged piece first, then the old ones go)."""
-    log = pieces(store)
+    log = ledger_log(store)
     names = log.names()
     if len(names) <= COMPACT_PIECES:
         return

@@ -37,7 +37,7 @@ def piece_range(name: str) -> Optional[tuple[int, int]]:
         return None
 
 
-def pieces(store: OutputStore) -> PieceLog:
+def manifest_log(store: OutputStore) -> PieceLog:
     """The manifest's piece log: `_manifest/m-FIRST-LAST.parquet`, each holding whole shards FIRST..LAST."""
     return PieceLog(store, MANIFEST_DIR, MANIFEST_SCHEMA, lambda n: piece_range(n) is not None, **PIECE_ENCODING)
 
@@ -49,7 +49,7 @@ class ManifestWriter:
 
     def __init__(self, store: OutputStore, release: Callable[[list], None],
                  piece_entries: int = PIECE_ENTRIES, flush_s: float = FLUSH_S):
-        self.log, self.release = pieces(store), release
+        self.log, self.release = manifest_log(store), release
         self.piece_entries, self.flush_s = piece_entries, flush_s
         self.shards: list = []
         self.tables: list[pa.Table] = []
@@ -79,7 +79,7 @@ class ManifestWriter:
 
 def read_manifest(store: OutputStore) -> pa.Table:
     """Every entry of the manifest (all pieces, read concurrently)."""
-    return pieces(store).read()
+    return manifest_log(store).read()
 
 
 def drop_entries(store: OutputStore, drops: pa.Table) -> int:
@@ -89,7 +89,7 @@ def drop_entries(store: OutputStore, drops: pa.Table) -> int:
         return 0
     shards = set(drops.column("shard").to_pylist())
     touched = 0
-    log = pieces(store)
+    log = manifest_log(store)
     for name in log.names():
         first, last = piece_range(name)
         if not any(first <= s <= last for s in shards):
@@ -117,7 +117,7 @@ def write_entries(store: OutputStore, entries: pa.Table) -> int:
         return 0
     entries = entries.cast(MANIFEST_SCHEMA).sort_by([("shard", "ascending"), ("path", "ascending")])
     shards = entries.column("shard").to_numpy()
-    log = pieces(store)
+    log = manifest_log(store)
     written, start = 0, 0
     while start < len(entries):
         end = min(start + PIECE_ENTRIES, len(entries))

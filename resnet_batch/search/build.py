@@ -1,4 +1,4 @@
-"""index_build module: the streaming index build: sample, train, add chunk by chunk, tune nprobe, write the folder.
+"""build module: the streaming index build: sample, train, add chunk by chunk, tune nprobe, write the folder.
 
 Memory is bounded by the codes, not by the raw vectors: pass 1 keeps only a sample (float16) to train the
 projection and the lists; pass 2 reads the parts in chunks of CHUNK_ROWS, adds them with 64-bit ids, writes
@@ -64,7 +64,7 @@ class BuildSource:
 
     uris: tuple
     parts: list  # [(fs, Part)]
-    stamps: dict  # part uri -> stamp (index_changes.part_stamps)
+    stamps: dict  # part uri -> stamp (changes.part_stamps)
     provenance: dict
     spec: IndexSpec
     scan_s: float
@@ -317,7 +317,7 @@ def fit_projection(sample: np.ndarray, dims: int):
 
 def _trained_refiner(train: np.ndarray, dims: int = 0, code: str = "FP16"):
     """The codes of full vectors that re-ranking decodes: offsets from the mean (embeddings crowd around it, so
-    the offsets carry what tells neighbours apart; index_spec.py says why not 8 bits of the raw vectors),
+    the offsets carry what tells neighbours apart; spec.py says why not 8 bits of the raw vectors),
     projected onto the top `dims` principal directions of the offsets (0: all dimensions kept), stored as
     float16 ("FP16"), 8-, 6- or 4-bit numbers ("SQ8", "SQ6", "SQ4") or product-quantizer bytes ("PQ<m>")."""
     import faiss

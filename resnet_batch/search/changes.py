@@ -1,4 +1,4 @@
-"""index_changes module: what changed in an index's embeddings since it was built or last updated.
+"""changes module: what changed in an index's embeddings since it was built or last updated.
 
 Every part is stamped when it is indexed: its size, and the `written_at` and `run` of its record in the embed
 output's ledger (or in the part's own metadata, where the ledger lacks it; a part without a record, such as a
@@ -24,7 +24,7 @@ from resnet_batch.schema import STATUS_OK
 from resnet_batch.storage import display_path, protocols
 from resnet_batch.output.store import OutputStore, part_record
 
-READERS = 16  # parts read at once (footers, image_id columns): object-store latency, not CPU
+PART_READERS = 16  # parts read at once (footers, image_id columns): object-store latency, not CPU
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def part_stamps(uris: Sequence[str], storage_options: Optional[dict] = None) -> 
         fs, entries = list_part_entries(uri, storage_options)
         records = _ledger_records(uri, fs, storage_options)
         missing = [e["name"] for e in entries if posixpath.basename(e["name"]) not in records]
-        with ThreadPoolExecutor(READERS) as pool:
+        with ThreadPoolExecutor(PART_READERS) as pool:
             own = dict(zip(missing, pool.map(lambda path: part_record(fs, path), missing)))
         for e in entries:
             record = records.get(posixpath.basename(e["name"])) or own.get(e["name"])
@@ -110,7 +110,7 @@ def find_changes(uris: Sequence[str], meta: dict, ids: pa.Table, index_uri: str,
     gone = sorted(set(recorded) - {p.uri for p in now})
     rows_of_part = _rows_by_part(ids.column("part").to_numpy(), len(meta["part_uris"]))
     hint = "; index them with --rebuild (a new index), or another --out"
-    with ThreadPoolExecutor(READERS) as pool:
+    with ThreadPoolExecutor(PART_READERS) as pool:
         current = list(pool.map(lambda p: _ok_image_ids(p, meta["provenance"], index_uri, hint), touched))
     image_ids = ids.column("image_id")
     leaving, added = [rows_of_part(position[uri]) for uri in gone], {}

@@ -1,4 +1,4 @@
-"""search_cli module: the `index`, `similar`, `neighbors`, `gallery` and `serve` subcommands of `resnet-batch`."""
+"""cli module: the `index`, `similar`, `neighbors`, `gallery` and `serve` subcommands of `resnet-batch`."""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,4 @@
-"""index_folder module: writing an index folder so that a reader never sees a mix of two indexes.
+"""folder module: writing an index folder so that a reader never sees a mix of two indexes.
 
 A fresh build stages its files, removes index.json, moves the files in and writes index.json last (a reader in
 between finds no index, never half of one). An update or a rebuild over an existing index writes a new

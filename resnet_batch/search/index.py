@@ -1,12 +1,12 @@
 """index module: an index folder (FAISS index, id map, index.json), opened memory-mapped and searched by cosine.
 
-Folder layout (written by index_build.py, index.json last: a folder without it is incomplete):
+Folder layout (written by build.py, index.json last: a folder without it is incomplete):
   index.faiss  the FAISS index; every vector carries a 64-bit id (IndexIDMap2 or the inverted file's own ids)
   ids.arrow    the id map, Arrow IPC (uncompressed, memory-mappable): id, image_id, path, label, prob, part
   refine.f16   (IVF) row i of the id map as its float16 offset from the mean, for re-ranking candidates
   refine.faiss (IVF) the mean and the float16 coder that decode them
   index.json   kind, spec, tuned nprobe and its measured recall, counts, provenance, sources, image roots
-An updated index keeps these files in generation folders that index.json names (index_layout.py).
+An updated index keeps these files in generation folders that index.json names (layout.py).
 The data files are memory-mapped, so the actors of one node share one copy in the page cache; an index on
 object storage is first copied to a node-local cache folder (once per node and generation).
 """
@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 
 from resnet_batch.errors import SimilarityIndexError
-from resnet_batch.search.layout import (DATA_FILES, FORMAT, FORMATS, IDS_FILE, INDEX_FILE,  # noqa: F401 (re-exported)
-                                       META_FILE, REFINE_FILE, REFINE_SQ_FILE, generation_of, layout_of,
+from resnet_batch.search.layout import (DATA_FILES, FORMAT, INDEX_FORMATS, IDS_FILE, INDEX_FILE,  # noqa: F401 (re-exported)
+                                       META_FILE, REFINE_FILE, REFINE_SQ_FILE, generation_of, index_layout,
                                        open_id_lookup, open_refine_rows, read_faiss_index)
 from resnet_batch.storage import filesystem, protocols
 
@@ -167,7 +167,7 @@ class SimilarityIndex:
         import faiss
 
         meta = read_meta(uri, storage_options)
-        layout = layout_of(meta)
+        layout = index_layout(meta)
         fs, root = filesystem(uri, dict(storage_options or {}))
         remote = "file" not in protocols(fs)
         # Consumers open, they do not copy: a local or shared folder is mapped in place; from object storage the
@@ -301,7 +301,7 @@ def read_meta(uri: str, storage_options: Optional[dict] = None) -> dict:
     except FileNotFoundError:
         raise SimilarityIndexError(f"no index at {uri} ({META_FILE} missing; "
                                    "build one with `resnet-batch index`)") from None
-    if meta.get("format") not in FORMATS:
+    if meta.get("format") not in INDEX_FORMATS:
         raise SimilarityIndexError(f"the index at {uri} is in an older format; rebuild it with `resnet-batch index`")
     return meta
 

@@ -1,4 +1,4 @@
-"""index_layout module: which files of an index folder hold the current index, and its re-ranking rows.
+"""layout module: which files of an index folder hold the current index, and its re-ranking rows.
 
 A fresh build writes its files at the top of the folder (format 2: the names below, no "layout" in
 index.json). An update, or a rebuild over an existing index, writes a new *generation* `gen-NNNNNN/` and then
@@ -33,7 +33,7 @@ HASH_FILE = "ids.hash"  # the id map's image_id hashes, sorted, then the row of 
 LISTS_FILE = "lists.ivfdata"  # (a scaled-out build) the inverted lists on disk, beside the index.faiss naming them
 FORMAT = 2  # index.json "format" of a fresh build (files at the top); 1 was ids.parquet + positions
 FORMAT_LAYOUT = 3  # an updated or rebuilt index: index.json "layout" names the files (in generation folders)
-FORMATS = (FORMAT, FORMAT_LAYOUT)
+INDEX_FORMATS = (FORMAT, FORMAT_LAYOUT)
 DATA_FILES = (INDEX_FILE, IDS_FILE, REFINE_FILE, REFINE_SQ_FILE, REFINE_ROWS_FILE, LISTS_FILE, HASH_FILE)
 _GENERATION_RE = re.compile(r"^gen-(\d{6})$")
 
@@ -100,7 +100,7 @@ def lists_into_memory(index) -> None:
     mem.this.disown()
 
 
-def layout_of(meta: dict) -> dict:
+def index_layout(meta: dict) -> dict:
     """The files of the index that index.json describes (a fresh build's, where it records no layout)."""
     if "layout" in meta:
         return meta["layout"]

@@ -46,12 +46,12 @@ GROUPS_SCHEMA = pa.schema([
     pa.field("min_score", pa.float32()),  # the weakest neighbour link that joined the group
 ])
 GROUPS_FILE = "near_duplicates.parquet"
-REPORT_FILE = "_neighbors.json"
+NEIGHBORS_REPORT_FILE = "_neighbors.json"
 MARKER_FILE = "_NEIGHBORS"  # written before any part: this folder is a neighbours output (safe to clear)
 NEIGHBORS_KEY = b"resnet_batch.neighbors"  # Parquet metadata: k and the index the table was searched in
 NEIGHBORS_OUTPUT = Ownership(
-    marks=(MARKER_FILE, REPORT_FILE),
-    files=lambda n: parse_part(n) is not None or n in (GROUPS_FILE, REPORT_FILE),
+    marks=(MARKER_FILE, NEIGHBORS_REPORT_FILE),
+    files=lambda n: parse_part(n) is not None or n in (GROUPS_FILE, NEIGHBORS_REPORT_FILE),
     refusal=lambda shown, names: OutputError(
         f"--out {shown} is not empty ({', '.join(sorted(names)[:3]) + (', ...' if len(names) > 3 else '')}) and is "
         "not a neighbours output; choose a new or empty folder"))
@@ -191,7 +191,7 @@ def strong_links(table: pa.Table, threshold: float) -> pa.Table:
 
 
 @dataclass(frozen=True)
-class ActorSettings:
+class NeighborsActorSettings:
     """What every neighbours actor needs, by keyword."""
 
     index_uri: str
@@ -208,7 +208,7 @@ class ActorSettings:
 class NeighborsActor:
     """Ray actor: opens the index once (memory-mapped), then turns each embeddings part into a neighbours part."""
 
-    def __init__(self, settings: ActorSettings):
+    def __init__(self, settings: NeighborsActorSettings):
         import faiss
 
         faiss.omp_set_num_threads(settings.threads)
@@ -367,7 +367,7 @@ def run_neighbors(cfg: NeighborsConfig, progress: bool = True) -> dict:
     prepare_output(cfg.out, cfg.storage_options, about)
     schema = with_provenance(NEIGHBORS_SCHEMA, provenance)
     schema = schema.with_metadata({**schema.metadata, NEIGHBORS_KEY: json.dumps(about).encode()})
-    settings = ActorSettings(index_uri=worker_uri(cfg.index), out_uri=worker_uri(cfg.out), storage_options=dict(cfg.storage_options),
+    settings = NeighborsActorSettings(index_uri=worker_uri(cfg.index), out_uri=worker_uri(cfg.out), storage_options=dict(cfg.storage_options),
                              k=cfg.k, threshold=cfg.threshold, query_batch=cfg.query_batch, nprobe=cfg.nprobe,
                              schema=schema, threads=max(1, int(cfg.cpus_per_actor)))
     # Plain actors with their (small) settings inline: no constructor arguments in the object store, so no
@@ -425,5 +425,5 @@ def run_neighbors(cfg: NeighborsConfig, progress: bool = True) -> dict:
         "wall_s": round(time.perf_counter() - t0, 3),
         "outputs": {str(s["out"]): safe_uri(str(s["source"])) for s in sorted(stats, key=lambda s: str(s["out"]))},
     }
-    out.write(REPORT_FILE, report)
+    out.write(NEIGHBORS_REPORT_FILE, report)
     return report

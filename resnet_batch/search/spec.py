@@ -1,4 +1,4 @@
-"""index_spec module: which FAISS index to build for a count of vectors and a memory budget (pure, no FAISS).
+"""spec module: which FAISS index to build for a count of vectors and a memory budget (pure, no FAISS).
 
 The rules (FAISS's guidelines, as autofaiss applies them):
 - up to `flat_max` vectors, and while the raw vectors fit the budget: exact search (`Flat`);

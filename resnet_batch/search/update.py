@@ -1,8 +1,8 @@
-"""index_update module: `resnet-batch index` over an index it built before: the index follows its embeddings.
+"""update module: `resnet-batch index` over an index it built before: the index follows its embeddings.
 
-On a new folder, a build (index_build). On an existing index, under the folder's lock: what changed since the
-last build or update (index_changes), then update in place or rebuild (index_spec.decide), published as a new
-generation (index_folder): readers see the index before or after, never a mix.
+On a new folder, a build (build). On an existing index, under the folder's lock: what changed since the
+last build or update (changes), then update in place or rebuild (spec.decide), published as a new
+generation (folder): readers see the index before or after, never a mix.
 
 An update takes the rows that left out of the FAISS index (`remove_ids`) and out of the id map, adds the rows
 that arrived with fresh 64-bit ids from `next_id` (an id is never used twice), and appends their re-ranking
@@ -29,9 +29,9 @@ from resnet_batch.search.build import (TUNE_K, BuildSource, IdMapWriter, add_par
                                       fold_folders, history_entry, image_roots, LOG, tune_index)
 from resnet_batch.search.changes import Changes, find_changes
 from resnet_batch.search.folder import UPDATE_PREFIX, Staging
-from resnet_batch.search.layout import (FORMATS, HASH_FILE, IDS_FILE, INDEX_FILE, LISTS_FILE, META_FILE,
+from resnet_batch.search.layout import (INDEX_FORMATS, HASH_FILE, IDS_FILE, INDEX_FILE, LISTS_FILE, META_FILE,
                                        REFINE_FILE, REFINE_ROWS_FILE, REFINE_SQ_FILE, RefineRows, generation_dir,
-                                       hashes_by_row, layout_of, lists_into_memory, map_rows, open_refine_rows,
+                                       hashes_by_row, index_layout, lists_into_memory, map_rows, open_refine_rows,
                                        read_faiss_index, write_id_lookup)
 from resnet_batch.search.spec import IndexOptions, decide
 from resnet_batch.storage import filesystem
@@ -103,7 +103,7 @@ def index_embeddings(uris: Sequence[str], out: str, given: Optional[dict] = None
         if not previous.get("part_stamps"):
             return _rebuild(target, "the index records no part stamps (built before updates were possible)")
         folder = local_folder(out, previous, opts)
-        ids = pa.ipc.open_file(pa.memory_map(os.path.join(folder, layout_of(previous)["ids"]))).read_all()
+        ids = pa.ipc.open_file(pa.memory_map(os.path.join(folder, index_layout(previous)["ids"]))).read_all()
         changes = find_changes(uris, previous, ids, out, opts)
         if changes.after == 0:
             raise SimilarityIndexError(f"no embeddings with status 'ok' under {', '.join(uris)}")
@@ -144,7 +144,7 @@ def existing_meta(out: str, opts: dict) -> Optional[dict]:
             meta = json.loads(f.read())
     except (FileNotFoundError, ValueError):
         return None
-    return meta if meta.get("format") in FORMATS else None
+    return meta if meta.get("format") in INDEX_FORMATS else None
 
 
 def retune_reason(previous: dict, after: int, options: IndexOptions) -> Optional[str]:
@@ -189,7 +189,7 @@ def _update(target: Target, folder: str, ids: pa.Table, changes: Changes, reason
 
     t0 = time.perf_counter()
     out, previous, generation = target.out, target.previous, target.generation
-    layout = layout_of(previous)
+    layout = index_layout(previous)
     index = read_faiss_index(os.path.join(folder, layout["index"]), bool(layout.get("lists")), mmap_codes=False)
     if layout.get("lists"):
         lists_into_memory(index)  # in memory: it is written again, into this generation
