@@ -1,6 +1,6 @@
 """actor_pipeline_bench: one model actor against a device-like stand-in; its throughput against the ceiling.
 
-The stand-in (tests/standin.py DeviceStandIn, reachable only through the Python API) takes a fixed time
+The stand-in (tests/helpers/standin.py DeviceStandIn, reachable only through the Python API) takes a fixed time
 per batch with the GIL released and runs one batch at a time, as a GPU does: its ceiling is
 batch_size / batch_s images/s. One real EmbedActor (started by the real ModelPool, so the pool's own
 concurrency applies) gets pre-decoded blocks of real photos (made once by the real reader) as fast as the
@@ -53,7 +53,7 @@ def measure(chunk, spec, out: Path, batch: int, batch_s: float, chunks: int, dev
     from resnet_batch.output.store import PartSettings
     from resnet_batch.schema import output_schema
     from resnet_batch.weights import categories
-    from tests.standin import DeviceStandIn
+    from tests.helpers.standin import DeviceStandIn
 
     part = PartSettings(str(out), {}, output_schema((), "float32"), "zstd", "float32", 5.0, 1)
     settings = ActorSettings(spec=spec, categories=categories("IMAGENET1K_V2"), topk=5, precision="fp32",

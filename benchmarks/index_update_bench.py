@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/index_update_bench.py [--n 60000] [--part-rows 2000]
 
-Night 1: n clustered 2048-d vectors (tests/search_helpers.clustered_vectors) as embed-output parts with ledger
+Night 1: n clustered 2048-d vectors (tests/helpers/search.clustered_vectors) as embed-output parts with ledger
 records, indexed (above 50,000 an IVF index, trained and tuned). Night 2, as a sync leaves an output (about 10%
 of it changed): 6% new rows in new parts, 2% of the rows gone from half the parts (rewritten: a new ledger
 record each), one whole part deleted. Then the same command (an update: it reads the changed parts only) and, into another folder, a full
@@ -24,7 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.search_helpers import brute_force, clustered_vectors, write_logged_part  # noqa: E402
+from tests.helpers.search import brute_force, clustered_vectors, write_logged_part  # noqa: E402
 
 
 def index(emb: Path, out: Path, *extra: str) -> tuple[float, str]:

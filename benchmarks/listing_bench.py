@@ -42,7 +42,7 @@ def main() -> None:
     from resnet_batch.config import InputConfig
     from resnet_batch.embed.listing import list_entries, listing_tasks
     from resnet_batch.embed.syncdiff import DiffSettings, split_listing
-    from tests.s3server import S3Server
+    from tests.helpers.s3server import S3Server
 
     with tempfile.TemporaryDirectory(prefix="listing-bench-") as tmp, S3Server(Path(tmp) / "server") as s3:
         src = Path(tmp) / "src"

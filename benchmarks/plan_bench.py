@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     print(f"plan_bench: manifest_bytes_per_path={r['manifest_bytes'] / r['paths']:.1f} "
           f"({r['manifest_bytes'] / 2**20:.1f} MB in {r['pieces']} Parquet pieces; target <= 30)")
     if args.s3_objects:
-        from tests.s3server import S3Server
+        from tests.helpers.s3server import S3Server
 
         with tempfile.TemporaryDirectory(prefix="plan-bench-s3-") as tmp, S3Server(Path(tmp) / "server") as s3:
             src = Path(tmp) / "objs"

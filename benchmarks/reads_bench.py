@@ -6,7 +6,7 @@ A Ray cluster of `--nodes` nodes on loopback (resnet_batch/dev/localcluster.py),
 `--cpus-per-node` logical CPUs (Ray's --num-cpus may exceed the cores: the reads are then limited by
 the scheduler, not by the machine), runs the real pipeline (listing, Ray Data read windows, decode, the
 actor pool with one actor per node, part writes, ledger) over tiny JPEGs with a stand-in model that costs
-nothing (tests/standin.py, reached only through the Python API). Printed from the run's
+nothing (tests/helpers/standin.py, reached only through the Python API). Printed from the run's
 `_run_report.json`: the peak number of read tasks running at once (from the start and end stamps Ray
 Data puts on every block), the share of blocks handed to an actor on the node that decoded them, and the
 throughput. Before this change a run kept at most 2 windows x 64 = 128 read tasks in flight whatever the
@@ -32,7 +32,7 @@ DRIVER = r"""
 import json, sys
 from resnet_batch.config import build_config
 from resnet_batch.embed.runner import run
-from tests.standin import StandInEmbedder
+from tests.helpers.standin import StandInEmbedder
 cfg = build_config({"input": {"uri": sys.argv[1], "images_per_shard": int(sys.argv[4])},
                     "model": {"weights": "random", "precision": "fp32"},
                     "compute": {"ray_address": sys.argv[3], "min_actors": int(sys.argv[5]),

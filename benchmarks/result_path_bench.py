@@ -5,7 +5,7 @@
 A 2-node Ray cluster on loopback (resnet_batch/dev/localcluster.py; each node 2 logical CPUs, one model actor each)
 runs the real pipeline (listing, Ray Data reads, decode, the actor pool, part writes, ledger, reconcile)
 over tiny JPEGs, with a stand-in model that returns deterministic embeddings at no compute cost
-(tests/standin.py, reached only through the Python API). For each size it prints
+(tests/helpers/standin.py, reached only through the Python API). For each size it prints
 
   driver_bytes_per_image   what came back to the driver per image (the records of the parts; target <= 64)
   driver_peak_rss          the driver process's peak RSS (the 100k run should be <= 1.1x the 20k run)
@@ -31,7 +31,7 @@ DRIVER = r"""
 import json, sys
 from resnet_batch.config import build_config
 from resnet_batch.embed.runner import run
-from tests.standin import StandInEmbedder
+from tests.helpers.standin import StandInEmbedder
 cfg = build_config({"input": {"uri": sys.argv[1], "images_per_shard": 1000},
                     "model": {"weights": "random", "precision": "fp32"},
                     "compute": {"ray_address": sys.argv[3], "min_actors": 2, "max_actors": 2, "cpus_per_actor": 1,

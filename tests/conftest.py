@@ -71,8 +71,8 @@ def ray_address(ray_local) -> dict:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real SeaweedFS S3 server on loopback (identities file: keys are checked), shared by the session
-    and stopped by its pid at the end. See tests/s3server.py."""
-    from tests.s3server import S3Server
+    and stopped by its pid at the end. See tests/helpers/s3server.py."""
+    from tests.helpers.s3server import S3Server
 
     with S3Server(tmp_path_factory.mktemp("seaweedfs")) as server:
         yield server

@@ -1,6 +1,6 @@
 """The cluster path for real: `ray start --head` + a second `ray start --address` node on loopback,
 the embed job sent with `ray job submit --working-dir`, token auth on. The cluster is private to
-this module (resnet_batch/dev/localcluster.py, through tests/raycluster.py).
+this module (resnet_batch/dev/localcluster.py, through tests/helpers/raycluster.py).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.raycluster import REPO, LoopbackCluster
+from tests.helpers.raycluster import REPO, LoopbackCluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_ray]
 

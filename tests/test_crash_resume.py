@@ -10,7 +10,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from resnet_batch.dev.sample_data import make_sample_photos
-from tests.processes import kill_driver
+from tests.helpers.processes import kill_driver
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_ray]
 N_IMAGES, PER_SHARD = 40, 4

@@ -13,7 +13,7 @@ from resnet_batch.config import DEFAULT_EXTENSIONS
 from resnet_batch.decode import (DEFAULT_FORMATS, DecodeError, PreprocessSpec, crops_of, decode_image, decode_table,
                                  pillow_formats, resized_size)
 from resnet_batch.dev.sample_data import jpeg_bytes, source_photos
-from tests.catalogue import catalogue, exif_rotated_jpeg, png_bomb
+from tests.helpers.catalogue import catalogue, exif_rotated_jpeg, png_bomb
 
 SPEC = PreprocessSpec.from_weights("IMAGENET1K_V2")
 LIMIT = 100_000_000

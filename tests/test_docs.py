@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.s3server import free_ports
+from tests.helpers.s3server import free_ports
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

@@ -23,7 +23,7 @@ from resnet_batch.search.index import SimilarityIndex
 from resnet_batch.search.build import build_index
 from resnet_batch.search.neighbors import NEIGHBORS_SCHEMA
 from resnet_batch.search.similar import similar_to_id
-from tests.search_helpers import clustered_vectors, embedded_photos, write_part
+from tests.helpers.search import clustered_vectors, embedded_photos, write_part
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--disable-quic"]
@@ -186,7 +186,7 @@ def test_the_page_can_point_at_the_query_service(gallery_index):
 def test_a_page_of_real_photos_with_imagenet_weights(tmp_path_factory, photos, keras_weights, ray_local):
     """The job's embeddings of the test photos with IMAGENET1K_KERAS: every query's label is what the photograph
     shows, its neighbours are other crops of the same photograph, and their scores are spread, not ~1."""
-    from tests.search_helpers import embedded_photos
+    from tests.helpers.search import embedded_photos
 
     out = embedded_photos(tmp_path_factory, photos, "IMAGENET1K_KERAS")
     idx = str(tmp_path_factory.mktemp("gallery-real") / "idx")

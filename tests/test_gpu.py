@@ -23,7 +23,7 @@ from resnet_batch.output.store import PartSettings
 from resnet_batch.dev.sample_data import jpeg_bytes, source_photos, variant
 from resnet_batch.schema import STATUS_OK, STATUS_READ_ERROR, output_schema
 from resnet_batch.weights import categories
-from tests.catalogue import catalogue, png_bomb
+from tests.helpers.catalogue import catalogue, png_bomb
 
 SPEC = PreprocessSpec.from_weights("IMAGENET1K_V2")
 LIMIT = 100_000_000

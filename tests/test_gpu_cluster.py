@@ -1,7 +1,7 @@
 """GPU scheduling on a real autoscaling Ray cluster: fractional GPUs, the actor pool growing with the
 nodes the autoscaler adds (Ray #59144), compute.device, and a GPU node lost in the middle of a run.
 
-The head runs Ray's autoscaler with its `fake_multinode` provider (tests/raycluster.py): the
+The head runs Ray's autoscaler with its `fake_multinode` provider (tests/helpers/raycluster.py): the
 autoscaler itself starts `gpu` worker nodes (2 CPUs and one *logical* GPU each, 1 to 2 nodes) as
 local processes. Ray schedules on those GPUs for real (placement, fractions, autoscaling); torch
 in the actors finds no CUDA device, which is what compute.device decides about.
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from resnet_batch.dev.sample_data import make_sample_photos
-from tests.raycluster import BIN, REPO, LoopbackCluster
+from tests.helpers.raycluster import BIN, REPO, LoopbackCluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_ray]
 

@@ -162,7 +162,7 @@ def test_storage_errors_are_explained_without_secrets():
 @pytest.fixture(scope="module")
 def weights_server(checkpoint):
     """The checkpoint behind a real HTTP server that wants the pre-signed query and the bearer header."""
-    from tests.httpserver import FileServer
+    from tests.helpers.httpserver import FileServer
 
     with FileServer({"/models/r50.pth": checkpoint.read_bytes()},
                     query={"X-Amz-Security-Token": TOKEN, "X-Amz-Signature": SIGNATURE},
@@ -176,7 +176,7 @@ def bucket(s3_server) -> str:
 
 
 def _secrets_in(data: bytes) -> list[str]:
-    from tests.s3server import SECRET_KEY
+    from tests.helpers.s3server import SECRET_KEY
 
     return [s for s in (TOKEN, SIGNATURE, BEARER, PROXY_PASSWORD, ENDPOINT_PASSWORD, SECRET_KEY) if s.encode() in data]
 

@@ -13,7 +13,7 @@ from resnet_batch.config import ModelConfig
 from resnet_batch.errors import WeightsError
 from resnet_batch.search.similar import QueryEmbedder
 from resnet_batch.weights import hub_state_dict, resolve_weights, state_dict_sha256
-from tests.httpserver import FileServer
+from tests.helpers.httpserver import FileServer
 
 V2_FILE = "resnet50-11ad3fa6.pth"  # torchvision's IMAGENET1K_V2 file name; the hex is the published sha256 prefix
 

@@ -14,7 +14,7 @@ from resnet_batch.search.build import build_index
 from resnet_batch.search.spec import PCA_AUTO, IndexSpec, parse_bytes, resolve_pca
 from resnet_batch.provenance import ProvenanceMismatch
 from resnet_batch.errors import SimilarityIndexError
-from tests.search_helpers import PROVENANCE, brute_force, clustered_vectors, one_faiss_thread, write_part  # noqa: F401
+from tests.helpers.search import PROVENANCE, brute_force, clustered_vectors, one_faiss_thread, write_part  # noqa: F401
 
 QUIET = {"log": lambda m: None}
 

@@ -13,7 +13,7 @@ from resnet_batch.search.index import SimilarityIndex, normalize
 from resnet_batch.search.scaleout import ScaleOut, build_index_ray
 from resnet_batch.search.spec import IndexOptions
 from resnet_batch.search.update import index_embeddings
-from tests.search_helpers import brute_force, clustered_vectors, one_faiss_thread, write_part  # noqa: F401
+from tests.helpers.search import brute_force, clustered_vectors, one_faiss_thread, write_part  # noqa: F401
 
 QUIET = {"log": lambda m: None}
 PARTS, ROWS = 6, 1000

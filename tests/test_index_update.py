@@ -19,7 +19,7 @@ from resnet_batch.search.build import build_index
 from resnet_batch.search.spec import Decision, IndexOptions, decide
 from resnet_batch.search.update import index_embeddings
 from resnet_batch.search.similar import similar_to_id
-from tests.search_helpers import (PROVENANCE, brute_force, clustered_vectors, one_faiss_thread,  # noqa: F401
+from tests.helpers.search import (PROVENANCE, brute_force, clustered_vectors, one_faiss_thread,  # noqa: F401
                                   write_logged_part, write_part)
 
 QUIET = {"log": lambda m: None}

@@ -18,7 +18,7 @@ from resnet_batch.search.neighbors import (GROUPS_FILE, GROUPS_SCHEMA, MARKER_FI
                                     read_neighbors, run_neighbors)
 from resnet_batch.provenance import ProvenanceMismatch
 from resnet_batch.schema import read_provenance
-from tests.search_helpers import PROVENANCE, brute_force, clustered_vectors, write_part
+from tests.helpers.search import PROVENANCE, brute_force, clustered_vectors, write_part
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -179,7 +179,7 @@ def test_job_on_an_ivf_index_uses_the_tuned_nprobe(tmp_path, ray_local):
 
 @pytest.mark.s3
 def test_job_reads_and_writes_s3_and_keeps_the_secret_out_of_the_report(planted, s3_server, ray_local):
-    from tests.s3server import SECRET_KEY
+    from tests.helpers.s3server import SECRET_KEY
 
     root, _, ids, _ = planted
     bucket = s3_server.make_bucket("search-neighbors")

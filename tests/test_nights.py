@@ -15,7 +15,7 @@ import pytest
 
 from resnet_batch.dev.sample_data import make_sample_photos
 from tests.conftest import REPO, job_config
-from tests.processes import kill_driver
+from tests.helpers.processes import kill_driver
 from tests.test_sync import _current, _new_photo
 
 pytestmark = pytest.mark.ray

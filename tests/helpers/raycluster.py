@@ -19,7 +19,7 @@ from typing import Optional
 
 from resnet_batch.dev.localcluster import BIN, RAY, LocalCluster, free_ports  # noqa: F401 (re-exported)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 class LoopbackCluster(LocalCluster):
