@@ -7,11 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnet_batch.config import build_config
 from resnet_batch.dev.sample_data import make_sample_photos
 from resnet_batch.weights import random_state_dict
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers.jobs import REPO
 
 
 @pytest.fixture(scope="session")
@@ -76,19 +74,6 @@ def s3_server(tmp_path_factory):
 
     with S3Server(tmp_path_factory.mktemp("seaweedfs")) as server:
         yield server
-
-
-def job_config(input_uri, output_uri, checkpoint_path, **sections):
-    """A JobConfig for tests: the given checkpoint, fp32, small batches; sections override keys."""
-    data = {
-        "input": {"uri": str(input_uri), "images_per_shard": 8},
-        "model": {"weights": str(checkpoint_path), "precision": "fp32"},
-        "compute": {"batch_size": 8, "decode_batch_size": 4, "torch_threads": 1},
-        "output": {"uri": str(output_uri)},
-    }
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    return build_config(data)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers.jobs import REPO
 from tests.helpers.s3server import free_ports
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -17,7 +17,7 @@ from resnet_batch.schema import EMBEDDING_DIM, output_schema, read_provenance
 from resnet_batch.weights import state_dict_sha256
 from resnet_batch.output.store import OutputError
 from tests.helpers.catalogue import NON_IMAGES, write_catalogue
-from tests.conftest import job_config
+from tests.helpers.jobs import job_config
 
 pytestmark = pytest.mark.ray
 

@@ -13,7 +13,7 @@ from PIL import Image
 from resnet_batch.errors import RunFailed
 from resnet_batch.embed.runner import run
 from resnet_batch.dev.sample_data import make_sample_photos
-from tests.conftest import REPO, job_config
+from tests.helpers.jobs import REPO, job_config
 from tests.helpers.s3server import S3Server
 from tests.helpers.standin import PoisonEmbedder
 

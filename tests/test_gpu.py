@@ -306,7 +306,7 @@ def test_cuda_actor_fp16_with_device_decode_is_close_to_cpu_fp32(state_dict, jpe
 @pytest.mark.ray
 def test_run_with_gpu_decode_equals_cpu_decode_run(photos, checkpoint, tmp_path, ray_local):
     from resnet_batch.embed.runner import run
-    from tests.conftest import job_config
+    from tests.helpers.jobs import job_config
 
     reports, tables = {}, {}
     for gpu_decode in (False, True):

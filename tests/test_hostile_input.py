@@ -28,7 +28,7 @@ from resnet_batch.embed.runner import run
 from resnet_batch.dev.sample_data import jpeg_bytes, source_photos, variant
 from resnet_batch.schema import CONTROL_END, PASSTHROUGH_PREFIX
 from resnet_batch.output.store import OutputStore
-from tests.conftest import REPO, job_config
+from tests.helpers.jobs import REPO, job_config
 
 GLOB_NAMES = ["trip [2024]/IMG [edited].jpg", "trip [2024]/a?b.jpg", "*.jpg", "{x,y}.jpg", "star*dust/[!a].jpg"]
 

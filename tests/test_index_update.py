@@ -263,9 +263,9 @@ def test_a_real_sync_then_the_update_serves_no_deleted_image(tmp_path, checkpoin
     from resnet_batch.dev.sample_data import make_sample_photos
     from resnet_batch.schema import embeddings_to_numpy
     from resnet_batch.search.serve import Searcher, ServiceConfig
-    from tests.conftest import job_config
-    from tests.test_serve import Running
-    from tests.test_sync import _new_photo
+    from tests.helpers.jobs import job_config
+    from tests.helpers.serving import Running
+    from tests.helpers.library import new_photo
 
     photos, out, idx = tmp_path / "photos", tmp_path / "out", tmp_path / "idx"
     make_sample_photos(photos, 8, per_folder=4, seed=3)
@@ -279,9 +279,9 @@ def test_a_real_sync_then_the_update_serves_no_deleted_image(tmp_path, checkpoin
     try:
         # the night: two new photos, one changed, one deleted; the embed rerun is a sync
         for i in range(2):
-            _new_photo(photos / "shard-001" / f"new-{i}.jpg", 700 + i)
+            new_photo(photos / "shard-001" / f"new-{i}.jpg", 700 + i)
         changed = sorted((photos / "shard-000").glob("*.jpg"))[1]
-        _new_photo(changed, 800)
+        new_photo(changed, 800)
         deleted = sorted((photos / "shard-000").glob("*.jpg"))[0]
         deleted.unlink()
         changed_id, deleted_id = (p.relative_to(photos).as_posix() for p in (changed, deleted))

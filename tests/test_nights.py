@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from resnet_batch.dev.sample_data import make_sample_photos
-from tests.conftest import REPO, job_config
+from tests.helpers.jobs import REPO, job_config
 from tests.helpers.processes import kill_driver
-from tests.test_sync import _current, _new_photo
+from tests.helpers.library import current_photos, new_photo
 
 pytestmark = pytest.mark.ray
 
@@ -52,10 +52,10 @@ def test_kill_during_a_partitioned_sync_then_one_rerun_is_exactly_once(tmp_path,
     assert proc.returncode == 0, log
     before = {p.name for p in out.glob("part-*.parquet")}
     for i in range(12):
-        _new_photo(root / "shard-003" / f"n-{i:02d}.jpg", 800 + i)
+        new_photo(root / "shard-003" / f"n-{i:02d}.jpg", 800 + i)
     for p in sorted((root / "shard-000").glob("*.jpg"))[:3]:
         p.unlink()
-    _new_photo(sorted((root / "shard-001").glob("*.jpg"))[0], 900)
+    new_photo(sorted((root / "shard-001").glob("*.jpg"))[0], 900)
     proc = _popen(_cmd(root, out, checkpoint))
     deadline = time.time() + 300
     while not {p.name for p in out.glob("part-*.parquet")} - before:  # the sync is applied, embedding began
@@ -67,7 +67,7 @@ def test_kill_during_a_partitioned_sync_then_one_rerun_is_exactly_once(tmp_path,
     log, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, log
     ids = _ids(out)
-    assert len(ids) == len(set(ids)) and set(ids) == _current(root)
+    assert len(ids) == len(set(ids)) and set(ids) == current_photos(root)
     report = json.loads((out / "_run_report.json").read_text())
     assert report["complete"] and report["driver"]["peak_rss_bytes"] > 0
     assert not list(out.glob("_sync/*"))
@@ -135,7 +135,7 @@ def test_inventory_first_night_and_sync_night_on_s3(tmp_path, s3_server, checkpo
         fs.copy(key, key.replace("/shard-001/", "/renamed/"))
         fs.rm(key)
     fs.rm(sorted(fs.find("nights-lib/photos/shard-000"))[0])
-    _new_photo(tmp_path / "added.jpg", 950)
+    new_photo(tmp_path / "added.jpg", 950)
     fs.pipe_file("nights-lib/photos/shard-000/added.jpg", (tmp_path / "added.jpg").read_bytes())
     second_cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"inventory": report_inventory("d2")})})
     fs.pipe_file("nights-lib/photos/shard-000/late.jpg", (tmp_path / "added.jpg").read_bytes())

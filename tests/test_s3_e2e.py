@@ -15,7 +15,7 @@ from resnet_batch.embed.listing import InputError
 from resnet_batch.embed.runner import run
 from resnet_batch.dev.sample_data import write_image_parquet, write_webdataset
 from resnet_batch.schema import embeddings_to_numpy, read_provenance
-from tests.conftest import job_config
+from tests.helpers.jobs import job_config
 from tests.helpers.s3server import SECRET_KEY
 
 pytestmark = [pytest.mark.s3, pytest.mark.ray]

@@ -20,7 +20,7 @@ from resnet_batch.storage import (StorageOptionsError, filesystem, prepare,
                                   resolve_options)
 from resnet_batch.errors import OutputError
 from resnet_batch.output.store import encode_part, write_file
-from tests.conftest import REPO
+from tests.helpers.jobs import REPO
 from tests.helpers.s3server import ACCESS_KEY, REGION, SECRET_KEY, free_ports
 
 pytestmark = pytest.mark.s3

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import aiohttp
@@ -16,36 +15,13 @@ from PIL import Image
 
 from resnet_batch.search.build import build_index
 from resnet_batch.schema import embeddings_to_numpy
-from resnet_batch.search.serve import Searcher, ServiceConfig, start
+from resnet_batch.search.serve import Searcher, ServiceConfig
 from resnet_batch.search.similar import similar_to_id, similar_to_image, similar_to_vector
 from tests.helpers.search import embedded_photos
+from tests.helpers.serving import Running
 
 pytestmark = pytest.mark.ray  # the embed job makes the indexed photos
 REPO = Path(__file__).resolve().parent.parent
-
-
-class Running:
-    """A service listening on a free loopback port, its event loop in a thread; `call` is a real HTTP client."""
-
-    def __init__(self, searcher: Searcher):
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        self.runner, port = self.run(start(searcher, "127.0.0.1", 0))
-        self.base = f"http://127.0.0.1:{port}"
-
-    def run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=120)
-
-    def call(self, method: str, path: str, **kwargs) -> tuple[int, dict]:
-        async def go():
-            async with aiohttp.ClientSession() as session:
-                async with session.request(method, self.base + path, **kwargs) as r:
-                    return r.status, json.loads(await r.text())
-        return asyncio.run(go())
-
-    def close(self):
-        self.run(self.runner.cleanup())
-        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,10 @@ import torch
 from resnet_batch.decode import PreprocessSpec, decode_image
 from resnet_batch.embed.model import ResNet50Embedder
 from resnet_batch.embed.runner import run
-from resnet_batch.dev.sample_data import jpeg_bytes, make_sample_photos, source_photos, variant
+from resnet_batch.dev.sample_data import make_sample_photos
 from resnet_batch.output.status import output_status
-from tests.conftest import REPO, job_config
+from tests.helpers.jobs import REPO, job_config
+from tests.helpers.library import current_photos, new_photo
 from tests.helpers.processes import kill_driver
 
 pytestmark = pytest.mark.ray
@@ -27,17 +28,6 @@ SPEC = PreprocessSpec.from_weights("IMAGENET1K_V2")
 
 def _table(out: Path):
     return pads.dataset(str(out), format="parquet").to_table()
-
-
-def _current(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in root.rglob("*.jpg")}
-
-
-def _new_photo(path: Path, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    photos = list(source_photos().values())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(jpeg_bytes(variant(photos[seed % len(photos)], rng), 90))
 
 
 def _embedding(path: Path, checkpoint: Path) -> np.ndarray:
@@ -57,11 +47,11 @@ def test_rerun_embeds_only_what_changed(tmp_path, checkpoint, ray_local):
 
     # night 2: three new photos in an existing folder, two in a new one, one overwritten, one deleted
     for i in range(3):
-        _new_photo(root / "shard-001" / f"new-{i}.jpg", 100 + i)
+        new_photo(root / "shard-001" / f"new-{i}.jpg", 100 + i)
     for i in range(2):
-        _new_photo(root / "shard-new" / f"fresh-{i}.jpg", 200 + i)
+        new_photo(root / "shard-new" / f"fresh-{i}.jpg", 200 + i)
     changed = sorted((root / "shard-002").glob("*.jpg"))[0]
-    _new_photo(changed, 300)
+    new_photo(changed, 300)
     deleted = sorted((root / "shard-000").glob("*.jpg"))[0]
     deleted.unlink()
     second = run(cfg)
@@ -71,7 +61,7 @@ def test_rerun_embeds_only_what_changed(tmp_path, checkpoint, ray_local):
         {"new": 5, "changed": 1, "deleted": 1, "reused": 0}
     table = _table(out)
     ids = table.column("image_id").to_pylist()
-    assert len(ids) == len(set(ids)) and set(ids) == _current(root)
+    assert len(ids) == len(set(ids)) and set(ids) == current_photos(root)
     rows = dict(zip(ids, table.column("embedding").to_pylist()))
     rel = changed.relative_to(root).as_posix()
     np.testing.assert_allclose(rows[rel], _embedding(changed, checkpoint), rtol=1e-4, atol=1e-4)
@@ -108,10 +98,10 @@ def test_kill_during_a_sync_then_rerun_is_exactly_once(tmp_path, checkpoint):
     assert proc.returncode == 0, log
     before = {p.name for p in out.glob("part-*.parquet")}
     for i in range(16):
-        _new_photo(root / "shard-002" / f"n-{i:02d}.jpg", 400 + i)
+        new_photo(root / "shard-002" / f"n-{i:02d}.jpg", 400 + i)
     for p in sorted((root / "shard-000").glob("*.jpg"))[:2]:
         p.unlink()
-    _new_photo(sorted((root / "shard-001").glob("*.jpg"))[0], 500)
+    new_photo(sorted((root / "shard-001").glob("*.jpg"))[0], 500)
     proc = _cli(root, out, checkpoint)
     deadline = time.time() + 240
     while not {p.name for p in out.glob("part-*.parquet")} - before:
@@ -125,7 +115,7 @@ def test_kill_during_a_sync_then_rerun_is_exactly_once(tmp_path, checkpoint):
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log
     ids = _table(out).column("image_id").to_pylist()
-    assert len(ids) == len(set(ids)) and set(ids) == _current(root)
+    assert len(ids) == len(set(ids)) and set(ids) == current_photos(root)
     assert (out / "_SUCCESS").exists() and not list(out.glob("_sync/*"))
 
 
@@ -146,7 +136,7 @@ def test_a_committed_sync_is_rolled_forward(tmp_path, checkpoint, ray_local):
     run(cfg)
     gone = sorted(root.rglob("*.jpg"))[0]
     gone.unlink()
-    _new_photo(root / "shard-000" / "zz-new.jpg", 600)
+    new_photo(root / "shard-000" / "zz-new.jpg", 600)
     store = OutputStore(str(out), {})
     state = load(store)
     done, _ = complete_shards(read_ledger(store))
@@ -158,7 +148,7 @@ def test_a_committed_sync_is_rolled_forward(tmp_path, checkpoint, ray_local):
     report = run(cfg)
     assert report["complete"] and report["counts"]["this_run"]["images"] == 1
     ids = _table(out).column("image_id").to_pylist()
-    assert sorted(ids) == sorted(_current(root))
+    assert sorted(ids) == sorted(current_photos(root))
     assert load(store).pending is None
 
 
@@ -179,7 +169,7 @@ def test_sync_on_s3_copies_moved_objects_instead_of_embedding_them(tmp_path, s3_
     for key in moved:  # a renamed folder: copy, then delete the originals
         fs.copy(key, key.replace("/shard-001/", "/renamed/"))
         fs.rm(key)
-    _new_photo(tmp_path / "added.jpg", 700)
+    new_photo(tmp_path / "added.jpg", 700)
     fs.pipe_file("sync-lib/photos/shard-000/added.jpg", (tmp_path / "added.jpg").read_bytes())
     second = run(cfg)
     assert second["complete"]

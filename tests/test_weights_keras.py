@@ -233,7 +233,7 @@ def test_the_job_labels_real_photos_with_the_package_weights(keras_weights, tmp_
     from resnet_batch.dev.sample_data import source_photos
     from resnet_batch.embed.runner import run
     from resnet_batch.schema import read_provenance
-    from tests.conftest import job_config
+    from tests.helpers.jobs import job_config
 
     photos = source_photos()
     for name in ("chelsea", "coffee", "astronaut"):

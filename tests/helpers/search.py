@@ -90,7 +90,7 @@ def embedded_photos(tmp_path_factory, photos: Path, checkpoint) -> Path:
     if (out / "_SUCCESS").exists():
         return out
     from resnet_batch.embed.runner import run
-    from tests.conftest import job_config
+    from tests.helpers.jobs import job_config
 
     report = run(job_config(photos, out, checkpoint), progress=False)
     assert report["complete"], json.dumps(report)[:2000]
