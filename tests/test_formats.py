@@ -11,7 +11,7 @@ import pytest
 from resnet_batch.config import InputConfig
 from resnet_batch.errors import InputError
 from resnet_batch.embed.listing import Shard, detect_format, tar_key
-from resnet_batch.embed.plan import list_shards
+from tests.helpers.shards import list_shards
 from resnet_batch.embed.reader import (WDS_FIELDS, ReadSettings, check_passthrough_names, coerce_json_value,
                                  json_field_types, passthrough_fields, read_shard)
 from resnet_batch.dev.sample_data import IMG2DATASET_META, write_image_parquet, write_webdataset

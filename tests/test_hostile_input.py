@@ -22,7 +22,7 @@ import pytest
 from resnet_batch.config import InputConfig
 from resnet_batch.errors import LockedError, OutputError
 from resnet_batch.output.lock import OutputLock
-from resnet_batch.embed.plan import list_shards
+from tests.helpers.shards import list_shards
 from resnet_batch.embed.reader import ReadSettings, read_shard
 from resnet_batch.embed.runner import run
 from resnet_batch.dev.sample_data import jpeg_bytes, source_photos, variant
@@ -166,7 +166,7 @@ def test_tar_with_repeated_keys_and_two_images_under_one_key(tmp_path, jpeg):
 _PEAK = """
 import sys
 from resnet_batch.config import InputConfig
-from resnet_batch.embed.plan import list_shards
+from tests.helpers.shards import list_shards
 from resnet_batch.embed.reader import ReadSettings, read_shard
 from resnet_batch.embed.reader import WDS_FIELDS
 from resnet_batch.decode import PreprocessSpec, decode_table

@@ -14,7 +14,7 @@ import s3fs
 from resnet_batch.config import InputConfig, build_config, redacted
 from resnet_batch.errors import InputError
 from resnet_batch.embed.listing import list_entries
-from resnet_batch.embed.plan import list_shards
+from tests.helpers.shards import list_shards
 from resnet_batch.schema import embedding_array, output_schema
 from resnet_batch.storage import (StorageOptionsError, filesystem, prepare,
                                   resolve_options)

@@ -53,22 +53,6 @@ def input_layout(cfg: InputConfig, fmt: str) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.model_dump(include=set(keys)).items()}
 
 
-def list_shards(cfg: InputConfig) -> tuple[str, InputListing, list[Shard], Skipped]:
-    """The whole input cut into shards at once, in memory (for tools and tests; runs stream instead)."""
-    from resnet_batch.embed.listing import list_entries
-
-    listing = list_entries(cfg)
-    fmt, pages = detect(cfg, listing)
-    shards: list[Shard] = []
-    cutter = ShardCutter(cfg, fmt, listing.root, 0, lambda shard, entries: shards.append(shard))
-    for page in pages:
-        cutter.add(page)
-        if cutter.stopped:
-            break
-    cutter.finish()
-    return fmt, listing, shards, cutter.skipped
-
-
 # -- a new output: streaming ---------------------------------------------------------------------
 
 
