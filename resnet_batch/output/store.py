@@ -43,8 +43,8 @@ OUR_PIECES = {MANIFEST_DIR: re.compile(r"^m-\d{6,}-\d{6,}\.parquet$"),
               LEDGER_DIR: re.compile(r"^l-\d{4,}-(?:\d{6,}|compact)\.parquet$"),
               SYNC_DIR: re.compile(r"^(?:entries|drops|copies)-\d{4,}(?:-[\w.-]+)?\.parquet$")}
 # _put_atomic's temporary names for our own files only: ".NAME.tmp-xxxxxxxx" (parts, `_` files, pieces)
-TEMP_RE = re.compile(r"^\.(part-\d{6,}(?:-\d{4,})?\.parquet|_[A-Za-z_.]+|[ml]-[\d-]+\.parquet"
-                     r"|(?:entries|drops|copies)-\d{4,}\.parquet)\.tmp-[0-9a-f]{8}$")
+TEMP_RE = re.compile(r"^\.(part-\d{6,}(?:-\d{4,})?\.parquet|_[A-Za-z_.]+|[ml]-[\w-]+\.parquet"
+                     r"|(?:entries|drops|copies)-[\w-]+\.parquet)\.tmp-[0-9a-f]{8}$")
 Content = Union[bytes, dict, pa.Table]
 
 
