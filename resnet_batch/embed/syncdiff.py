@@ -27,7 +27,7 @@ from resnet_batch.embed.listing import (ENTRY_SCHEMA, FORMATS, SKIPPED_EXAMPLES,
                                         hidden, storable)
 from resnet_batch.embed.plan import COPIES_SCHEMA, DROPS_SCHEMA, _count, _same_version
 from resnet_batch.output.manifest import MANIFEST_SCHEMA, PIECE_ENCODING, PIECE_ENTRIES, piece_name, piece_range
-from resnet_batch.output.manifest import manifest_log
+from resnet_batch.output.manifest import drop_from_piece, manifest_log
 from resnet_batch.output.pieces import PieceLog
 from resnet_batch.output.store import MANIFEST_DIR, SYNC_DIR, OutputStore, read_parquet
 
@@ -178,7 +178,7 @@ def split_manifest(s: DiffSettings, names: list[str]) -> tuple:
     parts: list[list[pa.Table]] = [[] for _ in range(s.partitions)]
     counts: dict[int, int] = {}
     for name in names:
-        piece = read_parquet(store.fs, store.path(f"{MANIFEST_DIR}/{name}")).cast(MANIFEST_SCHEMA)
+        piece = manifest_log(store).read_one(name)
         counts.update(_shard_counts(piece))
         for p, t in enumerate(split(piece, path_partition(piece.column("path"), s.partitions), s.partitions)):
             if len(t):
@@ -370,7 +370,7 @@ class DiffResult:
 
 def manifest_pieces(store: OutputStore) -> list[tuple[str, int]]:
     """The manifest's pieces with their entry counts (one footer read each, concurrently)."""
-    names = [n for n in store.list_dir(MANIFEST_DIR) if piece_range(n)]
+    names = manifest_log(store).names()
 
     def rows(name: str) -> int:
         with store.fs.open(store.path(f"{MANIFEST_DIR}/{name}"), "rb") as f:
@@ -568,7 +568,7 @@ def entries_of(store: OutputStore, shards: set[int]) -> Iterator[pa.Table]:
     for (first, last), name in names:
         if last < lo or first > hi:
             continue
-        piece = read_parquet(store.fs, store.path(f"{MANIFEST_DIR}/{name}")).cast(MANIFEST_SCHEMA)
+        piece = manifest_log(store).read_one(name)
         piece = piece.filter(pc.is_in(piece.column("shard"), value_set=wanted))
         if len(piece):
             yield piece.sort_by([("shard", "ascending"), ("path", "ascending")])
@@ -673,31 +673,8 @@ def _coordinate(s: DiffSettings, sources: list, pieces: list, done: set[int], ne
 
 
 def drop_piece(where: tuple, name: str, drops) -> int:
-    """One manifest piece rewritten without these (shard, path) entries (deleted when nothing is left).
-    Idempotent: a piece that no longer holds them is left alone. Returns 1 when the piece changed."""
-    drops = _fetch([drops])[0]
-    store = OutputStore(*where)
-    path = f"{MANIFEST_DIR}/{name}"
-    try:
-        piece = read_parquet(store.fs, store.path(path)).cast(MANIFEST_SCHEMA)
-    except FileNotFoundError:
-        return 0
-    key = _keys(piece)
-    keep = pc.invert(pc.is_in(key, value_set=_keys(drops)))
-    if pc.all(keep).as_py():
-        return 0
-    kept = piece.filter(keep)
-    if len(kept):
-        manifest_log(store).write(name, kept)
-    else:
-        store.remove(path)
-    return 1
-
-
-def _keys(table: pa.Table) -> pa.Array:
-    """shard + NUL + path, for matching manifest entries."""
-    return pc.binary_join_element_wise(pc.cast(pc.cast(table.column("shard"), pa.string()), pa.binary()),
-                                       table.column("path"), pa.scalar(b"\x00"))
+    """A task: one manifest piece without these (shard, path) entries (output/manifest.drop_from_piece)."""
+    return drop_from_piece(OutputStore(*where), name, _fetch([drops])[0])
 
 
 def drop_manifest_entries(store: OutputStore, drops: pa.Table) -> int:

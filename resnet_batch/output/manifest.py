@@ -82,33 +82,39 @@ def read_manifest(store: OutputStore) -> pa.Table:
     return manifest_log(store).read()
 
 
+def entry_keys(table: pa.Table) -> pa.Array:
+    """shard + NUL + path of each entry, for matching manifest entries."""
+    return pc.binary_join_element_wise(pc.cast(pc.cast(table.column("shard"), pa.string()), pa.binary()),
+                                       table.column("path"), pa.scalar(b"\x00"))
+
+
+def drop_from_piece(store: OutputStore, name: str, drops: pa.Table) -> int:
+    """One manifest piece rewritten without these (shard, path) entries (deleted when nothing is left).
+    Idempotent: a piece that no longer holds them (or is gone) is left alone. Returns 1 when the piece changed."""
+    log = manifest_log(store)
+    try:
+        piece = log.read_one(name)
+    except FileNotFoundError:
+        return 0
+    keep = pc.invert(pc.is_in(entry_keys(piece), value_set=entry_keys(drops)))
+    if pc.all(keep).as_py():
+        return 0
+    kept = piece.filter(keep)
+    if len(kept):
+        log.write(name, kept)
+    else:
+        log.remove(name)
+    return 1
+
+
 def drop_entries(store: OutputStore, drops: pa.Table) -> int:
-    """Rewrite the pieces holding these (shard, path) entries without them (a piece left empty is deleted).
-    Idempotent: a piece that no longer holds them is rewritten unchanged or left alone. Returns pieces touched."""
+    """Every piece holding some of these (shard, path) entries rewritten without them, one after another (the
+    sync's parallel tasks call drop_from_piece for one piece each). Returns pieces touched."""
     if not len(drops):
         return 0
     shards = set(drops.column("shard").to_pylist())
-    touched = 0
-    log = manifest_log(store)
-    for name in log.names():
-        first, last = piece_range(name)
-        if not any(first <= s <= last for s in shards):
-            continue
-        piece = log.read_one(name)
-        key = pc.binary_join_element_wise(pc.cast(piece.column("shard"), pa.string()).cast(pa.binary()),
-                                          piece.column("path"), b"\x00")
-        gone = pc.binary_join_element_wise(pc.cast(drops.column("shard"), pa.string()).cast(pa.binary()),
-                                           drops.column("path"), b"\x00")
-        keep = pc.invert(pc.is_in(key, value_set=gone))
-        if pc.all(keep).as_py():
-            continue
-        kept = piece.filter(keep)
-        if len(kept):
-            log.write(name, kept)
-        else:
-            log.remove(name)
-        touched += 1
-    return touched
+    return sum(drop_from_piece(store, name, drops) for name in manifest_log(store).names()
+               if any(piece_range(name)[0] <= s <= piece_range(name)[1] for s in shards))
 
 
 def write_entries(store: OutputStore, entries: pa.Table) -> int:
