@@ -18,8 +18,8 @@ from resnet_batch.output.store import LEDGER_DIR, OutputStore, part_record
 from resnet_batch.provenance import check_compatible
 from resnet_batch.schema import PART_RECORD_SCHEMA
 
-FLUSH_RECORDS = 1000
-FLUSH_S = 10.0
+LEDGER_FLUSH_RECORDS = 1000
+LEDGER_FLUSH_S = 10.0
 COMPACT_PIECES = 32  # more pieces than this are merged into one at the end of a run
 
 
@@ -36,7 +36,7 @@ def ledger_log(store: OutputStore) -> PieceLog:
 
 
 class LedgerWriter:
-    """Appends records in pieces `_ledger/l-RRRR-NNNNNN.parquet` (every FLUSH_RECORDS or FLUSH_S)."""
+    """Appends records in pieces `_ledger/l-RRRR-NNNNNN.parquet` (every LEDGER_FLUSH_RECORDS or LEDGER_FLUSH_S)."""
 
     def __init__(self, store: OutputStore, run: int):
         self.log, self.run = ledger_log(store), run
@@ -46,12 +46,12 @@ class LedgerWriter:
 
     def add(self, record: dict) -> None:
         self.buffer.append(record)
-        if len(self.buffer) >= FLUSH_RECORDS or time.monotonic() - self.last >= FLUSH_S:
+        if len(self.buffer) >= LEDGER_FLUSH_RECORDS or time.monotonic() - self.last >= LEDGER_FLUSH_S:
             self.flush()
 
     def tick(self) -> None:
-        """Flush when records have waited FLUSH_S (called from the driver's loop)."""
-        if self.buffer and time.monotonic() - self.last >= FLUSH_S:
+        """Flush when records have waited LEDGER_FLUSH_S (called from the driver's loop)."""
+        if self.buffer and time.monotonic() - self.last >= LEDGER_FLUSH_S:
             self.flush()
 
     def flush(self) -> None:

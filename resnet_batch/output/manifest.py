@@ -15,7 +15,7 @@ from resnet_batch.schema import ENTRY_SCHEMA
 
 MANIFEST_SCHEMA = pa.schema(list(ENTRY_SCHEMA) + [pa.field("shard", pa.int64(), nullable=False)])
 PIECE_ENTRIES = 100_000  # entries per piece at most
-FLUSH_S = 2.0  # a piece is written at least this often while shards wait for it
+PIECE_FLUSH_S = 2.0  # a piece is written at least this often while shards wait for it
 # A piece's encoding: paths delta-encoded (sorted paths share prefixes), zstd; ~20-30 B per entry.
 PIECE_ENCODING = {"compression": "zstd", "use_dictionary": ["etag"], "write_statistics": False,
                   "column_encoding": {"path": "DELTA_BYTE_ARRAY", "size": "DELTA_BINARY_PACKED",
@@ -48,7 +48,7 @@ class ManifestWriter:
     written for a shard the manifest lacks)."""
 
     def __init__(self, store: OutputStore, release: Callable[[list], None],
-                 piece_entries: int = PIECE_ENTRIES, flush_s: float = FLUSH_S):
+                 piece_entries: int = PIECE_ENTRIES, flush_s: float = PIECE_FLUSH_S):
         self.log, self.release = manifest_log(store), release
         self.piece_entries, self.flush_s = piece_entries, flush_s
         self.shards: list = []

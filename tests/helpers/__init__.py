@@ -1,1 +1,2 @@
-"""helpers package: what the tests share (servers, clusters, catalogues of files, stand-ins); test modules import these, never each other."""
+"""helpers package: what the tests share (servers, clusters, catalogues of files, stand-ins, job settings);
+test modules import these, never each other."""
