@@ -13,7 +13,7 @@ from resnet_batch.errors import InputError, WeightsError
 from resnet_batch.provenance import check_compatible
 from resnet_batch.search.index import SimilarityIndex
 from resnet_batch.text import printable
-from resnet_batch.architecture import index_layout
+from resnet_batch.architecture import layout_of
 from resnet_batch.weights import is_named, resolve_weights
 from resnet_batch.weights_keras import KERAS_NAME
 
@@ -75,7 +75,7 @@ class QueryEmbedder:
             raise WeightsError(f"{err} ({_weights_hint(provenance['weights_id'])}; their sha256 is checked against "
                                "the index's)") from None
         # the network the index's weights need, whichever way the same weights (same hash) arrive here
-        layout = index_layout(provenance.get("model", info.layout.model))
+        layout = layout_of(provenance.get("model", info.layout.model))
         check_compatible(provenance, {"weights_sha256": info.sha256},
                          f"weights {info.weights_id} hash {info.sha256[:12]}... differ from the index's "
                          f"{provenance['weights_id']} ({provenance['weights_sha256'][:12]}...)", keys=("weights_sha256",))
