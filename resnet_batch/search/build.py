@@ -8,7 +8,6 @@ queries (database rows, each one's own match left out, as the neighbours job see
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from resnet_batch.search.index import FORMAT, IDS_FILE, IDS_SCHEMA, INDEX_FILE, 
     Refiner, refined_search
 from resnet_batch.search.changes import part_stamps
 from resnet_batch.search.folder import Staging
-from resnet_batch.search.layout import HASH_FILE, write_id_lookup
+from resnet_batch.search.layout import HASH_FILE, id_hashes, write_id_lookup
 from resnet_batch.search.spec import (DEFAULT_MAX_MEMORY, FLAT_MAX, PCA_AUTO, PCA_TRAIN_MAX, TUNE_QUERIES, IndexOptions,
                                      IndexSpec, query_node_line, resolve_pca)
 from resnet_batch.schema import EMBEDDING_DIM, embeddings_to_numpy
@@ -68,7 +67,7 @@ class BuildSource:
     provenance: dict
     spec: IndexSpec
     scan_s: float
-    hashes: np.ndarray  # build.id_hashes of every ok row, in scan order (= id-map row order)
+    hashes: np.ndarray  # layout.id_hashes of every ok row, in scan order (= id-map row order)
 
     @property
     def count(self) -> int:
@@ -157,13 +156,6 @@ def history_entry(meta: dict, action: str, reason: str, seconds: float, **counts
     """One entry of index.json "history": what a build, rebuild or update did, when, why, and how long it took."""
     return {"action": action, "at": round(time.time(), 3), "reason": reason, "generation": meta["generation"],
             "count": meta["count"], "nprobe": meta["nprobe"], "seconds": seconds, **counts}
-
-
-def id_hashes(image_ids: list) -> np.ndarray:
-    """64-bit hashes of image ids that are the same in every process (Python's hash() of a str is salted per
-    process, and a scaled-out build hashes its parts in Ray workers)."""
-    return np.fromiter((int.from_bytes(hashlib.blake2b(s.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                                       "little", signed=True) for s in image_ids), np.int64, len(image_ids))
 
 
 def part_id_hashes(fs, part: Part) -> np.ndarray:

@@ -128,7 +128,7 @@ class SimilarityIndex:
     def faiss_id(self, image_id: str) -> int:
         """The FAISS id of an indexed image: a sorted table of image_id hashes and their rows (16 bytes a row),
         memory-mapped from the folder's ids.hash (built here once for an index written before it existed)."""
-        from resnet_batch.search.build import id_hashes
+        from resnet_batch.search.layout import id_hashes
 
         if self._by_hash is None:
             hashes = np.concatenate([id_hashes(c.to_pylist()) for c in self._image_ids.chunks] or

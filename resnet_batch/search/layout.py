@@ -16,6 +16,7 @@ after it is published, so readers that hold one keep a consistent index while th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import mmap
 import os
 import re
@@ -100,6 +101,13 @@ def lists_into_memory(index) -> None:
     mem.this.disown()
 
 
+def id_hashes(image_ids: list) -> np.ndarray:
+    """64-bit hashes of image ids that are the same in every process (Python's hash() of a str is salted per
+    process, and a scaled-out build hashes its parts in Ray workers)."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(s.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                                       "little", signed=True) for s in image_ids), np.int64, len(image_ids))
+
+
 def index_layout(meta: dict) -> dict:
     """The files of the index that index.json describes (a fresh build's, where it records no layout)."""
     if "layout" in meta:
@@ -113,7 +121,7 @@ def index_layout(meta: dict) -> dict:
 
 
 def write_id_lookup(path: str, hashes: np.ndarray) -> None:
-    """The lookup from image_id to id-map row: `hashes` (build.id_hashes of each row's image_id, in row order)
+    """The lookup from image_id to id-map row: `hashes` (layout.id_hashes of each row's image_id, in row order)
     sorted, then each one's row; both int64, memory-mapped by readers (no Python object per id)."""
     order = np.argsort(hashes, kind="stable")
     with open(path, "wb") as f:

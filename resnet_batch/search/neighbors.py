@@ -108,7 +108,7 @@ def neighbors_rows(index: SimilarityIndex, image_ids: list, vectors: np.ndarray,
 
 
 COMPONENTS_SCHEMA = pa.schema([  # near-duplicate components as stars: each image linked to its component's root
-    pa.field("node", pa.int64(), nullable=False),  # the image's 64-bit id hash (build.id_hashes)
+    pa.field("node", pa.int64(), nullable=False),  # the image's 64-bit id hash (layout.id_hashes)
     pa.field("root", pa.int64(), nullable=False),  # the smallest node of its component
     pa.field("score", pa.float32()),  # the weakest link of the component so far
     pa.field("image_id", pa.string()),
@@ -124,7 +124,7 @@ def part_components(neighbors: pa.Table, threshold: float) -> pa.Table:
     """The components of one part's links at or above `threshold`, as stars of int64 ids (COMPONENTS_SCHEMA):
     what a neighbours worker returns for its part, in place of the links (a burst of 30 photos is 30 rows,
     not 30 x k links)."""
-    from resnet_batch.search.build import id_hashes
+    from resnet_batch.search.layout import id_hashes
 
     scores = neighbors.column("scores").combine_chunks()
     parent_rows = pc.list_parent_indices(scores)

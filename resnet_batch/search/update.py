@@ -239,7 +239,7 @@ def _update(target: Target, folder: str, ids: pa.Table, changes: Changes, reason
 def _hashes_after(folder: str, layout: dict, ids: pa.Table, changes: Changes, new_ids: pa.Table) -> np.ndarray:
     """The image_id hashes of the updated id map, in row order: the kept rows' from the previous lookup (numpy,
     no Python object per row), the added rows' computed (they are few)."""
-    from resnet_batch.search.build import id_hashes
+    from resnet_batch.search.layout import id_hashes
 
     if layout.get("hash"):
         keep = np.ones(len(ids), dtype=bool)
