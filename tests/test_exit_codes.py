@@ -12,8 +12,8 @@ import pytest
 
 from resnet_batch.dev.sample_data import make_sample_photos
 from resnet_batch.embed.runner import run
-from tests.conftest import REPO, job_config
-from tests.standin import StandInEmbedder
+from tests.helpers.jobs import REPO, job_config
+from tests.helpers.standin import StandInEmbedder
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 BURN = "import time\nend = time.time() + 900\nwhile time.time() < end:\n    pass\n"

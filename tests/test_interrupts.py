@@ -11,7 +11,7 @@ import time
 import pytest
 
 from resnet_batch.dev.sample_data import make_sample_photos
-from tests.conftest import REPO
+from tests.helpers.jobs import REPO
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -22,8 +22,8 @@ from resnet_batch.output.ledger import read_ledger
 from resnet_batch.output.state import load
 from resnet_batch.output.status import output_status
 from resnet_batch.output.store import OutputStore, parse_part, part_record
-from tests.conftest import REPO, job_config
-from tests.standin import StandInEmbedder
+from tests.helpers.jobs import REPO, job_config
+from tests.helpers.standin import StandInEmbedder
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 PER_SHARD = 4
@@ -41,7 +41,7 @@ def _killed_run(ray_local, point: str, input_uri: str, output_uri: str, checkpoi
     spec = {"point": point, "input": input_uri, "output": output_uri, "checkpoint": str(checkpoint),
             "ray": ray_local.get_runtime_context().gcs_address, "per_shard": PER_SHARD,
             "storage_options": options or {}, "pythonpath": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "tests.killpoints", json.dumps(spec)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "tests.helpers.killpoints", json.dumps(spec)], capture_output=True,
                           text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     log = proc.stdout + proc.stderr
     assert proc.returncode in (137, -9), f"the driver was to die at {point} (rc {proc.returncode}):\n{log}"

@@ -16,7 +16,7 @@ from resnet_batch.errors import LockedError
 from resnet_batch.output import lock as lockmod
 from resnet_batch.output.lock import Holder, LockLost, OutputLock, alive_here
 from resnet_batch.output.store import LOCK_FILE, OutputStore
-from tests.conftest import REPO
+from tests.helpers.jobs import REPO
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])

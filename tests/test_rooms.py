@@ -146,3 +146,16 @@ def test_the_checks_catch_a_cycle_and_an_upward_arrow():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
     assert room("resnet_batch.output.store") < room("resnet_batch.embed.runner") < room("resnet_batch.cli")
     assert room("resnet_batch.schema")[0] == 0 and room("resnet_batch.search.cli")[0] == 4
+
+
+def test_tests_share_helpers_never_each_other():
+    """Test modules import what they share from tests/helpers/, never another test module or conftest."""
+    tests = Path(__file__).resolve().parent
+    wrong = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            wrong += [f"{path.relative_to(tests)} imports {n}" for n in names
+                      if n == "tests.conftest" or n.startswith("tests.test_")]
+    assert wrong == [], "\n".join(wrong)

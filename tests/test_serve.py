@@ -9,27 +9,16 @@ import sys
 from pathlib import Path
 
 import aiohttp
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from resnet_batch.search.build import build_index
 from resnet_batch.schema import embeddings_to_numpy
 from resnet_batch.search.serve import Searcher, ServiceConfig
 from resnet_batch.search.similar import similar_to_id, similar_to_image, similar_to_vector
-from tests.helpers.search import embedded_photos
-from tests.helpers.serving import Running
+from tests.helpers.serving import Running, indexed  # noqa: F401 (indexed: a fixture)
 
 pytestmark = pytest.mark.ray  # the embed job makes the indexed photos
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def indexed(tmp_path_factory, photos, checkpoint, ray_local):
-    out = embedded_photos(tmp_path_factory, photos, checkpoint)
-    uri = str(tmp_path_factory.mktemp("serve") / "idx")
-    build_index([str(out)], uri, log=lambda m: None)
-    return uri, pq.read_table(sorted(out.glob("part-*.parquet")))
 
 
 @pytest.fixture(scope="module")

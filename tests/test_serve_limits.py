@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from resnet_batch.search.serve import Searcher, ServiceConfig
-from tests.test_serve import Running, indexed  # noqa: F401 (the module's indexed photos, as a fixture)
+from tests.helpers.serving import Running, indexed  # noqa: F401 (indexed: a fixture)
 
 pytestmark = pytest.mark.ray
 

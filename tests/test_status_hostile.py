@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.helpers.jobs import REPO
 
 ESC = "\x1b]0;pwned\x07\x1b[2J"
 

@@ -1,6 +1,6 @@
 """Test driver: an embed run that dies at one named commit point, the way a kill -9 does (tests only).
 
-Run as `python -m tests.killpoints SPEC_JSON`. The hooks live here, nowhere in the package: the driver
+Run as `python -m tests.helpers.killpoints SPEC_JSON`. The hooks live here, nowhere in the package: the driver
 leaves with os._exit (no exception, no clean-up, no atexit), or a Ray task of the run SIGKILLs the driver
 from outside once its own work is stored, so the task's result never reaches the driver. The run uses the
 stand-in embedder through the Python API and the Ray cluster named in the spec.
@@ -47,13 +47,13 @@ def _killing_task(name: str, driver: int, after_write: bool):
             time.sleep(600)  # the result must never arrive
 
         if after_write:
-            real = S.write_bytes
+            real = S.write_file
 
             def write_then_kill(*a, **k):
                 real(*a, **k)
                 kill()
 
-            S.write_bytes = write_then_kill
+            S.write_file = write_then_kill
         out = getattr(S, name)(*args)
         kill()
         return out
@@ -194,8 +194,8 @@ def main(spec: dict) -> None:
     import ray
 
     from resnet_batch.embed.runner import run
-    from tests.conftest import job_config
-    from tests.standin import StandInEmbedder
+    from tests.helpers.jobs import job_config
+    from tests.helpers.standin import StandInEmbedder
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     ray.init(address=spec["ray"], log_to_driver=False,

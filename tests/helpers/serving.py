@@ -6,8 +6,12 @@ import json
 import threading
 
 import aiohttp
+import pyarrow.parquet as pq
+import pytest
 
+from resnet_batch.search.build import build_index
 from resnet_batch.search.serve import Searcher, start
+from tests.helpers.search import embedded_photos
 
 
 class Running:
@@ -32,3 +36,12 @@ class Running:
     def close(self):
         self.run(self.runner.cleanup())
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, photos, checkpoint, ray_local):
+    """An index over the real embed output of the test photos, and the output's rows (one per module)."""
+    out = embedded_photos(tmp_path_factory, photos, checkpoint)
+    uri = str(tmp_path_factory.mktemp("serve") / "idx")
+    build_index([str(out)], uri, log=lambda m: None)
+    return uri, pq.read_table(sorted(out.glob("part-*.parquet")))
