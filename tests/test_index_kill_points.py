@@ -12,8 +12,8 @@ import pytest
 
 from resnet_batch.cli import main
 from resnet_batch.search.index import SimilarityIndex, UnknownImageId
-from tests.conftest import REPO
-from tests.search_helpers import clustered_vectors, write_part
+from tests.helpers.jobs import REPO
+from tests.helpers.search import clustered_vectors, write_part
 
 POINTS = ["staged", "generation", "switched", "cleaned"]
 
@@ -40,7 +40,7 @@ def test_an_index_update_killed_at_each_commit_point_converges_on_one_rerun(buil
     (emb / "part-000001.parquet").unlink()  # 100 rows leave
     write_part(emb / "part-000009.parquet", [f"new-{i:03d}" for i in range(50)], clustered_vectors(50, seed=9))
     spec = {"index": str(idx), "embeddings": str(emb), "point": point}
-    proc = subprocess.run([sys.executable, "-m", "tests.killpoints", json.dumps(spec)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "tests.helpers.killpoints", json.dumps(spec)], capture_output=True,
                           text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 137, proc.stdout + proc.stderr
     before = SimilarityIndex.open(str(idx))  # readers see a whole index, the old one or the new one

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 
 from resnet_batch.search.index import SimilarityIndex
-from tests.conftest import REPO
-from tests.search_helpers import clustered_vectors, write_part
+from tests.helpers.jobs import REPO
+from tests.helpers.search import clustered_vectors, write_part
 
 
 def test_two_first_builds_racing_publish_one_index(tmp_path):

@@ -162,14 +162,14 @@ def install_index(point: str) -> None:
 
         folder.Staging.publish_generation = publish_generation
     elif point == "generation":
-        real_put = folder.put_bytes
+        real_write = folder.write_file
 
-        def put_bytes(fs, path, data, *a, **k):
+        def write_file(fs, path, content, *a, **k):
             if path.endswith("/" + folder.META_FILE):
                 _die()
-            return real_put(fs, path, data, *a, **k)
+            return real_write(fs, path, content, *a, **k)
 
-        folder.put_bytes = put_bytes
+        folder.write_file = write_file
     elif point in ("switched", "cleaned"):
         real_remove = folder.remove_unused
 
