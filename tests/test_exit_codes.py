@@ -55,10 +55,10 @@ def test_every_command_exits_0_1_or_2_under_load(tmp_path, checkpoint, ray_local
         ("sample-data", "--out", str(tmp_path / "more"), "-n", "2"): 0,
         ("--version",): 0,
     }
-    repeats = {("status", str(out)): 30, ("status", str(out), "--json"): 15, ("status", str(out), "--failed"): 15}
+    repeats = {("status", str(out)): 10, ("status", str(out), "--json"): 5, ("status", str(out), "--failed"): 5}
     seen: dict[tuple, list[int]] = {}
     for args, expected in commands.items():
-        for _ in range(repeats.get(args, 6)):
+        for _ in range(repeats.get(args, 2)):
             proc = _cli(*args)
             seen.setdefault(args, []).append(proc.returncode)
             assert proc.returncode == expected, (args, proc.returncode, proc.stderr[-2000:])
