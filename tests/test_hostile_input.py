@@ -21,7 +21,7 @@ import pytest
 
 from resnet_batch.config import InputConfig
 from resnet_batch.errors import LockedError, OutputError
-from resnet_batch.output.lock import OutputLock
+from resnet_batch.output.lock import Holder, OutputLock
 from tests.helpers.shards import list_shards
 from resnet_batch.embed.reader import ReadSettings, read_shard
 from resnet_batch.embed.runner import run
@@ -311,8 +311,9 @@ def test_a_dead_holders_lock_is_taken_over(tmp_path):
     store = OutputStore(str(tmp_path / "out"), {})
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    store.write("_lock", {"host": __import__("socket").gethostname(), "pid": int(dead), "token": "t",
-                               "started": time.time(), "heartbeat": time.time()})
+    me = Holder.me()  # a holder of this very boot and pid namespace, as the lock records one, whose pid is gone
+    store.write("_lock", {"host": me.host, "pid": int(dead), "token": "t", "started": time.time(),
+                          "heartbeat": time.time(), "boot": me.boot, "pidns": me.pidns, "start_ticks": 12345})
     said = []
     with OutputLock(store, on_takeover=said.append) as lock:
         assert lock.read().pid == os.getpid()
