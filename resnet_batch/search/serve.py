@@ -162,6 +162,25 @@ class Searcher:
                 "max_pixels": self.max_pixels}
 
 
+def vector_query(raw: bytes) -> tuple[np.ndarray, int]:
+    """The body of a by-vector query, `{"vector": [...], "k": 10}`, as (vector, k); BadRequest when it is not one.
+    Both services (serve and serve --ray) parse it here, so they refuse the same bodies the same way."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
+        raise BadRequest(400, 'the body must be JSON: {"vector": [...], "k": 10}') from None
+    if not isinstance(body, dict) or not isinstance(body.get("vector"), list):
+        raise BadRequest(400, 'the body must be JSON: {"vector": [...], "k": 10}')
+    k = body.get("k", 10)
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise BadRequest(400, f"k must be a whole number, got {k!r}")
+    try:
+        vector = np.asarray(body["vector"], dtype=np.float32)
+    except (TypeError, ValueError):
+        raise BadRequest(422, "vector must be a list of numbers") from None
+    return vector, k
+
+
 def _version(meta: dict) -> tuple:
     return meta["build_id"], meta.get("generation", 0)
 
@@ -247,21 +266,9 @@ def create_app(searcher: Searcher):
 
     async def by_vector(request):
         t0 = time.perf_counter()
-        try:
-            body = json.loads(await read_capped(request.content, MAX_JSON_BYTES, request.content_length))
-        except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
-            raise BadRequest(400, 'the body must be JSON: {"vector": [...], "k": 10}') from None
-        if not isinstance(body, dict) or not isinstance(body.get("vector"), list):
-            raise BadRequest(400, 'the body must be JSON: {"vector": [...], "k": 10}')
-        k = body.get("k", 10)
-        if not isinstance(k, int) or isinstance(k, bool):
-            raise BadRequest(400, f"k must be a whole number, got {k!r}")
-        try:
-            vector = np.asarray(body["vector"], dtype=np.float32)
-        except (TypeError, ValueError):
-            raise BadRequest(422, "vector must be a list of numbers") from None
+        vector, k = vector_query(await read_capped(request.content, MAX_JSON_BYTES, request.content_length))
         found = await run(search_pool, searcher.by_vector, vector, searcher.check_k(k))
-        return answer({"vector": len(body["vector"])}, k, found, t0)
+        return answer({"vector": len(vector)}, k, found, t0)
 
     @web.middleware
     async def errors(request, handler):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import email.parser
 import email.policy
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -25,7 +24,7 @@ import numpy as np
 from ray import serve
 
 from resnet_batch.errors import ConfigError, SimilarityIndexError
-from resnet_batch.search.serve import MAX_JSON_BYTES, BadRequest, Searcher, ServiceConfig
+from resnet_batch.search.serve import MAX_JSON_BYTES, BadRequest, Searcher, ServiceConfig, vector_query
 
 APP_NAME = "resnet-batch-search"
 
@@ -170,21 +169,9 @@ class SearchReplica:
 
     async def by_vector(self, request) -> dict:
         t0 = time.perf_counter()
-        try:
-            body = json.loads(await read_capped(request, MAX_JSON_BYTES))
-        except ValueError:
-            raise BadRequest(400, 'the body must be JSON: {"vector": [...], "k": 10}') from None
-        if not isinstance(body, dict) or not isinstance(body.get("vector"), list):
-            raise BadRequest(400, 'the body must be JSON: {"vector": [...], "k": 10}')
-        k = body.get("k", 10)
-        if not isinstance(k, int) or isinstance(k, bool):
-            raise BadRequest(400, f"k must be a whole number, got {k!r}")
-        try:
-            vector = np.asarray(body["vector"], dtype=np.float32)
-        except (TypeError, ValueError):
-            raise BadRequest(422, "vector must be a list of numbers") from None
+        vector, k = vector_query(await read_capped(request, MAX_JSON_BYTES))
         found = await asyncio.to_thread(self.searcher.by_vector, vector, self.searcher.check_k(k))
-        return self.answer({"vector": len(body["vector"])}, k, found, t0)
+        return self.answer({"vector": len(vector)}, k, found, t0)
 
     async def _watch(self) -> None:
         """Serve a newer version of the index once it is open (as serve.py's watcher does)."""
