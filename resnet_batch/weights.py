@@ -1,10 +1,7 @@
 """weights module: resolve the configured ResNet-50 weights once, with an id and a content hash."""
 from __future__ import annotations
 
-import hashlib
-import io
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -15,7 +12,10 @@ from resnet_batch.architecture import TORCHVISION, Layout
 from resnet_batch.config import ModelConfig
 from resnet_batch.errors import WeightsError as WeightsUnavailableError  # the configured weights cannot be had
 from resnet_batch.redact import redact_text, safe_uri
+from resnet_batch.state_dicts import (categories, hashed_file_state_dict,  # noqa: F401 (re-exported)
+                                      state_dict_from_bytes, state_dict_sha256)
 from resnet_batch.text import printable
+from resnet_batch.weights_keras import KERAS_LAYOUT, KERAS_NAME, KERAS_TRANSFORMS, keras_state_dict
 
 
 @dataclass(frozen=True)
@@ -40,26 +40,7 @@ def is_enum_name(name: str) -> bool:
 
 def is_named(name: str) -> bool:
     """A weights name resolve_weights knows: torchvision's enums and the package-registry weights."""
-    from resnet_batch.weights_keras import KERAS_NAME
-
     return is_enum_name(name) or name == KERAS_NAME
-
-
-def categories(transforms: str) -> tuple[str, ...]:
-    """The 1000 ImageNet class names from torchvision's weights metadata."""
-    from torchvision.models import ResNet50_Weights
-
-    return tuple(ResNet50_Weights[transforms].meta["categories"])
-
-
-def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
-    """A content hash of a state dict that does not depend on how it was serialised."""
-    h = hashlib.sha256()
-    for key in sorted(state_dict):
-        t = state_dict[key].detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def random_state_dict(seed: int) -> dict[str, torch.Tensor]:
@@ -107,19 +88,6 @@ def hub_state_dict(url: str, what: str) -> dict[str, torch.Tensor]:
                                   "path")
 
 
-def hashed_file_state_dict(path: str, expected: str, against: str, fix: str) -> dict[str, torch.Tensor]:
-    """A cached state dict file whose bytes' sha256 starts with `expected` (else nothing is loaded from it), read
-    with torch.load(weights_only=True). `against` names where the hash comes from; `fix` says what to do."""
-    with open(path, "rb") as f:
-        data = f.read()  # read once: the bytes hashed are the bytes loaded
-    actual = hashlib.sha256(data).hexdigest()
-    if not actual.startswith(expected):
-        raise WeightsUnavailableError(
-            f"cached weights {path} do not match {against} ({actual[:8]} != {expected[:8]}), so nothing was loaded "
-            f"from them: {fix}.")
-    return _state_dict_from_bytes(data, f"cached weights {path}", fix)
-
-
 def _load_checkpoint(uri: str, storage_options: Optional[dict]) -> dict[str, torch.Tensor]:
     import fsspec
 
@@ -132,33 +100,7 @@ def _load_checkpoint(uri: str, storage_options: Optional[dict]) -> dict[str, tor
     except Exception as err:
         raise WeightsUnavailableError(
             f"could not read checkpoint {shown}: {type(err).__name__}: {printable(redact_text(str(err)))}") from None
-    return _state_dict_from_bytes(data, f"checkpoint {shown}", "save it with torch.save(model.state_dict(), path)")
-
-
-def _state_dict_from_bytes(data: bytes, source: str, fix: str) -> dict[str, torch.Tensor]:
-    """A state dict from serialised bytes, through torch.load(weights_only=True) only: tensors and plain
-    containers, never code. `fix` says what to do when the bytes are something else."""
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise WeightsUnavailableError(
-            f"{source} is not a plain state dict; torch.load(weights_only=True) refused it ({_refusal(err)}): "
-            f"{fix}") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsUnavailableError(f"{source} does not hold a ResNet-50 state dict: {fix}")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def _refusal(err: BaseException) -> str:
-    """Why torch.load(weights_only=True) refused, in one line (torch's own text suggests weights_only=False)."""
-    text = str(err)
-    if m := re.search(r"Unsupported global: GLOBAL ([\w.]+)", text):
-        return f"it names {m.group(1)}, which is code, not data"
-    detail = text.split("WeightsUnpickler error:", 1)[-1]
-    line = next((ln.strip() for ln in detail.splitlines() if ln.strip()), "")
-    return printable(redact_text(f"{type(err).__name__}: {line}"[:300]))
+    return state_dict_from_bytes(data, f"checkpoint {shown}", "save it with torch.save(model.state_dict(), path)")
 
 
 def check_state_dict(state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -183,8 +125,6 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], source: str) -> None:
 
 def resolve_weights(cfg: ModelConfig, storage_options: Optional[dict] = None) -> tuple[WeightsInfo, dict]:
     """Load the configured weights once (for the driver to hand to every actor) and describe them."""
-    from resnet_batch.weights_keras import KERAS_LAYOUT, KERAS_NAME, KERAS_TRANSFORMS, keras_state_dict
-
     layout = TORCHVISION
     if cfg.weights == "random":
         sd, wid, transforms = random_state_dict(cfg.seed), f"random(seed={cfg.seed})", cfg.transforms

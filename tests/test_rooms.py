@@ -13,15 +13,6 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "resnet_batch"
 ENTRY_POINTS = {"resnet_batch.cli", "resnet_batch.search.cli"}
 RANKS = {"output": 1, "embed": 2, "search": 2, "dev": 3}  # sub-packages; basics are 0, entry points 4
-# Known cycles, each to go with the import it excuses (the modules' owners are at work on them):
-KNOWN_CYCLES = [
-    # issue 19's Keras weights and the weights resolver call each other (in functions): until the helpers they
-    # share (hashed_file_state_dict, categories) move below both
-    {"resnet_batch.weights", "resnet_batch.weights_keras"},
-    # issue 20's inventory builds the listing's InputListing, and list_entries hands over to it (in a function):
-    # until InputListing lives below both
-    {"resnet_batch.embed.inventory", "resnet_batch.embed.listing"},
-]
 
 
 def modules() -> dict[str, Path]:
@@ -127,7 +118,7 @@ def test_the_walk_sees_every_kind_of_import():
 
 
 def test_no_import_cycle():
-    found = [c for c in cycles(graph()) if c not in KNOWN_CYCLES]
+    found = cycles(graph())
     assert found == [], "import cycles: " + "; ".join(" <-> ".join(sorted(c)) for c in found)
 
 

@@ -17,8 +17,9 @@ from typing import Iterator, Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from resnet_batch.embed.listing import ENTRY_SCHEMA, InputListing
+from resnet_batch.embed.input_listing import InputListing
 from resnet_batch.errors import InputError
+from resnet_batch.schema import ENTRY_SCHEMA
 from resnet_batch.storage import display_path, filesystem, protocols
 
 BATCH_ROWS = 64 * 1024  # inventory rows per page

@@ -19,10 +19,12 @@ from typing import Callable, Iterable, Iterator, Optional
 import pyarrow as pa
 
 from resnet_batch.config import InputConfig
+from resnet_batch.embed.input_listing import InputListing  # noqa: F401 (the plan's type)
+from resnet_batch.embed.inventory import inventory_listing
 from resnet_batch.errors import InputError  # noqa: F401 (re-exported)
 from resnet_batch.retry import is_transient, retrying
 from resnet_batch.schema import ENTRY_SCHEMA  # noqa: F401 (the listing's pages)
-from resnet_batch.storage import S3_PROTOCOLS, display_path, endpoint_of, explain, filesystem, is_s3, protocols
+from resnet_batch.storage import S3_PROTOCOLS, endpoint_of, explain, filesystem, is_s3, protocols
 
 PAGE = 1000  # entries per page from the local and generic walkers (S3 pages are the store's own)
 S3_CONCURRENCY = 32  # prefixes listed at once
@@ -119,18 +121,6 @@ def hidden(rel: str) -> bool:
 # -- listing ------------------------------------------------------------------------------------
 
 
-@dataclass
-class InputListing:
-    """An input root being listed: where it is, and its pages (consumed once)."""
-
-    root: str  # filesystem path of the root (no protocol)
-    protocol: str
-    pages: Iterator[pa.Table]  # ENTRY_SCHEMA
-
-    def display(self, rel: str = "") -> str:
-        return display_path(self.protocol, posixpath.join(self.root, rel) if rel else self.root)
-
-
 def list_entries(cfg: InputConfig, retry_window_s: float = 300.0) -> InputListing:
     """Start listing the input root: pages of entries as the store returns them (not sorted across folders).
 
@@ -138,8 +128,6 @@ def list_entries(cfg: InputConfig, retry_window_s: float = 300.0) -> InputListin
     root cannot be listed at all; a transient failure later in the walk is retried for `retry_window_s`.
     """
     if cfg.inventory:  # a file list instead of a listing (see inventory.py)
-        from resnet_batch.embed.inventory import inventory_listing
-
         return inventory_listing(cfg.inventory, dict(cfg.storage_options), cfg.uri)
     fs, root = filesystem(cfg.uri, dict(cfg.storage_options))
     protocol = protocols(fs)[0]

@@ -1,6 +1,9 @@
 """reconcile module: the end of a run: the folder checked against the manifest (every current image exactly
-once), the report written, `_SUCCESS` only when everything balances; and the ledger as the parts stand."""
+once), the run's report gathered and written, `_SUCCESS` only when everything balances; and the ledger as the
+parts stand."""
 from __future__ import annotations
+
+import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -8,8 +11,9 @@ import pyarrow.compute as pc
 from resnet_batch.embed.job import Job
 from resnet_batch.embed.listing import FORMATS
 from resnet_batch.embed.plan import complete_shards
-from resnet_batch.embed.report import run_report, shard_desc
+from resnet_batch.embed.report import actor_rows, peak_rss, shard_desc, stages
 from resnet_batch.errors import RunFailed
+from resnet_batch.output.failures import read_failures
 from resnet_batch.output.ledger import compact, read_ledger, recover, records_table
 from resnet_batch.output.state import OutputState, save, stamp
 from resnet_batch.output.store import INCOMPLETE_REPORT_FILE, REPORT_FILE, SUCCESS_FILE
@@ -82,3 +86,68 @@ def read_ledger_with(ledger: pa.Table, records: list[dict]) -> pa.Table:
     from resnet_batch.output.ledger import latest
 
     return latest(pa.concat_tables([ledger, records_table(records)]))
+
+
+def run_report(job: Job, state, run_no: int, complete: bool, totals: dict, skipped, skipped_total: int,
+               expected: dict, missing: list, mismatched: list, ledger: pa.Table) -> dict:
+    """The run's report (`_report.json`): counts, shards, sync, start-up marks, speed, actors, failures, setup."""
+    import os
+    import socket
+
+    from resnet_batch.cluster import ray_logs_dir
+    from resnet_batch.config import redacted
+
+    st = job.stats
+    wall = time.perf_counter() - job.t_start
+    pipeline, actors = job.pipeline_s, job.actor_info
+    first = (st.first[0] - st.t0) if st.first else 0.0
+    output_arg = job.cfg.output.uri if "://" in job.cfg.output.uri else job.store.display()
+    report = {
+        "output": job.store.display(),
+        "output_arg": output_arg,
+        "next_index": _next_index(output_arg, dict(job.cfg.output.storage_options)),
+        "complete": complete,
+        "run": run_no,
+        "counts": {"inputs": totals["rows"] + skipped_total, "ok": totals["ok"], "failed": totals["failed"],
+                   "skipped": skipped_total, "done_before": job.done_before,
+                   "this_run": {"images": st.images, "ok": st.ok, "failed": st.failed}},
+        "shards": {"total": len(expected), "parts_written": st.parts, "missing": missing[:20],
+                   "mismatched": mismatched[:20]},
+        "sync": job.sync,
+        "skipped_files": skipped.examples,
+        "startup": {k: round(v, 3) for k, v in sorted(job.marks.items(), key=lambda kv: kv[1])},
+        "seconds": {"wall": round(wall, 3), "startup": round(job.startup_s, 3),
+                    "first_result": round(first, 3), "pipeline": round(pipeline, 3)},
+        "img_per_s": round(st.images / pipeline, 2) if pipeline and st.images else None,
+        "steady_img_per_s": round(v, 2) if (v := st.steady_img_per_s()) else None,
+        "device": st.devices(),
+        "gpu_requested": bool(job.gpu),
+        "actors": actor_rows(actors, st.actors),
+        "stages": stages(st, max(len(actors), len(st.actors), 1)),
+        "per_node": st.per_node(),
+        "reads": job.read_stats,
+        "driver": {"pid": os.getpid(), "host": socket.gethostname(), "peak_rss_bytes": peak_rss(),
+                   "bytes_received": job.driver_bytes,
+                   "bytes_per_image": round(job.driver_bytes / st.images, 2) if st.images else None},
+        "failures": read_failures(job.store, ledger),
+        "ray_logs": ray_logs_dir(),
+        "failed_shards": [{"shard": f.shard.index, "attempts": f.attempts, "reason": f.reason,
+                           "what": shard_desc(f.shard, state)} for f in job.failures],
+        "provenance": job.provenance,
+        "config": redacted(job.cfg),
+    }
+    return report
+
+
+def _next_index(output_arg: str, storage_options: dict) -> dict:
+    """Where the summary suggests the index of this output (beside it, as the README's `OUT-index`), and whether
+    one is there already (then `index` updates it)."""
+    from resnet_batch.storage import filesystem
+
+    uri = output_arg.rstrip("/") + "-index"
+    try:
+        fs, path = filesystem(uri, storage_options)
+        exists = fs.exists(path + "/index.json")  # search/layout.META_FILE: an index's own description
+    except Exception:  # unreachable or refused: the hint only says less
+        exists = False
+    return {"uri": uri, "exists": bool(exists)}
