@@ -30,11 +30,12 @@ def service(indexed):
 
 
 def as_found(body: dict) -> list[tuple]:
-    return [(r["image_id"], r["path"], pytest.approx(r["score"], abs=1e-6), r["label"]) for r in body["results"]]
+    assert all(set(r) == {"rank", "image_id", "score", "label"} for r in body["results"]), body  # no server paths
+    return [(r["image_id"], pytest.approx(r["score"], abs=1e-6), r["label"]) for r in body["results"]]
 
 
 def expected(matches) -> list[tuple]:
-    return [(m.image_id, m.path, m.score, m.label) for m in matches]
+    return [(m.image_id, m.score, m.label) for m in matches]
 
 
 def form(data: bytes, field: str = "image") -> aiohttp.FormData:
@@ -69,6 +70,28 @@ def test_the_three_query_kinds_answer_what_similar_answers(service, indexed, pho
     assert body["results"][0]["image_id"] == ids[20]
     status, about = running.call("GET", "/v1/index")
     assert status == 200 and about["count"] == 36 and about["kind"] == "flat" and about["uploads"] is True
+    # Issue 18: no answer tells a client where the server keeps the photos or the weights (opt-in: --show-paths).
+    weights = index.provenance["weights_id"]
+    assert weights.startswith("checkpoint:/") and about["provenance"]["weights_id"] == \
+        "checkpoint:" + os.path.basename(weights)
+    assert str(photos) not in json.dumps([body, raw, about]) and os.path.dirname(weights[11:]) not in json.dumps(about)
+
+
+def test_server_paths_only_when_asked(indexed, photos):
+    """--show-paths (ServiceConfig.show_paths): each result carries its path on the server, /v1/index the
+    checkpoint's path; the matches are the same."""
+    searcher = Searcher(ServiceConfig(index=indexed[0], embed=False, show_paths=True))
+    running = Running(searcher)
+    try:
+        image_id = indexed[1].column("image_id")[3].as_py()
+        status, body = running.call("GET", "/v1/neighbors", params={"id": image_id, "k": "3"})
+        assert status == 200 and [(r["image_id"], r["path"]) for r in body["results"]] == \
+            [(m.image_id, m.path) for m in similar_to_id(searcher.index, image_id, 3)]
+        assert all(r["path"].startswith(str(photos) + "/") for r in body["results"])
+        status, about = running.call("GET", "/v1/index")
+        assert about["provenance"] == searcher.index.provenance
+    finally:
+        running.close()
 
 
 def test_bad_requests_get_a_4xx_and_a_reason_and_the_service_keeps_serving(service, photos):

@@ -146,7 +146,7 @@ def serve_main(args: argparse.Namespace) -> int:
                         max_upload_bytes=parse_bytes(args.max_upload_bytes), max_k=args.max_k,
                         threads=args.threads, embed=not args.no_upload, reload_s=args.reload_s,
                         max_uploads=args.max_uploads, max_embed_queue=args.max_embed_queue,
-                        read_timeout_s=args.read_timeout_s)
+                        read_timeout_s=args.read_timeout_s, show_paths=args.show_paths)
     if args.ray:
         from resnet_batch.search.serve_ray import RayServeConfig, run
 
@@ -255,6 +255,9 @@ def register(subparsers) -> None:
                    help="an upload not received in this time gets 408 (default 30)")
     p.add_argument("--threads", type=int, default=4, help="searches and embeddings run at once (default 4)")
     p.add_argument("--no-upload", action="store_true", help="no model: answer id and vector queries only")
+    p.add_argument("--show-paths", action="store_true",
+                   help="answers carry each image's path on this server and the checkpoint's path (default: image "
+                        "ids only; paths tell clients where the server keeps its files)")
     p.add_argument("--reload-s", type=float, default=60.0,
                    help="look for an updated index this often, and serve it once open (default 60; 0: never)")
     p.add_argument("--storage-options", help="fsspec options as JSON, for every URI")

@@ -58,6 +58,9 @@ class ServiceConfig:
     max_embed_queue: int = 8
     read_timeout_s: float = 30.0  # an upload not received in this time gets 408 (a slow or stalled client)
     retry_after_s: int = 2
+    # Answers name images by image_id (relative to the input root); the server's own path of each image, and the
+    # weights' checkpoint path, only when asked: they tell every client where the server keeps its files.
+    show_paths: bool = False
 
 
 class BadRequest(Exception):
@@ -157,9 +160,26 @@ class Searcher:
     def describe(self) -> dict:
         m = self.index.meta
         return {"count": m["count"], "kind": m["kind"], "factory": m["factory"], "nprobe": self.index.nprobe,
-                "tuning": m["tuning"], "dim": m["dim"], "provenance": m["provenance"], "uploads": self.embedder
+                "tuning": m["tuning"], "dim": m["dim"],
+                "provenance": public_provenance(m["provenance"], self.cfg.show_paths), "uploads": self.embedder
                 is not None, "max_k": self.cfg.max_k, "max_upload_bytes": self.cfg.max_upload_bytes,
                 "max_pixels": self.max_pixels}
+
+
+def public_results(found: list[Match], show_paths: bool) -> list[dict]:
+    """The results of an answer, best first: rank, image_id, score, label, and the image's path on the server
+    only with `show_paths` (both services answer through here)."""
+    return [{"rank": i, **{k: v for k, v in asdict(m).items() if show_paths or k != "path"}}
+            for i, m in enumerate(found, 1)]
+
+
+def public_provenance(provenance: dict, show_paths: bool) -> dict:
+    """The index's provenance as `/v1/index` shows it: a checkpoint's path or URL cut to its file name unless
+    `show_paths` (its identity is the recorded sha256)."""
+    weights = str(provenance.get("weights_id", ""))
+    if show_paths or not weights.startswith("checkpoint:"):
+        return provenance
+    return {**provenance, "weights_id": "checkpoint:" + weights.rstrip("/").rsplit("/", 1)[-1]}
 
 
 def vector_query(raw: bytes) -> tuple[np.ndarray, int]:
@@ -204,7 +224,7 @@ def create_app(searcher: Searcher):
 
     def answer(query: dict, k: int, found: list[Match], t0: float):
         return web.json_response({
-            "query": query, "k": k, "results": [{"rank": i, **asdict(m)} for i, m in enumerate(found, 1)],
+            "query": query, "k": k, "results": public_results(found, cfg.show_paths),
             "index": {"count": len(searcher.index), "nprobe": searcher.index.nprobe},
             "took_ms": round(1000 * (time.perf_counter() - t0), 3)})
 

@@ -17,14 +17,15 @@ import email.parser
 import email.policy
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
 from ray import serve
 
 from resnet_batch.errors import ConfigError, SimilarityIndexError
-from resnet_batch.search.serve import MAX_JSON_BYTES, BadRequest, Searcher, ServiceConfig, vector_query
+from resnet_batch.search.serve import (MAX_JSON_BYTES, BadRequest, Searcher, ServiceConfig, public_results,
+                                      vector_query)
 
 APP_NAME = "resnet-batch-search"
 
@@ -134,7 +135,7 @@ class SearchReplica:
     # -- the endpoints, as serve.create_app answers them --------------------------------------------------------
     def answer(self, query: dict, k: int, found: list, t0: float) -> dict:
         index = self.searcher.index
-        return {"query": query, "k": k, "results": [{"rank": i, **asdict(m)} for i, m in enumerate(found, 1)],
+        return {"query": query, "k": k, "results": public_results(found, self.cfg.show_paths),
                 "index": {"count": len(index), "nprobe": index.nprobe},
                 "took_ms": round(1000 * (time.perf_counter() - t0), 3)}
 
