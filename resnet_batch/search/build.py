@@ -43,14 +43,15 @@ LOG = logging.getLogger(__name__)  # a build's progress lines (INFO, see resnet_
 def build_index(uris: Sequence[str], out: str, *, kind: str = "auto", max_memory: int = DEFAULT_MAX_MEMORY,
                 pca: Optional[int] = None, flat_max: int = FLAT_MAX, target_recall: float = 0.95,
                 tune_queries: int = TUNE_QUERIES, seed: int = 0, storage_options: Optional[dict] = None,
-                log: Callable[[str], None] = LOG.info) -> dict:
-    """Index every 'ok' embedding under `uris` (one provenance) into the folder `out`; returns its index.json."""
+                log: Callable[[str], None] = LOG.info, guard: Optional[Callable[[], None]] = None) -> dict:
+    """Index every 'ok' embedding under `uris` (one provenance) into the folder `out`; returns its index.json.
+    `guard`: the folder lock's check, before publishing (folder.Staging)."""
     options = IndexOptions(kind=kind, max_memory=max_memory, pca=pca, flat_max=flat_max,
                            target_recall=target_recall, tune_queries=tune_queries, seed=seed)
     options.check()
     opts = dict(storage_options or {})
     source = BuildSource.scan(uris, options, opts)
-    with Staging(out, opts) as stage:
+    with Staging(out, opts, guard=guard) as stage:
         meta = build_into(stage, source, options, opts, log)
         meta["history"] = [history_entry(meta, "build", "new index", meta["build_s"])]
         stage.publish(meta)

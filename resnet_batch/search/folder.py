@@ -12,6 +12,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+from typing import Callable, Optional
 
 from resnet_batch.search.layout import (DATA_FILES, FORMAT_LAYOUT, HASH_FILE, LISTS_FILE, META_FILE, REFINE_FILE, REFINE_SQ_FILE,
                                        generation_dir, generation_of)
@@ -32,10 +33,13 @@ def layout_files(layout: dict) -> list[str]:
 
 class Staging:
     """Where a build or an update writes its files: a hidden folder in the index folder when local (moved in
-    place by a rename), else a temp folder uploaded at the end."""
+    place by a rename), else a temp folder uploaded at the end. `guard` (the folder lock's `ensure`) is called
+    before each step that changes what readers see or removes files (it raises LockLost once the lock is no
+    longer this run's: another run owns the folder, and its files must not be replaced or removed)."""
 
-    def __init__(self, out: str, opts: dict, prefix: str = ".build-"):
+    def __init__(self, out: str, opts: dict, prefix: str = ".build-", guard: Optional[Callable[[], None]] = None):
         self.out, self.fs, self.root = out, *filesystem(out, opts)
+        self.guard = guard or (lambda: None)
         self.local = "file" in protocols(self.fs)
         if self.local:
             os.makedirs(self.root, exist_ok=True)
@@ -60,6 +64,7 @@ class Staging:
         names = self._staged()
         meta["files"] = {n: os.path.getsize(self.path(n)) for n in names}
         old = posixpath.join(self.root, META_FILE)
+        self.guard()
         if self.fs.exists(old):
             self.fs.rm(old)
         for stale in {REFINE_SQ_FILE, REFINE_FILE, LISTS_FILE, HASH_FILE} - set(names):  # an earlier build's, not this one's
@@ -70,6 +75,7 @@ class Staging:
                 os.replace(self.path(name), os.path.join(self.root, name))
             else:
                 self.fs.put_file(self.path(name), posixpath.join(self.root, name))
+        self.guard()
         write_file(self.fs, old, meta)
 
     def publish_generation(self, meta: dict, previous: dict) -> None:
@@ -82,13 +88,16 @@ class Staging:
         meta.update(format=FORMAT_LAYOUT, previous_files=sorted(previous["files"]),
                     files={name: sizes[name] for name in layout_files(meta["layout"])})
         target = posixpath.join(self.root, folder)
+        self.guard()  # a run that lost the lock must not replace the winner's generation of the same number
         if self.local:
             shutil.rmtree(target, ignore_errors=True)  # left by an attempt killed before its switch
             os.rename(self.dir, target)
         else:
             for name in names:
                 self.fs.put_file(self.path(name), posixpath.join(target, name))
+        self.guard()
         write_file(self.fs, posixpath.join(self.root, META_FILE), meta)
+        self.guard()  # what is unused is judged from this run's index.json: not if another run published since
         remove_unused(self.fs, self.root, set(meta["files"]) | set(previous["files"]), self.local)
 
 

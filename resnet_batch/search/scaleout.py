@@ -67,11 +67,13 @@ class ScaleOut:
 
 
 def build_index_ray(uris: Sequence[str], out: str, options: IndexOptions, scale: ScaleOut = ScaleOut(), *,
-                    storage_options: Optional[dict] = None, log: Callable[[str], None] = LOG.info) -> dict:
-    """Index every 'ok' embedding under `uris` into the folder `out` with Ray tasks; returns its index.json."""
+                    storage_options: Optional[dict] = None, log: Callable[[str], None] = LOG.info,
+                    guard: Optional[Callable[[], None]] = None) -> dict:
+    """Index every 'ok' embedding under `uris` into the folder `out` with Ray tasks; returns its index.json.
+    `guard`: the folder lock's check, before publishing (folder.Staging)."""
     options.check()
     opts = dict(storage_options or {})
-    with Staging(out, opts) as stage:
+    with Staging(out, opts, guard=guard) as stage:
         meta = build_into_ray(stage, uris, options, scale, opts, log)
         meta["history"] = [history_entry(meta, "build", "new index (scaled out on Ray)", meta["build_s"])]
         stage.publish(meta)

@@ -83,21 +83,23 @@ def index_embeddings(uris: Sequence[str], out: str, given: Optional[dict] = None
 
     opts = dict(storage_options or {})
     # Under the folder's lock from the start: two first builds racing into one new folder would publish a mix.
-    with OutputLock(OutputStore(out, opts), on_takeover=log):
+    # Every step that changes what readers see checks first that the lock is still this run's (lock.ensure):
+    # a run whose lock was taken over (paused past the stale limit) stops with LockLost, exit 1.
+    with OutputLock(OutputStore(out, opts), on_takeover=log) as lock:
         if existing_meta(out, opts) is None:
             if scale is not None:
                 from resnet_batch.search.scaleout import build_index_ray
 
                 meta = build_index_ray(uris, out, IndexOptions.given(**(given or {})), scale, storage_options=opts,
-                                       log=log)
+                                       log=log, guard=lock.ensure)
             else:
-                meta = build_index(uris, out, storage_options=opts, log=log,
+                meta = build_index(uris, out, storage_options=opts, log=log, guard=lock.ensure,
                                    **IndexOptions.given(**(given or {})).as_dict())
             return Outcome("built", "new index", meta)
         previous = read_meta(out, opts)  # again, under the lock
         options = IndexOptions.given(previous.get("options"), **(given or {}))
         options.check()
-        target = Target(tuple(uris), out, opts, previous, options, log, scale)
+        target = Target(tuple(uris), out, opts, previous, options, log, scale, lock.ensure)
         if rebuild:
             return _rebuild(target, "--rebuild asked")
         if not previous.get("part_stamps"):
@@ -127,6 +129,7 @@ class Target:
     options: IndexOptions
     log: Callable[[str], None]
     scale: object = None  # scaleout.ScaleOut: rebuild with Ray tasks
+    guard: Optional[Callable[[], None]] = None  # the folder lock's ensure(), before each publishing step
 
     @property
     def generation(self) -> int:
@@ -161,7 +164,7 @@ def retune_reason(previous: dict, after: int, options: IndexOptions) -> Optional
 
 def _rebuild(target: Target, reason: str) -> Outcome:
     """A full build (training included), published as the next generation."""
-    with Staging(target.out, target.opts, prefix=UPDATE_PREFIX) as stage:
+    with Staging(target.out, target.opts, prefix=UPDATE_PREFIX, guard=target.guard) as stage:
         if target.scale is not None:
             from resnet_batch.search.scaleout import build_into_ray
 
@@ -201,7 +204,7 @@ def _update(target: Target, folder: str, ids: pa.Table, changes: Changes, reason
     arriving = [(p.fs, Part(p.uri, p.path, -1, len(changes.added[p.uri])), number[p.uri], changes.added[p.uri])
                 for p in changes.parts if p.uri in changes.added]
     decoder = faiss.read_index(os.path.join(folder, layout["refine"]["coder"])) if layout["refine"] else None
-    with Staging(out, target.opts, prefix=UPDATE_PREFIX) as stage:
+    with Staging(out, target.opts, prefix=UPDATE_PREFIX, guard=target.guard) as stage:
         with IdMapWriter(stage.path(IDS_FILE), stage.path(REFINE_FILE), decoder) as sink:
             sink.write(kept)
             next_id, _ = add_parts(arriving, index, sink, int(previous["next_id"]))
