@@ -95,6 +95,7 @@ def weights_main(args: argparse.Namespace) -> int:
     from resnet_batch.errors import ConfigError, UserError
     from resnet_batch.text import printable
     from resnet_batch.weights import is_named, resolve_weights
+    from resnet_batch.weights_keras import KERAS_NAME, cached_file
 
     try:
         if not is_named(args.name):
@@ -106,6 +107,9 @@ def weights_main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     print(f"{info.weights_id}: sha256 {info.sha256}, model {info.layout.model}, preprocessing and labels "
           f"{info.transforms}")
+    if info.weights_id == KERAS_NAME and (path := cached_file()):
+        print(f"  cached as {path} (a checkpoint a run elsewhere can be given as model.weights: known there by "
+              "its hash)")
     return EXIT_OK
 
 

@@ -10,6 +10,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+# The layout (architecture.Layout.name) each named weights choice was trained in.
+NAMED_LAYOUTS = {"IMAGENET1K_V1": "v1.5", "IMAGENET1K_V2": "v1.5", "DEFAULT": "v1.5", "IMAGENET1K_KERAS": "v1"}
 
 
 from resnet_batch.errors import ConfigError  # noqa: E402 (re-exported: a configuration problem, before any work)
@@ -62,6 +64,11 @@ class ModelConfig(_Section):
     transforms: Literal["IMAGENET1K_V1", "IMAGENET1K_V2"] = Field(
         "IMAGENET1K_V2", description="Preprocessing and labels for checkpoint or random weights."
     )
+    layout: Literal["auto", "v1.5", "v1"] = Field(
+        "auto", description="The network the weights need. auto: v1 for IMAGENET1K_KERAS and for a checkpoint that is "
+                            "its conversion (known by its content hash), else v1.5. v1.5: torchvision's (a "
+                            "downsampling block strides in its 3x3 conv, batch-norm eps 1e-5); v1: MSRA's and "
+                            "Keras' (strides in its first 1x1 conv, eps 1e-3), for a checkpoint of such weights.")
     topk: int = Field(5, ge=1, le=1000)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     channels_last: bool = True
@@ -69,6 +76,15 @@ class ModelConfig(_Section):
     storage_options: Optional[dict[str, Any]] = Field(
         None, repr=False, description="fsspec options for a checkpoint URL; default: input.storage_options when the "
                                       "checkpoint is on the input's protocol, else none.")
+
+    @model_validator(mode="after")
+    def _layout_fits_named_weights(self) -> "ModelConfig":
+        # named weights were trained in one layout; the other gives wrong features without any error
+        need = NAMED_LAYOUTS.get(self.weights)
+        if need and self.layout not in ("auto", need):
+            raise ValueError(f"layout {self.layout} does not fit weights {self.weights}, which need {need}: leave "
+                             "model.layout at auto")
+        return self
 
 
 class ComputeConfig(_Section):

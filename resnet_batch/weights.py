@@ -1,6 +1,7 @@
 """weights module: resolve the configured ResNet-50 weights once, with an id and a content hash."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -8,14 +9,19 @@ from typing import Optional
 
 import torch
 
-from resnet_batch.architecture import TORCHVISION, Layout
+from resnet_batch.architecture import MSRA_V1, TORCHVISION, Layout
 from resnet_batch.config import ModelConfig
 from resnet_batch.errors import WeightsError as WeightsUnavailableError  # the configured weights cannot be had
 from resnet_batch.redact import redact_text, safe_uri
 from resnet_batch.state_dicts import (categories, hashed_file_state_dict,  # noqa: F401 (re-exported)
                                       state_dict_from_bytes, state_dict_sha256)
 from resnet_batch.text import printable
-from resnet_batch.weights_keras import KERAS_LAYOUT, KERAS_NAME, KERAS_TRANSFORMS, keras_state_dict
+from resnet_batch.weights_keras import (KERAS_LAYOUT, KERAS_NAME, KERAS_STATE_SHA256, KERAS_TRANSFORMS,
+                                        keras_state_dict)
+
+LAYOUTS = {layout.name: layout for layout in (TORCHVISION, MSRA_V1)}  # model.layout's values but auto
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -125,16 +131,26 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], source: str) -> None:
 
 def resolve_weights(cfg: ModelConfig, storage_options: Optional[dict] = None) -> tuple[WeightsInfo, dict]:
     """Load the configured weights once (for the driver to hand to every actor) and describe them."""
-    layout = TORCHVISION
     if cfg.weights == "random":
         sd, wid, transforms = random_state_dict(cfg.seed), f"random(seed={cfg.seed})", cfg.transforms
     elif is_enum_name(cfg.weights):
         sd, wid, transforms = _load_enum(cfg.weights), cfg.weights, cfg.weights
     elif cfg.weights == KERAS_NAME:
         sd, wid, transforms = keras_state_dict(cfg.package, storage_options), KERAS_NAME, KERAS_TRANSFORMS
-        layout = KERAS_LAYOUT
     else:
         sd = _load_checkpoint(cfg.weights, storage_options)
         wid, transforms = f"checkpoint:{safe_uri(cfg.weights)}", cfg.transforms  # no token, no password
     check_state_dict(sd, wid)
-    return WeightsInfo(wid, state_dict_sha256(sd), transforms, layout), sd
+    sha = state_dict_sha256(sd)
+    if sha == KERAS_STATE_SHA256 and wid != KERAS_NAME:
+        # IMAGENET1K_KERAS handed back as a file (the cached conversion, a copy of it): the same weights, so the same
+        # layout, preprocessing and provenance; built as v1.5 they would give wrong features without any error
+        if cfg.layout not in ("auto", KERAS_LAYOUT.name):
+            raise WeightsUnavailableError(
+                f"{wid} holds the {KERAS_NAME} weights (by their content hash), which need layout "
+                f"{KERAS_LAYOUT.name}, not model.layout={cfg.layout}: leave model.layout at auto")
+        log.info("%s holds the %s weights (by their content hash): layout %s, preprocessing and labels %s", wid,
+                 KERAS_NAME, KERAS_LAYOUT.name, KERAS_TRANSFORMS)
+        wid, transforms = KERAS_NAME, KERAS_TRANSFORMS
+    layout = KERAS_LAYOUT if wid == KERAS_NAME else TORCHVISION if cfg.layout == "auto" else LAYOUTS[cfg.layout]
+    return WeightsInfo(wid, sha, transforms, layout), sd

