@@ -231,6 +231,7 @@ def test_the_job_labels_real_photos_with_the_package_weights(keras_weights, tmp_
     """The real package through the embed job: scikit-image's chelsea is a cat (281-285) in the top 5, coffee's
     top 1 is espresso (967), and the provenance records the v1 layout."""
     from resnet_batch.dev.sample_data import source_photos
+    from resnet_batch.embed.report import summary
     from resnet_batch.embed.runner import run
     from resnet_batch.schema import read_provenance
     from tests.helpers.jobs import job_config
@@ -248,6 +249,11 @@ def test_the_job_labels_real_photos_with_the_package_weights(keras_weights, tmp_
     assert rows["coffee.jpg"]["topk_probs"][0] > 0.9
     e = {k: np.asarray(r["embedding"]) / np.linalg.norm(r["embedding"]) for k, r in rows.items()}
     assert float(e["chelsea.jpg"] @ e["coffee.jpg"]) < 0.6  # different photos no longer score ~1
+    said = summary(report).splitlines()  # the summary shows a few images' top-5: the weights classify
+    at = said.index("  labels (top 5 of 3 images):")
+    assert said[at + 2].startswith("    chelsea.jpg: ") and "cat" in said[at + 2], said
+    assert said[at + 3].startswith("    coffee.jpg: espresso 0.9"), said
+    assert len(said[at + 3].split(", ")) == 5 and not any("random weights" in ln for ln in said)
     prov = read_provenance(pq.read_schema(next((tmp_path / "out").rglob("part-*.parquet"))))
     assert prov["model"] == "torchvision.resnet50:v1(bn_eps=0.001)" and prov["weights_id"] == "IMAGENET1K_KERAS"
     assert prov["weights_sha256"] == keras_weights[0].sha256
@@ -315,3 +321,29 @@ def test_a_cached_conversion_is_used_without_npm_and_checked_by_its_hash(keras_w
     with pytest.raises(WeightsError, match=rf"resnet50-keras-{sha}.pt do not match the hash in its name "
                                            rf"\([0-9a-f]{{8}} != {sha[:8]}\), so nothing was loaded from them: delete"):
         keras_state_dict(root=tmp_path / "planted")
+
+
+def test_the_conversion_given_back_as_a_checkpoint_is_the_keras_weights(keras_weights, checkpoint):
+    """The cached conversion passed as a plain checkpoint (model.weights=PATH, as on a cluster without npm) is known
+    by its content hash: the v1 layout, IMAGENET1K_V1 preprocessing and the IMAGENET1K_KERAS provenance, never
+    torchvision's v1.5; a layout that contradicts the weights is refused, and model.layout=v1 builds a checkpoint
+    of one's own v1 weights that way."""
+    from resnet_batch.config import ConfigError, ModelConfig, load_config
+    from resnet_batch.weights import resolve_weights
+    from resnet_batch.weights_keras import KERAS_STATE_SHA256, cached_file
+
+    info, _ = keras_weights
+    assert info.sha256 == KERAS_STATE_SHA256  # the conversion is the one pinned, or the recognition fails
+    path = cached_file()
+    assert path is not None and path.name.startswith("resnet50-keras-")
+    again, _ = resolve_weights(ModelConfig(weights=str(path)))
+    assert again == info and again.as_dict()["model"] == "torchvision.resnet50:v1(bn_eps=0.001)"
+    with pytest.raises(WeightsError, match=rf"^checkpoint:{path} holds the IMAGENET1K_KERAS weights \(by their "
+                                           r"content hash\), which need layout v1, not model.layout=v1.5: leave "
+                                           r"model.layout at auto$"):
+        resolve_weights(ModelConfig(weights=str(path), layout="v1.5"))
+    own, _ = resolve_weights(ModelConfig(weights=str(checkpoint), layout="v1"))
+    assert (own.weights_id, own.layout, own.transforms) == (f"checkpoint:{checkpoint}", MSRA_V1, "IMAGENET1K_V2")
+    with pytest.raises(ConfigError, match=r"'model': Value error, layout v1.5 does not fit weights IMAGENET1K_KERAS, which need "
+                                          r"v1: leave model.layout at auto"):
+        load_config(None, ["input.uri=/in", "output.uri=/out", "model.weights=IMAGENET1K_KERAS", "model.layout=v1.5"])

@@ -15,6 +15,7 @@ from resnet_batch.embed.report import actor_rows, peak_rss, shard_desc, stages
 from resnet_batch.errors import RunFailed
 from resnet_batch.output.failures import read_failures
 from resnet_batch.output.ledger import compact, read_ledger, recover, records_table
+from resnet_batch.output.samples import sample_labels
 from resnet_batch.output.state import OutputState, save, stamp
 from resnet_batch.output.store import INCOMPLETE_REPORT_FILE, REPORT_FILE, SUCCESS_FILE
 
@@ -130,6 +131,7 @@ def run_report(job: Job, state, run_no: int, complete: bool, totals: dict, skipp
                    "bytes_received": job.driver_bytes,
                    "bytes_per_image": round(job.driver_bytes / st.images, 2) if st.images else None},
         "failures": read_failures(job.store, ledger),
+        "labels": sample_labels(job.store, ledger, run_no),
         "ray_logs": ray_logs_dir(),
         "failed_shards": [{"shard": f.shard.index, "attempts": f.attempts, "reason": f.reason,
                            "what": shard_desc(f.shard, state)} for f in job.failures],

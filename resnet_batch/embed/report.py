@@ -186,6 +186,11 @@ def summary(report: dict, printable=str) -> str:
         lines.append(f"  all failures: resnet-batch status {report['output_arg']} --failed")
     for f in report.get("failed_shards", [])[:5]:
         lines.append(f"  shard {f['shard']} failed {f['attempts']} times: {printable(f['reason'])[:200]}")
+    if report.get("labels"):
+        lines.append(f"  labels (top {len(report['labels'][0]['labels'])} of {len(report['labels'])} images):")
+        for r in report["labels"]:
+            lines.append(f"    {printable(r['image_id'])}: " + ", ".join(
+                f"{printable(label)} {p:.2f}" for label, p in zip(r["labels"], r["probs"])))
     if str(report["provenance"].get("weights_id", "")).startswith("random"):
         lines.append("  note: random weights (model.weights=random): labels are not meaningful, embeddings are "
                      "only self-consistent")
