@@ -64,6 +64,7 @@ def test_page_lists_sampled_queries_labels_and_neighbour_scores(gallery_index):
     entries = build_gallery(index, n=4, k=3, seed=1)
     for (query, nbrs), q in zip(entries, queries):
         assert (query.image_id, query.score, query.label) == (q, None, index.row(index.faiss_id(q))["label"])
+        assert query.labels == ((query.label, 0.5), ("other", pytest.approx(0.1))) and nbrs[0].labels == ()
         assert [(t.image_id, t.score) for t in nbrs] == [(m.image_id, m.score) for m in similar_to_id(index, q, 3)]
     page = render_html(entries, index.meta)
     assert page.count('<figure class="query">') == 4 and page.count('<figure class="nbr">') == 12
@@ -73,6 +74,23 @@ def test_page_lists_sampled_queries_labels_and_neighbour_scores(gallery_index):
             assert f'<span class="score">{t.score:.4f}</span><br><span class="id">{html.escape(t.image_id)}' in page
     thumb = Image.open(io.BytesIO(base64.b64decode(img_sources(page)[0].split(",", 1)[1])))
     assert thumb.format == "JPEG" and max(thumb.size) == 160
+    q = entries[0][0]
+    assert (f'<span class="labels"><span class="label">{q.label}</span> 0.50<br><span class="label">other</span> '
+            '0.10</span>') in page
+
+
+def test_a_moved_part_leaves_the_index_top_label(gallery_index, tmp_path):
+    """The top-5 come from the embed parts the index records; where a part has moved since, the page shows the
+    index's own top-1 label instead of failing."""
+    index, _, root = gallery_index
+    part = root / "emb" / "part-000000.parquet"
+    part.rename(tmp_path / "away.parquet")
+    try:
+        entries = build_gallery(index, n=2, k=1, seed=0)
+    finally:
+        (tmp_path / "away.parquet").rename(part)
+    assert all(q.labels == () and q.label.startswith("label-") for q, _ in entries)
+    assert f'<span class="label">{entries[0][0].label}</span></figcaption>' in render_html(entries, index.meta)
 
 
 def test_odd_ids_are_escaped_and_missing_images_are_shown_as_such(gallery_index, tmp_path):
@@ -201,5 +219,12 @@ def test_a_page_of_real_photos_with_imagenet_weights(tmp_path_factory, photos, k
         assert all(0.5 < t.score < 0.99 for t in nbrs), [(t.image_id, t.score) for t in nbrs]
     assert labels["chelsea"] <= {"tabby", "tiger cat", "Egyptian cat"} and labels["coffee"] == {"espresso"}
     assert labels["motorcycle_left"] <= {"moped", "motor scooter"}
+    for query, _ in entries:  # the top-5 as the job wrote them, best first, probabilities summing to at most 1
+        assert len(query.labels) == 5 and query.labels[0][0] == query.label, query
+        assert [p for _, p in query.labels] == sorted((p for _, p in query.labels), reverse=True)
+        assert sum(p for _, p in query.labels) <= 1.0 + 1e-3
+    chelsea = next(q for q, _ in entries if photograph(q.image_id) == "chelsea")
+    assert len({"tabby", "tiger cat", "Egyptian cat"} & {label for label, _ in chelsea.labels}) >= 2, chelsea.labels
     page = render_html(entries, index.meta)
-    assert '<span class="label">espresso</span>' in page and '<span class="label">Egyptian cat</span>' in page
+    assert re.search(r'<span class="labels"><span class="label">espresso</span> 0\.9\d<br>', page)
+    assert '<span class="label">Egyptian cat</span> 0.' in page

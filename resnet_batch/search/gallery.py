@@ -1,4 +1,4 @@
-"""gallery module: a self-contained static HTML page of sample query images, their top-1 label and neighbours."""
+"""gallery module: a self-contained static HTML page of sample query images, their top-5 labels and neighbours."""
 from __future__ import annotations
 
 import base64
@@ -20,7 +20,7 @@ from resnet_batch.errors import SimilarityIndexError
 from resnet_batch.search.index import SimilarityIndex
 from resnet_batch.search.neighbors import read_neighbors
 from resnet_batch.search.similar import similar_to_id
-from resnet_batch.output.store import write_file
+from resnet_batch.output.store import read_parquet, write_file
 from resnet_batch.storage import filesystem
 
 MAX_IMAGE_BYTES = 50 * 2**20  # a thumbnail's source is refused above this many bytes
@@ -71,6 +71,7 @@ class Tile:
     score: Optional[float]  # cosine similarity to the query; None for the query itself
     src: Optional[str]  # data: URI of the thumbnail
     error: Optional[str] = None
+    labels: tuple = ()  # a query's top-k (label, probability) pairs, from its embed part; () when unread
 
 
 def thumbnail_uri(path: str, size: int, storage_options: Optional[dict] = None, *, max_pixels: int,
@@ -135,20 +136,48 @@ def neighbours_of(index: SimilarityIndex, queries: list[str], k: int, neighbors_
     return found
 
 
+def top_labels(index: SimilarityIndex, image_ids: list[str], storage_options: Optional[dict] = None) -> dict:
+    """image_id -> its top-k ((label, probability), ...) as the embed job wrote them, read from the embed parts the
+    index records (the id map keeps only the top-1): one read of three columns per part. A part that cannot be read
+    (moved, gone) leaves its images out; their tiles show the index's top-1 label."""
+    uris = index.meta.get("part_uris") or []
+    by_part: dict[int, list[str]] = {}
+    for image_id in image_ids:
+        by_part.setdefault(int(index.row(index.faiss_id(image_id))["part"]), []).append(image_id)
+    out: dict[str, tuple] = {}
+    for part, ids in sorted(by_part.items()):
+        try:
+            fs, path = filesystem(uris[part], dict(storage_options or {}))
+            table = read_parquet(fs, path, ["image_id", "topk_labels", "topk_probs"])
+        except Exception:  # the page shows less, never fails, for a part that moved since the index was built
+            continue
+        table = table.filter(pc.is_in(table.column("image_id"), value_set=pa.array(ids, pa.string())))
+        for r in table.to_pylist():
+            out[r["image_id"]] = tuple(zip(r["topk_labels"] or [], (float(p) for p in r["topk_probs"] or [])))
+    return out
+
+
 def build_gallery(index: SimilarityIndex, *, n: int = 12, k: int = 8, seed: int = 0, thumb: int = 160,
                   neighbors_uri: Optional[str] = None, storage_options: Optional[dict] = None) -> list:
-    """[(query Tile, [neighbour Tiles])] for a seeded sample of n queries."""
+    """[(query Tile, [neighbour Tiles])] for a seeded sample of n queries, each query with its top-k labels."""
+    from dataclasses import replace
+
     queries = pick_queries(index, n, seed)
     found = neighbours_of(index, queries, k, neighbors_uri, storage_options)
+    labels = top_labels(index, queries, storage_options)
     thumbs = _Thumbs(index, thumb, storage_options)
-    return [(thumbs.tile(q, None), [thumbs.tile(i, s) for i, s in found[q]]) for q in queries]
+    return [(replace(thumbs.tile(q, None), labels=labels.get(q, ())), [thumbs.tile(i, s) for i, s in found[q]])
+            for q in queries]
 
 
 def _figure(t: Tile, cls: str, service: Optional[str] = None) -> str:
     caption = [f'<span class="id">{html.escape(t.image_id)}</span>']
     if t.score is not None:
         caption.insert(0, f'<span class="score">{t.score:.4f}</span>')
-    if t.label and t.score is None:
+    if t.labels and t.score is None:
+        caption.append('<span class="labels">' + "<br>".join(
+            f'<span class="label">{html.escape(str(label))}</span> {p:.2f}' for label, p in t.labels) + "</span>")
+    elif t.label and t.score is None:
         caption.append(f'<span class="label">{html.escape(t.label)}</span>')
     if t.src:
         pic = f'<img src="{t.src}" alt="{html.escape(t.image_id)}" loading="eager">'
@@ -183,7 +212,7 @@ def render_html(entries: list, meta: dict, title: str = "resnet-batch: similar i
             f"<style>{_CSS}</style></head><body><header><h1>{html.escape(title)}</h1>"
             f"<p>{_text(meta.get('count'))} images, {_text(meta.get('kind'))} index ({_text(meta.get('factory'))}), "
             f"cosine similarity; model {_text(prov.get('model'))}, weights {_text(prov.get('weights_id'))}, "
-            f"{_text(prov.get('precision'))}.</p><p>Left: a sampled image with its top-1 label. Right: its nearest "
+            f"{_text(prov.get('precision'))}.</p><p>Left: a sampled image with its top labels and their probabilities. Right: its nearest "
             f"images, best first, with scores.</p>{form}</header>\n" + "\n".join(rows) + "\n</body></html>\n")
 
 
