@@ -29,6 +29,7 @@ from resnet_batch.search.layout import (DATA_FILES, FORMAT, INDEX_FORMATS, IDS_F
                                        open_id_lookup, open_refine_rows, read_faiss_index)
 from resnet_batch.storage import filesystem, protocols
 
+OPEN_ATTEMPTS = 5  # opening again after index.json changed under a reader (each attempt: another publication)
 CACHE_ENV = "RESNET_BATCH_CACHE"  # node-local folder for copies of remote indexes (default ~/.cache/resnet-batch)
 IDS_SCHEMA = pa.schema([
     pa.field("id", pa.int64(), nullable=False),  # the FAISS id (ascending)
@@ -163,10 +164,31 @@ class SimilarityIndex:
     # -- storage ---------------------------------------------------------------------------------
     @classmethod
     def open(cls, uri: str, storage_options: Optional[dict] = None) -> "SimilarityIndex":
-        """Open an index folder: both files memory-mapped (remote folders via the node-local cache)."""
+        """Open an index folder: both files memory-mapped (remote folders via the node-local cache).
+
+        An update removes the generation before the one it replaces, so a reader that read index.json just
+        before two updates published can find the files it names gone: when opening fails and index.json now
+        names another version, it is opened again from that one (at most OPEN_ATTEMPTS times); a failure while
+        index.json still names what was read is the folder's own and is raised."""
+        meta = read_meta(uri, storage_options)
+        for attempt in range(1, OPEN_ATTEMPTS + 1):
+            try:
+                return cls._open(uri, meta, storage_options)
+            except (SimilarityIndexError, OSError, RuntimeError) as err:  # RuntimeError: FAISS reading a file
+                now = read_meta(uri, storage_options)
+                if index_version(now) == index_version(meta):
+                    raise
+                if attempt == OPEN_ATTEMPTS:
+                    raise SimilarityIndexError(
+                        f"could not open the index at {uri}: it was replaced {OPEN_ATTEMPTS} times while it was "
+                        f"being opened (last: {type(err).__name__}: {err}); try again") from None
+                meta = now
+
+    @classmethod
+    def _open(cls, uri: str, meta: dict, storage_options: Optional[dict]) -> "SimilarityIndex":
+        """Open the version of the index that `meta` (its index.json) describes."""
         import faiss
 
-        meta = read_meta(uri, storage_options)
         layout = index_layout(meta)
         fs, root = filesystem(uri, dict(storage_options or {}))
         remote = "file" not in protocols(fs)
@@ -290,6 +312,11 @@ def refined_search(base, refiner: "Refiner", codes: np.ndarray, rows_of, q: np.n
 def refine_mean(decoder) -> np.ndarray:
     """The mean the re-ranking offsets are taken from (the coder's centering transform)."""
     return Refiner(decoder).mean
+
+
+def index_version(meta: dict) -> tuple:
+    """What tells two published versions of an index folder apart: the build and the generation."""
+    return meta.get("build_id"), meta.get("generation", 0)
 
 
 def read_meta(uri: str, storage_options: Optional[dict] = None) -> dict:

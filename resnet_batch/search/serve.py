@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 
 from resnet_batch.errors import ConfigError, SimilarityIndexError
-from resnet_batch.search.index import SimilarityIndex, UnknownImageId, read_meta
+from resnet_batch.search.index import SimilarityIndex, UnknownImageId, index_version, read_meta
 from resnet_batch.provenance import same_setup
 from resnet_batch.search.similar import Match, QueryEmbedder, similar_to_id, similar_to_vector
 
@@ -93,7 +93,7 @@ class Searcher:
         """Open the index again when index.json names another version than the one served (an update or a
         rebuild published since); True when it did. The one in use serves until the new one is open."""
         meta = read_meta(self.cfg.index, self.cfg.storage_options)
-        if _version(meta) == _version(self.index.meta):
+        if index_version(meta) == index_version(self.index.meta):
             return False
         index = SimilarityIndex.open(self.cfg.index, self.cfg.storage_options)
         if self.embedder is not None and not same_setup(self.index.provenance, index.provenance):
@@ -199,10 +199,6 @@ def vector_query(raw: bytes) -> tuple[np.ndarray, int]:
     except (TypeError, ValueError):
         raise BadRequest(422, "vector must be a list of numbers") from None
     return vector, k
-
-
-def _version(meta: dict) -> tuple:
-    return meta["build_id"], meta.get("generation", 0)
 
 
 def _warm(index: SimilarityIndex) -> None:
