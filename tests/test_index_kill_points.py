@@ -31,24 +31,54 @@ def built(tmp_path_factory):
     return root, emb, idx
 
 
-@pytest.mark.parametrize("point", POINTS)
-def test_an_index_update_killed_at_each_commit_point_converges_on_one_rerun(built, tmp_path, point):
-    root, emb0, idx0 = built
-    emb, idx = tmp_path / "emb", tmp_path / "idx"
+def changed_embeddings(emb0, tmp_path):
+    """The embeddings after a night: one part of 100 rows gone, one of 50 new rows."""
+    emb = tmp_path / "emb"
     shutil.copytree(emb0, emb)
-    shutil.copytree(idx0, idx)
     (emb / "part-000001.parquet").unlink()  # 100 rows leave
     write_part(emb / "part-000009.parquet", [f"new-{i:03d}" for i in range(50)], clustered_vectors(50, seed=9))
-    spec = {"index": str(idx), "embeddings": str(emb), "point": point}
+    return emb
+
+
+def kill_then_rerun(point: str, emb, uri: str, opts: dict) -> None:
+    """An update killed at `point`; the folder opens as a whole index; one rerun converges."""
+    spec = {"index": uri, "embeddings": str(emb), "point": point, "storage_options": opts}
     proc = subprocess.run([sys.executable, "-m", "tests.helpers.killpoints", json.dumps(spec)], capture_output=True,
                           text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 137, proc.stdout + proc.stderr
-    before = SimilarityIndex.open(str(idx))  # readers see a whole index, the old one or the new one
+    before = SimilarityIndex.open(uri, opts)  # readers see a whole index, the old one or the new one
     assert len(before) in (400, 350)
-    assert main(["index", "--embeddings", str(emb), "--out", str(idx)]) == 0
-    after = SimilarityIndex.open(str(idx))
+    options = ["--storage-options", json.dumps(opts)] if opts else []
+    assert main(["index", "--embeddings", str(emb), "--out", uri, *options]) == 0
+    after = SimilarityIndex.open(uri, opts)
     assert len(after) == 350
     assert after.faiss_id("new-000") is not None
     with pytest.raises(UnknownImageId):
         after.faiss_id("img-1-000")
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_an_index_update_killed_at_each_commit_point_converges_on_one_rerun(built, tmp_path, point):
+    root, emb0, idx0 = built
+    idx = tmp_path / "idx"
+    shutil.copytree(idx0, idx)
+    kill_then_rerun(point, changed_embeddings(emb0, tmp_path), str(idx), {})
     assert not (idx / "_lock").exists()
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("point", ["generation", "switched"])
+def test_an_index_update_on_s3_killed_at_a_commit_point_converges_on_one_rerun(built, tmp_path, point, s3_server,
+                                                                               monkeypatch):
+    """The same on the S3 server the tests start: the generation uploaded but index.json not switched, and
+    index.json switched but the unused files not removed (the killed run's lock is taken over by the rerun)."""
+    root, emb0, idx0 = built
+    monkeypatch.setenv("RESNET_BATCH_CACHE", str(tmp_path / "cache"))
+    fs = s3_server.filesystem()
+    bucket = s3_server.make_bucket(f"idxkill-{point}")
+    for path in idx0.rglob("*"):
+        if path.is_file():
+            fs.put_file(str(path), f"{bucket}/idx/{path.relative_to(idx0).as_posix()}")
+    kill_then_rerun(point, changed_embeddings(emb0, tmp_path), f"s3://{bucket}/idx", s3_server.storage_options())
+    fs.invalidate_cache()
+    assert not fs.exists(f"{bucket}/idx/_lock")

@@ -188,7 +188,8 @@ def main(spec: dict) -> None:
         from resnet_batch.cli import main as cli
 
         install_index(spec["point"])
-        cli(["index", "--embeddings", spec["embeddings"], "--out", spec["index"]])
+        options = ["--storage-options", json.dumps(spec["storage_options"])] if spec.get("storage_options") else []
+        cli(["index", "--embeddings", spec["embeddings"], "--out", spec["index"], *options])
         print("the update ended without reaching its kill point", file=sys.stderr, flush=True)
         os._exit(3)
     import ray
