@@ -38,7 +38,8 @@ ODD_ID = 'odd/<b>&"x".jpg'
 
 @pytest.fixture(scope="module")
 def gallery_index(tmp_path_factory, photos):
-    """A flat index over 12 photo copies (one with an id that needs escaping), embeddings synthetic."""
+    """A flat index over 12 photo copies (one with an id that needs escaping), embeddings synthetic (not an embed
+    output: no _state.json names the photos' folder, so the tests name it as the caller does, --image-root)."""
     root = tmp_path_factory.mktemp("gallery")
     files = sorted(photos.rglob("*.jpg"))[:12]
     ids = [f"img-{i:02d}.jpg" for i in range(11)] + [ODD_ID]
@@ -58,10 +59,10 @@ def img_sources(page: str) -> list[str]:
 
 
 def test_page_lists_sampled_queries_labels_and_neighbour_scores(gallery_index):
-    index, _, _ = gallery_index
+    index, _, root = gallery_index
     queries = pick_queries(index, 4, seed=1)
     assert queries == sorted(queries) and len(set(queries)) == 4 and queries == pick_queries(index, 4, seed=1)
-    entries = build_gallery(index, n=4, k=3, seed=1)
+    entries = build_gallery(index, n=4, k=3, seed=1, image_roots=[str(root / "photos")])
     for (query, nbrs), q in zip(entries, queries):
         assert (query.image_id, query.score, query.label) == (q, None, index.row(index.faiss_id(q))["label"])
         assert query.labels == ((query.label, 0.5), ("other", pytest.approx(0.1))) and nbrs[0].labels == ()
@@ -98,7 +99,7 @@ def test_odd_ids_are_escaped_and_missing_images_are_shown_as_such(gallery_index,
     shutil.copytree(root / "photos", tmp_path / "keep")
     (root / "photos" / "copy-11.jpg").unlink()  # the ODD_ID image
     try:
-        summary = write_gallery(index, str(tmp_path / "all.html"), n=12, k=2)
+        summary = write_gallery(index, str(tmp_path / "all.html"), n=12, k=2, image_roots=[str(root / "photos")])
     finally:
         shutil.copy(tmp_path / "keep" / "copy-11.jpg", root / "photos" / "copy-11.jpg")
     page = (tmp_path / "all.html").read_text()
@@ -128,9 +129,10 @@ def test_chromium_loads_every_thumbnail_of_a_page_that_stands_alone(gallery_inde
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium is not installed here; on Debian `apt-get install -y chromium` (make test runs it)")
-    index, uri, _ = gallery_index
+    index, uri, root = gallery_index
     page_path = tmp_path / "site" / "gallery.html"
-    assert main(["gallery", "--index", uri, "--out", str(page_path), "-n", "5", "-k", "4", "--seed", "3"]) == 0
+    assert main(["gallery", "--index", uri, "--out", str(page_path), "-n", "5", "-k", "4", "--seed", "3",
+                 "--image-root", str(root / "photos")]) == 0
     assert capsys.readouterr().out.startswith(f"wrote {page_path}: 5 queries, 25 thumbnails (")
     # The page must not need the photos, the index or its folder: move it alone elsewhere.
     alone = tmp_path / "elsewhere" / "page.html"
@@ -153,8 +155,9 @@ def test_chromium_loads_every_thumbnail_of_a_page_that_stands_alone(gallery_inde
 
 def test_thumbnails_only_from_the_recorded_input_root_and_within_the_caps(photos, checkpoint, tmp_path_factory,
                                                                          tmp_path, ray_local):
-    """Issue 11: the gallery loaded any path or URL an index named (local files, internal URLs). The root is the
-    one the embed job records (`_state.json` of a real embed output), never the rows' common folder."""
+    """Issue 11: the gallery loaded any path or URL an index named (local files, internal URLs). Issue 18: the
+    allowed roots came from index.json itself. The root is the one the embed output records in its own
+    `_state.json`, or the caller's --image-root; never index.json's image_roots, never the rows' common folder."""
     emb = tmp_path / "emb"
     shutil.copytree(embedded_photos(tmp_path_factory, photos, checkpoint), emb)
     real = pq.read_table(sorted(emb.glob("part-*.parquet"))[0])
@@ -170,16 +173,24 @@ def test_thumbnails_only_from_the_recorded_input_root_and_within_the_caps(photos
     build_index([str(emb)], str(tmp_path / "idx"), log=lambda m: None)
     index = SimilarityIndex.open(str(tmp_path / "idx"))
     assert index.meta["image_roots"] == {"from": "manifest", "roots": [{"protocol": "file", "root": str(photos)}]}
+    index.meta["image_roots"] = {"from": "manifest", "roots": [{"protocol": "file", "root": "/"}]}  # crafted: unused
     entries = build_gallery(index, n=len(index.ids), k=1, seed=0)  # every image a query
     errors = {q.image_id: q.error for q, _ in entries}
-    refused = f"PermissionError: outside the indexed input root (file://{photos}, from the manifest)"
+    refused = f"PermissionError: outside the input root (file://{photos}, from the embed output's _state.json)"
     assert {i: errors.pop(i) for i in ids} == {"i0": None, "i1": None, "i2": refused, "i3": refused, "i4": refused,
                                                "i5": refused}
     assert len(errors) == len(list(photos.rglob("*.jpg"))) and set(errors.values()) == {None}  # all inside
-    roots = ImageRoots({"image_roots": {"from": "none", "roots": []}})
-    with pytest.raises(PermissionError, match="^the index records no input root, so no image is read"):
+    # The caller's roots replace the outputs': only the photos' first shard folder now.
+    shard = os.path.dirname(inside[0])
+    entries = build_gallery(index, n=len(index.ids), k=1, seed=0, image_roots=[shard])
+    errors = {q.image_id: q.error for q, _ in entries}
+    assert errors["i0"] is None and errors["i3"] == f"PermissionError: outside the input root (file://{shard}, " \
+        "from --image-root)"
+    assert sum(e is None for e in errors.values()) == 2 + len(list(photos.glob(f"{os.path.basename(shard)}/*.jpg")))
+    roots = ImageRoots.of_outputs([str(tmp_path / "idx"), str(emb / part_name(last + 1))])  # no _state.json there
+    with pytest.raises(PermissionError, match="^no input root is known .* so no image is read"):
         roots.check(str(inside[0]))
-    s3 = ImageRoots({"image_roots": {"from": "manifest", "roots": [{"protocol": "s3", "root": "bucket/photos"}]}})
+    s3 = ImageRoots.given(["s3://bucket/photos"])
     s3.check("s3://bucket/photos/a.jpg")
     s3.check("s3a://bucket/photos/x/b.jpg")
     for bad in ("s3://bucket/photos-private/a.jpg", "s3://bucket/photos/../keys.jpg", "file:///bucket/photos/a.jpg"):
@@ -192,8 +203,9 @@ def test_thumbnails_only_from_the_recorded_input_root_and_within_the_caps(photos
 
 
 def test_the_page_can_point_at_the_query_service(gallery_index):
-    index, _, _ = gallery_index
-    page = render_html(build_gallery(index, n=2, k=1, seed=0), index.meta, service="http://127.0.0.1:8000")
+    index, _, root = gallery_index
+    page = render_html(build_gallery(index, n=2, k=1, seed=0, image_roots=[str(root / "photos")]), index.meta,
+                       service="http://127.0.0.1:8000")
     assert '<form action="http://127.0.0.1:8000/v1/neighbors/image" method="post" enctype="multipart/form-data">' \
         in page and '<input type="file" name="image"' in page
     q = pick_queries(index, 2, seed=0)[0]
@@ -228,3 +240,28 @@ def test_a_page_of_real_photos_with_imagenet_weights(tmp_path_factory, photos, k
     page = render_html(entries, index.meta)
     assert re.search(r'<span class="labels"><span class="label">espresso</span> 0\.9\d<br>', page)
     assert '<span class="label">Egyptian cat</span> 0.' in page
+
+
+def test_an_index_without_an_embed_output_gets_no_thumbnails_unless_the_caller_names_the_root(gallery_index):
+    """The rows' common folder is not a root (the rows are the index's own data): an index whose sources are no
+    embed output shows every image as unavailable, saying how to name the root."""
+    index, _, _ = gallery_index
+    q, nbrs = build_gallery(index, n=1, k=2, seed=0)[0]
+    assert [t.src for t in (q, *nbrs)] == [None] * 3
+    assert q.error.startswith("PermissionError: no input root is known (no --image-root, and no embed output's")
+
+
+def test_every_field_of_the_index_is_escaped_in_the_page(gallery_index):
+    """index.json and the id map are data someone else may have written: no field of theirs becomes markup."""
+    from dataclasses import replace
+
+    index, _, _ = gallery_index
+    bad = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
+    meta = {**index.meta, "count": bad, "kind": bad, "factory": bad,
+            "provenance": {"model": bad, "weights_id": bad, "precision": bad}}
+    entries = build_gallery(index, n=2, k=2, seed=0)
+    entries = [(replace(q, label=bad, labels=((bad, 0.5),), error=bad), [replace(t, label=bad, error=bad) for t in nbrs])
+               for q, nbrs in entries]
+    for page in (render_html(entries, meta, title=bad, service='http://x/"><script>'),
+                 render_html(entries, {**meta, "provenance": bad})):  # a provenance of the wrong type: no crash
+        assert "<script" not in page and "<img src=x" not in page and "&lt;script&gt;alert(1)" in page

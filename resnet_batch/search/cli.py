@@ -122,7 +122,8 @@ def gallery_main(args: argparse.Namespace) -> int:
     options = _storage_options(args.storage_options)
     index = SimilarityIndex.open(_index_uri(args), options)
     s = write_gallery(index, args.out, storage_options=options, n=args.n, k=args.k, seed=args.seed,
-                      thumb=args.thumb, neighbors_uri=args.neighbors, service=args.service)
+                      thumb=args.thumb, neighbors_uri=args.neighbors, service=args.service,
+                      image_roots=args.image_root, embeddings=args.embeddings)
     missing = f", {s['unavailable']} images unavailable" if s["unavailable"] else ""
     print(f"wrote {args.out}: {s['queries']} queries, {s['thumbnails']} thumbnails{missing} ({s['bytes']} bytes)")
     print(f"open it: file://{os.path.abspath(args.out)}" if "://" not in args.out else f"open it: {args.out}")
@@ -235,6 +236,11 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--thumb", type=int, default=160, help="thumbnail size in pixels")
     p.add_argument("--service", metavar="URL", help="a `resnet-batch serve` address: pictures link to live neighbours")
+    p.add_argument("--image-root", action="append", metavar="URI",
+                   help="thumbnails are read only under this folder (repeatable; default: the input roots the embed "
+                        "outputs record in their _state.json, never what the index folder says)")
+    p.add_argument("--embeddings", action="append", metavar="URI",
+                   help="the embed outputs whose _state.json names the input roots (default: the index's sources)")
     p.add_argument("--storage-options", help="fsspec options as JSON, for every URI")
     p.set_defaults(func=gallery_main)
 

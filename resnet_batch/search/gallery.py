@@ -8,7 +8,7 @@ import os
 import posixpath
 import urllib.parse
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 
 from resnet_batch.decode import open_image
 from resnet_batch.errors import SimilarityIndexError
+from resnet_batch.search.embeddings import input_root
 from resnet_batch.search.index import SimilarityIndex
 from resnet_batch.search.neighbors import read_neighbors
 from resnet_batch.search.similar import similar_to_id
@@ -27,16 +28,31 @@ MAX_IMAGE_BYTES = 50 * 2**20  # a thumbnail's source is refused above this many 
 
 
 class ImageRoots:
-    """Where the gallery may read images: the input roots the index records (or its rows' common folder), with
-    their protocols; an index naming /etc/passwd or an internal URL gets an error tile, not a fetch."""
+    """Where the gallery may read images: the roots the caller names (`--image-root`), else the input roots that
+    the embed outputs record in their own `_state.json`. Never what the index folder says (index.json's
+    `image_roots`, the id map's paths): an index is data someone else may have written, and one naming /etc or
+    an internal URL must get an error tile, not a fetch."""
 
-    def __init__(self, meta: dict):
-        recorded = meta.get("image_roots") or {"from": "none", "roots": []}
-        self.source = recorded["from"]
-        self.roots = [(_family(r["protocol"]), _normal(r["protocol"], r["root"])) for r in recorded["roots"]]
+    def __init__(self, roots: Sequence[tuple[str, str]], source: str):
+        self.roots = [(_family(protocol), _normal(protocol, root)) for protocol, root in roots]
+        self.source = source
+
+    @classmethod
+    def given(cls, uris: Sequence[str]) -> "ImageRoots":
+        """The roots the caller names (local paths or URLs)."""
+        from fsspec.core import split_protocol
+
+        return cls([((split_protocol(u)[0] or "file"), split_protocol(u)[1]) for u in uris], "--image-root")
+
+    @classmethod
+    def of_outputs(cls, uris: Sequence[str], storage_options: Optional[dict] = None) -> "ImageRoots":
+        """The input roots the embed outputs at `uris` record in their own `_state.json` (a single Parquet file,
+        or a folder the embed job did not write, names none)."""
+        found = [input_root(u, storage_options) for u in uris if isinstance(u, str)]
+        return cls([(r["protocol"], r["root"]) for r in found if r], "the embed output's _state.json")
 
     def check(self, path: str) -> None:
-        """Raise PermissionError unless `path` lies under a recorded root, with the same protocol."""
+        """Raise PermissionError unless `path` lies under an allowed root, with the same protocol."""
         from fsspec.core import split_protocol
 
         proto, bare = split_protocol(path)
@@ -46,9 +62,10 @@ class ImageRoots:
             if family == _family(proto) and (where == root or where.startswith(root.rstrip("/") + "/")):
                 return
         if not self.roots:
-            raise PermissionError("the index records no input root, so no image is read for thumbnails")
+            raise PermissionError("no input root is known (no --image-root, and no embed output's _state.json names "
+                                  "one), so no image is read for thumbnails")
         shown = ", ".join(f"{f}://{r}" for f, r in self.roots)
-        raise PermissionError(f"outside the indexed input root ({shown}, from the {self.source})")
+        raise PermissionError(f"outside the input root ({shown}, from {self.source})")
 
 
 def _family(protocol: str) -> str:
@@ -96,9 +113,9 @@ def thumbnail_uri(path: str, size: int, storage_options: Optional[dict] = None, 
 class _Thumbs:
     """Thumbnails by image_id, made once each; a failure becomes the tile's error, not a broken <img>."""
 
-    def __init__(self, index: SimilarityIndex, size: int, storage_options: Optional[dict]):
+    def __init__(self, index: SimilarityIndex, size: int, storage_options: Optional[dict], roots: ImageRoots):
         self.index, self.size, self.storage_options, self.cache = index, size, storage_options, {}
-        self.roots = ImageRoots(index.meta)
+        self.roots = roots
         self.max_pixels = int(index.provenance.get("preprocessing", {}).get("max_pixels", 100_000_000))
 
     def tile(self, image_id: str, score: Optional[float]) -> Tile:
@@ -157,15 +174,28 @@ def top_labels(index: SimilarityIndex, image_ids: list[str], storage_options: Op
     return out
 
 
+def image_roots_for(index: SimilarityIndex, image_roots: Optional[Sequence[str]] = None,
+                    embeddings: Optional[Sequence[str]] = None,
+                    storage_options: Optional[dict] = None) -> ImageRoots:
+    """Where thumbnails may be read: `image_roots` when the caller names them; else the input roots recorded in
+    the `_state.json` of the embed outputs `embeddings` (default: those the index was built from)."""
+    if image_roots:
+        return ImageRoots.given(image_roots)
+    sources = embeddings or index.meta.get("sources")
+    return ImageRoots.of_outputs(sources if isinstance(sources, list) else [], storage_options)
+
+
 def build_gallery(index: SimilarityIndex, *, n: int = 12, k: int = 8, seed: int = 0, thumb: int = 160,
-                  neighbors_uri: Optional[str] = None, storage_options: Optional[dict] = None) -> list:
-    """[(query Tile, [neighbour Tiles])] for a seeded sample of n queries, each query with its top-k labels."""
+                  neighbors_uri: Optional[str] = None, storage_options: Optional[dict] = None,
+                  image_roots: Optional[Sequence[str]] = None, embeddings: Optional[Sequence[str]] = None) -> list:
+    """[(query Tile, [neighbour Tiles])] for a seeded sample of n queries, each query with its top-k labels;
+    thumbnails read only under the roots `image_roots_for` allows."""
     from dataclasses import replace
 
     queries = pick_queries(index, n, seed)
     found = neighbours_of(index, queries, k, neighbors_uri, storage_options)
     labels = top_labels(index, queries, storage_options)
-    thumbs = _Thumbs(index, thumb, storage_options)
+    thumbs = _Thumbs(index, thumb, storage_options, image_roots_for(index, image_roots, embeddings, storage_options))
     return [(replace(thumbs.tile(q, None), labels=labels.get(q, ())), [thumbs.tile(i, s) for i, s in found[q]])
             for q in queries]
 
@@ -201,7 +231,7 @@ def render_html(entries: list, meta: dict, title: str = "resnet-batch: similar i
                 service: Optional[str] = None) -> str:
     """The page: a header describing the index, then one row per query (query, then its neighbours). With
     `service` (a `resnet-batch serve` URL), pictures link to their live neighbours and a form uploads a photo."""
-    prov = meta["provenance"]
+    prov = meta.get("provenance") if isinstance(meta.get("provenance"), dict) else {}
     rows = [f'<section>{_figure(q, "query", service)}<div class="nbrs">'
             f'{"".join(_figure(t, "nbr", service) for t in nbrs)}</div></section>' for q, nbrs in entries]
     form = "" if not service else (
