@@ -159,21 +159,25 @@ def _same_version(a_size, a_mtime, a_etag, b_size, b_mtime, b_etag) -> pa.Chunke
     return pc.fill_null(pc.and_(pc.equal(a_size, b_size), version), False)
 
 
-def diff(cfg: InputConfig, fmt: str, root: str, current: pa.Table, manifest: pa.Table, done: set[int],
-         next_shard: int, on_shard: Callable[[Shard, pa.Table], None] = lambda s, e: None) -> SyncPlan:
-    """Compare the listing (`current`, ENTRY_SCHEMA) with the manifest; `done` are the shards whose parts are
-    all written (only their rows can be copied). New shards get indices from `next_shard` on."""
+def compare(current: pa.Table, old: pa.Table) -> tuple[pa.Table, tuple]:
+    """The listing (ENTRY_SCHEMA) joined with manifest rows on the path (the old side's columns end in `_old`),
+    and the masks over the joined rows: (unchanged, changed, deleted, added)."""
     now = current.append_column("_new", pa.array(np.ones(len(current), bool)))
-    old = manifest.append_column("_old", pa.array(np.ones(len(manifest), bool)))
-    j = now.join(old, keys="path", join_type="full outer", right_suffix="_old", coalesce_keys=True)
+    was = old.append_column("_old", pa.array(np.ones(len(old), bool)))
+    j = now.join(was, keys="path", join_type="full outer", right_suffix="_old", coalesce_keys=True)
     in_new, in_old = pc.fill_null(j.column("_new"), False), pc.fill_null(j.column("_old"), False)
     both = pc.and_(in_new, in_old)
     same = _same_version(j.column("size"), j.column("mtime_ns"), j.column("etag"),
                          j.column("size_old"), j.column("mtime_ns_old"), j.column("etag_old"))
-    unchanged = pc.and_(both, same)
-    changed = pc.and_(both, pc.invert(same))
-    deleted = pc.and_(in_old, pc.invert(in_new))
-    added = pc.and_(in_new, pc.invert(in_old))
+    return j, (pc.and_(both, same), pc.and_(both, pc.invert(same)), pc.and_(in_old, pc.invert(in_new)),
+               pc.and_(in_new, pc.invert(in_old)))
+
+
+def diff(cfg: InputConfig, fmt: str, root: str, current: pa.Table, manifest: pa.Table, done: set[int],
+         next_shard: int, on_shard: Callable[[Shard, pa.Table], None] = lambda s, e: None) -> SyncPlan:
+    """Compare the listing (`current`, ENTRY_SCHEMA) with the manifest; `done` are the shards whose parts are
+    all written (only their rows can be copied). New shards get indices from `next_shard` on."""
+    j, (unchanged, changed, deleted, added) = compare(current, manifest)
     drops = j.filter(pc.or_(changed, deleted)).select(["shard", "path"]).cast(DROPS_SCHEMA)
 
     # Moves and copies: a new object whose size and ETag equal those of an embedded one (object stores only).

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from resnet_batch.config import InputConfig
 from resnet_batch.embed.listing import (ENTRY_SCHEMA, FORMATS, SKIPPED_EXAMPLES, Skipped, extension, from_raw,
                                         hidden, storable)
-from resnet_batch.embed.plan import COPIES_SCHEMA, DROPS_SCHEMA, _count, _same_version
+from resnet_batch.embed.plan import COPIES_SCHEMA, DROPS_SCHEMA, _count, compare
 from resnet_batch.output.manifest import MANIFEST_SCHEMA, PIECE_ENCODING, PIECE_ENTRIES, piece_name, piece_range
 from resnet_batch.output.manifest import drop_from_piece, manifest_log
 from resnet_batch.output.pieces import PieceLog
@@ -204,16 +204,7 @@ def diff_partition(s: DiffSettings, index: int, listing: list, manifest: list, d
     current = _concat(_fetch(listing), ENTRY_SCHEMA)
     old = _concat(_fetch(manifest), MANIFEST_SCHEMA)
     done = _fetch([done])[0]
-    now = current.append_column("_new", pa.array(np.ones(len(current), bool)))
-    was = old.append_column("_old", pa.array(np.ones(len(old), bool)))
-    j = now.join(was, keys="path", join_type="full outer", right_suffix="_old", coalesce_keys=True)
-    in_new, in_old = pc.fill_null(j.column("_new"), False), pc.fill_null(j.column("_old"), False)
-    both = pc.and_(in_new, in_old)
-    same = _same_version(j.column("size"), j.column("mtime_ns"), j.column("etag"),
-                         j.column("size_old"), j.column("mtime_ns_old"), j.column("etag_old"))
-    changed = pc.and_(both, pc.invert(same))
-    deleted = pc.and_(in_old, pc.invert(in_new))
-    added = pc.and_(in_new, pc.invert(in_old))
+    j, (unchanged, changed, deleted, added) = compare(current, old)
     drops = j.filter(pc.or_(changed, deleted)).select(["shard", "path"]).cast(DROPS_SCHEMA)
     if len(drops):
         _write(s.store(), f"{SYNC_DIR}/drops-{s.run:04d}-{index:05d}.parquet", drops)
@@ -227,7 +218,7 @@ def diff_partition(s: DiffSettings, index: int, listing: list, manifest: list, d
         keep = pc.and_(pc.is_in(old.column("shard"), value_set=done), pc.is_valid(old.column("etag")))
         donors = old.filter(keep).select(["path", "size", "etag", "shard"]).rename_columns(_DONOR_SCHEMA.names)
     plains = split(plain, folder_partition(plain.column("path"), s.partitions), s.partitions)
-    summary = {"listed": len(current), "unchanged": _count(pc.and_(both, same)), "changed": _count(changed),
+    summary = {"listed": len(current), "unchanged": _count(unchanged), "changed": _count(changed),
                "deleted": _count(deleted), "added": _count(added), "drops": len(drops),
                "plain": [len(t) for t in plains], "drop_shards": _shard_counts(drops)}
     return (summary, *plains,
