@@ -323,7 +323,7 @@ def test_a_cached_conversion_is_used_without_npm_and_checked_by_its_hash(keras_w
         keras_state_dict(root=tmp_path / "planted")
 
 
-def test_the_conversion_given_back_as_a_checkpoint_is_the_keras_weights(keras_weights, checkpoint):
+def test_the_conversion_given_back_as_a_checkpoint_is_the_keras_weights(keras_weights, checkpoint, capsys):
     """The cached conversion passed as a plain checkpoint (model.weights=PATH, as on a cluster without npm) is known
     by its content hash: the v1 layout, IMAGENET1K_V1 preprocessing and the IMAGENET1K_KERAS provenance, never
     torchvision's v1.5; a layout that contradicts the weights is refused, and model.layout=v1 builds a checkpoint
@@ -334,8 +334,15 @@ def test_the_conversion_given_back_as_a_checkpoint_is_the_keras_weights(keras_we
 
     info, _ = keras_weights
     assert info.sha256 == KERAS_STATE_SHA256  # the conversion is the one pinned, or the recognition fails
+    from resnet_batch.cli import main
+
+    assert main(["weights"]) == 0  # says where the file is, to copy where npm is not
     path = cached_file()
     assert path is not None and path.name.startswith("resnet50-keras-")
+    assert capsys.readouterr().out.splitlines() == [
+        f"IMAGENET1K_KERAS: sha256 {info.sha256}, model torchvision.resnet50:v1(bn_eps=0.001), preprocessing and "
+        "labels IMAGENET1K_V1",
+        f"  cached as {path} (a checkpoint a run elsewhere can be given as model.weights: known there by its hash)"]
     again, _ = resolve_weights(ModelConfig(weights=str(path)))
     assert again == info and again.as_dict()["model"] == "torchvision.resnet50:v1(bn_eps=0.001)"
     with pytest.raises(WeightsError, match=rf"^checkpoint:{path} holds the IMAGENET1K_KERAS weights \(by their "
