@@ -24,6 +24,7 @@ demo: install
 	$(PY) -m resnet_batch.cli sample-data --out data/sample -n $(DEMO_IMAGES)
 	W=$$($(PY) -m resnet_batch.dev.demo_weights) && \
 	$(VENV)/bin/resnet-batch embed --config configs/local.yaml --fresh -o model.weights=$$W
+	$(PY) -m resnet_batch.dev.demo_labels out/sample
 	$(VENV)/bin/resnet-batch index --embeddings out/sample --out out/sample-index
 	$(VENV)/bin/resnet-batch gallery --index out/sample-index --out out/sample-gallery.html -n 8 -k 6
 	$(VENV)/bin/resnet-batch similar --index out/sample-index --id shard-000/astronaut-00000.jpg -k 5

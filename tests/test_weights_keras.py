@@ -354,3 +354,25 @@ def test_the_conversion_given_back_as_a_checkpoint_is_the_keras_weights(keras_we
     with pytest.raises(ConfigError, match=r"'model': Value error, layout v1.5 does not fit weights IMAGENET1K_KERAS, which need "
                                           r"v1: leave model.layout at auto"):
         load_config(None, ["input.uri=/in", "output.uri=/out", "model.weights=IMAGENET1K_KERAS", "model.layout=v1.5"])
+
+
+@pytest.mark.ray
+def test_the_demo_shows_each_photographs_labels_and_spread_scores(tmp_path_factory, photos, keras_weights, ray_local):
+    """What `make demo` prints after the embed summary, on the job's output of the test photos with these weights
+    (the search tests' run, shared): one crop of each photograph with its top-5, and cosine scores high within a
+    photograph and low between photographs (random weights score every pair ~1)."""
+    import re
+
+    from resnet_batch.dev.demo_labels import describe
+    from tests.helpers.search import embedded_photos
+
+    lines = describe(str(embedded_photos(tmp_path_factory, photos, "IMAGENET1K_KERAS")))
+    assert lines[0] == "sample predictions (top 5 of one crop of each photograph):" and len(lines) == 12, lines
+    shown = {ln.split()[0].rsplit("/", 1)[-1].rsplit("-", 1)[0]: ln.split(None, 1)[1] for ln in lines[1:11]}
+    assert len(shown) == 10 and all(len(v.split(", ")) == 5 for v in shown.values()), shown
+    assert re.search(r"Egyptian cat|tiger cat|tabby", shown["chelsea"]) and shown["coffee"].startswith("espresso 0.9")
+    m = re.fullmatch(r"cosine similarity of the 36 embeddings, 5th-95th percentile: crops of one photograph "
+                     r"(\S+)-(\S+) \(median (\S+)\), different photographs (\S+)-(\S+) \(median (\S+)\)", lines[11])
+    assert m, lines[11]
+    same_lo, _, same_mid, _, other_hi, other_mid = map(float, m.groups())
+    assert same_mid > 0.7 and other_mid < 0.35 and other_hi < same_lo + 0.2, lines[11]

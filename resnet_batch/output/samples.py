@@ -12,8 +12,9 @@ SAMPLE_COLUMNS = ["image_id", "status", "topk_labels", "topk_probs"]
 
 
 def sample_labels(store, ledger: pa.Table, run_no: int, n: int = 3) -> list[dict]:
-    """The first `n` embedded images of one part (this run's first part when it wrote any, else the output's
-    first), each with its top-k labels and probabilities: one small read, whatever the output's size."""
+    """`n` embedded images spread evenly over one part (this run's first part when it wrote any, else the output's
+    first), each with its top-k labels and probabilities: one small read, whatever the output's size. Spread, since
+    neighbouring rows are often near copies (one folder, one event)."""
     if n <= 0 or not ledger.num_rows:
         return []
     t = ledger.filter(pc.and_(pc.greater(ledger.column("ok"), 0), pc.not_equal(ledger.column("part"), "")))
@@ -26,6 +27,7 @@ def sample_labels(store, ledger: pa.Table, run_no: int, n: int = 3) -> list[dict
         part = read_parquet(store.fs, store.path(rows[0][3]), SAMPLE_COLUMNS)
     except Exception:  # unreachable or gone since: the summary only shows less; the run's outcome is unchanged
         return []
-    part = part.filter(pc.equal(part.column("status"), STATUS_OK)).slice(0, n)
+    part = part.filter(pc.equal(part.column("status"), STATUS_OK))
+    part = part.take(pa.array(sorted({i * part.num_rows // n for i in range(n)} - {part.num_rows}), pa.int64()))
     return [{"image_id": r["image_id"], "labels": list(r["topk_labels"] or []),
              "probs": [round(float(p), 4) for p in (r["topk_probs"] or [])]} for r in part.to_pylist()]
