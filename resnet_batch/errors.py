@@ -72,3 +72,16 @@ def honour_interrupts() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def stop_on_terminate() -> None:
+    """SIGTERM (what `kill`, systemd and Kubernetes send to stop a service) raises KeyboardInterrupt, as Ctrl-C
+    does, so the service shuts down in order and exits with its promised code instead of dying by the signal."""
+    import signal
+    import threading
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate)

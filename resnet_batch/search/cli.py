@@ -139,8 +139,11 @@ def _note_random_weights(index) -> None:
 
 @_guarded
 def serve_main(args: argparse.Namespace) -> int:
+    from resnet_batch.errors import stop_on_terminate
     from resnet_batch.search.spec import parse_bytes
     from resnet_batch.search.serve import ServiceConfig, serve
+
+    stop_on_terminate()  # stopped by SIGTERM or SIGINT while serving: 0; interrupted while still loading: 130
 
     cfg = ServiceConfig(index=_index_uri(args), host=args.host, port=args.port, weights=args.weights,
                         storage_options=_storage_options(args.storage_options),

@@ -389,16 +389,26 @@ async def start(searcher: Searcher, host: str, port: int):
 
 
 def serve(cfg: ServiceConfig) -> None:
-    """Load the index (and model), then serve until interrupted; prints the address it listens on."""
+    """Load the index (and model), then serve until stopped (SIGTERM or SIGINT: the listener closes, requests in
+    flight are answered, and it returns); prints the address it listens on."""
+    import signal
+
     searcher = Searcher(cfg)
 
     async def main():
         runner, port = await start(searcher, cfg.host, cfg.port)
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread: KeyboardInterrupt
+                pass
         print(f"serving {cfg.index} ({len(searcher.index)} images, loaded in {searcher.load_s:.1f} s) on "
               f"http://{host}:{port}", flush=True)
         try:
-            await asyncio.Event().wait()
+            await stop.wait()
         finally:
             await runner.cleanup()
 
