@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from resnet_batch.dev.sample_data import make_sample_photos
+from resnet_batch.embed.runner import run
 from tests.helpers.jobs import REPO, job_config
 from tests.helpers.processes import kill_driver
 from tests.helpers.library import current_photos, new_photo
@@ -33,8 +34,8 @@ def _cmd(root, out, checkpoint, *extra) -> list[str]:
             "-o", "compute.batch_size=4", "-o", "compute.decode_batch_size=4", "-o", "compute.torch_threads=1", *extra]
 
 
-def _popen(cmd):
-    return subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+def _popen(cmd, env=None):
+    return subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -43,27 +44,28 @@ def _ids(out: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_kill_during_a_partitioned_sync_then_one_rerun_is_exactly_once(tmp_path, checkpoint):
+def test_kill_during_a_partitioned_sync_then_one_rerun_is_exactly_once(tmp_path, checkpoint, ray_address):
+    """The first night in this process; the partitioned sync night's driver killed -9 once it began embedding;
+    the rerun's driver converges (both drivers of their own, on the session's Ray)."""
     root = tmp_path / "library"
     make_sample_photos(root, 24, per_folder=8, seed=16)
     out = tmp_path / "out"
-    proc = _popen(_cmd(root, out, checkpoint))
-    log, _ = proc.communicate(timeout=400)
-    assert proc.returncode == 0, log
+    assert run(job_config(root, out, checkpoint, input={"images_per_shard": 4}, compute={"batch_size": 4}),
+               progress=False)["complete"]
     before = {p.name for p in out.glob("part-*.parquet")}
     for i in range(12):
         new_photo(root / "shard-003" / f"n-{i:02d}.jpg", 800 + i)
     for p in sorted((root / "shard-000").glob("*.jpg"))[:3]:
         p.unlink()
     new_photo(sorted((root / "shard-001").glob("*.jpg"))[0], 900)
-    proc = _popen(_cmd(root, out, checkpoint))
+    proc = _popen(_cmd(root, out, checkpoint), ray_address)
     deadline = time.time() + 300
     while not {p.name for p in out.glob("part-*.parquet")} - before:  # the sync is applied, embedding began
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
         time.sleep(0.05)
     kill_driver(proc)
     assert not (out / "_SUCCESS").exists()
-    proc = _popen(_cmd(root, out, checkpoint))
+    proc = _popen(_cmd(root, out, checkpoint), ray_address)
     log, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, log
     ids = _ids(out)

@@ -79,30 +79,33 @@ def test_rerun_embeds_only_what_changed(tmp_path, checkpoint, ray_local):
     assert [r["removed"] for r in status["runs"]] == [0, 1, 0]
 
 
-def _cli(root, out, checkpoint):
+OPTIONS = {"input": {"images_per_shard": 4}, "compute": {"batch_size": 4}}
+
+
+def _cli(root, out, checkpoint, ray_address):
+    """The embed CLI as a driver of its own, joined to the session's Ray (as a driver on a cluster is)."""
     cmd = [sys.executable, "-m", "resnet_batch.cli", "embed", "--quiet", "--input", str(root), "--output", str(out),
            "-o", f"model.weights={checkpoint}", "-o", "model.precision=fp32", "-o", "input.images_per_shard=4",
            "-o", "compute.batch_size=4", "-o", "compute.decode_batch_size=4", "-o", "compute.torch_threads=1"]
-    return subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO), **ray_address}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 @pytest.mark.slow
-@pytest.mark.own_ray
-def test_kill_during_a_sync_then_rerun_is_exactly_once(tmp_path, checkpoint):
+def test_kill_during_a_sync_then_rerun_is_exactly_once(tmp_path, checkpoint, ray_address):
+    """The first night in this process; the sync night's driver killed -9 once it began embedding; the rerun's
+    driver converges (both drivers of their own, on the session's Ray)."""
     root = tmp_path / "library"
     make_sample_photos(root, 16, per_folder=8, seed=6)
     out = tmp_path / "out"
-    proc = _cli(root, out, checkpoint)
-    log, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, log
+    assert run(job_config(root, out, checkpoint, **OPTIONS), progress=False)["complete"]
     before = {p.name for p in out.glob("part-*.parquet")}
     for i in range(16):
         new_photo(root / "shard-002" / f"n-{i:02d}.jpg", 400 + i)
     for p in sorted((root / "shard-000").glob("*.jpg"))[:2]:
         p.unlink()
     new_photo(sorted((root / "shard-001").glob("*.jpg"))[0], 500)
-    proc = _cli(root, out, checkpoint)
+    proc = _cli(root, out, checkpoint, ray_address)
     deadline = time.time() + 240
     while not {p.name for p in out.glob("part-*.parquet")} - before:
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
@@ -111,7 +114,7 @@ def test_kill_during_a_sync_then_rerun_is_exactly_once(tmp_path, checkpoint):
     assert not (out / "_SUCCESS").exists()
     status = output_status(str(out))
     assert status["status"] == "incomplete" and not status["last_run_finished"]
-    proc = _cli(root, out, checkpoint)
+    proc = _cli(root, out, checkpoint, ray_address)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log
     ids = _table(out).column("image_id").to_pylist()
