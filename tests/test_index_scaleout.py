@@ -110,6 +110,43 @@ def test_cli_index_ray(two_builds, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.s3
+def test_a_service_whose_version_lost_its_files_on_s3_answers_from_the_current_one(two_builds, s3_server, tmp_path,
+                                                                                     monkeypatch):
+    """Issue 18: from S3 the re-ranking rows are read by range as queries need them, and only the current and the
+    previous generation are kept; when two updates publish within --reload-s, the version a service opened loses
+    its files. The query that finds them gone opens the current version and is answered from it (not a 500)."""
+    from resnet_batch.search.serve import Searcher, ServiceConfig
+    from resnet_batch.search.similar import similar_to_vector
+
+    root, _, _, held_out, _, scaled = two_builds
+    bucket = s3_server.make_bucket("serve-replaced")
+    fs = s3_server.filesystem()
+    for name in scaled["files"]:
+        fs.put_file(str(root / "scaled" / name), f"{bucket}/idx/{name}")
+    fs.pipe(f"{bucket}/idx/index.json", (root / "scaled" / "index.json").read_bytes())
+    monkeypatch.setenv("RESNET_BATCH_CACHE", str(tmp_path / "cache"))
+    searcher = Searcher(ServiceConfig(index=f"s3://{bucket}/idx", embed=False, reload_s=0,
+                                      storage_options=s3_server.storage_options()))
+    searcher.by_vector(held_out[0], 5)
+    # What two publications leave (as folder.publish_generation writes it): the index as generation 2 in a folder of
+    # its own, index.json naming it, the build's top-level files removed.
+    gen, meta = "gen-000002", json.loads((root / "scaled" / "index.json").read_text())
+    for name in scaled["files"]:
+        fs.put_file(str(root / "scaled" / name), f"{bucket}/idx/{gen}/{name}")
+    meta.update(format=3, generation=2, previous_files=[], files={f"{gen}/{n}": b for n, b in meta["files"].items()},
+                layout={"index": f"{gen}/index.faiss", "ids": f"{gen}/ids.arrow", "hash": f"{gen}/ids.hash",
+                        "lists": f"{gen}/lists.ivfdata", "refine": {"coder": f"{gen}/refine.faiss", "rows": None,
+                                                                    "segments": [[f"{gen}/refine.f16", meta["count"]]]}})
+    fs.pipe(f"{bucket}/idx/index.json", json.dumps(meta).encode())
+    for name in scaled["files"]:
+        fs.rm(f"{bucket}/idx/{name}")
+    local = SimilarityIndex.open(str(root / "scaled"))
+    for q in held_out[1:20]:  # the first of them that needs a block not cached yet finds the files gone
+        got = searcher.by_vector(q, 5)
+        assert [(m.image_id, m.score) for m in got] == [(m.image_id, m.score) for m in similar_to_vector(local, q, 5)]
+    assert searcher.index.meta["generation"] == 2
+
+
 def test_a_reader_on_object_storage_fetches_only_the_rows_it_reads(two_builds, s3_server, tmp_path, monkeypatch):
     """Opened from S3, the re-ranking rows (most of the folder) are read by range into a per-node cache, never
     downloaded whole; the answers are those of the same index opened from a local folder."""

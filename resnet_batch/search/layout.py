@@ -238,6 +238,8 @@ class RangeRows:
         starts = [int(r[0]) * self.BLOCK for r in runs]
         ends = [min(self.size, (int(r[-1]) + 1) * self.BLOCK) for r in runs]
         for run, start, data in zip(runs, starts, self.fs.cat_ranges([self.path] * len(runs), starts, ends)):
+            if isinstance(data, BaseException):  # fsspec returns a range's error in its place: raise it as it is
+                raise data
             self.data[start:start + len(data)] = np.frombuffer(data, dtype=np.uint8)
             self.have[run] = 1
 

@@ -108,9 +108,23 @@ class Searcher:
             raise BadRequest(400, f"k must be between 1 and {self.cfg.max_k}, got {k}")
         return k
 
+    def ask(self, question):
+        """`question(index)` of the index served. From object storage the re-ranking rows are read by range as
+        queries need them, so a version whose files were removed since it was opened (two updates published
+        within --reload-s) fails with FileNotFoundError: the current version is opened then and asked again."""
+        index = self.index
+        try:
+            return question(index)
+        except FileNotFoundError:
+            if index is self.index and not self.refresh():
+                raise  # index.json still names this version: its files are really missing
+            log.info(f"serve: the version in use lost its files to newer ones; now serving generation "
+                     f"{self.index.meta.get('generation', 0)} of {self.cfg.index}")
+            return question(self.index)
+
     def by_id(self, image_id: str, k: int) -> list[Match]:
         try:
-            return similar_to_id(self.index, image_id, k)
+            return self.ask(lambda index: similar_to_id(index, image_id, k))
         except UnknownImageId as err:
             raise BadRequest(404, str(err)) from None
 
@@ -119,7 +133,7 @@ class Searcher:
             raise BadRequest(422, f"vector must hold {self.index.meta['dim']} numbers, got {vector.size}")
         if not np.isfinite(vector).all() or not np.any(vector):
             raise BadRequest(422, "vector must be finite and not all zero")
-        return similar_to_vector(self.index, vector, k)
+        return self.ask(lambda index: similar_to_vector(index, vector, k))
 
     def check_header(self, head: bytes, complete: bool) -> bool:
         """Judge an upload by its first bytes (`complete`: they are all of it): not an allowed image format 422,
