@@ -11,6 +11,14 @@ this figure. For comparison the in-memory diff (`plan.diff`, the whole library i
 at the smallest size.
 
     python benchmarks/sync_bench.py --sizes 1000000 10000000
+
+With --apply the plan is then applied in another fresh process with the product's `sync.apply` (the drops
+read and applied per shard group by Ray tasks: the parts of the dropped photos, here absent, and the
+manifest pieces that hold them), and that driver's peak RSS is printed; --deleted sets the share of
+deleted photos, so that a night with many deletes can be set beside one with few:
+
+    python benchmarks/sync_bench.py --sizes 1000000 --deleted 0.005 --apply --no-baseline
+    python benchmarks/sync_bench.py --sizes 1000000 --deleted 0.1 --apply --no-baseline
 """
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ PER_SHARD = 1000
 INPUT = "s3://photos/lib"  # never contacted: the inventory lists it
 
 
-def make(work: Path, n: int, seed: int = 0) -> None:
+def make(work: Path, n: int, seed: int = 0, deleted_share: float = 0.005) -> None:
     """The output of a finished first night over n photos, and tonight's inventory."""
     import numpy as np
     import pyarrow as pa
@@ -59,9 +67,9 @@ def make(work: Path, n: int, seed: int = 0) -> None:
     out.write(f"{LEDGER_DIR}/l-0001-000000.parquet", records_table(records))
     save(out, OutputState(INPUT, "folder", "photos/lib", "s3", {}, "", last + 1,
                           runs=[{"run": 1, "status": "complete"}]))
-    # tonight: 0.5% deleted (a fifth of them moved), 0.5% changed, 1% new
+    # tonight: 0.5% deleted (a fifth of them moved; --deleted), 0.5% changed, 1% new
     r = rng.random(n)
-    deleted, changed = r < 0.005, (r >= 0.005) & (r < 0.010)
+    deleted, changed = r < deleted_share, (r >= deleted_share) & (r < deleted_share + 0.005)
     moved = deleted & (rng.random(n) < 0.2)
     inv_keys = [k for k, d in zip(keys, deleted) if not d]
     inv_sizes = sizes[~deleted].tolist()
@@ -120,6 +128,32 @@ def plan(work: Path, cpus: int, per_partition: int) -> dict:
             "driver_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def apply(work: Path, cpus: int) -> dict:
+    """A fresh driver applies the stored plan of run 2 (as sync_run does once the plan is committed):
+    entries moved into the manifest, the drops applied per shard group by tasks, the manifest updated."""
+    import ray
+
+    from resnet_batch.embed import sync as syncing
+    from resnet_batch.embed.syncdiff import move_entry_pieces
+    from resnet_batch.output.store import OutputStore, PartSettings
+
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    t0 = time.perf_counter()
+    store = OutputStore(str(work / "out"), {})
+    entries, drops, copies = syncing.load_plan(store, 2)
+    move_entry_pieces(store, 2)
+    import pyarrow as pa
+
+    part = PartSettings(store.uri, {}, pa.schema([]), "zstd", "float16", 60.0, 2)
+    # no copies here: the copies' source parts are not in this synthetic output (the drops' are not either:
+    # what is measured is the drops reaching their shards and the manifest, never the driver)
+    counts = syncing.apply(store, part, "folder", "photos/lib", "s3", entries, drops, copies.slice(0, 0), {}, {},
+                           lambda r: None)
+    return {"seconds": round(time.perf_counter() - t0, 1), "dropped": counts["dropped"], "sources": len(drops),
+            "driver_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
 def in_memory(work: Path) -> dict:
     """The earlier way: the whole listing and manifest in the driver, one diff."""
     from resnet_batch.config import InputConfig
@@ -157,12 +191,14 @@ def main() -> None:
     ap.add_argument("--rows-per-partition", type=int, default=None,
                     help="entries per diff partition (default: the product's ROWS_PER_PARTITION)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the in-memory diff at the smallest size")
-    ap.add_argument("--step", choices=["make", "plan", "memory"], help=argparse.SUPPRESS)
+    ap.add_argument("--deleted", type=float, default=0.005, help="share of the photos deleted tonight")
+    ap.add_argument("--apply", action="store_true", help="then apply the plan in a fresh driver (its peak RSS)")
+    ap.add_argument("--step", choices=["make", "plan", "memory", "apply"], help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.step == "make":
-        make(Path(a.dir), a.n)
+        make(Path(a.dir), a.n, deleted_share=a.deleted)
         print(json.dumps({"made": a.n}))
         return
     if a.step == "plan":
@@ -170,17 +206,20 @@ def main() -> None:
 
         print(json.dumps(plan(Path(a.dir), a.cpus, a.rows_per_partition or ROWS_PER_PARTITION)))
         return
+    if a.step == "apply":
+        print(json.dumps(apply(Path(a.dir), a.cpus)))
+        return
     if a.step == "memory":
         print(json.dumps(in_memory(Path(a.dir))))
         return
     base = Path(a.workdir or tempfile.mkdtemp(prefix="sync-bench-"))
     rows = []
     for n in a.sizes:
-        work = base / f"n{n}"
+        work = base / (f"n{n}" if a.deleted == 0.005 else f"n{n}-d{a.deleted}")
         if not (work / "night.json").exists():
             work.mkdir(parents=True, exist_ok=True)
             t = time.perf_counter()
-            _child("--step", "make", "--dir", str(work), "--n", str(n))
+            _child("--step", "make", "--dir", str(work), "--n", str(n), "--deleted", str(a.deleted))
             print(f"{n:,} rows: fixture made in {time.perf_counter() - t:.0f} s", flush=True)
         got = _child("--step", "plan", "--dir", str(work), "--cpus", str(a.cpus),
                      *(["--rows-per-partition", str(a.rows_per_partition)] if a.rows_per_partition else []))
@@ -190,6 +229,10 @@ def main() -> None:
               f"(split {got['steps_s']['split']} / diff {got['steps_s']['diff']} / write {got['steps_s']['write']}), "
               f"driver peak RSS {got['driver_peak_rss_bytes'] / 2**20:,.0f} MiB; {got['counts']}; "
               f"{got['new_shards']} new shards; fixture {night}", flush=True)
+        if a.apply:
+            ap_ = _child("--step", "apply", "--dir", str(work), "--cpus", str(a.cpus))
+            print(f"{n:>11,} rows  apply: {ap_['dropped']:,} drops in {ap_['sources']} shard-group pieces, "
+                  f"{ap_['seconds']:.1f} s, driver peak RSS {ap_['driver_peak_rss_bytes'] / 2**20:,.0f} MiB", flush=True)
         if n == min(a.sizes) and not a.no_baseline:
             mem = _child("--step", "memory", "--dir", str(work))
             assert mem["counts"] == got["counts"], (mem["counts"], got["counts"])

@@ -53,10 +53,16 @@ def _night(n: int = 4000, per: int = 50, seed: int = 3):
     return manifest, current, done
 
 
-def _partitioned(tmp_path, manifest, current, done, partitions, steps):
+def _partitioned(tmp_path, manifest, current, done, partitions, steps, piece_entries=None):
     cfg = InputConfig(uri="/lib", images_per_shard=16)
     store = OutputStore(str(tmp_path / "out"), {})
-    write_entries(store, manifest)
+    import resnet_batch.output.manifest as m
+
+    old, m.PIECE_ENTRIES = m.PIECE_ENTRIES, piece_entries or m.PIECE_ENTRIES
+    try:
+        write_entries(store, manifest)
+    finally:
+        m.PIECE_ENTRIES = old
     s = DiffSettings(input=cfg, fmt="folder", root="/lib", output_uri=store.uri, output_options={},
                      retry_window_s=5.0, run=2, partitions=partitions, move_partitions=partitions)
     # the listing arrives in three batches, as the driver ships pages to split tasks
@@ -107,9 +113,32 @@ def test_one_partition_in_place_matches_the_in_memory_diff(tmp_path):
 @pytest.mark.ray
 def test_partitions_in_ray_tasks_match_the_in_memory_diff(tmp_path, ray_local):
     manifest, current, done = _night()
-    cfg, store, result = _partitioned(tmp_path, manifest, current, done, 4, Steps(local=False))
+    cfg, store, result = _partitioned(tmp_path, manifest, current, done, 4, Steps(local=False), piece_entries=500)
     assert result.partitions == 4
     _compare(cfg, store, result, manifest, current, done)
+    # the drops come in one piece per shard group: ranges of whole manifest pieces that never overlap, so
+    # each is applied by a task of its own and the driver never holds them
+    from resnet_batch.embed.syncdiff import drop_manifest_entries, drop_sources
+    from resnet_batch.output.manifest import piece_range, read_manifest
+    from resnet_batch.output.store import read_parquet
+
+    sources = drop_sources(store, 2)
+    assert len(sources) == 4 and all(n.startswith("drops-0002-g") for n in sources), sources
+    pieces = [piece_range(n) for n in store.list_dir("_manifest")]
+    assert len(pieces) == 8
+    spans = []
+    for name in sources:
+        shards = set(read_parquet(store.fs, store.path(f"_sync/{name}")).column("shard").to_pylist())
+        held = [r for r in pieces if any(r[0] <= x <= r[1] for x in shards)]
+        spans.append((min(r[0] for r in held), max(r[1] for r in held)))
+    spans.sort()
+    assert all(a[1] < b[0] for a, b in zip(spans, spans[1:])), spans  # no manifest piece in two groups
+    drops = read_plan_pieces(store, 2, "drops", DROPS_SCHEMA)
+    assert drop_manifest_entries(store, sources) == 8  # each piece lost some (2% deleted, every 53rd changed)
+    assert drop_manifest_entries(store, sources) == 0  # idempotent
+    left = read_manifest(store)
+    assert len(left) == len(manifest) - len(drops)
+    assert not set(drops.column("path").to_pylist()) & set(left.column("path").to_pylist())
 
 
 def test_partitions_grow_with_the_size():

@@ -29,6 +29,7 @@ from resnet_batch.output.store import (SYNC_DIR, OutputStore, PartSettings, enco
                                  read_parquet, write_file)
 
 COPY_CPUS = 0.5
+DROP_THREADS = 4  # parts a drops task rewrites at once (reading and writing parts waits on the store)
 
 
 PLAN_TABLES = (("entries", MANIFEST_SCHEMA), ("drops", DROPS_SCHEMA), ("copies", COPIES_SCHEMA))
@@ -46,14 +47,15 @@ def store_plan(store: OutputStore, run: int, plan: SyncPlan) -> None:
         plan_log(store, name, schema).write(f"{name}-{run:04d}.parquet", table)
 
 
-def load_plan(store: OutputStore, run: int) -> tuple[pa.Table, pa.Table, pa.Table]:
+def load_plan(store: OutputStore, run: int) -> tuple[pa.Table, list, pa.Table]:
     """A stored plan's entries, drops and copies: the single tables of `store_plan`, or the pieces that the
     partitioned diff's tasks wrote (syncdiff). Entry pieces written as manifest pieces are not read here:
-    `syncdiff.move_entry_pieces` moves them into the manifest as they are."""
-    from resnet_batch.embed.syncdiff import read_plan_pieces
+    `syncdiff.move_entry_pieces` moves them into the manifest as they are. The drops are not read either:
+    they come as sources (piece names, one per shard group: syncdiff.drop_sources) that tasks apply."""
+    from resnet_batch.embed.syncdiff import drop_sources, read_plan_pieces
 
-    entries, drops, copies = (read_plan_pieces(store, run, name, schema) for name, schema in PLAN_TABLES)
-    return entries, drops, copies
+    entries, copies = (read_plan_pieces(store, run, name, schema) for name, schema in PLAN_TABLES if name != "drops")
+    return entries, drop_sources(store, run), copies
 
 
 def clear_plan(store: OutputStore) -> None:
@@ -62,10 +64,12 @@ def clear_plan(store: OutputStore) -> None:
 
 
 def apply(store: OutputStore, part: PartSettings, fmt: str, root: str, protocol: str, entries: pa.Table,
-          drops: pa.Table, copies: pa.Table, parts: dict[str, tuple[int, int]],
+          drops: list, copies: pa.Table, parts: dict[str, tuple[int, int]],
           records: dict[int, list[dict]], on_record: Callable[[dict], None],
           flush: Callable[[], None] = lambda: None) -> dict:
-    """Carry out a stored plan. `parts`: the output's part files now; `records`: ledger records by shard;
+    """Carry out a stored plan. `drops`: its drops sources (syncdiff.drop_sources: piece names of shard
+    ranges that never overlap, or one table), each applied by a task of its own, so the driver never holds
+    the night's deleted photos; `parts`: the output's part files now; `records`: ledger records by shard;
     `flush` stores the records handed to `on_record` (called after each step, before the next one starts).
     Returns counts: copied rows, dropped rows, parts rewritten / deleted."""
     out = {"copied": 0, "dropped": 0, "rewritten": 0, "deleted": 0}
@@ -89,17 +93,18 @@ def apply(store: OutputStore, part: PartSettings, fmt: str, root: str, protocol:
                 out["copied"] += r["rows"]
         flush()
         pending = []
-    # (2) drops, grouped by the shard they leave
+    # (2) drops: a task per drops source (a range of shards), its shards' parts a few at a time
     if len(drops):
-        for shard, group in _groups(drops, "shard"):
-            ids = sorted(storable(from_raw(p)) for p in group.column("path").to_pylist())
-            pending.append(remote(_drop).remote(part, fmt, shard, ids, sorted(by_shard.get(shard, []))))
-        for recs, rewritten, deleted in ray.get(pending):
+        where = (store.uri, dict(store.storage_options), store.window)
+        shard_parts = ray.put(dict(by_shard))
+        drop_fn = _drop  # looked up now: what the task runs for each shard
+        pending = [remote(_drop_source).remote(part, fmt, where, source, shard_parts, drop_fn) for source in drops]
+        for recs, rewritten, deleted, dropped in ray.get(pending):
             for r in recs:
                 on_record(r)
             out["rewritten"] += rewritten
             out["deleted"] += deleted
-        out["dropped"] = len(drops)
+            out["dropped"] += dropped
         flush()
     # (3) the manifest (each piece that loses entries rewritten in its own task)
     from resnet_batch.embed.syncdiff import drop_manifest_entries
@@ -117,6 +122,31 @@ def _groups(table: pa.Table, column: str):
         if i == len(values) or values[i] != values[start]:
             yield values[start], table.slice(start, i - start)
             start = i
+
+
+def _drop_source(part: PartSettings, fmt: str, where: tuple, source, shard_parts: dict,
+                 drop: Callable) -> tuple[list[dict], int, int, int]:
+    """A task: one drops source (syncdiff.drop_sources) applied to the parts of its shards, DROP_THREADS
+    shards at a time (`drop`: _drop). No other task touches these shards. Returns (records, parts rewritten,
+    parts deleted, rows dropped)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from resnet_batch.embed.syncdiff import read_drops
+
+    drops = read_drops(OutputStore(*where), source)
+
+    def one(item):
+        shard, group = item
+        ids = sorted(storable(from_raw(p)) for p in group.column("path").to_pylist())
+        return drop(part, fmt, shard, ids, sorted(shard_parts.get(shard, [])))
+
+    records, rewritten, deleted = [], 0, 0
+    with ThreadPoolExecutor(DROP_THREADS) as pool:
+        for recs, r, d in pool.map(one, _groups(drops, "shard")):
+            records += recs
+            rewritten += r
+            deleted += d
+    return records, rewritten, deleted, len(drops)
 
 
 def _copy(part: PartSettings, fmt: str, root: str, protocol: str, shard: int, items: list,

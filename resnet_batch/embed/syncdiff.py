@@ -196,18 +196,18 @@ def _shard_counts(table: pa.Table) -> dict[int, int]:
 # -- step 2: one partition's diff ------------------------------------------------------------------------
 
 
-def diff_partition(s: DiffSettings, index: int, listing: list, manifest: list, done) -> tuple:
-    """One path partition: listing rows against manifest rows. Writes its drops as a plan piece; returns
-    (summary, fresh rows without an ETag per folder partition..., fresh rows per (size, ETag) partition...,
-    donors per (size, ETag) partition...). Fresh: new or changed entries; donors: manifest rows of complete
-    shards that carry an ETag."""
+def diff_partition(s: DiffSettings, index: int, listing: list, manifest: list, done, starts=None) -> tuple:
+    """One path partition: listing rows against manifest rows. Returns (summary, fresh rows without an ETag
+    per folder partition..., fresh rows per (size, ETag) partition..., donors per (size, ETag) partition...,
+    drops per shard group...). Fresh: new or changed entries; donors: manifest rows of complete shards that
+    carry an ETag; drops: (shard, path) of deleted and changed entries, split by `starts` (shard_groups)."""
+    starts = _fetch([starts])[0] if starts is not None else np.zeros(1, np.int64)
     current = _concat(_fetch(listing), ENTRY_SCHEMA)
     old = _concat(_fetch(manifest), MANIFEST_SCHEMA)
     done = _fetch([done])[0]
     j, (unchanged, changed, deleted, added) = compare(current, old)
     drops = j.filter(pc.or_(changed, deleted)).select(["shard", "path"]).cast(DROPS_SCHEMA)
-    if len(drops):
-        _write(s.store(), f"{SYNC_DIR}/drops-{s.run:04d}-{index:05d}.parquet", drops)
+    drop_groups = split(drops, shard_group(drops.column("shard"), starts), len(starts))
     fresh = j.filter(pc.or_(added, changed)).select(["path", "size", "mtime_ns", "etag"]).cast(ENTRY_SCHEMA)
     with_etag = pc.is_valid(fresh.column("etag"))
     plain = fresh.filter(pc.invert(with_etag))
@@ -220,10 +220,56 @@ def diff_partition(s: DiffSettings, index: int, listing: list, manifest: list, d
     plains = split(plain, folder_partition(plain.column("path"), s.partitions), s.partitions)
     summary = {"listed": len(current), "unchanged": _count(unchanged), "changed": _count(changed),
                "deleted": _count(deleted), "added": _count(added), "drops": len(drops),
-               "plain": [len(t) for t in plains], "drop_shards": _shard_counts(drops)}
+               "plain": [len(t) for t in plains], "drop_shards": _shard_counts(drops),
+               "drop_groups": [len(t) for t in drop_groups]}
     return (summary, *plains,
             *split(fresh, version_partition(fresh.column("size"), fresh.column("etag"), q), q),
-            *split(donors, version_partition(donors.column("size"), donors.column("etag"), q), q))
+            *split(donors, version_partition(donors.column("size"), donors.column("etag"), q), q),
+            *drop_groups)
+
+
+# -- the drops, by shard group ------------------------------------------------------------------------------
+
+
+def shard_groups(pieces: list[tuple[str, int]], groups: int) -> np.ndarray:
+    """The first shard of each of about `groups` shard ranges of about equal entries, each made of whole
+    manifest pieces (pieces whose ranges overlap stay together): the drops of one range touch parts and
+    manifest pieces that no other range touches, so each range is applied by its own task, in parallel,
+    without the driver ever holding the drops (sync.apply)."""
+    spans: list[list[int]] = []
+    for first, last, n in sorted((r[0], r[1], n) for name, n in pieces if (r := piece_range(name))):
+        if spans and first <= spans[-1][1]:
+            spans[-1][1], spans[-1][2] = max(spans[-1][1], last), spans[-1][2] + n
+        else:
+            spans.append([first, last, n])
+    per = sum(x[2] for x in spans) / max(groups, 1)
+    starts, rows = [0], 0
+    for first, _, n in spans:
+        if rows >= per and first > starts[-1]:
+            starts.append(first)
+            rows = 0
+        rows += n
+    return np.array(starts, np.int64)
+
+
+def shard_group(shards, starts: np.ndarray) -> np.ndarray:
+    if isinstance(shards, pa.ChunkedArray):
+        shards = shards.combine_chunks()
+    values = shards.to_numpy(zero_copy_only=False)
+    return np.maximum(np.searchsorted(starts, values, side="right") - 1, 0).astype(np.int64)
+
+
+def drops_piece_name(run: int, group: int) -> str:
+    """A plan's drops of one shard group (`-g`: the groups' ranges never overlap; see shard_groups)."""
+    return f"drops-{run:04d}-g{group:05d}.parquet"
+
+
+def write_drops(s: DiffSettings, group: int, tables: list) -> int:
+    """One shard group's drops from every path partition, as one plan piece in (shard, path) order."""
+    drops = _concat(_fetch(tables), DROPS_SCHEMA).sort_by([("shard", "ascending"), ("path", "ascending")])
+    if len(drops):
+        _write(s.store(), f"{SYNC_DIR}/{drops_piece_name(s.run, group)}", drops)
+    return len(drops)
 
 
 # -- step 3: moves and copies within a (size, ETag) partition ----------------------------------------------
@@ -400,6 +446,9 @@ def partitioned_diff(s: DiffSettings, steps: Steps, sources: Iterable, pieces: l
     t0 = time.perf_counter()
     P, Q = s.partitions, s.move_partitions
     done_ref = steps.put(pa.array(sorted(done), pa.int64()))
+    starts = shard_groups(pieces, P)
+    G = len(starts)
+    starts_ref = steps.put(starts)
     # step 1: split; the driver keeps references, one per (batch, partition)
     man_parts: list[list] = [[] for _ in range(P)]
     count_refs = []
@@ -421,14 +470,18 @@ def partitioned_diff(s: DiffSettings, steps: Steps, sources: Iterable, pieces: l
     plain_r: list[list] = [[] for _ in range(P)]  # fresh rows without an ETag, by folder partition
     fresh_q: list[list] = [[] for _ in range(Q)]
     donors_q: list[list] = [[] for _ in range(Q)]
+    drops_g: list[list] = [[] for _ in range(G)]
     for p in range(P):
-        out = steps.call(diff_partition, s, p, list_parts[p], man_parts[p], done_ref, returns=1 + P + 2 * Q)
+        out = steps.call(diff_partition, s, p, list_parts[p], man_parts[p], done_ref, starts_ref,
+                         returns=1 + P + 2 * Q + G)
         summaries.append(out[0])
         for r in range(P):
             plain_r[r].append(out[1 + r])
         for q in range(Q):
             fresh_q[q].append(out[1 + P + q])
             donors_q[q].append(out[1 + P + Q + q])
+        for g in range(G):
+            drops_g[g].append(out[1 + P + 2 * Q + g])
     del list_parts, man_parts
     # step 3: moves per (size, ETag) partition; what is left goes back to its folder partition
     matched_r: list[list] = [[] for _ in range(P)]
@@ -444,6 +497,10 @@ def partitioned_diff(s: DiffSettings, steps: Steps, sources: Iterable, pieces: l
             rest_r[r].append(out[1 + 2 * P + r])
     del fresh_q, donors_q
     summaries = steps.get(summaries)
+    # the drops, one plan piece per shard group (each applied by its own task)
+    drop_writes = [steps.call(write_drops, s, g, drops_g[g])[0] for g in range(G)
+                   if any(x["drop_groups"][g] for x in summaries)]
+    del drops_g
     match_sums = steps.get(match_refs)
     t2 = time.perf_counter()
     # step 4: number the new shards folder partition by folder partition (copies, then the other fresh
@@ -459,6 +516,7 @@ def partitioned_diff(s: DiffSettings, steps: Steps, sources: Iterable, pieces: l
                                     rest_r[r] + plain_r[r])[0])
             base += shards_for(copies, per) + shards_for(fresh, per)
     written = steps.get(units)
+    drop_pieces = len(steps.get(drop_writes))
     infos = steps.get(info_refs)
     expected: dict[int, int] = {}
     for c in steps.get(count_refs):
@@ -473,7 +531,7 @@ def partitioned_diff(s: DiffSettings, steps: Steps, sources: Iterable, pieces: l
     counts = {"listed": total["listed"], "unchanged": total["unchanged"], "new": total["added"] - reused,
               "changed": total["changed"], "deleted": total["deleted"], "reused": reused}
     pieces_out = {"entries": sum(w["pieces"] for w in written), "copies": sum(bool(w["copies"]) for w in written),
-                  "drops": sum(bool(x["drops"]) for x in summaries)}
+                  "drops": drop_pieces}
     after = dict(expected)
     for x in summaries:
         for shard, n in x["drop_shards"].items():
@@ -663,27 +721,50 @@ def _coordinate(s: DiffSettings, sources: list, pieces: list, done: set[int], ne
 # -- the manifest's dropped entries, in parallel tasks ------------------------------------------------------
 
 
-def drop_piece(where: tuple, name: str, drops) -> int:
-    """A task: one manifest piece without these (shard, path) entries (output/manifest.drop_from_piece)."""
-    return drop_from_piece(OutputStore(*where), name, _fetch([drops])[0])
+def drop_sources(store: OutputStore, run: int) -> list:
+    """The drops of plan `run` as sources that can be applied in parallel, one task each: the names of its
+    shard-group pieces (their ranges never overlap). A plan whose drops are not in shard groups (one piece
+    per path partition, as an earlier version wrote them) is read here as one table: one source."""
+    names = sorted(n for n in store.list_dir(SYNC_DIR) if n.startswith(f"drops-{run:04d}") and n.endswith(".parquet"))
+    if len(names) <= 1 or all(n.startswith(f"drops-{run:04d}-g") for n in names):
+        return names
+    return [read_plan_pieces(store, run, "drops", DROPS_SCHEMA)]
 
 
-def drop_manifest_entries(store: OutputStore, drops: pa.Table) -> int:
-    """The manifest without the dropped entries: a Ray task per manifest piece that holds some (each gets only
-    its own drops; in this process when Ray is not running). Returns pieces changed."""
+def read_drops(store: OutputStore, source) -> pa.Table:
+    """A drops source (see drop_sources): a plan piece's name, or the table itself."""
+    if isinstance(source, str):
+        return read_parquet(store.fs, store.path(f"{SYNC_DIR}/{source}")).cast(DROPS_SCHEMA)
+    return _fetch([source])[0]
+
+
+def drop_source(where: tuple, ranges: list, source) -> int:
+    """A task: the manifest pieces that hold one drops source's entries, each rewritten without them
+    (output/manifest.drop_from_piece, idempotent). Returns pieces changed."""
+    store = OutputStore(*where)
+    drops = read_drops(store, source)
+    shards = drops.column("shard").to_numpy()
+    order = np.argsort(shards, kind="stable")
+    drops, shards = drops.take(pa.array(order)), shards[order]
+    changed = 0
+    for (first, last), name in ranges:
+        lo, hi = np.searchsorted(shards, first, "left"), np.searchsorted(shards, last, "right")
+        if hi > lo:
+            changed += drop_from_piece(store, name, drops.slice(int(lo), int(hi - lo)))
+    return changed
+
+
+def drop_manifest_entries(store: OutputStore, drops) -> int:
+    """The manifest without the dropped entries: `drops` a table, or drops sources (drop_sources), each
+    applied by a Ray task of its own (in this process when Ray is not running); the driver holds names, never
+    the drops. Returns pieces changed."""
     import ray
 
-    if not len(drops):
+    sources = [drops] if isinstance(drops, pa.Table) else list(drops)
+    sources = [x for x in sources if not isinstance(x, pa.Table) or len(x)]
+    if not sources:
         return 0
     steps = Steps(local=not ray.is_initialized())
     where = (store.uri, dict(store.storage_options), store.window)
     ranges = sorted((r, n) for n in store.list_dir(MANIFEST_DIR) if (r := piece_range(n)))
-    shards = drops.column("shard").to_numpy()
-    order = np.argsort(shards, kind="stable")
-    drops, shards = drops.take(pa.array(order)), shards[order]
-    calls = []
-    for (first, last), name in ranges:
-        lo, hi = np.searchsorted(shards, first, "left"), np.searchsorted(shards, last, "right")
-        if hi > lo:
-            calls.append(steps.call(drop_piece, where, name, drops.slice(int(lo), int(hi - lo)))[0])
-    return sum(steps.get(calls))
+    return sum(steps.get([steps.call(drop_source, where, ranges, x)[0] for x in sources]))
