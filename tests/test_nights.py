@@ -153,3 +153,37 @@ def test_inventory_first_night_and_sync_night_on_s3(tmp_path, s3_server, checkpo
     assert len(ids) == len(set(ids)) == 12
     assert "shard-000/added.jpg" in ids and "shard-000/late.jpg" not in ids
     assert sum(i.startswith("renamed/") for i in ids) == 6 and not any(i.startswith("shard-001/") for i in ids)
+
+
+@pytest.mark.s3
+def test_first_night_on_s3_is_listed_by_ray_tasks(tmp_path, s3_server, checkpoint, ray_local, monkeypatch):
+    """A first run over an S3 prefix lists it in Ray tasks (as a sync night does), their pages cut into
+    shards as they arrive: the driver's own listing is never walked, and every photo is embedded once."""
+    from resnet_batch.embed import listing
+    from resnet_batch.embed.runner import run
+
+    root = tmp_path / "library"
+    make_sample_photos(root, 12, per_folder=3, seed=21)
+    (root / "notes.txt").write_text("not a photo")
+    s3_server.make_bucket("first-lib")
+    s3_server.make_bucket("first-out")
+    s3_server.upload_dir(root, "first-lib/photos")
+
+    def driver_listing(*args):
+        raise AssertionError("the driver walked the S3 listing itself")
+        yield
+
+    monkeypatch.setattr(listing, "_s3_pages", driver_listing)
+    opts = s3_server.storage_options()
+    cfg = job_config("s3://first-lib/photos", "s3://first-out/emb", checkpoint,
+                     input={"storage_options": opts, "images_per_shard": 4}, output={"storage_options": opts})
+    report = run(cfg)
+    assert report["complete"] and report["counts"]["this_run"]["images"] == 12
+    assert report["listing"]["tasks"] >= 2  # the root's files and its 4 folders, dealt to several listers
+    assert report["skipped_files"] == ["notes.txt"]
+    fs = s3_server.filesystem()
+    ids = []
+    for p in fs.find("first-out/emb"):
+        if p.rsplit("/", 1)[-1].startswith("part-"):
+            ids += pq.read_table(fs.open(p, "rb"), columns=["image_id"]).column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 12

@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from resnet_batch.embed.dispatch import dispatch
 from resnet_batch.embed.job import Job
-from resnet_batch.embed.listing import FORMATS
+from resnet_batch.embed.listing import FORMATS, in_tasks
 from resnet_batch.embed.plan import StreamPlanner, detect, input_layout, no_input
 from resnet_batch.embed.reconcile import finish
 from resnet_batch.errors import InputError
@@ -21,12 +21,17 @@ log = logging.getLogger(__name__)
 
 
 def first_run(job: Job, listing) -> dict:
-    """A new output: the listing streams into shards, each stored in the manifest, then run."""
+    """A new output: the listing streams into shards, each stored in the manifest, then run. An S3 prefix is
+    listed by Ray tasks (as a sync night's is), their pages cut into shards as they arrive."""
     from resnet_batch.embed.reader import check_passthrough_names
     from resnet_batch.embed.scheduler import ShardQueue
     from resnet_batch.redact import safe_uri
 
     cfg, store = job.cfg, job.store
+    if listing.prefix_uri:
+        job.ensure_ray()  # the run needs it anyway; the model actors start while the listing goes on
+        listing = in_tasks(listing, dict(cfg.input.storage_options), retry_window_s=cfg.compute.retry_window_s)
+    job.listing = {"tasks": listing.tasks}
     fmt, pages = detect(cfg.input, listing)
     check_passthrough_names(cfg.input.passthrough_columns, fmt)
     passthrough, pages = _passthrough(job, fmt, listing, pages)

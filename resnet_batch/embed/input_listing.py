@@ -18,6 +18,8 @@ class InputListing:
     root: str  # filesystem path of the root (no protocol)
     protocol: str
     pages: Iterator[pa.Table]  # ENTRY_SCHEMA
+    prefix_uri: str = ""  # an S3 prefix (not one object): can be listed by Ray tasks instead (listing.in_tasks)
+    tasks: int = 0  # Ray tasks listing it (0: this process lists it)
 
     def display(self, rel: str = "") -> str:
         return display_path(self.protocol, posixpath.join(self.root, rel) if rel else self.root)

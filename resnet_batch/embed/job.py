@@ -45,6 +45,7 @@ class Job:
     pipeline_s: float = 0.0  # seconds of the pipeline
     driver_bytes: int = 0  # what the shards' records brought back to the driver
     actor_info: dict = field(default_factory=dict)  # every actor that came up: actor id -> node, pid, device
+    listing: dict = field(default_factory=dict)  # how a first run's input was listed: tasks (0: by this process)
     read_stats: dict = field(default_factory=dict)  # peak read tasks in flight, share of blocks embedded on their node
     recovered: list = field(default_factory=list)  # records the last current_ledger() read from parts the ledger lacked
 

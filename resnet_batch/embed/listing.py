@@ -148,7 +148,7 @@ def list_entries(cfg: InputConfig, retry_window_s: float = 300.0) -> InputListin
     if "file" in protocols(fs):
         pages = _local_pages(root)
     elif set(protocols(fs)) & set(S3_PROTOCOLS):
-        pages = _s3_pages(fs, root, retry_window_s)
+        return InputListing(root, protocol, _s3_pages(fs, root, retry_window_s), prefix_uri=cfg.uri)
     else:
         pages = _walk_pages(fs, root, retry_window_s)
     return InputListing(root, protocol, pages)
@@ -349,6 +349,61 @@ def listing_tasks(uri: str, storage_options: dict, tasks: int, retry_window_s: f
     units = s3_units(uri, storage_options, 4 * tasks, retry_window_s)
     groups = [tuple(units[i::tasks]) for i in range(tasks)]
     return [PrefixLister(uri, dict(storage_options), g, retry_window_s) for g in groups if g]
+
+
+FIRST_RUN_LISTERS = 16  # listing tasks of a first run over an S3 prefix, at most (two for each CPU of the cluster)
+PAGES_IN_FLIGHT = 4  # pages a listing task may have waiting for the driver (Ray's generator backpressure)
+
+
+def _lister_pages(lister: PrefixLister) -> Iterator[pa.Table]:
+    """A Ray task (a streaming generator): the pages of one lister, handed over as they are parsed."""
+    yield from lister()
+
+
+def in_tasks(listing: InputListing, storage_options: dict, tasks: Optional[int] = None,
+             retry_window_s: float = 300.0) -> InputListing:
+    """The same listing, listed by Ray tasks (Ray must be running): the prefixes cut into `tasks` listers
+    (default: two per CPU of the cluster, 2 to FIRST_RUN_LISTERS), each a streaming task that parses its own
+    ListObjectsV2 pages (the driver's single event loop is no longer the limit) and hands them over as they
+    arrive, a few at a time; the driver holds the pages in flight, never the listing. A listing that is not
+    an S3 prefix is returned as it is."""
+    import ray
+
+    if not listing.prefix_uri:
+        return listing
+    if tasks is None:
+        tasks = min(FIRST_RUN_LISTERS, max(2, int(2 * ray.cluster_resources().get("CPU", 1))))
+    listers = listing_tasks(listing.prefix_uri, storage_options, tasks, retry_window_s)
+    return InputListing(listing.root, listing.protocol, _task_pages(listers), prefix_uri=listing.prefix_uri,
+                        tasks=len(listers))
+
+
+def _task_pages(listers: list[PrefixLister]) -> Iterator[pa.Table]:
+    """Pages from the listers' tasks, whichever has one ready first; the tasks are cancelled when the
+    consumer stops early (input.limit, a failed run)."""
+    import ray
+
+    # No CPU held: a lister waits for the driver whenever the shard queue is full (the reads are behind), and
+    # listers holding CPUs then could keep the read tasks and the model actors from being placed.
+    task = ray.remote(_lister_pages).options(num_cpus=0, num_returns="streaming", max_retries=0,
+                                             _generator_backpressure_num_objects=PAGES_IN_FLIGHT)
+    running = [task.remote(lister) for lister in listers]
+    try:
+        while running:
+            ready, _ = ray.wait(running, num_returns=1)
+            gen = ready[0]
+            try:
+                ref = next(gen)
+            except StopIteration:
+                running.remove(gen)
+                continue
+            try:
+                yield ray.get(ref)
+            except ray.exceptions.RayTaskError as err:  # the lister's own error (access denied, ...)
+                raise err.as_instanceof_cause() from None
+    finally:
+        for gen in running:
+            ray.cancel(gen)
 
 
 # -- shards --------------------------------------------------------------------------------------

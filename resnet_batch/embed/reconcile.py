@@ -115,6 +115,7 @@ def run_report(job: Job, state, run_no: int, complete: bool, totals: dict, skipp
         "shards": {"total": len(expected), "parts_written": st.parts, "missing": missing[:20],
                    "mismatched": mismatched[:20]},
         "sync": job.sync,
+        "listing": job.listing,
         "skipped_files": skipped.examples,
         "startup": {k: round(v, 3) for k, v in sorted(job.marks.items(), key=lambda kv: kv[1])},
         "seconds": {"wall": round(wall, 3), "startup": round(job.startup_s, 3),
