@@ -88,9 +88,12 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
             if deleted:
                 log.info(f"--fresh: deleted {len(deleted)} files an earlier run wrote in {store.display()}")
         # Ray starts in this thread, never in a pool's: the processes it starts die with the thread that
-        # started them (their parent-death signal is per thread), and the exit then waits ~25 s for them. It
-        # starts when the run first needs it: a sync with nothing to do answers without it.
+        # started them (their parent-death signal is per thread), and the exit then waits ~25 s for them. A
+        # first run starts it at once; a sync when it first needs it (a sync with nothing to do answers
+        # without it).
         start_ray = functools.partial(timed, "ray", init_ray, cfg.compute.ray_address, verbose)
+        if load(store) is None:  # a first run needs Ray: it starts now, while torch loads and the weights resolve
+            start_ray()
         weights, state_dict = resolving.result()
         log.debug("start-up: " + ", ".join(f"{k} ready at {v:.1f} s" for k, v in marks.items()))
         spec = PreprocessSpec.from_weights(weights.transforms)
