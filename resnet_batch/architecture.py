@@ -26,6 +26,7 @@ class Layout:
 TORCHVISION = Layout("v1.5", 1e-5)
 MSRA_V1 = Layout("v1", 1e-3)  # He et al. 2015 as released, and the Keras port of it
 _LAYOUTS = {layout.model: layout for layout in (TORCHVISION, MSRA_V1)}
+BY_NAME = {layout.name: layout for layout in (TORCHVISION, MSRA_V1)}  # model.layout's values (but auto)
 
 
 def layout_of(model: str) -> Layout:

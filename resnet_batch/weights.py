@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from resnet_batch.architecture import MSRA_V1, TORCHVISION, Layout
+from resnet_batch.architecture import BY_NAME, TORCHVISION, Layout
 from resnet_batch.config import ModelConfig
 from resnet_batch.errors import WeightsError as WeightsUnavailableError  # the configured weights cannot be had
 from resnet_batch.redact import redact_text, safe_uri
@@ -18,8 +18,6 @@ from resnet_batch.state_dicts import (categories, hashed_file_state_dict,  # noq
 from resnet_batch.text import printable
 from resnet_batch.weights_keras import (KERAS_LAYOUT, KERAS_NAME, KERAS_STATE_SHA256, KERAS_TRANSFORMS,
                                         keras_state_dict)
-
-LAYOUTS = {layout.name: layout for layout in (TORCHVISION, MSRA_V1)}  # model.layout's values but auto
 
 log = logging.getLogger(__name__)
 
@@ -152,5 +150,5 @@ def resolve_weights(cfg: ModelConfig, storage_options: Optional[dict] = None) ->
         log.info("%s holds the %s weights (by their content hash): layout %s, preprocessing and labels %s", wid,
                  KERAS_NAME, KERAS_LAYOUT.name, KERAS_TRANSFORMS)
         wid, transforms = KERAS_NAME, KERAS_TRANSFORMS
-    layout = KERAS_LAYOUT if wid == KERAS_NAME else TORCHVISION if cfg.layout == "auto" else LAYOUTS[cfg.layout]
+    layout = KERAS_LAYOUT if wid == KERAS_NAME else TORCHVISION if cfg.layout == "auto" else BY_NAME[cfg.layout]
     return WeightsInfo(wid, sha, transforms, layout), sd
