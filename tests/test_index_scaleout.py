@@ -97,16 +97,33 @@ def test_an_update_of_the_scaled_out_index_writes_its_own_generation(two_builds,
     assert index.image_ids(found)[:, 0].tolist() == [f"new/{i}.jpg" for i in range(5)]
 
 
-def test_cli_index_ray(two_builds, tmp_path, capsys, monkeypatch):
-    root = two_builds[0]
-    code = main(["index", "--embeddings", str(root / "emb"), "--out", str(tmp_path / "idx"), "--ray",
-                 "--kind", "ivf", "--tasks", "2", "--tune-queries", "200"])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    assert captured.out.startswith("indexed 5990 images (PCA") and captured.out.count("\n") == 1
-    assert "a query node needs" in captured.err and "on Ray (" in captured.err
-    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+def test_cli_index_ray_from_another_folder_with_relative_paths(two_builds, tmp_path, ray_address):
+    """`index --ray` joined to a Ray started elsewhere (its workers run in the raylet's folder, not the driver's),
+    from the user's own folder with relative --embeddings and --out: every path the tasks get is absolute, and the
+    index is written where the user meant."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.helpers.jobs import REPO
+
+    user = tmp_path / "user"
+    shutil.copytree(two_builds[0] / "emb", user / "emb")
+    assert os.getcwd() != str(user)  # the session's Ray, hence its workers, started elsewhere
+    res = subprocess.run([sys.executable, "-m", "resnet_batch.cli", "index", "--embeddings", "emb", "--out", "idx",
+                          "--ray", "--kind", "ivf", "--tasks", "2", "--tune-queries", "200"], cwd=user,
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(REPO), **ray_address})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("indexed 5990 images (PCA") and res.stdout.count("\n") == 1
+    assert "a query node needs" in res.stderr and "on Ray (" in res.stderr
+    meta = json.loads((user / "idx" / "index.json").read_text())
     assert meta["scaled_out"]["add_tasks"] == 2 and "lists.ivfdata" in meta["files"]
+    assert meta["part_uris"] == [str(user / "emb" / f"part-{p:06d}.parquet") for p in range(PARTS)]
+    # the staging folder and the tasks' partial files were in it, and are gone
+    assert sorted(p.name for p in (user / "idx").iterdir()) == sorted([*meta["files"], "index.json"])
+    assert not (REPO / "idx").exists() and not (REPO / "emb").exists()
+    assert len(SimilarityIndex.open(str(user / "idx"))) == 5990
 
 
 @pytest.mark.s3

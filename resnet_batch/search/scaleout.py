@@ -17,7 +17,8 @@ memory-map. Here:
 The result is the single-process build's index, lists on disk: same ids, same training, same codes.
 
 The partial files are written where every task can reach them: in the staging folder inside a local (or
-shared, NFS) --out, else uploaded under the object-store --out and downloaded by the merge.
+shared, NFS) --out, else uploaded under the object-store --out and downloaded by the merge. Every path a task is
+handed is absolute or a full URI (cluster.worker_uri): a worker runs in its raylet's folder, not the driver's.
 """
 from __future__ import annotations
 
@@ -86,14 +87,14 @@ def build_into_ray(stage: Staging, uris: Sequence[str], options: IndexOptions, s
     import faiss
     import ray
 
-    from resnet_batch.cluster import init_ray
+    from resnet_batch.cluster import init_ray, worker_uri
 
     t0 = time.perf_counter()
     init_ray(scale.address)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     nodes = len([n for n in ray.nodes() if n.get("Alive")])
     stamps = {p.uri: p.stamp for p in part_stamps(uris, opts)}  # before the parts: see part_stamps
-    listed = [(uri, path) for uri in uris for path in list_parts(uri, opts)[1]]
+    listed = [(worker_uri(uri), path) for uri in uris for path in list_parts(uri, opts)[1]]  # paths: absolute
     scan_tasks = _groups(list(range(len(listed))), 4 * cpus)
     task = ray.remote(num_cpus=scale.cpus_per_task)
     scanned = ray.get([task(_scan_parts).remote([listed[i] for i in g], opts) for g in scan_tasks])
@@ -315,7 +316,7 @@ class Partials:
     @classmethod
     def for_stage(cls, stage: Staging, opts: dict) -> "Partials":
         if stage.local:
-            folder = stage.path(PARTIALS)
+            folder = os.path.abspath(stage.path(PARTIALS))  # the tasks' folder is not the driver's
             os.makedirs(folder, exist_ok=True)
             return cls(folder, None, {})
         return cls(None, posixpath.join(stage.out.rstrip("/"), f"{PARTIALS}-{uuid.uuid4().hex[:12]}"), opts)
