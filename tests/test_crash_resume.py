@@ -10,6 +10,8 @@ import pyarrow.dataset as pads
 import pytest
 
 from resnet_batch.dev.sample_data import make_sample_photos
+from resnet_batch.embed.runner import run
+from tests.helpers.jobs import job_config
 from tests.helpers.processes import kill_driver
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_ray]
@@ -36,11 +38,12 @@ def _parts(out: Path) -> dict[str, int]:
     return {p.name: p.stat().st_ino for p in out.glob("part-*.parquet")}
 
 
-def _finish(input_dir, out, checkpoint):
-    proc = _start(input_dir, out, checkpoint)
-    log, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, log
-    return log
+def _finish(input_dir, out, checkpoint) -> dict:
+    """The resume, in this process on the session's Ray, with the killed run's settings: its report."""
+    cfg = job_config(input_dir, out, checkpoint, input={"images_per_shard": PER_SHARD}, compute={"batch_size": 4})
+    report = run(cfg, progress=False)
+    assert report["complete"], report
+    return report
 
 
 def _assert_exactly_once(out, expected):
@@ -52,7 +55,9 @@ def _assert_exactly_once(out, expected):
 
 
 @pytest.mark.parametrize("kill_after_parts", [1, 6])
-def test_kill_driver_then_resume(many_photos, checkpoint, tmp_path, kill_after_parts):
+def test_kill_driver_then_resume(many_photos, checkpoint, tmp_path, kill_after_parts, ray_local):
+    """The driver, with the Ray it started, killed -9 after `kill_after_parts` parts; the resume embeds only
+    the shards without a part and rewrites none of those that survived."""
     input_dir, expected = many_photos
     out = tmp_path / "out"
     proc = _start(input_dir, out, checkpoint)
@@ -66,9 +71,10 @@ def test_kill_driver_then_resume(many_photos, checkpoint, tmp_path, kill_after_p
     total = N_IMAGES // PER_SHARD
     assert kill_after_parts <= len(survived) < total
     assert not (out / "_SUCCESS").exists() and not (out / "_run_report.json").exists()
-    log = _finish(input_dir, out, checkpoint)
+    report = _finish(input_dir, out, checkpoint)
     redone = N_IMAGES - PER_SHARD * len(survived)
-    assert f"this run: {redone} embedded; {N_IMAGES - redone} already done" in log
+    assert report["counts"]["this_run"] == {"images": redone, "ok": redone, "failed": 0}
+    assert report["counts"]["done_before"] == N_IMAGES - redone
     after = _parts(out)
     assert {k: after[k] for k in survived} == survived  # finished shards were not rewritten
     _assert_exactly_once(out, expected)
@@ -80,13 +86,13 @@ def _actor_pids() -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def test_actor_killed_mid_run_is_restarted(many_photos, checkpoint, tmp_path):
+def test_actor_killed_mid_run_is_restarted(many_photos, checkpoint, tmp_path, ray_address):
     """kill -9 of the model actor's process from outside, after its first part: Ray restarts it, the driver
     gives it the weights again, and the shards it held go round again; every image exactly once."""
     input_dir, expected = many_photos
     out = tmp_path / "out"
     before = set(_actor_pids())
-    proc = _start(input_dir, out, checkpoint)
+    proc = _start(input_dir, out, checkpoint, env=ray_address)  # a driver of its own on the session's Ray
     deadline = time.time() + 240
     while not _parts(out):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
