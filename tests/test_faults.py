@@ -1,8 +1,6 @@
 """Transient versus permanent failure: a store that dies mid-run and comes back is ridden out; a shard that
 keeps failing ends the run (exit 1) after max_attempts, naming the shard, with everything else written."""
-import os
-import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +11,7 @@ from PIL import Image
 from resnet_batch.errors import RunFailed
 from resnet_batch.embed.runner import run
 from resnet_batch.dev.sample_data import make_sample_photos
-from tests.helpers.jobs import REPO, job_config
+from tests.helpers.jobs import job_config
 from tests.helpers.s3server import S3Server
 from tests.helpers.standin import PoisonEmbedder
 
@@ -51,41 +49,48 @@ def flaky_store(tmp_path_factory):
         yield server
 
 
-def test_store_outage_mid_run_is_ridden_out(flaky_store, tmp_path):
+def test_store_outage_mid_run_is_ridden_out(flaky_store, tmp_path, checkpoint, ray_local):
     """The S3 server is killed after the first part and restarted on the same ports and data 30 s later:
-    the run rides it out (reads, part writes, the ledger and the lock retry) and ends with exit 0, every
-    image exactly once."""
+    the run (in this process, on the session's Ray) rides it out (reads, part writes, the ledger and the lock
+    retry) and ends complete, every image exactly once."""
     photos = tmp_path / "photos"
     make_sample_photos(photos, 32, per_folder=16, seed=4)
     flaky_store.make_bucket("outage-in")
     flaky_store.make_bucket("outage-out")
     flaky_store.upload_dir(photos, "outage-in/photos")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "AWS_ACCESS_KEY_ID": flaky_store.access_key,
-           "AWS_SECRET_ACCESS_KEY": flaky_store.secret_key, "AWS_ENDPOINT_URL": flaky_store.endpoint,
-           "AWS_REGION": "us-east-1"}
-    cmd = [sys.executable, "-m", "resnet_batch.cli", "embed", "--config", str(REPO / "configs/local.yaml"),
-           "--input", "s3://outage-in/photos", "--output", "s3://outage-out/emb", "--progress-every", "5",
-           "-o", "input.images_per_shard=4", "-o", "compute.torch_threads=1", "-o", "compute.batch_size=4"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    options = flaky_store.storage_options()
+    cfg = job_config("s3://outage-in/photos", "s3://outage-out/emb", checkpoint,
+                     input={"images_per_shard": 4, "storage_options": options}, output={"storage_options": options},
+                     compute={"batch_size": 4})
+    finished, outage = threading.Event(), {}
+
+    def take_the_store_down():
+        fs = flaky_store.filesystem()
+        deadline = time.time() + 240
+        while not [p for p in (fs.ls("outage-out/emb", refresh=True) if fs.exists("outage-out/emb") else [])
+                   if p.endswith(".parquet") and "/part-" in p]:
+            if finished.is_set() or time.time() > deadline:
+                return
+            time.sleep(0.2)
+        flaky_store.crash()
+        outage["down"] = time.time()
+        time.sleep(30)
+        outage["running_after_30s"] = not finished.is_set()  # still waiting for the store, not failed
+        flaky_store.restart()
+
+    chaos = threading.Thread(target=take_the_store_down, daemon=True)
+    chaos.start()
+    try:
+        report = run(cfg, progress=False)
+    finally:
+        finished.set()
+        chaos.join(timeout=120)
+    assert outage.get("running_after_30s") is True, outage
+    assert report["complete"] and report["counts"]["ok"] == 32 and report["counts"]["failed"] == 0
     fs = flaky_store.filesystem()
-    deadline = time.time() + 240
-    while not [p for p in (fs.ls("outage-out/emb", refresh=True) if fs.exists("outage-out/emb") else [])
-               if p.endswith(".parquet") and "/part-" in p]:
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
-        time.sleep(0.2)
-    flaky_store.crash()
-    down = time.time()
-    time.sleep(30)
-    assert proc.poll() is None  # still waiting for the store, not failed
-    flaky_store.restart()
-    log, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, log
-    assert time.time() - down > 30
-    fs = flaky_store.filesystem()
-    parts = [p for p in fs.ls("outage-out/emb") if p.rsplit("/", 1)[-1].startswith("part-")]
+    parts = [p for p in fs.ls("outage-out/emb", refresh=True) if p.rsplit("/", 1)[-1].startswith("part-")]
     assert len(parts) == 8 and fs.exists("outage-out/emb/_SUCCESS")
     import pyarrow.parquet as pq
 
     ids = [i for p in parts for i in pq.read_table(fs.open(p, "rb"), columns=["image_id"]).column("image_id").to_pylist()]
     assert sorted(ids) == sorted(Path(p).relative_to(photos).as_posix() for p in photos.rglob("*.jpg"))
-    assert "images: 32 ok, 0 failed" in log
