@@ -73,28 +73,58 @@ def test_distributed_build_equals_the_single_process_build(two_builds):
     assert b.image_ids(found)[0, 0] == "img/00042.jpg" and scores[0, 0] > 0.999
 
 
-def test_an_update_of_the_scaled_out_index_writes_its_own_generation(two_builds, tmp_path):
-    root = two_builds[0]
+def test_updates_of_the_scaled_out_index_keep_its_lists_on_disk(two_builds, tmp_path):
+    """An update writes the lists of its generation on disk again (the previous generation's file only read):
+    index.faiss stays small, and the answers are those of the single-process index (lists in index.faiss, edited
+    in memory) built from the same vectors and updated the same way."""
     import shutil
 
-    emb, idx = tmp_path / "emb", tmp_path / "idx"
+    root, held_out = two_builds[0], two_builds[3]
+    emb, idx, ref = tmp_path / "emb", tmp_path / "idx", tmp_path / "ref"
     shutil.copytree(root / "emb", emb)
-    build_index_ray([str(emb)], str(idx), IndexOptions(kind="ivf", tune_queries=200), ScaleOut(tasks=2), **QUIET)
-    lists_before = (idx / "lists.ivfdata").stat()
-    (emb / "part-000005.parquet").unlink()  # one part deleted, one new
+    options = IndexOptions(kind="ivf", tune_queries=200)
+    build_index_ray([str(emb)], str(idx), options, ScaleOut(tasks=2), **QUIET)
+    build_index([str(emb)], str(ref), **options.as_dict(), **QUIET)
+    lists_before, built = (idx / "lists.ivfdata").stat(), (idx / "index.faiss").stat().st_size
     new = clustered_vectors(300, seed=99)
+
+    def check(generation: int, count: int):
+        meta = json.loads((idx / "index.json").read_text())
+        gen = f"gen-{generation:06d}"
+        assert meta["generation"] == generation and meta["count"] == count
+        assert meta["layout"]["index"] == f"{gen}/index.faiss" and meta["layout"]["lists"] == f"{gen}/lists.ivfdata"
+        codes = count * (meta["spec"]["pca"] + 8)  # SQ8 of the projection and a 64-bit id a vector, no holes
+        assert meta["files"][f"{gen}/lists.ivfdata"] == (idx / gen / "lists.ivfdata").stat().st_size == codes
+        assert abs(meta["files"][f"{gen}/index.faiss"] - built) < 1024  # the projection and centroids, no codes
+        a, b = SimilarityIndex.open(str(idx)), SimilarityIndex.open(str(ref))
+        assert len(a) == len(b) == count and a.ids.equals(b.ids)
+        for queries in (held_out[:100], normalize(new[:5])):
+            sa, fa = a.search(queries, 10)
+            sb, fb = b.search(queries, 10)
+            np.testing.assert_array_equal(fa, fb)
+            np.testing.assert_array_equal(sa, sb)
+        return a, meta
+
+    (emb / "part-000005.parquet").unlink()  # one part deleted, one new
     write_part(emb / "part-000006.parquet", [f"new/{i}.jpg" for i in range(300)], new)
-    outcome = index_embeddings([str(emb)], str(idx), **QUIET)
-    assert outcome.action == "updated" and (outcome.added, outcome.removed) == (300, 1000)
-    meta = json.loads((idx / "index.json").read_text())
-    assert meta["layout"]["index"] == "gen-000001/index.faiss" and "lists" not in meta["layout"]
+    for folder in (idx, ref):
+        outcome = index_embeddings([str(emb)], str(folder), **QUIET)
+        assert outcome.action == "updated" and (outcome.added, outcome.removed) == (300, 1000)
+    index, _ = check(1, 5990 - 1000 + 300)
+    _, found = index.search(normalize(new[:5]), 1)
+    assert index.image_ids(found)[:, 0].tolist() == [f"new/{i}.jpg" for i in range(5)]
     # the previous generation's lists file was not touched (its readers still map it)
     after = (idx / "lists.ivfdata").stat()
     assert (after.st_size, after.st_mtime_ns) == (lists_before.st_size, lists_before.st_mtime_ns)
-    index = SimilarityIndex.open(str(idx))
-    assert len(index) == 5990 - 1000 + 300
-    _, found = index.search(normalize(new[:5]), 1)
-    assert index.image_ids(found)[:, 0].tolist() == [f"new/{i}.jpg" for i in range(5)]
+
+    write_part(emb / "part-000001.parquet", [f"img/{i:05d}.jpg" for i in range(ROWS, ROWS + 600)],
+               two_builds[1][ROWS:ROWS + 600])  # a part rewritten without 400 of its rows: an update of the update
+    for folder in (idx, ref):
+        outcome = index_embeddings([str(emb)], str(folder), **QUIET)
+        assert outcome.action == "updated" and (outcome.added, outcome.removed) == (0, 400)
+    _, meta = check(2, 5990 - 1000 + 300 - 400)
+    assert not (idx / "lists.ivfdata").exists()  # the build's, now two generations old: removed
+    assert (idx / "gen-000001" / "lists.ivfdata").exists()  # the previous generation's stays for its readers
 
 
 def test_cli_index_ray_from_another_folder_with_relative_paths(two_builds, tmp_path, ray_address):
@@ -192,3 +222,4 @@ def test_a_reader_on_object_storage_fetches_only_the_rows_it_reads(two_builds, s
     before = again._refine[1].cached_blocks()
     np.testing.assert_array_equal(again.search(held_out[:20], 10)[1], found_l)
     assert again._refine[1].cached_blocks() == before
+

@@ -55,9 +55,12 @@ def faiss_stdout_to_stderr(drop: bool = False):
     """FAISS's C++ code prints notes about on-disk lists ("resizing ...", "updating ondisk filename ...") on
     file descriptor 1: send them to stderr while it runs (or, `drop`, nowhere: every reader opening an index
     would print one), so that a command's stdout stays its result."""
+    import ctypes
     import sys
 
-    sys.stdout.flush()
+    flush_c = ctypes.CDLL(None).fflush  # C's stdout is buffered (fully, into a pipe): flushed before each switch,
+    sys.stdout.flush()                  # or FAISS's lines would reach the real stdout at exit
+    flush_c(None)
     saved = os.dup(1)
     try:
         if drop:
@@ -67,6 +70,7 @@ def faiss_stdout_to_stderr(drop: bool = False):
             os.dup2(2, 1)
         yield
     finally:
+        flush_c(None)
         os.dup2(saved, 1)
         os.close(saved)
 
@@ -76,29 +80,12 @@ def read_faiss_index(path: str, on_disk_lists: bool, mmap_codes: bool = True):
     folder wherever the folder was moved or cached), or lists and flat codes memory-mapped from the file."""
     import faiss
 
-    if on_disk_lists:  # the on-disk lists map their file themselves (with IO_FLAG_MMAP as well FAISS crashes)
+    if on_disk_lists:  # the on-disk lists map their file themselves (with IO_FLAG_MMAP as well FAISS crashes),
+        # read-only: a published generation's lists are never written (an update writes its own, lists.py), and
+        # without the flag FAISS maps them writable, which a read-only mount or cache refuses
         with faiss_stdout_to_stderr(drop=True):
-            return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+            return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
     return faiss.read_index(path, faiss.IO_FLAG_MMAP if mmap_codes else 0)
-
-
-def lists_into_memory(index) -> None:
-    """Replace an index's on-disk inverted lists by in-memory ones holding the same entries (an update edits
-    them and writes them into its own generation; the file the previous generation's readers map is left as
-    it is)."""
-    import faiss
-
-    ivf = faiss.extract_index_ivf(index)
-    src = ivf.invlists
-    if not isinstance(faiss.downcast_InvertedLists(src), faiss.OnDiskInvertedLists):
-        return
-    mem = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
-    for lst in range(ivf.nlist):
-        size = src.list_size(lst)
-        if size:
-            mem.add_entries(lst, size, src.get_ids(lst), src.get_codes(lst))
-    ivf.replace_invlists(mem, True)
-    mem.this.disown()
 
 
 def id_hashes(image_ids: list) -> np.ndarray:

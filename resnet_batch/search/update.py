@@ -29,9 +29,10 @@ from resnet_batch.search.build import (TUNE_K, BuildSource, IdMapWriter, add_par
                                       fold_folders, history_entry, image_roots, LOG, tune_index)
 from resnet_batch.search.changes import Changes, find_changes
 from resnet_batch.search.folder import UPDATE_PREFIX, Staging
+from resnet_batch.search.lists import ListsUpdate
 from resnet_batch.search.layout import (INDEX_FORMATS, HASH_FILE, IDS_FILE, INDEX_FILE, LISTS_FILE, META_FILE,
                                        REFINE_FILE, REFINE_ROWS_FILE, REFINE_SQ_FILE, RefineRows, generation_dir,
-                                       hashes_by_row, index_layout, lists_into_memory, map_rows, open_refine_rows,
+                                       faiss_stdout_to_stderr, hashes_by_row, index_layout, map_rows, open_refine_rows,
                                        read_faiss_index, write_id_lookup)
 from resnet_batch.search.spec import IndexOptions, decide
 from resnet_batch.storage import filesystem
@@ -194,11 +195,11 @@ def _update(target: Target, folder: str, ids: pa.Table, changes: Changes, reason
     out, previous, generation = target.out, target.previous, target.generation
     layout = index_layout(previous)
     index = read_faiss_index(os.path.join(folder, layout["index"]), bool(layout.get("lists")), mmap_codes=False)
-    if layout.get("lists"):
-        lists_into_memory(index)  # in memory: it is written again, into this generation
-    if len(changes.removed) and index.remove_ids(faiss.IDSelectorBatch(changes.removed)) != len(changes.removed):
-        raise SimilarityIndexError(f"the index at {out} does not hold every id its id map lists; rebuild it "
-                                   "with --rebuild")
+    # Lists on disk stay on disk: the previous file is only read, this generation's written beside its index.faiss
+    # (lists.py); lists inside index.faiss (a single-process build's: its codes are in memory anyway) are edited.
+    on_disk = ListsUpdate(index) if layout.get("lists") else None
+    if on_disk is None and len(changes.removed):
+        _check_removed(index.remove_ids(faiss.IDSelectorBatch(changes.removed)), changes, out)
     number = {p.uri: i for i, p in enumerate(changes.parts)}
     kept = _kept_rows(ids, changes, previous["part_uris"], number)
     arriving = [(p.fs, Part(p.uri, p.path, -1, len(changes.added[p.uri])), number[p.uri], changes.added[p.uri])
@@ -208,6 +209,8 @@ def _update(target: Target, folder: str, ids: pa.Table, changes: Changes, reason
         with IdMapWriter(stage.path(IDS_FILE), stage.path(REFINE_FILE), decoder) as sink:
             sink.write(kept)
             next_id, _ = add_parts(arriving, index, sink, int(previous["next_id"]))
+        if on_disk is not None:
+            _check_removed(on_disk.write(stage.path(LISTS_FILE), changes.removed), changes, out)
         if index.ntotal != changes.after:
             raise SimilarityIndexError(f"the index at {out} holds {index.ntotal} vectors after the update, its "
                                        f"embeddings {changes.after}; rebuild it with --rebuild")
@@ -218,7 +221,8 @@ def _update(target: Target, folder: str, ids: pa.Table, changes: Changes, reason
             refine, codes, compacted = _refine_rows_after(layout["refine"], folder, stage, generation, ids, changes,
                                                           decoder.sa_code_size())
             notes += ["re-ranking rows compacted"] if compacted else []
-        faiss.write_index(index, stage.path(INDEX_FILE))
+        with faiss_stdout_to_stderr():
+            faiss.write_index(index, stage.path(INDEX_FILE))  # on-disk lists: their file's name, not their codes
         tuned = _tuning_after(previous, index, codes, decoder, new_ids, target.options, retune)
         notes += [note] if (note := tuned.pop("note")) else []
         protos, common = fold_folders(new_ids.column("path"), set(), None)
@@ -229,7 +233,8 @@ def _update(target: Target, folder: str, ids: pa.Table, changes: Changes, reason
                 "part_uris": [p.uri for p in changes.parts], "part_stamps": [p.stamp for p in changes.parts],
                 "image_roots": image_roots(target.uris, target.opts, found),
                 "layout": {"index": f"{folder_g}/{INDEX_FILE}", "ids": f"{folder_g}/{IDS_FILE}", "refine": refine,
-                           "hash": f"{folder_g}/{HASH_FILE}"},
+                           "hash": f"{folder_g}/{HASH_FILE}",
+                           **({"lists": f"{folder_g}/{LISTS_FILE}"} if on_disk is not None else {})},
                 "updated_at": time.time(), "update_s": round(time.perf_counter() - t0, 3)}
         counts = {"added": changes.added_count, "removed": len(changes.removed), "kept": changes.kept}
         meta["history"] = [*previous.get("history", []),
@@ -237,6 +242,12 @@ def _update(target: Target, folder: str, ids: pa.Table, changes: Changes, reason
                                          **counts)]
         stage.publish_generation(meta, previous)
     return Outcome("updated", reason, meta, notes=tuple(notes), seconds=meta["update_s"], **counts)
+
+
+def _check_removed(count: int, changes: Changes, out: str) -> None:
+    if count != len(changes.removed):
+        raise SimilarityIndexError(f"the index at {out} does not hold every id its id map lists; rebuild it "
+                                   "with --rebuild")
 
 
 def _hashes_after(folder: str, layout: dict, ids: pa.Table, changes: Changes, new_ids: pa.Table) -> np.ndarray:
