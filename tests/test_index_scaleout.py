@@ -223,3 +223,58 @@ def test_a_reader_on_object_storage_fetches_only_the_rows_it_reads(two_builds, s
     np.testing.assert_array_equal(again.search(held_out[:20], 10)[1], found_l)
     assert again._refine[1].cached_blocks() == before
 
+
+@pytest.mark.s3
+def test_a_node_fetches_each_file_of_a_generation_once(two_builds, s3_server, tmp_path, monkeypatch, request):
+    """From object storage a node copies the files FAISS and Arrow must map locally (index.faiss, the on-disk lists,
+    the id map and its lookup, the re-ranking coder): those the current generation names, each once per node, however
+    many readers open it at once or in turn and however many queries they answer; never the re-ranking rows (read
+    by range). A new generation fetches only its own files, not those it shares with the one before."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import s3fs
+
+    root, _, _, held_out, _, scaled = two_builds
+    bucket = s3_server.make_bucket("fetch-count")
+    fs = s3_server.filesystem()
+    for name in scaled["files"]:
+        fs.put_file(str(root / "scaled" / name), f"{bucket}/idx/{name}")
+    fs.pipe(f"{bucket}/idx/index.json", (root / "scaled" / "index.json").read_bytes())
+    monkeypatch.setenv("RESNET_BATCH_CACHE", str(tmp_path / "cache"))
+    fetched = []
+    whole = s3fs.S3FileSystem._get_file
+
+    async def counted(self, rpath, lpath, **kwargs):
+        fetched.append(rpath.split("/idx/", 1)[1])
+        return await whole(self, rpath, lpath, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_get_file", counted)
+    s3fs.S3FileSystem.clear_instance_cache()  # an instance binds its sync get_file when made: make new ones
+    request.addfinalizer(s3fs.S3FileSystem.clear_instance_cache)  # and none that counts for later tests
+    uri, opts = f"s3://{bucket}/idx", s3_server.storage_options()
+    with ThreadPoolExecutor(2) as pool:  # two readers of the node opening at once: one copies, the other waits
+        readers = list(pool.map(lambda _: SimilarityIndex.open(uri, opts), range(2)))
+    copied = ["ids.arrow", "ids.hash", "index.faiss", "lists.ivfdata", "refine.faiss"]
+    assert sorted(fetched) == copied  # each once; refine.f16 (most of the folder) not at all
+    for reader in readers:
+        reader.search(held_out[:20], 10)
+    SimilarityIndex.open(uri, opts).search(held_out[20:40], 10)  # a later reader (another process) as well
+    assert sorted(fetched) == copied
+
+    # The next generation (as an update publishes it): a new index, lists, id map and lookup; the coder and the
+    # re-ranking rows shared with the build.
+    gen, meta = "gen-000001", json.loads((root / "scaled" / "index.json").read_text())
+    own = ["index.faiss", "lists.ivfdata", "ids.arrow", "ids.hash"]
+    for name in own:
+        fs.put_file(str(root / "scaled" / name), f"{bucket}/idx/{gen}/{name}")
+    layout = {"index": f"{gen}/index.faiss", "lists": f"{gen}/lists.ivfdata", "ids": f"{gen}/ids.arrow",
+              "hash": f"{gen}/ids.hash", "refine": {"coder": "refine.faiss", "rows": None,
+                                                    "segments": [["refine.f16", meta["count"]]]}}
+    meta.update(format=3, generation=1, previous_files=sorted(meta["files"]), layout=layout,
+                files={**{f"{gen}/{n}": meta["files"][n] for n in own},
+                       **{n: meta["files"][n] for n in ("refine.faiss", "refine.f16")}})
+    fs.pipe(f"{bucket}/idx/index.json", json.dumps(meta).encode())
+    fetched.clear()
+    for _ in range(2):
+        SimilarityIndex.open(uri, opts).search(held_out[:20], 10)
+    assert sorted(fetched) == sorted(f"{gen}/{n}" for n in own)
