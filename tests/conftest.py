@@ -76,14 +76,30 @@ def s3_server(tmp_path_factory):
         yield server
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Tests marked gpu skip cleanly where CUDA is absent."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    """Tests marked gpu skip cleanly where CUDA is absent. For `make test`'s two workers (pytest-xdist,
+    --dist loadgroup): a module's tests stay on one worker (its module fixtures are built once), the modules
+    that start multi-node clusters share one worker (never two clusters at once on this machine), and the
+    modules with slow tests go first so that both workers finish together."""
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        item.add_marker(pytest.mark.xdist_group("clusters" if item.get_closest_marker("cluster") else
+                                                item.module.__name__))
+
+    def weight(item) -> int:
+        marks = [m for m in ("cluster", "own_ray", "slow") if item.get_closest_marker(m)]
+        return ("cluster", "own_ray", "slow").index(marks[0]) if marks else 3
+
+    heaviest = {}
+    for item in items:
+        heaviest[item.module.__name__] = min(heaviest.get(item.module.__name__, 9), weight(item))
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (heaviest[item.module.__name__], order[id(item)]))
 
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -17,7 +17,7 @@ import pytest
 
 from tests.helpers.raycluster import REPO, LoopbackCluster
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_ray]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_ray, pytest.mark.cluster]
 
 
 @pytest.fixture(scope="module")

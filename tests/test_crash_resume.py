@@ -81,9 +81,13 @@ def test_kill_driver_then_resume(many_photos, checkpoint, tmp_path, kill_after_p
 
 
 def _actor_pids() -> list[int]:
-    """Model actor processes on this machine (Ray titles them ray::EmbedActor...)."""
-    out = subprocess.run(["pgrep", "-f", "ray::EmbedActor"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    """Model actor processes of the session's Ray (this process started its raylet; Ray titles the actors
+    ray::EmbedActor...), not those of another Ray on this machine."""
+    def children(parent: int, pattern: str) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(parent), "-f", pattern], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    return [pid for raylet in children(os.getpid(), "raylet") for pid in children(raylet, "ray::EmbedActor")]
 
 
 def test_actor_killed_mid_run_is_restarted(many_photos, checkpoint, tmp_path, ray_address):

@@ -22,7 +22,7 @@ import pytest
 from resnet_batch.dev.sample_data import make_sample_photos
 from tests.helpers.raycluster import BIN, REPO, LoopbackCluster
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_ray]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_ray, pytest.mark.cluster]
 
 GPU_NODE = {"resources": {"CPU": 2, "GPU": 1, "object_store_memory": 300 << 20}, "min_workers": 1, "max_workers": 2}
 
