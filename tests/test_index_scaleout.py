@@ -224,15 +224,65 @@ def test_a_reader_on_object_storage_fetches_only_the_rows_it_reads(two_builds, s
     assert again._refine[1].cached_blocks() == before
 
 
+@pytest.fixture
+def downloads(monkeypatch, request) -> list:
+    """The object-store paths of every whole-file download (s3fs get_file) while the test runs, in order."""
+    import s3fs
+
+    fetched = []
+    whole = s3fs.S3FileSystem._get_file
+
+    async def counted(self, rpath, lpath, **kwargs):
+        fetched.append(rpath)
+        return await whole(self, rpath, lpath, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_get_file", counted)
+    s3fs.S3FileSystem.clear_instance_cache()  # an instance binds its sync get_file when made: make new ones
+    request.addfinalizer(s3fs.S3FileSystem.clear_instance_cache)  # and none that counts for later tests
+    return fetched
+
+
 @pytest.mark.s3
-def test_a_node_fetches_each_file_of_a_generation_once(two_builds, s3_server, tmp_path, monkeypatch, request):
+def test_an_update_on_object_storage_reads_the_reranking_rows_by_range(two_builds, s3_server, tmp_path, monkeypatch,
+                                                                        downloads):
+    """An update of an index on S3 copies what FAISS and Arrow map (as a reader does), never the re-ranking rows:
+    a tuning reads the rows it scores by range. It publishes what the same update of a local copy does."""
+    import shutil
+
+    root, held_out = two_builds[0], two_builds[3]
+    emb = tmp_path / "emb"
+    shutil.copytree(root / "emb", emb)
+    monkeypatch.setenv("RESNET_BATCH_CACHE", str(tmp_path / "cache"))
+    bucket, opts = s3_server.make_bucket("update-ranged"), s3_server.storage_options()
+    remote, local = f"s3://{bucket}/idx", str(tmp_path / "idx")
+    options = IndexOptions(kind="ivf", tune_queries=200).as_dict()
+    for out in (remote, local):
+        build_index([str(emb)], out, **options, storage_options=opts, **QUIET)
+    (emb / "part-000005.parquet").unlink()
+    write_part(emb / "part-000006.parquet", [f"new/{i}.jpg" for i in range(300)], clustered_vectors(300, seed=99))
+    downloads.clear()
+    for out in (remote, local):  # a new recall target: nprobe tuned again, scoring every stored row
+        done = index_embeddings([str(emb)], out, {"target_recall": 0.9}, storage_options=opts, **QUIET)
+        assert done.action == "updated" and "nprobe tuned again" in done.line(out)
+    assert sorted(p.split("/idx/", 1)[1] for p in downloads) == ["ids.arrow", "ids.hash", "index.faiss",
+                                                                  "refine.faiss"]  # no refine.f16
+    cache = next((tmp_path / "cache" / "indexes").iterdir())
+    assert not (cache / "refine.f16").exists() and (cache / "refine.f16.ranges").exists()
+    a, b = SimilarityIndex.open(remote, opts), SimilarityIndex.open(local)
+    assert a.meta["nprobe"] == b.meta["nprobe"] and a.meta["tuning"] == b.meta["tuning"] and a.ids.equals(b.ids)
+    sa, fa = a.search(held_out[:50], 10)
+    sb, fb = b.search(held_out[:50], 10)
+    np.testing.assert_array_equal(fa, fb)
+    np.testing.assert_array_equal(sa, sb)
+
+
+@pytest.mark.s3
+def test_a_node_fetches_each_file_of_a_generation_once(two_builds, s3_server, tmp_path, monkeypatch, downloads):
     """From object storage a node copies the files FAISS and Arrow must map locally (index.faiss, the on-disk lists,
     the id map and its lookup, the re-ranking coder): those the current generation names, each once per node, however
     many readers open it at once or in turn and however many queries they answer; never the re-ranking rows (read
     by range). A new generation fetches only its own files, not those it shares with the one before."""
     from concurrent.futures import ThreadPoolExecutor
-
-    import s3fs
 
     root, _, _, held_out, _, scaled = two_builds
     bucket = s3_server.make_bucket("fetch-count")
@@ -241,20 +291,12 @@ def test_a_node_fetches_each_file_of_a_generation_once(two_builds, s3_server, tm
         fs.put_file(str(root / "scaled" / name), f"{bucket}/idx/{name}")
     fs.pipe(f"{bucket}/idx/index.json", (root / "scaled" / "index.json").read_bytes())
     monkeypatch.setenv("RESNET_BATCH_CACHE", str(tmp_path / "cache"))
-    fetched = []
-    whole = s3fs.S3FileSystem._get_file
-
-    async def counted(self, rpath, lpath, **kwargs):
-        fetched.append(rpath.split("/idx/", 1)[1])
-        return await whole(self, rpath, lpath, **kwargs)
-
-    monkeypatch.setattr(s3fs.S3FileSystem, "_get_file", counted)
-    s3fs.S3FileSystem.clear_instance_cache()  # an instance binds its sync get_file when made: make new ones
-    request.addfinalizer(s3fs.S3FileSystem.clear_instance_cache)  # and none that counts for later tests
+    fetched = downloads
     uri, opts = f"s3://{bucket}/idx", s3_server.storage_options()
     with ThreadPoolExecutor(2) as pool:  # two readers of the node opening at once: one copies, the other waits
         readers = list(pool.map(lambda _: SimilarityIndex.open(uri, opts), range(2)))
     copied = ["ids.arrow", "ids.hash", "index.faiss", "lists.ivfdata", "refine.faiss"]
+    fetched[:] = [f.split("/idx/", 1)[1] for f in fetched]
     assert sorted(fetched) == copied  # each once; refine.f16 (most of the folder) not at all
     for reader in readers:
         reader.search(held_out[:20], 10)
@@ -277,4 +319,4 @@ def test_a_node_fetches_each_file_of_a_generation_once(two_builds, s3_server, tm
     fetched.clear()
     for _ in range(2):
         SimilarityIndex.open(uri, opts).search(held_out[:20], 10)
-    assert sorted(fetched) == sorted(f"{gen}/{n}" for n in own)
+    assert sorted(f.split("/idx/", 1)[1] for f in fetched) == sorted(f"{gen}/{n}" for n in own)

@@ -194,7 +194,7 @@ class SimilarityIndex:
         remote = "file" not in protocols(fs)
         # Consumers open, they do not copy: a local or shared folder is mapped in place; from object storage the
         # re-ranking rows (most of the folder) are read by range into a per-node cache, the rest copied once.
-        ranged = {name for name, rows in (layout["refine"] or {}).get("segments", []) if rows} if remote else set()
+        ranged = ranged_files(layout) if remote else frozenset()
         folder = local_folder(uri, meta, storage_options, skip=ranged)
         for name, expected in meta["files"].items():
             if name in ranged:
@@ -218,6 +218,12 @@ class SimilarityIndex:
             refine = (Refiner(decoder), codes)
         lookup = open_id_lookup(os.path.join(folder, layout["hash"]), len(ids)) if layout.get("hash") else None
         return cls(index, ids, meta, refine, lookup)
+
+
+def ranged_files(layout: dict) -> frozenset:
+    """The files of a layout that a node reads by range from object storage instead of copying them: the
+    re-ranking segments (4 KiB a vector, most of the folder; a query reads 4*k rows of them)."""
+    return frozenset(name for name, rows in (layout.get("refine") or {}).get("segments", []) if rows)
 
 
 def rows_in(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:

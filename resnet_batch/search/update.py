@@ -23,8 +23,8 @@ import pyarrow as pa
 
 from resnet_batch.search.embeddings import CHUNK_ROWS, Part
 from resnet_batch.errors import SimilarityIndexError
-from resnet_batch.search.index import (IDS_SCHEMA, Refiner, local_folder, normalize, read_meta, refined_search,
-                                       rows_in)
+from resnet_batch.search.index import (IDS_SCHEMA, Refiner, local_folder, normalize, ranged_files, read_meta,
+                                       refined_search, rows_in)
 from resnet_batch.search.build import (TUNE_K, BuildSource, IdMapWriter, add_parts, build_index, build_into,
                                       fold_folders, history_entry, image_roots, LOG, tune_index)
 from resnet_batch.search.changes import Changes, find_changes
@@ -35,7 +35,7 @@ from resnet_batch.search.layout import (INDEX_FORMATS, HASH_FILE, IDS_FILE, INDE
                                        faiss_stdout_to_stderr, hashes_by_row, index_layout, map_rows, open_refine_rows,
                                        read_faiss_index, write_id_lookup)
 from resnet_batch.search.spec import IndexOptions, decide
-from resnet_batch.storage import filesystem
+from resnet_batch.storage import filesystem, protocols
 from resnet_batch.search.tuning import ExactTopK
 
 COMPACT_DEAD = 0.25  # re-ranking rows are compacted once more than this share of the stored ones are dead
@@ -105,7 +105,8 @@ def index_embeddings(uris: Sequence[str], out: str, given: Optional[dict] = None
             return _rebuild(target, "--rebuild asked")
         if not previous.get("part_stamps"):
             return _rebuild(target, "the index records no part stamps (built before updates were possible)")
-        folder = local_folder(out, previous, opts)
+        remote = _remote(out, opts)  # an index on object storage: its re-ranking rows are read by range, not copied
+        folder = local_folder(out, previous, opts, skip=ranged_files(index_layout(previous)) if remote else frozenset())
         ids = pa.ipc.open_file(pa.memory_map(os.path.join(folder, index_layout(previous)["ids"]))).read_all()
         changes = find_changes(uris, previous, ids, out, opts)
         if changes.after == 0:
@@ -116,7 +117,7 @@ def index_embeddings(uris: Sequence[str], out: str, given: Optional[dict] = None
         retune = retune_reason(previous, changes.after, options)
         if not changes.any and not retune:
             return Outcome("current", "no part changed", previous)
-        return _update(target, folder, ids, changes, decision.reason, retune)
+        return _update(target, folder, ids, changes, decision.reason, retune, remote)
 
 
 @dataclass(frozen=True)
@@ -186,9 +187,17 @@ def _rebuild(target: Target, reason: str) -> Outcome:
     return Outcome("rebuilt", reason, meta)
 
 
+def _remote(out: str, opts: dict) -> Optional[tuple]:
+    """(fs, root) of an index folder on object storage, None for a local or shared one."""
+    fs, root = filesystem(out, opts)
+    return None if "file" in protocols(fs) else (fs, root)
+
+
 def _update(target: Target, folder: str, ids: pa.Table, changes: Changes, reason: str,
-            retune: Optional[str]) -> Outcome:
-    """Take the changes into the existing index (no training) and publish it as the next generation."""
+            retune: Optional[str], remote: Optional[tuple] = None) -> Outcome:
+    """Take the changes into the existing index (no training) and publish it as the next generation. `remote`:
+    (fs, root) of an index on object storage, whose re-ranking rows are read by range (those a compaction or a
+    tuning needs), never copied whole."""
     import faiss
 
     t0 = time.perf_counter()
@@ -219,7 +228,7 @@ def _update(target: Target, folder: str, ids: pa.Table, changes: Changes, reason
         notes, refine, codes, compacted = [], None, None, False
         if decoder is not None:
             refine, codes, compacted = _refine_rows_after(layout["refine"], folder, stage, generation, ids, changes,
-                                                          decoder.sa_code_size())
+                                                          decoder.sa_code_size(), remote)
             notes += ["re-ranking rows compacted"] if compacted else []
         with faiss_stdout_to_stderr():
             faiss.write_index(index, stage.path(INDEX_FILE))  # on-disk lists: their file's name, not their codes
@@ -292,11 +301,12 @@ def _kept_rows(ids: pa.Table, changes: Changes, old_uris: list[str], number: dic
 
 
 def _refine_rows_after(refine: dict, folder: str, stage: Staging, generation: int, ids: pa.Table,
-                       changes: Changes, row_bytes: int) -> tuple[dict, object, bool]:
+                       changes: Changes, row_bytes: int, remote: Optional[tuple] = None) -> tuple[dict, object, bool]:
     """The re-ranking layout after the update (the staged segment of added rows after the old ones, a row map
-    past removals, or one compacted segment), the codes of the new id map's rows, and whether it compacted."""
+    past removals, or one compacted segment), the codes of the new id map's rows, and whether it compacted.
+    Only a compaction and a tuning read old rows (by range from object storage: `remote`)."""
     folder_g = generation_dir(generation)
-    old = open_refine_rows(folder, refine, row_bytes, len(ids))
+    old = open_refine_rows(folder, refine, row_bytes, len(ids), remote=remote)
     keep = np.ones(len(ids), dtype=bool)
     keep[changes.removed_rows] = False
     kept_at = old.positions(np.flatnonzero(keep)) if isinstance(old, RefineRows) else np.flatnonzero(keep)
@@ -304,7 +314,7 @@ def _refine_rows_after(refine: dict, folder: str, stage: Staging, generation: in
     stored = sum(rows for _, rows in segments)
     added = changes.added_count
     positions = np.concatenate([kept_at, stored + np.arange(added)]).astype(np.int64)
-    arrays = [map_rows(os.path.join(folder, name), (rows, row_bytes)) for name, rows in segments]
+    arrays = list(old.segments) if isinstance(old, RefineRows) else [old]  # as opened: mapped, or read by range
     if added:
         segments.append([f"{folder_g}/{REFINE_FILE}", added])
         arrays.append(map_rows(stage.path(REFINE_FILE), (added, row_bytes)))
