@@ -2,6 +2,8 @@
 refuses bad requests as `serve` does, and embeds concurrent uploads in batches across requests."""
 import asyncio
 import json
+import os
+import shutil
 from pathlib import Path
 
 import aiohttp
@@ -29,12 +31,22 @@ def ray_served(tmp_path_factory, photos, checkpoint, ray_local):
     from resnet_batch.search.serve_ray import RayServeConfig, run
 
     out = embedded_photos(tmp_path_factory, photos, checkpoint)
-    uri = str(tmp_path_factory.mktemp("serve-ray") / "idx")
+    folder = tmp_path_factory.mktemp("serve-ray")
+    uri = str(folder / "idx")
     build_index([str(out)], uri, log=lambda m: None)
     port = free_ports(1)[0]
-    cfg = RayServeConfig(service=ServiceConfig(index=uri, port=port, max_upload_bytes=200_000, max_k=20),
+    # Started from the user's folder with a relative --index and --weights: the replicas run in the raylet's
+    # folder (this session's, elsewhere), so they must get absolute paths.
+    shutil.copy(checkpoint, folder / "weights.pth")
+    cfg = RayServeConfig(service=ServiceConfig(index="idx", weights="weights.pth", port=port,
+                                               max_upload_bytes=200_000, max_k=20),
                          min_replicas=1, max_replicas=1, cpus_per_replica=0.5, max_batch=4, batch_wait_s=1.0)
-    run(cfg, block=False)
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        run(cfg, block=False)
+    finally:
+        os.chdir(here)
     yield f"http://127.0.0.1:{port}", uri, pq.read_table(sorted(out.glob("part-*.parquet")))
     serve.shutdown()
 

@@ -255,6 +255,19 @@ def build_app(args: dict):
     return application(RayServeConfig(service=service, **{k: v for k, v in args.items() if k in scale_keys}))
 
 
+def for_replicas(service: ServiceConfig) -> ServiceConfig:
+    """The service settings as the replicas must get them: a local index folder and a local checkpoint given as
+    --weights made absolute, since a replica runs in its raylet's folder, not the driver's (cluster.worker_uri)."""
+    import os
+
+    from resnet_batch.cluster import worker_uri
+
+    weights = service.weights
+    if weights and os.path.exists(os.path.expanduser(weights)):  # a file (a name or a URI is left as it is)
+        weights = worker_uri(weights)
+    return replace(service, index=worker_uri(service.index), weights=weights)
+
+
 def run(cfg: RayServeConfig, block: bool = True):
     """Start Ray Serve (HTTP on cfg.service.host:port) with the application; prints the address; with `block`,
     serves until interrupted, then shuts the application down."""
@@ -262,6 +275,7 @@ def run(cfg: RayServeConfig, block: bool = True):
 
     t0 = time.perf_counter()
     init_ray(cfg.ray_address)
+    cfg = replace(cfg, service=for_replicas(cfg.service))
     serve.start(http_options={"host": cfg.service.host, "port": cfg.service.port}, detached=False)
     handle = serve.run(application(cfg), name=APP_NAME, route_prefix="/", blocking=False)
     host = f"[{cfg.service.host}]" if ":" in cfg.service.host else cfg.service.host
