@@ -150,6 +150,7 @@ def test_cli_index_ray_from_another_folder_with_relative_paths(two_builds, tmp_p
     meta = json.loads((user / "idx" / "index.json").read_text())
     assert meta["scaled_out"]["add_tasks"] == 2 and "lists.ivfdata" in meta["files"]
     assert meta["part_uris"] == [str(user / "emb" / f"part-{p:06d}.parquet") for p in range(PARTS)]
+    assert meta["sources"] == [str(user / "emb")]  # as neighbors and gallery, run from any folder, must read it
     # the staging folder and the tasks' partial files were in it, and are gone
     assert sorted(p.name for p in (user / "idx").iterdir()) == sorted([*meta["files"], "index.json"])
     assert not (REPO / "idx").exists() and not (REPO / "emb").exists()

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from resnet_batch.cluster import worker_uri
 from resnet_batch.search.embeddings import Part, duplicate_id, input_root, ok_chunks, sample_rows, scan_embeddings
 from resnet_batch.errors import SimilarityIndexError
 from resnet_batch.search.index import FORMAT, IDS_FILE, IDS_SCHEMA, INDEX_FILE, REFINE_FILE, REFINE_SQ_FILE, normalize, \
@@ -136,7 +137,8 @@ def build_into(stage: Staging, source: BuildSource, options: IndexOptions, opts:
         "tuning": tuning.as_dict() if tuning else {"exact": True, f"recall_at_{TUNE_K}": 1.0},
         "pca": pca_info, "max_memory": options.max_memory, "train_size": spec.train_size, "seed": options.seed,
         "options": options.as_dict(), "trained_count": n, "tuned_count": n if tuning else None,
-        "provenance": provenance, "sources": list(uris), "parts": len(parts),
+        "provenance": provenance, "parts": len(parts),
+        "sources": [worker_uri(u) for u in uris],  # absolute: neighbors and gallery read them from any folder
         "part_uris": [p.uri for _, p in parts], "part_stamps": [source.stamps.get(p.uri) for _, p in parts],
         "image_roots": image_roots(uris, opts, roots),
         "sample_s": round(t_train - t_sample, 3), "train_s": round(train_s, 3), "add_s": round(add_s, 3),

@@ -197,7 +197,7 @@ def build_into_ray(stage: Staging, uris: Sequence[str], options: IndexOptions, s
         "nprobe": tuning.nprobe, "tuning": tuning.as_dict(),
         "pca": pca_info, "max_memory": options.max_memory, "train_size": spec.train_size, "seed": options.seed,
         "options": options.as_dict(), "trained_count": n, "tuned_count": n,
-        "provenance": provenance, "sources": list(uris), "parts": len(parts),
+        "provenance": provenance, "sources": [worker_uri(u) for u in uris], "parts": len(parts),
         "part_uris": [p.uri for p in parts], "part_stamps": [stamps.get(p.uri) for p in parts],
         "image_roots": image_roots(uris, opts, {"protocols": protos, "common": common}),
         "sample_s": round(t_train - t_sample, 3), "train_s": round(train_s, 3), "add_s": round(add_s, 3),

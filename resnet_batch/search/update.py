@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
+from resnet_batch.cluster import worker_uri
 from resnet_batch.search.embeddings import CHUNK_ROWS, Part
 from resnet_batch.errors import SimilarityIndexError
 from resnet_batch.search.index import (IDS_SCHEMA, Refiner, local_folder, normalize, ranged_files, read_meta,
@@ -238,7 +239,8 @@ def _update(target: Target, folder: str, ids: pa.Table, changes: Changes, reason
         found = {"protocols": sorted(protos), "common": common}
         folder_g = generation_dir(generation)
         meta = {**previous, **tuned, "generation": generation, "count": int(index.ntotal), "next_id": next_id,
-                "options": target.options.as_dict(), "sources": list(target.uris), "parts": len(changes.parts),
+                "options": target.options.as_dict(), "sources": [worker_uri(u) for u in target.uris],
+                "parts": len(changes.parts),
                 "part_uris": [p.uri for p in changes.parts], "part_stamps": [p.stamp for p in changes.parts],
                 "image_roots": image_roots(target.uris, target.opts, found),
                 "layout": {"index": f"{folder_g}/{INDEX_FILE}", "ids": f"{folder_g}/{IDS_FILE}", "refine": refine,
