@@ -78,6 +78,10 @@ def main() -> None:
     p.add_argument("--config", default=str(REPO / "configs" / "local.yaml"))
     p.add_argument("--keras", action="store_true", help="also the job with model.weights=IMAGENET1K_KERAS (v1)")
     p.add_argument("--layouts-only", action="store_true", help="only the model-only ceiling, in both layouts")
+    p.add_argument("--running-ray", action="store_true",
+                   help="also the job joining a Ray head started once before the rounds (a cluster that stays up)")
+    p.add_argument("--only", nargs="+", metavar="NAME",
+                   help="only the contenders whose name contains one of these (e.g. resnet-batch 'torch DataLoader')")
     a = p.parse_args()
 
     work = Path(a.workdir)
@@ -88,16 +92,28 @@ def main() -> None:
     peers = Path(a.peers)
     have_peers = (peers / "torch_loop.py").exists()
 
-    def ours(weights="random"):
-        out = work / f"out-resnet-batch-{weights}"
+    head = None
+    if a.running_ray:
+        import tempfile
+
+        from resnet_batch.dev.localcluster import LocalCluster
+
+        head = LocalCluster(Path(tempfile.mkdtemp(prefix="rb-eb-", dir="/tmp")))
+        head.start_head(num_cpus=os.cpu_count() or 2)
+        head.wait_for_nodes(1)
+
+    def ours(weights="random", cluster=None):
+        out = work / f"out-resnet-batch-{weights}{'-running' if cluster else ''}"
+        join = ["-o", f"compute.ray_address={cluster.address}"] if cluster else []
         wall, log = timed([PY, "-m", "resnet_batch.cli", "embed", "--config", a.config, "--quiet", "--fresh",
                            "--input", str(photos), "--output", str(out), "-o", f"model.weights={weights}",
                            "-o", f"model.precision={a.precision}", "-o", f"compute.batch_size={a.batch_size}",
-                           "-o", f"compute.torch_threads={a.threads}"])
+                           "-o", f"compute.torch_threads={a.threads}", *join], env=cluster.env if cluster else None)
         rep = json.loads((out / "_run_report.json").read_text())
         assert rep["counts"]["ok"] == a.images, rep["counts"]
         return {"wall_s": wall, "img_per_s": a.images / wall, "steady": rep["steady_img_per_s"],
-                "first_result_s": rep["seconds"]["first_result"], "busy": rep["stages"]["model_busy_fraction"]}
+                "first_result_s": rep["startup"].get("first_result"), "busy": rep["stages"]["model_busy_fraction"],
+                "startup": rep["startup"]}
 
     def model_only(layout="v1.5"):
         def go():
@@ -118,23 +134,31 @@ def main() -> None:
     contenders = {"model-only (ready tensors)": model_only("v1.5"), "model-only, v1 layout": model_only("v1")}
     if not a.layouts_only:
         contenders["resnet-batch"] = ours
+        if head is not None:
+            contenders["resnet-batch, running Ray head"] = lambda: ours(cluster=head)
     if a.keras and not a.layouts_only:
         contenders["resnet-batch, IMAGENET1K_KERAS (v1)"] = lambda: ours("IMAGENET1K_KERAS")
     if have_peers:
         contenders["peer: ray docs example"] = peer("ray_docs_example.py")
         contenders["peer: ray docs, actor 2 threads"] = peer("ray_docs_example.py", "--actor-threads", str(a.threads))
         contenders["peer: torch DataLoader loop"] = peer("torch_loop.py")
+    if a.only:
+        contenders = {k: v for k, v in contenders.items() if any(o in k for o in a.only)}
     results: dict[str, list[dict]] = {k: [] for k in contenders}
-    for r in range(a.rounds):
-        for name, fn in contenders.items():
-            results[name].append(fn())
-            print(f"round {r + 1}: {name}: {results[name][-1]}", file=sys.stderr, flush=True)
+    try:
+        for r in range(a.rounds):
+            for name, fn in contenders.items():
+                results[name].append(fn())
+                print(f"round {r + 1}: {name}: {results[name][-1]}", file=sys.stderr, flush=True)
+    finally:
+        if head is not None:
+            head.stop()
 
     def med(name, key):
         vals = [x[key] for x in results[name] if x.get(key) is not None]
         return statistics.median(vals) if vals else None
 
-    ceiling = med("model-only (ready tensors)", "steady")
+    ceiling = med("model-only (ready tensors)", "steady") if "model-only (ready tensors)" in results else None
     print(f"\n{a.images} photos, {a.precision}, batch {a.batch_size}, {a.threads} torch threads, "
           f"{a.rounds} round(s), medians; cpu_count={os.cpu_count()}")
     print(f"{'contender':34s} {'wall_s':>8s} {'img/s':>8s} {'steady':>8s} {'xceil':>6s} {'first_s':>8s}")
@@ -143,11 +167,18 @@ def main() -> None:
         fmt = lambda v, w=8, d=2: f"{v:{w}.{d}f}" if v is not None else f"{'-':>{w}s}"  # noqa: E731
         ratio = steady / ceiling if steady and ceiling else None
         print(f"{name:34s} {fmt(wall)} {fmt(ips)} {fmt(steady)} {fmt(ratio, 6)} {fmt(first)}")
-    for name in ("model-only (ready tensors)", "model-only, v1 layout"):
+    for name in [n for n in ("model-only (ready tensors)", "model-only, v1 layout") if n in results]:
         print(f"{name}: {med(name, 'cpu_ms'):.1f} CPU-ms per image (all threads, median), "
               f"{med(name, 'gflop'):.3f} GFLOP per image")
-    if results.get("resnet-batch"):
-        print(f"resnet-batch model busy fraction: {med('resnet-batch', 'busy')}")
+    loop = "peer: torch DataLoader loop"
+    for name in ("resnet-batch", "resnet-batch, running Ray head"):
+        if not results.get(name):
+            continue
+        print(f"{name}: model busy fraction {med(name, 'busy')}; start-up (last round, s after the command "
+              "began): " + ", ".join(f"{k} {v:.1f}" for k, v in results[name][-1]["startup"].items()))
+        if results.get(loop):
+            print(f"{name}: whole command at {med(loop, 'wall_s') / med(name, 'wall_s'):.2f}x the plain loop's "
+                  "speed (>= 1: at least as fast)")
 
 
 if __name__ == "__main__":
