@@ -1,6 +1,7 @@
 """reads_bench: read tasks in flight and node-local dispatch on a local multi-node Ray, with the stand-in model.
 
-    .venv/bin/python benchmarks/reads_bench.py --nodes 2 --cpus-per-node 80 --photos 20000 --per-shard 20
+    .venv/bin/python benchmarks/reads_bench.py --nodes 2 --cpus-per-node 80 --photos 20000 --per-shard 20 \
+        --max-memory-gib 24
 
 A Ray cluster of `--nodes` nodes on loopback (resnet_batch/dev/localcluster.py), each with
 `--cpus-per-node` logical CPUs (Ray's --num-cpus may exceed the cores: the reads are then limited by
@@ -12,16 +13,23 @@ Data puts on every block), the share of blocks handed to an actor on the node th
 throughput. Before this change a run kept at most 2 windows x 64 = 128 read tasks in flight whatever the
 CPUs, and dispatch ignored nodes (1/nodes of the blocks local on average).
 
-Each read task is a Ray worker process (~200 MB here): more CPUs than 128 shards' worth needs a machine
-with the memory for that many workers.
+Each read task running is a Ray worker process of its own: 106 MiB of private memory each here (Ray's core
+worker 59, Ray Data and its imports 46, measured), so the reads in flight cost about READ_WORKER_MIB each
+whatever the photos' size; more than 128 of them need ~14 GiB for the read workers alone. The script
+estimates the memory of the cluster it is asked for and refuses one over --max-memory-gib (a machine shared
+with others: the default 8), and while it runs it samples the memory (PSS) of every process of the cluster
+and of the driver, stops the run once they pass that budget, and prints their peak. The nodes get a small
+object store (--object-store-mib), and the photos are tiny.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -44,6 +52,74 @@ print(json.dumps(report, default=str))
 """
 
 
+READ_WORKER_MIB = 110  # a read task's worker process (private memory, measured: 106 MiB)
+NODE_MIB = 450  # a node's raylet, agents and the stand-in model actor (torch imported)
+HEAD_MIB = 500  # the head's GCS and dashboard
+DRIVER_MIB = 900  # the driver (torch, Ray, pyarrow)
+
+
+def estimate_mib(nodes: int, cpus_per_node: int, object_store_mib: int) -> int:
+    """The memory a run asks for: a read worker per logical CPU the actors leave, the nodes, the driver."""
+    reads = nodes * max(cpus_per_node - 1, 0)
+    return reads * READ_WORKER_MIB + nodes * (NODE_MIB + object_store_mib) + HEAD_MIB + DRIVER_MIB
+
+
+def pss_mib(pids) -> float:
+    """The proportional set size of these processes, in MiB (shared pages split between their users)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+    return total / 1024
+
+
+def _tree(pid: int) -> list[int]:
+    """A process and its descendants."""
+    children: dict[int, list[int]] = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(p))
+            except (OSError, ValueError, IndexError):
+                continue
+    out, todo = [], [pid]
+    while todo:
+        q = todo.pop()
+        out.append(q)
+        todo.extend(children.get(q, []))
+    return out
+
+
+class MemoryWatch(threading.Thread):
+    """Samples the PSS of the cluster's and the driver's processes; over the budget, kills the driver."""
+
+    def __init__(self, cluster, budget_mib: float):
+        super().__init__(daemon=True)
+        self.cluster, self.budget = cluster, budget_mib
+        self.driver = None
+        self.peak = 0.0
+        self.over = False
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(1.0):
+            pids = set(self.cluster.processes()) | (set(_tree(self.driver.pid)) if self.driver else set())
+            now = pss_mib(pids)
+            self.peak = max(self.peak, now)
+            if now > self.budget and self.driver is not None:
+                self.over = True
+                self.driver.kill()
+                return
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nodes", type=int, default=2)
@@ -51,27 +127,47 @@ def main(argv=None) -> int:
     ap.add_argument("--photos", type=int, default=20_000)
     ap.add_argument("--per-shard", type=int, default=20)
     ap.add_argument("--workdir", default="/tmp/resnet-batch-bench")
+    ap.add_argument("--object-store-mib", type=int, default=100, help="each node's object store")
+    ap.add_argument("--max-memory-gib", type=float, default=8.0,
+                    help="refuse a cluster estimated above this, stop a run that passes it")
     args = ap.parse_args(argv)
     from benchmarks.result_path_bench import make_photos
     from resnet_batch.dev.localcluster import LocalCluster
 
+    budget = args.max_memory_gib * 1024
+    need = estimate_mib(args.nodes, args.cpus_per_node, args.object_store_mib)
+    if need > budget:
+        fits = max(1, int((budget - HEAD_MIB - DRIVER_MIB - args.nodes * (NODE_MIB + args.object_store_mib))
+                          / READ_WORKER_MIB / args.nodes) + 1)
+        print(f"reads_bench: {args.nodes} nodes x {args.cpus_per_node} logical CPUs would need about "
+              f"{need / 1024:.1f} GiB ({READ_WORKER_MIB} MiB per read task in flight), over --max-memory-gib "
+              f"{args.max_memory_gib:g}; at most --cpus-per-node {fits} fits")
+        return 2
     photos = Path(args.workdir) / f"tiny-{args.photos}"
     make_photos(photos, args.photos)
     root = Path(tempfile.mkdtemp(prefix="rb-reads-", dir="/tmp"))
-    cluster = LocalCluster(root)
+    cluster = LocalCluster(root, object_store_bytes=args.object_store_mib << 20)
+    watch = MemoryWatch(cluster, budget)
     try:
         cluster.start_head(num_cpus=args.cpus_per_node)
         for _ in range(args.nodes - 1):
             cluster.add_node(num_cpus=args.cpus_per_node)
         cluster.wait_for_nodes(args.nodes)
         t0 = time.perf_counter()
-        res = subprocess.run([sys.executable, "-c", DRIVER, str(photos), str(root / "out"), cluster.address,
-                              str(args.per_shard), str(args.nodes)],
-                             capture_output=True, text=True, env={**cluster.env, "PYTHONPATH": str(REPO)})
+        watch.start()
+        watch.driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(photos), str(root / "out"),
+                                         cluster.address, str(args.per_shard), str(args.nodes)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env={**cluster.env, "PYTHONPATH": str(REPO)})
+        out, err = watch.driver.communicate()
         wall = time.perf_counter() - t0
-        if res.returncode:
-            raise RuntimeError(res.stdout[-2000:] + res.stderr[-4000:])
-        r = json.loads(res.stdout.strip().splitlines()[-1])
+        watch.done.set()
+        if watch.over:
+            print(f"reads_bench: stopped: the cluster and the driver passed {args.max_memory_gib:g} GiB")
+            return 3
+        if watch.driver.returncode:
+            raise RuntimeError(out[-2000:] + err[-4000:])
+        r = json.loads(out.strip().splitlines()[-1])
         reads = r["reads"]
         print(f"reads_bench: {args.nodes} nodes x {args.cpus_per_node} logical CPUs, {args.photos:,} photos in "
               f"shards of {args.per_shard} ({args.photos // args.per_shard:,} read tasks), complete={r['complete']}, "
@@ -79,7 +175,10 @@ def main(argv=None) -> int:
         print(f"reads_bench: peak read tasks in flight {reads['peak_reads_in_flight']} (before: at most 128); "
               f"blocks handed to an actor on their own node: {reads['node_local_share']:.0%} of {reads['blocks']:,} "
               f"(before: about {1 / args.nodes:.0%})")
+        print(f"reads_bench: peak memory of the cluster and the driver {watch.peak / 1024:.1f} GiB (PSS; estimate "
+              f"{need / 1024:.1f} GiB, object stores {args.object_store_mib} MiB a node)")
     finally:
+        watch.done.set()
         cluster.stop()
     return 0
 

@@ -84,8 +84,9 @@ class LocalCluster:
     """A head and further nodes on 127.0.0.1, started and stopped through the `ray` CLI. `root` holds the
     token file and the nodes' temp dirs: keep it short (Ray's Unix socket paths live under it)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, object_store_bytes: int = OBJECT_STORE_BYTES):
         self.root = Path(root)
+        self.object_store_bytes = object_store_bytes
         self.temp_dir = self.root / "ray"
         self.token_file = self.root / "auth_token"
         self.token_file.write_text(secrets.token_hex(32))
@@ -109,7 +110,7 @@ class LocalCluster:
     # -- nodes -----------------------------------------------------------------------------------
     def _start(self, args: list[str], num_cpus: float, resources: dict, env: Optional[dict] = None) -> None:
         node_manager, object_manager, agent, agent_grpc, runtime_env, metrics = free_ports(6)
-        low, high = _free_range(60)
+        low, high = _free_range(max(60, int(num_cpus) + 40))  # a port per worker: one per logical CPU, and more
         temp_dir = self.temp_dir / f"node{len(self.sessions)}"
         cmd = [RAY, "start", *args, "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp_dir),
                "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
@@ -117,7 +118,7 @@ class LocalCluster:
                "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
                "--min-worker-port", str(low), "--max-worker-port", str(high),
                "--num-cpus", str(num_cpus), "--num-gpus", "0", "--resources", json.dumps(resources),
-               "--object-store-memory", str(OBJECT_STORE_BYTES), "--disable-usage-stats"]
+               "--object-store-memory", str(self.object_store_bytes), "--disable-usage-stats"]
         proc = subprocess.Popen(cmd, env={**self.env, **(env or {})}, cwd=self.root, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.sessions.append(proc.pid)  # its daemons keep this session id after `ray start` exits
