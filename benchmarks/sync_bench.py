@@ -146,11 +146,30 @@ def apply(work: Path, cpus: int) -> dict:
     import pyarrow as pa
 
     part = PartSettings(store.uri, {}, pa.schema([]), "zstd", "float16", 60.0, 2)
-    # no copies here: the copies' source parts are not in this synthetic output (the drops' are not either:
-    # what is measured is the drops reaching their shards and the manifest, never the driver)
-    counts = syncing.apply(store, part, "folder", "photos/lib", "s3", entries, drops, copies.slice(0, 0), {}, {},
+    # no copies here: their source parts are not in this synthetic output (the drops' are not either: what is
+    # measured is the drops reaching their shards and the manifest, never the driver)
+    counts = syncing.apply(store, part, "folder", "photos/lib", "s3", entries, drops, [], {}, {},
                            lambda r: None)
     return {"seconds": round(time.perf_counter() - t0, 1), "dropped": counts["dropped"], "sources": len(drops),
+            "driver_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def held(work: Path) -> dict:
+    """For comparison, the earlier apply's driver: every drop of the plan read into one table, then grouped
+    into per-shard id lists (what it handed to one drop task per shard)."""
+    from resnet_batch.embed.listing import from_raw, storable
+    from resnet_batch.embed.plan import DROPS_SCHEMA
+    from resnet_batch.embed.sync import _groups
+    from resnet_batch.embed.syncdiff import read_plan_pieces
+    from resnet_batch.output.store import OutputStore
+
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)  # as the applying driver has it
+    t0 = time.perf_counter()
+    drops = read_plan_pieces(OutputStore(str(work / "out"), {}), 2, "drops", DROPS_SCHEMA)
+    ids = [sorted(storable(from_raw(p)) for p in g.column("path").to_pylist()) for _, g in _groups(drops, "shard")]
+    return {"seconds": round(time.perf_counter() - t0, 1), "dropped": sum(map(len, ids)),
             "driver_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
@@ -193,7 +212,7 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true", help="skip the in-memory diff at the smallest size")
     ap.add_argument("--deleted", type=float, default=0.005, help="share of the photos deleted tonight")
     ap.add_argument("--apply", action="store_true", help="then apply the plan in a fresh driver (its peak RSS)")
-    ap.add_argument("--step", choices=["make", "plan", "memory", "apply"], help=argparse.SUPPRESS)
+    ap.add_argument("--step", choices=["make", "plan", "memory", "apply", "held"], help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -208,6 +227,9 @@ def main() -> None:
         return
     if a.step == "apply":
         print(json.dumps(apply(Path(a.dir), a.cpus)))
+        return
+    if a.step == "held":
+        print(json.dumps(held(Path(a.dir))))
         return
     if a.step == "memory":
         print(json.dumps(in_memory(Path(a.dir))))
@@ -233,6 +255,10 @@ def main() -> None:
             ap_ = _child("--step", "apply", "--dir", str(work), "--cpus", str(a.cpus))
             print(f"{n:>11,} rows  apply: {ap_['dropped']:,} drops in {ap_['sources']} shard-group pieces, "
                   f"{ap_['seconds']:.1f} s, driver peak RSS {ap_['driver_peak_rss_bytes'] / 2**20:,.0f} MiB", flush=True)
+            old = _child("--step", "held", "--dir", str(work))
+            print(f"{n:>11,} rows  (before: the drops in the driver, as the earlier apply held them: "
+                  f"{old['dropped']:,} drops, driver peak RSS {old['driver_peak_rss_bytes'] / 2**20:,.0f} MiB)",
+                  flush=True)
         if n == min(a.sizes) and not a.no_baseline:
             mem = _child("--step", "memory", "--dir", str(work))
             assert mem["counts"] == got["counts"], (mem["counts"], got["counts"])

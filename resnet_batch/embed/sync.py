@@ -47,14 +47,17 @@ def store_plan(store: OutputStore, run: int, plan: SyncPlan) -> None:
         plan_log(store, name, schema).write(f"{name}-{run:04d}.parquet", table)
 
 
-def load_plan(store: OutputStore, run: int) -> tuple[pa.Table, list, pa.Table]:
+def load_plan(store: OutputStore, run: int) -> tuple[pa.Table, list, list[str]]:
     """A stored plan's entries, drops and copies: the single tables of `store_plan`, or the pieces that the
     partitioned diff's tasks wrote (syncdiff). Entry pieces written as manifest pieces are not read here:
-    `syncdiff.move_entry_pieces` moves them into the manifest as they are. The drops are not read either:
-    they come as sources (piece names, one per shard group: syncdiff.drop_sources) that tasks apply."""
+    `syncdiff.move_entry_pieces` moves them into the manifest as they are. The drops and the copies are not
+    read either: they come as sources that tasks apply, the drops as pieces of shard groups
+    (syncdiff.drop_sources), the copies as their pieces' names (each piece holds whole new shards that no
+    other piece holds)."""
     from resnet_batch.embed.syncdiff import drop_sources, read_plan_pieces
 
-    entries, copies = (read_plan_pieces(store, run, name, schema) for name, schema in PLAN_TABLES if name != "drops")
+    entries = read_plan_pieces(store, run, "entries", MANIFEST_SCHEMA)
+    copies = sorted(n for n in store.list_dir(SYNC_DIR) if n.startswith(f"copies-{run:04d}") and n.endswith(".parquet"))
     return entries, drop_sources(store, run), copies
 
 
@@ -64,12 +67,12 @@ def clear_plan(store: OutputStore) -> None:
 
 
 def apply(store: OutputStore, part: PartSettings, fmt: str, root: str, protocol: str, entries: pa.Table,
-          drops: list, copies: pa.Table, parts: dict[str, tuple[int, int]],
+          drops: list, copies: list[str], parts: dict[str, tuple[int, int]],
           records: dict[int, list[dict]], on_record: Callable[[dict], None],
           flush: Callable[[], None] = lambda: None) -> dict:
     """Carry out a stored plan. `drops`: its drops sources (syncdiff.drop_sources: piece names of shard
-    ranges that never overlap, or one table), each applied by a task of its own, so the driver never holds
-    the night's deleted photos; `parts`: the output's part files now; `records`: ledger records by shard;
+    ranges that never overlap, or one table), `copies`: its copies pieces' names, each applied by a task of
+    its own, so the driver never holds the night's deleted or moved photos; `parts`: the output's part files now; `records`: ledger records by shard;
     `flush` stores the records handed to `on_record` (called after each step, before the next one starts).
     Returns counts: copied rows, dropped rows, parts rewritten / deleted."""
     out = {"copied": 0, "dropped": 0, "rewritten": 0, "deleted": 0}
@@ -78,15 +81,14 @@ def apply(store: OutputStore, part: PartSettings, fmt: str, root: str, protocol:
     by_shard: dict[int, list] = defaultdict(list)
     for name, (s, c) in parts.items():
         by_shard[s].append((c, name))
-    # (1) copies, grouped by the new shard
+    where = (store.uri, dict(store.storage_options), store.window)
+    shard_parts = ray.put(dict(by_shard)) if len(copies) or len(drops) else None
+    # (1) copies: a task per copies piece (whole new shards), its shards a few at a time
     if len(copies):
-        for shard, group in _groups(copies, "shard"):
-            items = [(from_raw(p), o, from_raw(op)) for p, o, op in zip(group.column("path").to_pylist(),
-                                                                         group.column("old_shard").to_pylist(),
-                                                                         group.column("old_path").to_pylist())]
-            sources = {o: sorted(by_shard.get(o, [])) for _, o, _ in items}
-            meta = {o: {r["chunk"]: r for r in records.get(o, [])} for o in sources}
-            pending.append(remote(_copy).remote(part, fmt, root, protocol, shard, items, sources, meta))
+        copy_fn = _copy  # looked up now: what the task runs for each new shard
+        old = ray.put(records)
+        pending = [remote(_copy_source).remote(part, fmt, root, protocol, where, name, shard_parts, old, copy_fn)
+                   for name in copies]
         for recs in ray.get(pending):
             for r in recs:
                 on_record(r)
@@ -95,8 +97,6 @@ def apply(store: OutputStore, part: PartSettings, fmt: str, root: str, protocol:
         pending = []
     # (2) drops: a task per drops source (a range of shards), its shards' parts a few at a time
     if len(drops):
-        where = (store.uri, dict(store.storage_options), store.window)
-        shard_parts = ray.put(dict(by_shard))
         drop_fn = _drop  # looked up now: what the task runs for each shard
         pending = [remote(_drop_source).remote(part, fmt, where, source, shard_parts, drop_fn) for source in drops]
         for recs, rewritten, deleted, dropped in ray.get(pending):
@@ -122,6 +122,29 @@ def _groups(table: pa.Table, column: str):
         if i == len(values) or values[i] != values[start]:
             yield values[start], table.slice(start, i - start)
             start = i
+
+
+def _copy_source(part: PartSettings, fmt: str, root: str, protocol: str, where: tuple, name: str,
+                 shard_parts: dict, records: dict, copy: Callable) -> list[dict]:
+    """A task: one copies piece of the plan (`_sync/copies-...`: whole new shards no other piece holds),
+    each new shard's rows copied from the parts that hold them, DROP_THREADS shards at a time (`copy`:
+    _copy). Returns the records of the parts written."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = OutputStore(*where)
+    copies = read_parquet(store.fs, store.path(f"{SYNC_DIR}/{name}")).cast(COPIES_SCHEMA)
+
+    def one(item):
+        shard, group = item
+        items = [(from_raw(p), o, from_raw(op)) for p, o, op in zip(group.column("path").to_pylist(),
+                                                                     group.column("old_shard").to_pylist(),
+                                                                     group.column("old_path").to_pylist())]
+        sources = {o: sorted(shard_parts.get(o, [])) for _, o, _ in items}
+        meta = {o: {r["chunk"]: r for r in records.get(o, [])} for o in sources}
+        return copy(part, fmt, root, protocol, shard, items, sources, meta)
+
+    with ThreadPoolExecutor(DROP_THREADS) as pool:
+        return [r for recs in pool.map(one, _groups(copies, "shard")) for r in recs]
 
 
 def _drop_source(part: PartSettings, fmt: str, where: tuple, source, shard_parts: dict,
