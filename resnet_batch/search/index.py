@@ -7,8 +7,9 @@ Folder layout (written by build.py, index.json last: a folder without it is inco
   refine.faiss (IVF) the mean and the float16 coder that decode them
   index.json   kind, spec, tuned nprobe and its measured recall, counts, provenance, sources, image roots
 An updated index keeps these files in generation folders that index.json names (layout.py).
-The data files are memory-mapped, so the actors of one node share one copy in the page cache; an index on
-object storage is first copied to a node-local cache folder (once per node and generation).
+The data files are memory-mapped, so the actors of one node share one copy in the page cache; from object
+storage, the files FAISS, Arrow and numpy map are copied to a node-local cache folder (those index.json names,
+once per node and generation: local_folder) and the re-ranking rows are read by range (layout.RangeRows).
 """
 from __future__ import annotations
 
