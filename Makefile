@@ -36,7 +36,7 @@ cluster-demo: install
 
 # Two workers (pytest-xdist): a module stays on one worker, multi-node cluster modules share one (tests/conftest.py).
 test: install browser
-	$(VENV)/bin/pytest -q --durations=15 -n 2 --dist loadgroup --no-loadscope-reorder
+	$(VENV)/bin/pytest -q --durations=15 -n 2 --dist loadscope --no-loadscope-reorder
 
 # The gallery test renders a page in headless Chromium (Debian's package); it skips, saying why,
 # only where Chromium cannot be installed.

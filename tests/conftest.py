@@ -1,6 +1,7 @@
 """Shared fixtures: real photos, seeded random weights saved as a checkpoint, a local Ray runtime."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -76,30 +77,45 @@ def s3_server(tmp_path_factory):
         yield server
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Tests marked gpu skip cleanly where CUDA is absent. For `make test`'s two workers (pytest-xdist,
-    --dist loadgroup): a module's tests stay on one worker (its module fixtures are built once), the modules
-    that start multi-node clusters share one worker (never two clusters at once on this machine), and the
-    modules with slow tests go first so that both workers finish together."""
+    """Tests marked gpu skip cleanly where CUDA is absent. The modules with slow tests go first, so that
+    `make test`'s two workers finish together (see pytest_xdist_make_scheduler)."""
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("clusters" if item.get_closest_marker("cluster") else
-                                                item.module.__name__))
 
     def weight(item) -> int:
         marks = [m for m in ("cluster", "own_ray", "slow") if item.get_closest_marker(m)]
         return ("cluster", "own_ray", "slow").index(marks[0]) if marks else 3
 
-    heaviest = {}
+    heaviest: dict[str, int] = {}
     for item in items:
         heaviest[item.module.__name__] = min(heaviest.get(item.module.__name__, 9), weight(item))
     order = {id(item): i for i, item in enumerate(items)}
     items.sort(key=lambda item: (heaviest[item.module.__name__], order[id(item)]))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test`'s two workers (pytest-xdist): a module's tests stay on one worker (its module fixtures are
+    built once), in the order collected; the modules that start multi-node clusters (marked `cluster`) share
+    one worker, so that two clusters never run on this machine at once."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "clusters" if _starts_clusters(module) else module
+
+    return ModuleScheduling(config, log)
+
+
+@functools.cache
+def _starts_clusters(module: str) -> bool:
+    """Whether a test module is marked `cluster` (read from its source: the scheduler runs before collection)."""
+    path = REPO / module
+    return path.is_file() and "pytest.mark.cluster" in path.read_text()
 
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -85,6 +85,10 @@ def test_every_command_exits_0_1_or_2_under_load(tmp_path, checkpoint, ray_addre
     cli("status --json", ("status", str(out), "--json"), 0, times=3)
     cli("status --failed", ("status", str(out), "--failed"), 0, times=3)
     cli("status (no output)", ("status", str(tmp_path / "nothing")), 2)
+    cli("embed", ("embed", "--quiet", "--input", str(photos), "--output", str(tmp_path / "emb-{i}"), "-o",
+                  f"model.weights={checkpoint}", "-o", "input.images_per_shard=6", "-o", "compute.torch_threads=1"), 0,
+        times=1, extra=ray_address)
+    cli("weights (unknown name)", ("weights", "NOPE"), 2, times=1)
     cli("embed (locked)", ("embed", "--quiet", "--input", str(photos), "--output", str(locked), "-o",
                            f"model.weights={checkpoint}"), 2)
     cli("index", ("index", "--embeddings", str(out), "--out", str(tmp_path / "index-{i}")), 0)
@@ -98,7 +102,7 @@ def test_every_command_exits_0_1_or_2_under_load(tmp_path, checkpoint, ray_addre
         times=1, extra=ray_address)
     for sig in (signal.SIGTERM, signal.SIGINT):
         runs.append((f"serve ({sig.name})", lambda sig=sig: _serve_stopped(str(index), sig), 0))
-    runs.sort(key=lambda r: r[0] not in ("neighbors", "serve (SIGTERM)", "serve (SIGINT)"))  # the long ones first
+    runs.sort(key=lambda r: r[0] not in ("embed", "neighbors", "serve (SIGTERM)", "serve (SIGINT)"))  # the long ones first
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(SIDE_BY_SIDE) as pool:
