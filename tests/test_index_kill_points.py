@@ -67,11 +67,11 @@ def test_an_index_update_killed_at_each_commit_point_converges_on_one_rerun(buil
 
 
 @pytest.mark.s3
-@pytest.mark.parametrize("point", ["generation", "switched"])
-def test_an_index_update_on_s3_killed_at_a_commit_point_converges_on_one_rerun(built, tmp_path, point, s3_server,
-                                                                               monkeypatch):
-    """The same on the S3 server the tests start: the generation uploaded but index.json not switched, and
-    index.json switched but the unused files not removed (the killed run's lock is taken over by the rerun)."""
+@pytest.mark.parametrize("point", POINTS)
+def test_an_index_update_on_s3_killed_at_each_commit_point_converges_on_one_rerun(built, tmp_path, point, s3_server,
+                                                                                  monkeypatch):
+    """The same on the S3 server the tests start, at every commit point (the killed run's lock is taken over by
+    the rerun)."""
     root, emb0, idx0 = built
     monkeypatch.setenv("RESNET_BATCH_CACHE", str(tmp_path / "cache"))
     fs = s3_server.filesystem()

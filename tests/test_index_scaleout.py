@@ -39,6 +39,13 @@ def two_builds(tmp_path_factory, ray_local):
     return root, vectors[ok], np.array(ids, dtype=object)[ok], held_out, single, scaled
 
 
+
+def _upload(fs, folder: Path, files, prefix: str) -> None:
+    """An index folder put on S3 as `index` publishes one: its files, then index.json."""
+    for name in files:
+        fs.put_file(str(folder / name), f"{prefix}/{name}")
+    fs.pipe(f"{prefix}/index.json", (folder / "index.json").read_bytes())
+
 def test_distributed_build_equals_the_single_process_build(two_builds):
     root, vectors, ids, held_out, single, scaled = two_builds
     assert scaled["count"] == single["count"] == len(ids) == 5990
@@ -174,9 +181,7 @@ def test_a_service_whose_version_lost_its_files_on_s3_answers_from_the_current_o
     root, _, _, held_out, _, scaled = two_builds
     bucket = s3_server.make_bucket("serve-replaced")
     fs = s3_server.filesystem()
-    for name in scaled["files"]:
-        fs.put_file(str(root / "scaled" / name), f"{bucket}/idx/{name}")
-    fs.pipe(f"{bucket}/idx/index.json", (root / "scaled" / "index.json").read_bytes())
+    _upload(fs, root / "scaled", scaled["files"], f"{bucket}/idx")
     monkeypatch.setenv("RESNET_BATCH_CACHE", str(tmp_path / "cache"))
     searcher = Searcher(ServiceConfig(index=f"s3://{bucket}/idx", embed=False, reload_s=0,
                                       storage_options=s3_server.storage_options()))
@@ -206,9 +211,7 @@ def test_a_reader_on_object_storage_fetches_only_the_rows_it_reads(two_builds, s
     root, vectors, _, held_out, _, scaled = two_builds
     bucket = s3_server.make_bucket("scaleout-open")
     fs = s3_server.filesystem()
-    for name in scaled["files"]:
-        fs.put_file(str(root / "scaled" / name), f"{bucket}/idx/{name}")
-    fs.pipe(f"{bucket}/idx/index.json", (root / "scaled" / "index.json").read_bytes())
+    _upload(fs, root / "scaled", scaled["files"], f"{bucket}/idx")
     monkeypatch.setenv("RESNET_BATCH_CACHE", str(tmp_path / "cache"))
     remote = SimilarityIndex.open(f"s3://{bucket}/idx", s3_server.storage_options())
     local = SimilarityIndex.open(str(root / "scaled"))
@@ -293,9 +296,7 @@ def test_a_node_fetches_each_file_of_a_generation_once(two_builds, s3_server, tm
     root, _, _, held_out, _, scaled = two_builds
     bucket = s3_server.make_bucket("fetch-count")
     fs = s3_server.filesystem()
-    for name in scaled["files"]:
-        fs.put_file(str(root / "scaled" / name), f"{bucket}/idx/{name}")
-    fs.pipe(f"{bucket}/idx/index.json", (root / "scaled" / "index.json").read_bytes())
+    _upload(fs, root / "scaled", scaled["files"], f"{bucket}/idx")
     monkeypatch.setenv("RESNET_BATCH_CACHE", str(tmp_path / "cache"))
     fetched = downloads
     uri, opts = f"s3://{bucket}/idx", s3_server.storage_options()

@@ -157,8 +157,9 @@ def test_inventory_first_night_and_sync_night_on_s3(tmp_path, s3_server, checkpo
 
 @pytest.mark.s3
 def test_first_night_on_s3_is_listed_by_ray_tasks(tmp_path, s3_server, checkpoint, ray_local, monkeypatch):
-    """A first run over an S3 prefix lists it in Ray tasks (as a sync night does), their pages cut into
-    shards as they arrive: the driver's own listing is never walked, and every photo is embedded once."""
+    """A first run over an S3 prefix larger than the driver lists alone (DRIVER_LISTING_KEYS, 0 here) lists it
+    in Ray tasks (as a sync night does), their pages cut into shards as they arrive: the driver's own listing
+    is never walked, and every photo is embedded once."""
     from resnet_batch.embed import listing
     from resnet_batch.embed.runner import run
 
@@ -174,6 +175,7 @@ def test_first_night_on_s3_is_listed_by_ray_tasks(tmp_path, s3_server, checkpoin
         yield
 
     monkeypatch.setattr(listing, "_s3_pages", driver_listing)
+    monkeypatch.setattr(listing, "DRIVER_LISTING_KEYS", 0)
     opts = s3_server.storage_options()
     cfg = job_config("s3://first-lib/photos", "s3://first-out/emb", checkpoint,
                      input={"storage_options": opts, "images_per_shard": 4}, output={"storage_options": opts})

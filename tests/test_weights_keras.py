@@ -288,7 +288,7 @@ def test_an_unreachable_registry_is_said_and_the_demo_falls_back(tmp_path, monke
 
 
 def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
-    from resnet_batch.weights_keras import cache_dir
+    from resnet_batch.storage import cache_dir
 
     monkeypatch.delenv("RESNET_BATCH_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -305,7 +305,7 @@ def test_a_cached_conversion_is_used_without_npm_and_checked_by_its_hash(keras_w
     """Once converted, the weights come from the cache (no npm on PATH here), and a cached file whose bytes no
     longer match the hash in its name is refused, nothing loaded from it."""
     from resnet_batch.weights import state_dict_sha256
-    from resnet_batch.weights_keras import cache_dir
+    from resnet_batch.storage import cache_dir
 
     root = cache_dir()
     monkeypatch.setenv("PATH", str(tmp_path))  # no npm

@@ -352,6 +352,10 @@ def listing_tasks(uri: str, storage_options: dict, tasks: int, retry_window_s: f
 
 
 FIRST_RUN_LISTERS = 16  # listing tasks of a first run over an S3 prefix, at most (two for each CPU of the cluster)
+# A prefix of at most this many keys is listed by the driver alone (a few requests): starting listing tasks, each a
+# Ray worker that imports s3fs, would cost more than the whole listing. Past it the driver's pages are dropped
+# and the tasks list the prefix from the start.
+DRIVER_LISTING_KEYS = 10_000
 PAGES_IN_FLIGHT = 4  # pages a listing task may have waiting for the driver (Ray's generator backpressure)
 
 
@@ -366,11 +370,22 @@ def in_tasks(listing: InputListing, storage_options: dict, tasks: Optional[int] 
     (default: two per CPU of the cluster, 2 to FIRST_RUN_LISTERS), each a streaming task that parses its own
     ListObjectsV2 pages (the driver's single event loop is no longer the limit) and hands them over as they
     arrive, a few at a time; the driver holds the pages in flight, never the listing. A listing that is not
-    an S3 prefix is returned as it is."""
+    an S3 prefix, or one of at most DRIVER_LISTING_KEYS keys (the driver lists that much first), is returned
+    as it is, listed by the driver."""
     import ray
 
     if not listing.prefix_uri:
         return listing
+    if DRIVER_LISTING_KEYS:
+        head, keys, pages = [], 0, iter(listing.pages)
+        for page in pages:
+            head.append(page)
+            keys += len(page)
+            if keys > DRIVER_LISTING_KEYS:
+                break
+        else:  # small: the driver's own listing is the whole listing
+            return InputListing(listing.root, listing.protocol, iter(head), prefix_uri=listing.prefix_uri)
+        getattr(pages, "close", lambda: None)()
     if tasks is None:
         tasks = min(FIRST_RUN_LISTERS, max(2, int(2 * ray.cluster_resources().get("CPU", 1))))
     listers = listing_tasks(listing.prefix_uri, storage_options, tasks, retry_window_s)

@@ -28,10 +28,9 @@ from resnet_batch.errors import SimilarityIndexError
 from resnet_batch.search.layout import (DATA_FILES, FORMAT, INDEX_FORMATS, IDS_FILE, INDEX_FILE,  # noqa: F401 (re-exported)
                                        META_FILE, REFINE_FILE, REFINE_SQ_FILE, generation_of, index_layout,
                                        open_id_lookup, open_refine_rows, read_faiss_index)
-from resnet_batch.storage import filesystem, protocols
+from resnet_batch.storage import cache_dir, filesystem, protocols
 
 OPEN_ATTEMPTS = 5  # opening again after index.json changed under a reader (each attempt: another publication)
-CACHE_ENV = "RESNET_BATCH_CACHE"  # node-local folder for copies of remote indexes (default ~/.cache/resnet-batch)
 IDS_SCHEMA = pa.schema([
     pa.field("id", pa.int64(), nullable=False),  # the FAISS id (ascending)
     pa.field("image_id", pa.string(), nullable=False),
@@ -340,10 +339,6 @@ def read_meta(uri: str, storage_options: Optional[dict] = None) -> dict:
     return meta
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "resnet-batch")
-
-
 def local_folder(uri: str, meta: dict, storage_options: Optional[dict] = None, skip: frozenset = frozenset()) -> str:
     """A local folder holding the index's data files: the folder itself when local, else a node-local copy of
     them but those in `skip` (read by range instead).
@@ -357,7 +352,7 @@ def local_folder(uri: str, meta: dict, storage_options: Optional[dict] = None, s
     if "file" in protocols(fs):
         return root
     key = hashlib.sha256(f"{uri}\0{meta['build_id']}".encode()).hexdigest()[:24]
-    folder = cache_root() / "indexes" / key
+    folder = cache_dir() / "indexes" / key
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
