@@ -20,14 +20,15 @@ def _ignoring_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def test_embed_started_with_sigint_ignored_stops_on_ctrl_c(tmp_path, checkpoint):
+def test_embed_started_with_sigint_ignored_stops_on_ctrl_c(tmp_path, checkpoint, ray_address):
     make_sample_photos(tmp_path / "photos", 40, per_folder=20, seed=41)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "resnet_batch.cli", "embed", "--input", str(tmp_path / "photos"), "--output",
            str(out), "-o", f"model.weights={checkpoint}", "-o", "model.precision=fp32",
            "-o", "input.images_per_shard=4", "-o", "compute.batch_size=4", "-o", "compute.torch_threads=1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=_ignoring_sigint)
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **ray_address},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=_ignoring_sigint)
     try:
         deadline = time.time() + 300
         while not list(out.glob("part-*.parquet")):

@@ -221,7 +221,7 @@ def test_a_holder_is_judged_dead_only_in_its_own_boot_and_pid_namespace():
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_run_whose_lock_is_taken_over_stops_and_exits_1(tmp_path, checkpoint):
+def test_a_run_whose_lock_is_taken_over_stops_and_exits_1(tmp_path, checkpoint, ray_address):
     from resnet_batch.dev.sample_data import make_sample_photos
 
     make_sample_photos(tmp_path / "photos", 40, per_folder=20, seed=9)
@@ -230,8 +230,8 @@ def test_a_run_whose_lock_is_taken_over_stops_and_exits_1(tmp_path, checkpoint):
            "--output", str(out), "-o", f"model.weights={checkpoint}", "-o", "model.precision=fp32",
            "-o", "input.images_per_shard=4", "-o", "compute.batch_size=4", "-o", "compute.decode_batch_size=4",
            "-o", "compute.torch_threads=1"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO), **ray_address},  # the session's Ray
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 300
     while not list(out.glob("part-*.parquet")):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
