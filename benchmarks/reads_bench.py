@@ -37,10 +37,37 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 DRIVER = r"""
-import json, sys
+import json, sys, time
+import ray
 from resnet_batch.config import build_config
 from resnet_batch.embed.runner import run
 from tests.helpers.standin import StandInEmbedder
+warm = int(sys.argv[6])
+if warm:  # a worker process per read slot, started before the run (a cluster hours into a night has them)
+    ray.init(address=sys.argv[3], log_to_driver=False)
+
+    @ray.remote(num_cpus=0)
+    class Gate:
+        def __init__(self):
+            self.n = 0
+
+        def arrive(self):
+            self.n += 1
+
+        def count(self):
+            return self.n
+
+    @ray.remote(num_cpus=1)
+    def hold(gate, n):
+        ray.get(gate.arrive.remote())
+        deadline = time.time() + 600
+        while ray.get(gate.count.remote()) < n and time.time() < deadline:
+            time.sleep(0.5)
+
+    gate = Gate.remote()
+    t = time.time()
+    ray.get([hold.remote(gate, warm) for _ in range(warm)])
+    print(f"warm: {warm} worker processes up in {time.time() - t:.0f}s", file=sys.stderr, flush=True)
 cfg = build_config({"input": {"uri": sys.argv[1], "images_per_shard": int(sys.argv[4])},
                     "model": {"weights": "random", "precision": "fp32"},
                     "compute": {"ray_address": sys.argv[3], "min_actors": int(sys.argv[5]),
@@ -130,6 +157,10 @@ def main(argv=None) -> int:
     ap.add_argument("--object-store-mib", type=int, default=100, help="each node's object store")
     ap.add_argument("--max-memory-gib", type=float, default=8.0,
                     help="refuse a cluster estimated above this, stop a run that passes it")
+    ap.add_argument("--warm", action="store_true",
+                    help="start a worker process per read slot before the run, in the driver's job (Ray starts "
+                         "workers a few at a time: on two physical cores about one a second, slower than short "
+                         "reads finish, so a cold cluster of this size never has all its slots busy at once)")
     args = ap.parse_args(argv)
     from benchmarks.result_path_bench import make_photos
     from resnet_batch.dev.localcluster import LocalCluster
@@ -156,7 +187,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         watch.start()
         watch.driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(photos), str(root / "out"),
-                                         cluster.address, str(args.per_shard), str(args.nodes)],
+                                         cluster.address, str(args.per_shard), str(args.nodes),
+                                         str(args.nodes * (args.cpus_per_node - 1) if args.warm else 0)],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         env={**cluster.env, "PYTHONPATH": str(REPO)})
         out, err = watch.driver.communicate()
@@ -168,6 +200,7 @@ def main(argv=None) -> int:
         if watch.driver.returncode:
             raise RuntimeError(out[-2000:] + err[-4000:])
         r = json.loads(out.strip().splitlines()[-1])
+        print(*[line for line in err.splitlines() if line.startswith("warm:")], sep="\n")
         reads = r["reads"]
         print(f"reads_bench: {args.nodes} nodes x {args.cpus_per_node} logical CPUs, {args.photos:,} photos in "
               f"shards of {args.per_shard} ({args.photos // args.per_shard:,} read tasks), complete={r['complete']}, "

@@ -43,13 +43,19 @@ def photos(tmp_path_factory) -> Path:
     return root
 
 
+# Ray kills a job's idle worker processes after 1 s beyond one per CPU, and a test's next run (or the next
+# window of reads) then starts new ones: about 2.5 s of CPU each, most of a small run's cost on two cores.
+# The session's Ray keeps them a while instead (every test job shares this runtime).
+WORKERS_KEPT = {"idle_worker_killing_time_threshold_ms": 300_000, "num_workers_soft_limit": 8}
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray runtime for the whole session (2 CPUs, like this machine)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=WORKERS_KEPT,
                  runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [
                      str(REPO), os.environ.get("PYTHONPATH")]))}})
     from ray.data import DataContext
@@ -65,6 +71,17 @@ def ray_address(ray_local) -> dict:
     so they join it (as a run on a cluster does) instead of each starting a Ray of its own (seconds apiece).
     Tests that kill a driver with its Ray, count Ray sessions or check what a fresh start prints keep their own."""
     return {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+
+
+@pytest.fixture(scope="session")
+def killed_drivers(tmp_path_factory):
+    """Drivers that die at a commit point (tests/helpers/killpoints.py), each forked from one process that has
+    imported torch, Ray, Arrow and the package once (seconds of CPU saved per kill)."""
+    from tests.helpers.killpoints import Forks
+
+    forks = Forks(REPO, tmp_path_factory.mktemp("killed-drivers"))
+    yield forks
+    forks.close()
 
 
 @pytest.fixture(scope="session")

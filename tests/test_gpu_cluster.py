@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -44,21 +45,33 @@ def gpu_cluster():
 
 @pytest.fixture(scope="module")
 def many_photos(tmp_path_factory) -> Path:
-    """960 photos: enough work (about a minute here) for the cluster to change under a run."""
+    """960 photos: enough work (about a minute with the stand-in model) for the cluster to change under a run."""
     root = tmp_path_factory.mktemp("many-photos")
     make_sample_photos(root, 960, per_folder=20, seed=5)
     return root
 
 
-def _embed_cmd(c: LoopbackCluster, photos: Path, out: Path, *overrides: str) -> list[str]:
-    """The embed CLI as a driver on this cluster (random bf16 weights: speed, not values, matters here)."""
-    return [str(BIN / "resnet-batch"), "embed", "--config", str(REPO / "configs/local.yaml"), "--quiet",
+STANDIN_BATCH_S = "0.5"  # the stand-in model's seconds a batch: on one actor a 960-photo run lasts about a minute
+
+
+def _embed_cmd(c: LoopbackCluster, photos: Path, out: Path, *overrides: str, standin: bool = False) -> list[str]:
+    """The embed CLI as a driver on this cluster (random bf16 weights: speed, not values, matters here). With
+    `standin`, the same command with a device-like stand-in model (tests/helpers/standin_cli.py): the runs
+    that must last while the cluster changes under them then wait as on a GPU instead of burning the CPU."""
+    command = [sys.executable, "-m", "tests.helpers.standin_cli", STANDIN_BATCH_S] if standin \
+        else [str(BIN / "resnet-batch")]
+    return [*command, "embed", "--config", str(REPO / "configs/local.yaml"), "--quiet",
             "--input", str(photos), "--output", str(out), "-o", f"compute.ray_address={c.address}",
             "-o", "compute.torch_threads=1", "-o", "compute.decode_batch_size=4", *overrides]
 
 
-def _embed(c: LoopbackCluster, photos: Path, out: Path, *overrides: str):
-    res = c.run(*_embed_cmd(c, photos, out, *overrides))
+def _driver_env(c: LoopbackCluster) -> dict:
+    return {**c.env, "PYTHONPATH": str(REPO)}
+
+
+def _embed(c: LoopbackCluster, photos: Path, out: Path, *overrides: str, standin: bool = False):
+    res = subprocess.run(_embed_cmd(c, photos, out, *overrides, standin=standin), env=_driver_env(c), cwd=c.root,
+                         capture_output=True, text=True, timeout=600)
     return res, res.stdout + res.stderr, _report(out)
 
 
@@ -98,7 +111,7 @@ def test_actor_pool_grows_with_the_gpu_nodes_the_autoscaler_adds(gpu_cluster, ma
     before = _gpu_nodes(gpu_cluster)
     assert len(before) == 1
     res, logs, report = _embed(gpu_cluster, photos, tmp_path / "out", "-o", "compute.min_actors=1",
-                               "-o", "compute.max_actors=2", "-o", "input.images_per_shard=20")
+                               "-o", "compute.max_actors=2", "-o", "input.images_per_shard=20", standin=True)
     assert res.returncode == 0, logs[-4000:]
     assert report["complete"] and report["counts"]["ok"] == 960
     nodes = {a["node"]: a["images"] for a in report["actors"]}
@@ -125,8 +138,8 @@ def test_a_gpu_node_lost_mid_run_costs_no_image(gpu_cluster, many_photos, tmp_pa
     gpu_cluster.wait_for_nodes(2)
     out = tmp_path / "out"
     cmd = _embed_cmd(gpu_cluster, many_photos, out, "-o", "compute.min_actors=2", "-o", "compute.max_actors=2",
-                     "-o", "input.images_per_shard=20")
-    with subprocess.Popen(cmd, env=gpu_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                     "-o", "input.images_per_shard=20", standin=True)
+    with subprocess.Popen(cmd, env=_driver_env(gpu_cluster), cwd=gpu_cluster.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True) as job:
         logs: list[str] = []
         reader = threading.Thread(target=lambda: logs.extend(job.stdout), daemon=True)

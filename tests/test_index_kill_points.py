@@ -3,16 +3,12 @@ folder stays the one before or the one after, and one rerun brings it to exactly
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from resnet_batch.cli import main
 from resnet_batch.search.index import SimilarityIndex, UnknownImageId
-from tests.helpers.jobs import REPO
 from tests.helpers.search import clustered_vectors, write_part
 
 POINTS = ["staged", "generation", "switched", "cleaned"]
@@ -40,12 +36,12 @@ def changed_embeddings(emb0, tmp_path):
     return emb
 
 
-def kill_then_rerun(point: str, emb, uri: str, opts: dict) -> None:
-    """An update killed at `point`; the folder opens as a whole index; one rerun converges."""
+def kill_then_rerun(drivers, point: str, emb, uri: str, opts: dict) -> None:
+    """An update killed at `point` (in a process forked for it, see killpoints.Forks); the folder opens as a
+    whole index; one rerun converges."""
     spec = {"index": uri, "embeddings": str(emb), "point": point, "storage_options": opts}
-    proc = subprocess.run([sys.executable, "-m", "tests.helpers.killpoints", json.dumps(spec)], capture_output=True,
-                          text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 137, proc.stdout + proc.stderr
+    returncode, log = drivers.run(spec)
+    assert returncode == 137, log
     before = SimilarityIndex.open(uri, opts)  # readers see a whole index, the old one or the new one
     assert len(before) in (400, 350)
     options = ["--storage-options", json.dumps(opts)] if opts else []
@@ -58,18 +54,18 @@ def kill_then_rerun(point: str, emb, uri: str, opts: dict) -> None:
 
 
 @pytest.mark.parametrize("point", POINTS)
-def test_an_index_update_killed_at_each_commit_point_converges_on_one_rerun(built, tmp_path, point):
+def test_an_index_update_killed_at_each_commit_point_converges_on_one_rerun(built, tmp_path, killed_drivers, point):
     root, emb0, idx0 = built
     idx = tmp_path / "idx"
     shutil.copytree(idx0, idx)
-    kill_then_rerun(point, changed_embeddings(emb0, tmp_path), str(idx), {})
+    kill_then_rerun(killed_drivers, point, changed_embeddings(emb0, tmp_path), str(idx), {})
     assert not (idx / "_lock").exists()
 
 
 @pytest.mark.s3
 @pytest.mark.parametrize("point", POINTS)
 def test_an_index_update_on_s3_killed_at_each_commit_point_converges_on_one_rerun(built, tmp_path, point, s3_server,
-                                                                                  monkeypatch):
+                                                                                  killed_drivers, monkeypatch):
     """The same on the S3 server the tests start, at every commit point (the killed run's lock is taken over by
     the rerun)."""
     root, emb0, idx0 = built
@@ -79,6 +75,6 @@ def test_an_index_update_on_s3_killed_at_each_commit_point_converges_on_one_reru
     for path in idx0.rglob("*"):
         if path.is_file():
             fs.put_file(str(path), f"{bucket}/idx/{path.relative_to(idx0).as_posix()}")
-    kill_then_rerun(point, changed_embeddings(emb0, tmp_path), f"s3://{bucket}/idx", s3_server.storage_options())
+    kill_then_rerun(killed_drivers, point, changed_embeddings(emb0, tmp_path), f"s3://{bucket}/idx", s3_server.storage_options())
     fs.invalidate_cache()
     assert not fs.exists(f"{bucket}/idx/_lock")

@@ -3,12 +3,7 @@ commit point of a sync and of a first run, on a local folder and on the S3 serve
 then converges to exactly the current photos, each once, and the ledger agrees with the parts."""
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +16,7 @@ from resnet_batch.embed.runner import run
 from resnet_batch.output.ledger import read_ledger
 from resnet_batch.output.state import load
 from resnet_batch.output.status import output_status
-from resnet_batch.output.store import OutputStore, parse_part, part_record
+from resnet_batch.output.store import OutputStore, part_record
 from tests.helpers.jobs import REPO, job_config
 from tests.helpers.standin import StandInEmbedder
 
@@ -36,15 +31,14 @@ def _photo(seed: int) -> bytes:
     return jpeg_bytes(variant(photos[seed % len(photos)], np.random.default_rng(seed)), 90)
 
 
-def _killed_run(ray_local, point: str, input_uri: str, output_uri: str, checkpoint, options=None) -> str:
-    """An embed run in a driver of its own that dies at `point`; returns its log."""
+def _killed_run(drivers, ray_local, point: str, input_uri: str, output_uri: str, checkpoint, options=None) -> str:
+    """An embed run in a driver of its own (a process forked for it, see killpoints.Forks) that dies at
+    `point`; returns its log."""
     spec = {"point": point, "input": input_uri, "output": output_uri, "checkpoint": str(checkpoint),
             "ray": ray_local.get_runtime_context().gcs_address, "per_shard": PER_SHARD,
             "storage_options": options or {}, "pythonpath": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "tests.helpers.killpoints", json.dumps(spec)], capture_output=True,
-                          text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    log = proc.stdout + proc.stderr
-    assert proc.returncode in (137, -9), f"the driver was to die at {point} (rc {proc.returncode}):\n{log}"
+    returncode, log = drivers.run(spec)
+    assert returncode in (137, -9), f"the driver was to die at {point} (rc {returncode}):\n{log}"
     return log
 
 
@@ -106,11 +100,11 @@ def local_sync(tmp_path_factory, checkpoint, ray_local):
 
 @pytest.mark.parametrize("point", SYNC_POINTS)
 def test_a_sync_killed_at_each_commit_point_converges_on_one_rerun(local_sync, tmp_path, checkpoint, ray_local,
-                                                                    point):
+                                                                    killed_drivers, point):
     root, base, current, changed = local_sync
     out = tmp_path / "out"
     shutil.copytree(base, out)
-    _killed_run(ray_local, point, str(root), str(out), checkpoint)
+    _killed_run(killed_drivers, ray_local, point, str(root), str(out), checkpoint)
     assert not (out / "_SUCCESS").exists()
     assert output_status(str(out))["status"] == "incomplete"
     report = run(_cfg(root, out, checkpoint), embedder=StandInEmbedder)
@@ -127,11 +121,12 @@ def test_a_sync_killed_at_each_commit_point_converges_on_one_rerun(local_sync, t
 
 
 @pytest.mark.parametrize("point", FIRST_POINTS)
-def test_a_first_run_killed_at_each_commit_point_converges_on_one_rerun(tmp_path, checkpoint, ray_local, point):
+def test_a_first_run_killed_at_each_commit_point_converges_on_one_rerun(tmp_path, checkpoint, ray_local,
+                                                                         killed_drivers, point):
     root = tmp_path / "library"
     paths = make_sample_photos(root, 16, per_folder=8, seed=22)
     out = tmp_path / "out"
-    _killed_run(ray_local, point, str(root), str(out), checkpoint)
+    _killed_run(killed_drivers, ray_local, point, str(root), str(out), checkpoint)
     assert not (out / "_SUCCESS").exists()
     report = run(_cfg(root, out, checkpoint), embedder=StandInEmbedder)
     assert report["complete"], report["shards"]
@@ -173,14 +168,14 @@ def s3_sync(tmp_path_factory, s3_server, checkpoint, ray_local):
 @pytest.mark.s3
 @pytest.mark.parametrize("point", ["copy-task", *SYNC_POINTS])
 def test_a_sync_on_s3_killed_at_each_commit_point_converges_on_one_rerun(s3_sync, s3_server, checkpoint,
-                                                                          ray_local, point):
+                                                                          ray_local, killed_drivers, point):
     opts, current = s3_sync
     fs = s3_server.filesystem()
     out = f"kill-out/{point}"
     for key in fs.find("kill-out/base"):
         fs.copy(key, key.replace("kill-out/base/", f"{out}/", 1))
     fs.invalidate_cache()
-    _killed_run(ray_local, point, "s3://kill-lib/photos", f"s3://{out}", checkpoint, opts)
+    _killed_run(killed_drivers, ray_local, point, "s3://kill-lib/photos", f"s3://{out}", checkpoint, opts)
     report = run(_cfg("s3://kill-lib/photos", f"s3://{out}", checkpoint, opts), embedder=StandInEmbedder)
     assert report["complete"], report["shards"]
     table = _check_converged(f"s3://{out}", current, opts)
@@ -193,10 +188,10 @@ def test_a_sync_on_s3_killed_at_each_commit_point_converges_on_one_rerun(s3_sync
 @pytest.mark.s3
 @pytest.mark.parametrize("point", FIRST_POINTS)
 def test_a_first_run_on_s3_killed_at_each_commit_point_converges_on_one_rerun(s3_sync, s3_server, checkpoint,
-                                                                               ray_local, point):
+                                                                               ray_local, killed_drivers, point):
     opts, current = s3_sync
     out = f"s3://kill-out/first-{point}"
-    _killed_run(ray_local, point, "s3://kill-lib/photos", out, checkpoint, opts)
+    _killed_run(killed_drivers, ray_local, point, "s3://kill-lib/photos", out, checkpoint, opts)
     report = run(_cfg("s3://kill-lib/photos", out, checkpoint, opts), embedder=StandInEmbedder)
     assert report["complete"], report["shards"]
     _check_converged(out, current, opts)

@@ -364,6 +364,20 @@ def _lister_pages(lister: PrefixLister) -> Iterator[pa.Table]:
     yield from lister()
 
 
+def listed_within(listing: InputListing, entries: int) -> Optional[InputListing]:
+    """The listing, read by this process, when it ends within `entries` entries (its pages kept, to be
+    consumed as before); None when it goes on (the listing is closed: the caller lists again, in tasks or in
+    batches). What a run that cannot know the library's size in advance uses to keep a small one small."""
+    head, n, pages = [], 0, iter(listing.pages)
+    for page in pages:
+        head.append(page)
+        n += len(page)
+        if n > entries:
+            getattr(pages, "close", lambda: None)()
+            return None
+    return InputListing(listing.root, listing.protocol, iter(head), prefix_uri=listing.prefix_uri)
+
+
 def in_tasks(listing: InputListing, storage_options: dict, tasks: Optional[int] = None,
              retry_window_s: float = 300.0) -> InputListing:
     """The same listing, listed by Ray tasks (Ray must be running): the prefixes cut into `tasks` listers
@@ -377,15 +391,9 @@ def in_tasks(listing: InputListing, storage_options: dict, tasks: Optional[int] 
     if not listing.prefix_uri:
         return listing
     if DRIVER_LISTING_KEYS:
-        head, keys, pages = [], 0, iter(listing.pages)
-        for page in pages:
-            head.append(page)
-            keys += len(page)
-            if keys > DRIVER_LISTING_KEYS:
-                break
-        else:  # small: the driver's own listing is the whole listing
-            return InputListing(listing.root, listing.protocol, iter(head), prefix_uri=listing.prefix_uri)
-        getattr(pages, "close", lambda: None)()
+        small = listed_within(listing, DRIVER_LISTING_KEYS)
+        if small is not None:  # the driver's own listing is the whole listing
+            return small
     if tasks is None:
         tasks = min(FIRST_RUN_LISTERS, max(2, int(2 * ray.cluster_resources().get("CPU", 1))))
     listers = listing_tasks(listing.prefix_uri, storage_options, tasks, retry_window_s)

@@ -683,10 +683,18 @@ def plan_sync(cfg: InputConfig, fmt: str, root: str, store: OutputStore, run: in
     pieces = manifest_pieces(store)
     manifest_rows = sum(n for _, n in pieces)
     # The manifest tells the size of the library once a run has completed; a first run that was killed may
-    # have listed a sliver of it, so its resume plans in Ray, whatever the manifest holds.
+    # have listed a sliver of it, so its resume looks at the listing itself: when it ends within one
+    # partition (and what the driver lists at most), the diff runs here; else in Ray, whatever the manifest
+    # holds.
     state = load(store)
     listed_whole = state is not None and any(r.get("status") == "complete" for r in state.runs)
     local = partitions_for(manifest_rows) == 1 and listed_whole
+    if partitions_for(manifest_rows) == 1 and not listed_whole and not cfg.inventory and cfg.limit is None:
+        from resnet_batch.embed.listing import DRIVER_LISTING_KEYS, list_entries, listed_within
+
+        started = listing if listing is not None else list_entries(cfg, retry_window_s)
+        listing = listed_within(started, min(DRIVER_LISTING_KEYS, ROWS_PER_PARTITION))
+        local = listing is not None  # None: listed again below, in tasks or in batches
     sources, estimate = listing_sources(cfg, fmt, local, retry_window_s, listing)
     partitions = partitions_for(max(manifest_rows, estimate))
     if partitions > 1 or not local:

@@ -1,6 +1,8 @@
 """Test driver: an embed run that dies at one named commit point, the way a kill -9 does (tests only).
 
-Run as `python -m tests.helpers.killpoints SPEC_JSON`. The hooks live here, nowhere in the package: the driver
+Run as `python -m tests.helpers.killpoints SPEC_JSON`, or through `Forks` (a process that has done the
+driver's imports once and forks a driver for each spec: torch, Ray, Arrow and the package are imported
+once per test session instead of once per kill). The hooks live here, nowhere in the package: the driver
 leaves with os._exit (no exception, no clean-up, no atexit), or a Ray task of the run SIGKILLs the driver
 from outside once its own work is stored, so the task's result never reaches the driver. The run uses the
 stand-in embedder through the Python API and the Ray cluster named in the spec.
@@ -211,5 +213,85 @@ def main(spec: dict) -> None:
     os._exit(3)
 
 
+PRELOAD = ("ray", "torch", "pyarrow.parquet", "resnet_batch.embed.runner", "resnet_batch.embed.sync",
+           "resnet_batch.cli", "resnet_batch.search.cli", "resnet_batch.search.folder", "tests.helpers.jobs",
+           "tests.helpers.standin")
+
+
+def serve_forks() -> None:
+    """The fork server: imports what a driver imports (nothing started: no Ray, no thread pool, no CUDA),
+    then for each spec line on stdin forks a driver whose stdout and stderr go to the spec's log file, waits
+    for it (SIGKILLing it after the spec's timeout) and answers its exit status as a JSON line."""
+    import importlib
+    import time
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        spec = json.loads(line)
+        pid = os.fork()
+        if pid == 0:  # the driver
+            fd = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.environ.clear()  # the test's environment at the time of the call, as a subprocess would get it
+            os.environ.update(spec["env"])
+            try:
+                main(spec)
+            except BaseException:  # noqa: BLE001 (reported in the log, a distinct exit status)
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stderr.flush()
+                os._exit(4)
+        deadline = time.time() + spec.get("timeout", 600)
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.time() > deadline:
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        print(json.dumps({"returncode": code}), flush=True)
+
+
+class Forks:
+    """A client of the fork server (one per test session and worker): `run(spec)` -> (exit status, log)."""
+
+    def __init__(self, repo, workdir):
+        import subprocess
+
+        self.workdir = workdir
+        self.n = 0
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.killpoints", "--fork-server"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=repo,
+                                     env={**os.environ, "PYTHONPATH": str(repo)})
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the kill-point fork server did not start")
+
+    def run(self, spec: dict, timeout: float = 600) -> tuple[int, str]:
+        self.n += 1
+        log = os.path.join(self.workdir, f"driver-{self.n}.log")
+        self.proc.stdin.write(json.dumps({**spec, "log": log, "timeout": timeout, "env": dict(os.environ)}) + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise RuntimeError("the kill-point fork server died")
+        with open(log) as f:
+            return json.loads(answer)["returncode"], f.read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]))
+    if sys.argv[1] == "--fork-server":
+        serve_forks()
+    else:
+        main(json.loads(sys.argv[1]))
