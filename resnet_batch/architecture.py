@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 MODEL = "torchvision.resnet50"  # the provenance `model` of torchvision's own layout, as every output before had it
 
@@ -37,14 +38,80 @@ def layout_of(model: str) -> Layout:
         raise ValueError(f"unknown model {model!r} (known: {', '.join(_LAYOUTS)})") from None
 
 
+class Bottleneck(nn.Module):
+    """torchvision's ResNet bottleneck block (v1.5: the stride on the 3x3 conv), module for module."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet with bottleneck blocks, module for module (the same state dict keys, shapes and
+    initialisation), defined here so that a model actor builds its replica without importing torchvision
+    (about 1.6 s of CPU at every actor's start); tests/test_model.py checks it against torchvision's."""
+
+    def __init__(self, blocks: list[int], num_classes: int = 1000):
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._layer(64, blocks[0])
+        self.layer2 = self._layer(128, blocks[1], stride=2)
+        self.layer3 = self._layer(256, blocks[2], stride=2)
+        self.layer4 = self._layer(512, blocks[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512 * Bottleneck.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def _layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        out = planes * Bottleneck.expansion
+        downsample = None
+        if stride != 1 or self.inplanes != out:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, out, kernel_size=1, stride=stride, bias=False),
+                                       nn.BatchNorm2d(out))
+        layers = [Bottleneck(self.inplanes, planes, stride, downsample)]
+        self.inplanes = out
+        layers += [Bottleneck(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
 def build_resnet(layout: Layout, *, blocks: tuple[int, ...] = (3, 4, 6, 3), num_classes: int = 1000,
                  device: str | torch.device | None = None) -> torch.nn.Module:
-    """A torchvision ResNet (ResNet-50 by default) in `layout`; its state dict keys and shapes are torchvision's in
-    either layout. `device="meta"` builds it without initialising any weights."""
-    from torchvision.models.resnet import Bottleneck, ResNet
-
+    """A ResNet (ResNet-50 by default) in `layout`; its state dict keys and shapes are torchvision's in either
+    layout. `device="meta"` builds it without initialising any weights."""
     with torch.device(device or "cpu"):
-        model = ResNet(Bottleneck, list(blocks), num_classes=num_classes)
+        model = ResNet(list(blocks), num_classes=num_classes)
     if layout.name == "v1":
         for stage in (model.layer2, model.layer3, model.layer4):  # layer1 does not downsample
             first = stage[0]

@@ -48,13 +48,14 @@ def is_named(name: str) -> bool:
 
 
 def random_state_dict(seed: int) -> dict[str, torch.Tensor]:
-    """Seeded random ResNet-50 weights (torchvision's own init): reproducible for a torch version."""
-    from torchvision.models import resnet50
+    """Seeded random ResNet-50 weights (torchvision's own init, the same values as torchvision's resnet50 gives):
+    reproducible for a torch version."""
+    from resnet_batch.architecture import build_resnet
 
     gen_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        return resnet50(weights=None).state_dict()
+        return build_resnet(TORCHVISION).state_dict()
     finally:
         torch.random.set_rng_state(gen_state)
 

@@ -184,3 +184,31 @@ def test_pretrained_weights_unavailable_says_how_to_provide(tmp_path):
     assert "WeightsError could not download torchvision weights ResNet50_Weights.IMAGENET1K_V2 (" in out
     assert f"place it at {cache}/resnet50-11ad3fa6.pth (or set TORCH_HOME)" in out
     assert "or set model.weights to a checkpoint path or URL" in out
+
+
+def test_the_packages_resnet_is_torchvisions_module_for_module():
+    """architecture.ResNet (defined in the package so that a model actor never imports torchvision) has
+    torchvision's state dict keys and shapes, its seeded initialisation, and computes what resnet50 computes."""
+    from resnet_batch.architecture import TORCHVISION, build_resnet
+
+    torch.manual_seed(3)
+    ours = build_resnet(TORCHVISION).eval()
+    torch.manual_seed(3)
+    ref = resnet50(weights=None).eval()
+    a, b = ours.state_dict(), ref.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in b)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        assert torch.equal(ours(x), ref(x))
+
+
+def test_a_model_replica_starts_without_importing_torchvision(tmp_path):
+    torch.save(random_state_dict(7), tmp_path / "w.pth")
+    code = ("import sys, torch; from resnet_batch.network import ResNet50Embedder; "
+            "from resnet_batch.decode import PreprocessSpec; "
+            f"e = ResNet50Embedder(torch.load({str(tmp_path / 'w.pth')!r}), "
+            "PreprocessSpec(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), precision='bf16', threads=1); "
+            "print(e.embed(__import__('numpy').zeros((1, 224, 224, 3), 'uint8'))[0].shape, 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["torch.Size([1,", "2048])", "False"]
