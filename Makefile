@@ -34,9 +34,10 @@ demo: install
 cluster-demo: install
 	$(PY) -m resnet_batch.dev.cluster_demo --photos data/sample -n $(DEMO_IMAGES) --output out/cluster-demo
 
-# Two workers (pytest-xdist): a module stays on one worker, multi-node cluster modules share one (tests/conftest.py).
+# Three workers (pytest-xdist): a module stays on one worker, multi-node cluster modules share one
+# (tests/conftest.py). On two cores a third worker fills the time the other two wait on Ray and on processes.
 test: install browser
-	$(VENV)/bin/pytest -q --durations=15 -n 2 --dist loadscope --no-loadscope-reorder
+	$(VENV)/bin/pytest -q --durations=15 -n 3 --dist loadscope --no-loadscope-reorder
 
 # The gallery test renders a page in headless Chromium (Debian's package); it skips, saying why,
 # only where Chromium cannot be installed.

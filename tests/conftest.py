@@ -96,7 +96,7 @@ def s3_server(tmp_path_factory):
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked gpu skip cleanly where CUDA is absent. The modules with slow tests go first, so that
-    `make test`'s two workers finish together (see pytest_xdist_make_scheduler)."""
+    `make test`'s workers finish together (see pytest_xdist_make_scheduler)."""
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
         for item in items:
@@ -115,7 +115,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """`make test`'s two workers (pytest-xdist): a module's tests stay on one worker (its module fixtures are
+    """`make test`'s workers (pytest-xdist): a module's tests stay on one worker (its module fixtures are
     built once), in the order collected; the modules that start multi-node clusters (marked `cluster`) share
     one worker, so that two clusters never run on this machine at once."""
     from xdist.scheduler import LoadScopeScheduling

@@ -70,6 +70,8 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
     cfg = prepare_storage(cfg)  # storage options resolved; input readable, output writable, before any work
     store = OutputStore(cfg.output.uri, dict(cfg.output.storage_options), cfg.compute.retry_window_s)
     names = store.names()
+    if fresh:  # a folder that is not an output is refused before anything is written there or loaded
+        store.check_clearable(names=names)
     if LEGACY_MANIFEST in names and not fresh:
         raise OutputError(f"{store.display()} was written by resnet-batch 0.1 (one _manifest.json); this version "
                           "keeps a Parquet manifest and a part ledger: rerun with --fresh, or use another output.uri")

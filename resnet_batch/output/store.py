@@ -256,8 +256,7 @@ class OutputStore:
         (--fresh)."""
         owner = owner or EMBED_OUTPUT
         names = self.names()
-        if names and not set(names) & set(owner.marks) and not set(names) <= owner.kept:
-            raise owner.refusal(self.display(), names)
+        self.check_clearable(owner, names)
         ours = [n for n in names if owner.files(n)]
         for n in ours:
             if n not in owner.kept:  # the lock is this run's own
@@ -269,6 +268,14 @@ class OutputStore:
                         self.remove(f"{d}/{n}")
                 self._rmdir(d)
         return ours
+
+    def check_clearable(self, owner: Optional["Ownership"] = None, names: Optional[list[str]] = None) -> None:
+        """Refuse (owner.refusal) a folder that holds other files but carries none of the owner's marks: what
+        clear() checks first, for a command to call before it writes anything there (a lock, say)."""
+        owner = owner or EMBED_OUTPUT
+        names = self.names() if names is None else names
+        if names and not set(names) & set(owner.marks) and not set(names) <= owner.kept:
+            raise owner.refusal(self.display(), names)
 
     def _rmdir(self, d: str) -> None:
         if self.is_local():
@@ -302,8 +309,9 @@ class Ownership:
 
 
 def _not_an_embed_output(shown: str, names: list[str]) -> OutputError:
+    count = f"{len(names)} {'entry' if len(names) == 1 else 'entries'}"
     return OutputError(f"--fresh: {shown} is not a resnet-batch output (no {PROVENANCE_FILE} or {STATE_FILE}) and "
-                       f"is not empty ({len(names)} entries, e.g. {names[0]!r}); refusing to delete anything there: "
+                       f"is not empty ({count}, e.g. {names[0]!r}); refusing to delete anything there: "
                        "use an empty or new output.uri")
 
 
