@@ -195,7 +195,8 @@ def main(argv=None) -> int:
         wall = time.perf_counter() - t0
         watch.done.set()
         if watch.over:
-            print(f"reads_bench: stopped: the cluster and the driver passed {args.max_memory_gib:g} GiB")
+            print(f"reads_bench: stopped after {wall:.0f}s: the cluster and the driver passed {args.max_memory_gib:g} "
+                  f"GiB (PSS, estimate {need / 1024:.1f} GiB)")
             return 3
         if watch.driver.returncode:
             raise RuntimeError(out[-2000:] + err[-4000:])
