@@ -46,6 +46,10 @@ def test_shell_blocks_run(page, workdir, ray_address):
     port = str(free_ports(1)[0])
     for block in shell_blocks(REPO / page):
         script = block.replace("8000", port)  # the service's example port, free here
-        res = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=workdir, capture_output=True, text=True,
-                             timeout=600, env={**os.environ, "PYTHONPATH": str(REPO), **ray_address})
+        try:
+            res = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=workdir, capture_output=True,
+                                 text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO), **ray_address})
+        except subprocess.TimeoutExpired as late:
+            out, err = (x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (late.stdout, late.stderr))
+            pytest.fail(f"{page}: still running after 600 s:\n{block}\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-3000:]}")
         assert res.returncode == 0, f"{page}:\n{block}\n--- stdout\n{res.stdout[-3000:]}\n--- stderr\n{res.stderr[-3000:]}"
