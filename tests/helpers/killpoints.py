@@ -1,8 +1,8 @@
 """Test driver: an embed run that dies at one named commit point, the way a kill -9 does (tests only).
 
-Run as `python -m tests.helpers.killpoints SPEC_JSON`, or through `Forks` (a process that has done the
-driver's imports once and forks a driver for each spec: torch, Ray, Arrow and the package are imported
-once per test session instead of once per kill). The hooks live here, nowhere in the package: the driver
+Run through `Forks`: a process (`python -m tests.helpers.killpoints`) that has done the driver's imports once
+and forks a driver for each spec, so torch, Ray, Arrow and the package are imported once per test session
+instead of once per kill. The hooks live here, nowhere in the package: the driver
 leaves with os._exit (no exception, no clean-up, no atexit), or a Ray task of the run SIGKILLs the driver
 from outside once its own work is stored, so the task's result never reaches the driver. The run uses the
 stand-in embedder through the Python API and the Ray cluster named in the spec.
@@ -62,6 +62,19 @@ def _killing_task(name: str, driver: int, after_write: bool):
 
     task.__name__ = name
     return task
+
+
+def _die_after_first_flush(writer: type, pending: str) -> None:
+    """writer.flush dies once it has stored something (its `pending` attribute was not empty)."""
+    real_flush = writer.flush
+
+    def flush(self):
+        had = bool(getattr(self, pending))
+        real_flush(self)
+        if had:
+            _die()
+
+    writer.flush = flush
 
 
 def install(point: str) -> None:
@@ -124,30 +137,14 @@ def install(point: str) -> None:
 
         store.OutputStore.write = write
     elif point == "first-manifest":
-        real_flush = manifest.ManifestWriter.flush
-
-        def flush(self):
-            had = bool(self.shards)
-            real_flush(self)
-            if had:
-                _die()
-
-        manifest.ManifestWriter.flush = flush
+        _die_after_first_flush(manifest.ManifestWriter, "shards")
     elif point == "first-record":
         def add(self, record):
             _die()
 
         ledger.LedgerWriter.add = add
     elif point == "first-ledger":
-        real_lflush = ledger.LedgerWriter.flush
-
-        def lflush(self):
-            had = bool(self.buffer)
-            real_lflush(self)
-            if had:
-                _die()
-
-        ledger.LedgerWriter.flush = lflush
+        _die_after_first_flush(ledger.LedgerWriter, "buffer")
     else:
         raise SystemExit(f"unknown kill point {point!r}")
 
@@ -268,7 +265,7 @@ class Forks:
 
         self.workdir = workdir
         self.n = 0
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.killpoints", "--fork-server"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.killpoints"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=repo,
                                      env={**os.environ, "PYTHONPATH": str(repo)})
         if self.proc.stdout.readline().strip() != "ready":
@@ -291,7 +288,4 @@ class Forks:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--fork-server":
-        serve_forks()
-    else:
-        main(json.loads(sys.argv[1]))
+    serve_forks()
