@@ -27,11 +27,13 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray") if (BIN / "ray").exists() else (shutil.which("ray") or "ray")
 OBJECT_STORE_BYTES = 300 << 20  # per node: enough for a demo, small enough for several nodes on one machine
+START_ATTEMPTS = 3
+RETRYABLE_START = ("timed out during startup", "Deadline Exceeded", "ddress already in use")  # load, port races
 
 
 def free_ports(n: int) -> list[int]:
@@ -80,6 +82,15 @@ def _session_of(pid: int) -> Optional[int]:
         return None
 
 
+def _zombie(pid: int) -> bool:
+    """Dead and waiting for its parent (init, for a daemon) to reap it: nothing left to signal."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 class LocalCluster:
     """A head and further nodes on 127.0.0.1, started and stopped through the `ray` CLI. `root` holds the
     token file and the nodes' temp dirs: keep it short (Ray's Unix socket paths live under it)."""
@@ -108,7 +119,26 @@ class LocalCluster:
         )
 
     # -- nodes -----------------------------------------------------------------------------------
-    def _start(self, args: list[str], num_cpus: float, resources: dict, env: Optional[dict] = None) -> None:
+    def _start(self, args: Callable[[], list[str]], num_cpus: float, resources: dict,
+               env: Optional[dict] = None) -> None:
+        """Start a node with `ray start`, its arguments from `args()` (called again for each attempt, so
+        a retry gets fresh ports). Ray gives a new node a fixed 30 s to register with the GCS; on a
+        loaded machine that can pass, and so can a port taken between choosing and binding it. Such a
+        start is stopped (its half-started daemons too) and tried again, up to START_ATTEMPTS times;
+        any other failure is raised at once."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            node_args = args()
+            session, returncode, out = self._ray_start(node_args, num_cpus, resources, env)
+            if returncode == 0:
+                return
+            self._signal([session])
+            if attempt == START_ATTEMPTS or not any(m in out for m in RETRYABLE_START):
+                tries = f" (attempt {attempt} of {START_ATTEMPTS})" if attempt > 1 else ""
+                raise RuntimeError(f"`ray start {' '.join(node_args)}` failed ({returncode}){tries}:\n{out[-3000:]}")
+
+    def _ray_start(self, args: list[str], num_cpus: float, resources: dict,
+                   env: Optional[dict]) -> tuple[int, int, str]:
+        """One `ray start` in a new session of its own: (session id, exit status, its output)."""
         node_manager, object_manager, agent, agent_grpc, runtime_env, metrics = free_ports(6)
         low, high = _free_range(max(60, int(num_cpus) + 40))  # a port per worker: one per logical CPU, and more
         temp_dir = self.temp_dir / f"node{len(self.sessions)}"
@@ -123,8 +153,7 @@ class LocalCluster:
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.sessions.append(proc.pid)  # its daemons keep this session id after `ray start` exits
         out, _ = proc.communicate(timeout=120)
-        if proc.returncode != 0:
-            raise RuntimeError(f"`ray start {' '.join(args)}` failed ({proc.returncode}):\n{out[-3000:]}")
+        return proc.pid, proc.returncode, out
 
     def _head_args(self) -> list[str]:
         """The head's own arguments, on fresh ports (sets gcs_port and dashboard_port)."""
@@ -134,10 +163,10 @@ class LocalCluster:
                 "--ray-client-server-port", str(client)]
 
     def start_head(self, num_cpus: float, resources: Optional[dict] = None) -> None:
-        self._start(self._head_args(), num_cpus, resources or {})
+        self._start(self._head_args, num_cpus, resources or {})
 
     def add_node(self, num_cpus: float, resources: Optional[dict] = None) -> None:
-        self._start(["--address", self.address], num_cpus, resources or {})
+        self._start(lambda: ["--address", self.address], num_cpus, resources or {})
 
     @property
     def address(self) -> str:
@@ -195,25 +224,30 @@ class LocalCluster:
                               timeout=timeout)
 
     # -- the end ---------------------------------------------------------------------------------
-    def processes(self) -> list[int]:
-        """Every live process of this cluster's nodes (their `ray start` sessions)."""
-        if not self.sessions:
+    def processes(self, sessions: Optional[list[int]] = None) -> list[int]:
+        """Every live process of this cluster's nodes (their `ray start` sessions), or of `sessions`."""
+        sessions = self.sessions if sessions is None else sessions
+        if not sessions:
             return []
-        return [int(p) for p in os.listdir("/proc") if p.isdigit() and _session_of(int(p)) in self.sessions]
+        return [int(p) for p in os.listdir("/proc")
+                if p.isdigit() and _session_of(int(p)) in sessions and not _zombie(int(p))]
 
-    def stop(self, grace_s: float = 8.0, keep_logs: bool = False) -> None:
-        """SIGTERM every process of this cluster's sessions, SIGKILL what is left after grace_s; then
-        remove the nodes' temp dirs (unless keep_logs: Ray's logs are in them)."""
+    def _signal(self, sessions: list[int], grace_s: float = 8.0) -> None:
+        """SIGTERM every process of these sessions, SIGKILL what is left after grace_s."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = self.processes()
+            pids = self.processes(sessions)
             for pid in pids:
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
             deadline = time.monotonic() + grace_s
-            while pids and self.processes() and time.monotonic() < deadline:
+            while pids and self.processes(sessions) and time.monotonic() < deadline:
                 time.sleep(0.25)
+
+    def stop(self, grace_s: float = 8.0, keep_logs: bool = False) -> None:
+        """Stop every process of this cluster's sessions (SIGTERM, then SIGKILL after grace_s); then
+        remove the nodes' temp dirs (unless keep_logs: Ray's logs are in them)."""
+        self._signal(self.sessions, grace_s)
         if not keep_logs:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
-

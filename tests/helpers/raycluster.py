@@ -30,11 +30,13 @@ class LoopbackCluster(LocalCluster):
         runs the autoscaler, which starts and stops worker nodes of those types on this machine."""
         if not autoscaling:
             return super().start_head(num_cpus, resources)
-        args = self._head_args()
-        config = self.root / "autoscaling.json"
-        config.write_text(json.dumps(_fake_autoscaling_config(self.gcs_port, num_cpus, resources or {}, autoscaling)))
-        self._start([*args, f"--autoscaling-config={config}"], num_cpus, resources or {},
-                    {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
+        def args() -> list[str]:  # fresh ports, and a config naming them, for each attempt
+            head = self._head_args()
+            config = self.root / "autoscaling.json"
+            config.write_text(json.dumps(_fake_autoscaling_config(self.gcs_port, num_cpus, resources or {},
+                                                                  autoscaling)))
+            return [*head, f"--autoscaling-config={config}"]
+        self._start(args, num_cpus, resources or {}, {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
 
     def ray(self, *args: str, env: Optional[dict] = None, timeout: Optional[float] = 300, cwd=REPO,
             capture: bool = True) -> subprocess.CompletedProcess:
