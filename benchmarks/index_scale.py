@@ -1,6 +1,7 @@
 """Index at scale: the streaming `resnet-batch index` over 1M photo-like 2048-d embeddings, and the neighbours job.
 
     .venv/bin/python benchmarks/index_scale.py [--n 1000000] [--queries 1000] [--neighbors-parts 5]
+        [--refine-code TC1024] (the index goes to index-TC1024 beside the default one, on the same parts)
 
 1. Draws n embeddings matched to the product's own embeddings of sample photographs (photo_like.py: mean,
    spectrum, norms, clusters) into float16 embed-output parts of 10,000 rows (out/bench-index/emb), and the
@@ -102,6 +103,7 @@ def main() -> int:
     ap.add_argument("--part-rows", type=int, default=10_000)
     ap.add_argument("--max-memory", default="4G")
     ap.add_argument("--kind", default="auto", help="passed to `resnet-batch index` (ivf: for a quick small run)")
+    ap.add_argument("--refine-code", default="FP16", help="passed to `resnet-batch index` (FP16 or TC1024)")
     ap.add_argument("--neighbors-parts", type=int, default=5, help="parts the neighbours job is timed on")
     ap.add_argument("--work", default=str(REPO / "out" / "bench-index"))
     args = ap.parse_args()
@@ -123,9 +125,9 @@ def main() -> int:
     z = np.load(truth_file)
     queries, truth_ids = z["queries"], z["ids"]
 
-    idx = work / "index"
+    idx = work / ("index" if args.refine_code == "FP16" else f"index-{args.refine_code}")
     cmd = [sys.executable, "-m", "resnet_batch.cli", "index", "--embeddings", str(emb), "--out", str(idx),
-           "--max-memory", args.max_memory, "--kind", args.kind]
+           "--max-memory", args.max_memory, "--kind", args.kind, "--refine-code", args.refine_code, "--rebuild"]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -160,10 +162,11 @@ def main() -> int:
     size = sum(meta["files"].values())
     print(f"\nindex: {meta['factory']}, nprobe={tuned} tuned on {t['queries']} database queries "
           f"(recall@{K} {t[f'recall_at_{K}']:.4f}, target {t['target_recall']}); PCA {meta['pca']}")
-    print(f"{'n':>9} {'build s':>8} {'peak RSS GiB':>12} {'size MiB':>9} {'recall@10 held-out':>18} "
-          f"{'p50 ms':>7} {'p99 ms':>7} {'batch ms/q':>10}")
-    print(f"{args.n:>9} {build_s:8.1f} {peak_rss / 2**30:12.2f} {size / 2**20:9.1f} {held_out:18.4f} "
-          f"{p50:7.3f} {p99:7.3f} {batch_ms:10.3f}")
+    refine = sum(v for k, v in meta["files"].items() if k.endswith("refine.f16"))
+    print(f"{'n':>9} {'build s':>8} {'peak RSS GiB':>12} {'size MiB':>9} {'re-ranking B/vector':>19} "
+          f"{'recall@10 held-out':>18} {'p50 ms':>7} {'p99 ms':>7} {'batch ms/q':>10}")
+    print(f"{args.n:>9} {build_s:8.1f} {peak_rss / 2**30:12.2f} {size / 2**20:9.1f} {refine / meta['count']:19.0f} "
+          f"{held_out:18.4f} {p50:7.3f} {p99:7.3f} {batch_ms:10.3f}")
     print("held-out recall@10 by nprobe: " + ", ".join(f"{p}: {r:.4f}" for p, r in sweep))
     print(f"one query (1 thread): {cost['codes_per_query']:.0f} codes scanned, coarse search {cost['coarse_ms']:.3f} "
           f"ms + list scan {cost['scan_ms']:.3f} ms ({cost['wall_ms']:.3f} ms wall in a batch)", flush=True)

@@ -54,10 +54,17 @@ def ray_local():
     """One local Ray runtime for the whole session (2 CPUs, like this machine)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=WORKERS_KEPT,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [
-                     str(REPO), os.environ.get("PYTHONPATH")]))}})
+    for attempt in (1, 2):  # Ray gives its node a fixed 30 s to register, which a loaded machine can pass
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=WORKERS_KEPT,
+                     runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [
+                         str(REPO), os.environ.get("PYTHONPATH")]))}})
+        except Exception as err:
+            if attempt == 2 or "timed out during startup" not in str(err):
+                raise
+            ray.shutdown()
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

@@ -327,3 +327,24 @@ def test_a_node_fetches_each_file_of_a_generation_once(two_builds, s3_server, tm
     for _ in range(2):
         SimilarityIndex.open(uri, opts).search(held_out[:20], 10)
     assert sorted(f.split("/idx/", 1)[1] for f in fetched) == sorted(f"{gen}/{n}" for n in own)
+
+
+def test_a_distributed_build_with_1_kib_re_ranking_codes_writes_the_single_process_build_s_codes(two_builds):
+    """The transform coder (--refine-code TC1024) goes to the add tasks as bytes and codes every part there: the
+    same coder file and the same rows, byte for byte, as one process writes from the same sample."""
+    root = two_builds[0]
+    options = IndexOptions(kind="ivf", tune_queries=200, refine_code="TC1024")
+    single = build_index([str(root / "emb")], str(root / "single-tc"), **options.as_dict(), **QUIET)
+    scaled = build_index_ray([str(root / "emb")], str(root / "scaled-tc"), options,
+                             ScaleOut(tasks=4, rows_per_task=1500), **QUIET)
+    assert scaled["factory"] == single["factory"] and scaled["factory"].endswith("Refine(TC1024)")
+    assert sorted(scaled["files"]) == ["ids.arrow", "ids.hash", "index.faiss", "lists.ivfdata", "refine.coder",
+                                       "refine.f16"]
+    row = scaled["files"]["refine.f16"] // 5990
+    assert row * 5990 == scaled["files"]["refine.f16"] and 512 < row <= 1024  # trained on 2,560: a cut plan
+    for name in ("refine.coder", "refine.f16"):
+        assert (root / "scaled-tc" / name).read_bytes() == (root / "single-tc" / name).read_bytes(), name
+    a, b = SimilarityIndex.open(str(root / "single-tc")), SimilarityIndex.open(str(root / "scaled-tc"))
+    _, fa = a.search(two_builds[3][:50], 10)
+    _, fb = b.search(two_builds[3][:50], 10)
+    assert np.mean(fa == fb) >= 0.99

@@ -19,35 +19,10 @@ from resnet_batch.search.build import build_index
 from resnet_batch.search.spec import Decision, IndexOptions, decide
 from resnet_batch.search.update import index_embeddings
 from resnet_batch.search.similar import similar_to_id
-from tests.helpers.search import (PROVENANCE, brute_force, clustered_vectors, one_faiss_thread,  # noqa: F401
-                                  write_logged_part, write_part)
+from tests.helpers.search import (PROVENANCE, Library, clustered_vectors, one_faiss_thread, recall,  # noqa: F401
+                                  write_part)
 
 QUIET = {"log": lambda m: None}
-
-
-class Library:
-    """A hand-written embed output whose parts change as a sync changes them: rewritten without some rows (a
-    new ledger record), deleted, or new. Row r of `vectors` is the image img-r.jpg."""
-
-    def __init__(self, root: Path, vectors: np.ndarray):
-        self.root, self.vectors, self.rows, self.failed = root, vectors, {}, {}
-
-    def write(self, shard: int, rows, run: int, failed=()) -> None:
-        rows = list(rows)
-        status = ["decode_error" if r in failed else "ok" for r in rows]
-        write_logged_part(self.root, shard, self.names(rows), self.vectors[rows], run, status)
-        self.rows[shard], self.failed[shard] = rows, set(failed)
-
-    def delete(self, shard: int) -> None:
-        (self.root / f"part-{shard:06d}.parquet").unlink()
-        del self.rows[shard]
-
-    def live(self) -> list[int]:
-        return sorted(r for s, rows in self.rows.items() for r in rows if r not in self.failed[s])
-
-    @staticmethod
-    def names(rows) -> list[str]:
-        return [f"img-{r:05d}.jpg" for r in rows]
 
 
 def ok_rows(out: Path) -> int:
@@ -62,12 +37,6 @@ def never_returned(index: SimilarityIndex, vectors: np.ndarray, names: list[str]
             similar_to_id(index, name, 5)
     _, found = index.search(vectors, 10)
     assert not set(index.image_ids(found).ravel()) & set(names)
-
-
-def recall(index: SimilarityIndex, vectors: np.ndarray, names: np.ndarray, queries: np.ndarray) -> float:
-    _, exact = brute_force(vectors, queries, 10)
-    _, found = index.search(queries, 10)
-    return float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(index.image_ids(found), names[exact])]))
 
 
 def test_the_decision_follows_the_size_class():

@@ -5,7 +5,6 @@ tests put a stand-in `ray` script in place of the CLI (no Ray starts): it leaves
 session, as a half-started node does, and fails as `ray start` does, a given number of times."""
 from __future__ import annotations
 
-import os
 import re
 import stat
 

@@ -24,9 +24,10 @@ import pyarrow.compute as pc
 from resnet_batch.cluster import worker_uri
 from resnet_batch.search.embeddings import Part, duplicate_id, input_root, ok_chunks, sample_rows, scan_embeddings
 from resnet_batch.errors import SimilarityIndexError
-from resnet_batch.search.index import FORMAT, IDS_FILE, IDS_SCHEMA, INDEX_FILE, REFINE_FILE, REFINE_SQ_FILE, normalize, \
+from resnet_batch.search.index import FORMAT, IDS_FILE, IDS_SCHEMA, INDEX_FILE, REFINE_FILE, normalize, \
     Refiner, refined_search
 from resnet_batch.search.changes import part_stamps
+from resnet_batch.search.coders import TransformCoder, write_coder
 from resnet_batch.search.folder import Staging
 from resnet_batch.search.layout import HASH_FILE, id_hashes, write_id_lookup
 from resnet_batch.search.spec import (DEFAULT_MAX_MEMORY, FLAT_MAX, PCA_AUTO, PCA_TRAIN_MAX, TUNE_QUERIES, IndexOptions,
@@ -43,12 +44,13 @@ LOG = logging.getLogger(__name__)  # a build's progress lines (INFO, see resnet_
 
 def build_index(uris: Sequence[str], out: str, *, kind: str = "auto", max_memory: int = DEFAULT_MAX_MEMORY,
                 pca: Optional[int] = None, flat_max: int = FLAT_MAX, target_recall: float = 0.95,
-                tune_queries: int = TUNE_QUERIES, seed: int = 0, storage_options: Optional[dict] = None,
-                log: Callable[[str], None] = LOG.info, guard: Optional[Callable[[], None]] = None) -> dict:
+                tune_queries: int = TUNE_QUERIES, seed: int = 0, refine_code: str = "FP16",
+                storage_options: Optional[dict] = None, log: Callable[[str], None] = LOG.info,
+                guard: Optional[Callable[[], None]] = None) -> dict:
     """Index every 'ok' embedding under `uris` (one provenance) into the folder `out`; returns its index.json.
     `guard`: the folder lock's check, before publishing (folder.Staging)."""
     options = IndexOptions(kind=kind, max_memory=max_memory, pca=pca, flat_max=flat_max,
-                           target_recall=target_recall, tune_queries=tune_queries, seed=seed)
+                           target_recall=target_recall, tune_queries=tune_queries, seed=seed, refine_code=refine_code)
     options.check()
     opts = dict(storage_options or {})
     source = BuildSource.scan(uris, options, opts)
@@ -87,7 +89,7 @@ class BuildSource:
             raise SimilarityIndexError(f"no embeddings with status 'ok' under {', '.join(uris)}")
         spec = IndexSpec.choose(n, kind=options.kind, dim=int(provenance.get("embedding_dim", EMBEDDING_DIM)),
                                 max_memory=options.max_memory, pca=options.pca, flat_max=options.flat_max,
-                                target_recall=options.target_recall)
+                                target_recall=options.target_recall, refine_code=options.refine_code)
         return cls(tuple(uris), parts, stamps, provenance, spec, time.perf_counter() - t0, hashes)
 
 
@@ -106,13 +108,13 @@ def build_into(stage: Staging, source: BuildSource, options: IndexOptions, opts:
     train, tune_ids, tune_vectors = _read_sample(parts, spec.train_size, queries, dim, options.seed)
     t_train = time.perf_counter()
     index, pca_info, spec = _trained_index(spec, train, options.seed, n, options)
-    refiner = _trained_refiner(train) if spec.refine else None
+    refiner = _trained_refiner(train, code=spec.refine_code) if spec.refine else None
     del train
     train_s = time.perf_counter() - t_train
     log(f"read a sample of {spec.train_size} + {queries} vectors in {t_train - t_sample:.1f} s, trained "
         f"{spec.factory} in {train_s:.1f} s; adding ({spec.bytes_per_vector()} bytes a vector in memory: "
-        f"{n * spec.bytes_per_vector() / 2**30:.2f} GiB" + (f", {2 * spec.dim} on disk for re-ranking)"
-                                                            if spec.refine else ")"))
+        f"{n * spec.bytes_per_vector() / 2**30:.2f} GiB" + (f", {refiner.sa_code_size()} on disk for re-ranking)"
+                                                            if refiner is not None else ")"))
     exact = ExactTopK(tune_vectors, TUNE_K + 1)
     t_add = time.perf_counter()
     with IdMapWriter(stage.path(IDS_FILE), stage.path(REFINE_FILE), refiner) as sink:
@@ -129,7 +131,7 @@ def build_into(stage: Staging, source: BuildSource, options: IndexOptions, opts:
     faiss.write_index(index, stage.path(INDEX_FILE))
     write_id_lookup(stage.path(HASH_FILE), source.hashes)
     if refiner is not None:
-        faiss.write_index(refiner, stage.path(REFINE_SQ_FILE))
+        write_coder(refiner, stage.path)
     meta = {
         "format": FORMAT, "build_id": uuid.uuid4().hex, "generation": 0, "kind": spec.kind, "factory": spec.factory,
         "spec": spec.as_dict(), "metric": "cosine", "count": int(index.ntotal), "dim": dim, "next_id": next_id,
@@ -238,7 +240,7 @@ def _trained_index(spec: IndexSpec, train: np.ndarray, seed: int, n: int, option
     if spec.pca:
         transform, pca_info = fit_projection(train[:PCA_TRAIN_MAX], spec.pca)
         spec = IndexSpec.choose(n, kind="ivf", dim=spec.dim, max_memory=options.max_memory, pca=pca_info["dims"],
-                                target_recall=options.target_recall)
+                                target_recall=options.target_recall, refine_code=options.refine_code)
         if transform is not None:
             sample = np.concatenate([project(transform, train[s:s + 65536]) for s in range(0, len(train), 65536)])
     d = spec.stored_dim
@@ -314,7 +316,10 @@ def _trained_refiner(train: np.ndarray, dims: int = 0, code: str = "FP16"):
     """The codes of full vectors that re-ranking decodes: offsets from the mean (embeddings crowd around it, so
     the offsets carry what tells neighbours apart; spec.py says why not 8 bits of the raw vectors),
     projected onto the top `dims` principal directions of the offsets (0: all dimensions kept), stored as
-    float16 ("FP16"), 8-, 6- or 4-bit numbers ("SQ8", "SQ6", "SQ4") or product-quantizer bytes ("PQ<m>")."""
+    float16 ("FP16"), 8-, 6- or 4-bit numbers ("SQ8", "SQ6", "SQ4") or product-quantizer bytes ("PQ<m>");
+    or the 1 KiB transform code "TC1024" (coders.TransformCoder)."""
+    if code == "TC1024":
+        return TransformCoder.trained(train[:PCA_TRAIN_MAX])
     import faiss
 
     import torch

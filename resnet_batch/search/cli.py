@@ -56,7 +56,7 @@ def index_main(args: argparse.Namespace) -> int:
     from resnet_batch.search.update import index_embeddings
 
     given = {"kind": args.kind, "flat_max": args.flat_max, "target_recall": args.target_recall,
-             "tune_queries": args.tune_queries, "seed": args.seed,
+             "tune_queries": args.tune_queries, "seed": args.seed, "refine_code": args.refine_code,
              "max_memory": None if args.max_memory is None else parse_bytes(args.max_memory),
              "pca": None if args.pca is None else PCA_AUTO if args.pca == "auto" else _int(args.pca, "--pca")}
     scale = None
@@ -181,7 +181,7 @@ def add_neighbors_arguments(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers) -> None:
     """Add the similarity-search subcommands to the `resnet-batch` parser."""
-    from resnet_batch.search.spec import FLAT_MAX, KINDS
+    from resnet_batch.search.spec import FLAT_MAX, KINDS, REFINE_CODES
 
     p = subparsers.add_parser("index", help="build a FAISS cosine index over embed output(s), streaming; over an "
                                             "index built before, update it (or rebuild it when its size class changed)")
@@ -209,6 +209,10 @@ def register(subparsers) -> None:
     p.add_argument("--target-recall", type=float,
                    help="IVF: recall@10 against exact search that the tuned nprobe must reach (default 0.95)")
     p.add_argument("--tune-queries", type=int, help="IVF: queries nprobe is tuned on (default 1000)")
+    p.add_argument("--refine-code", choices=REFINE_CODES,
+                   help="IVF: the codes candidates are re-ranked with, on disk: FP16, every dimension as float16 "
+                        "(4 KiB a vector), or TC1024, a 1 KiB transform code (a quarter of the disk and of the "
+                        "bytes read a query, a little less recall: docs/search.md) (default FP16)")
     p.add_argument("--seed", type=int, help="training sample and k-means seed (default 0)")
     p.add_argument("--storage-options", help="fsspec options as JSON, for every URI")
     p.epilog = ("Options not given are the defaults for a new index, and the ones it was built with for an "

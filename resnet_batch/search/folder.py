@@ -15,7 +15,7 @@ import tempfile
 from typing import Callable, Optional
 
 from resnet_batch.search.layout import (DATA_FILES, FORMAT_LAYOUT, HASH_FILE, LISTS_FILE, META_FILE, REFINE_FILE, REFINE_SQ_FILE,
-                                       generation_dir, generation_of)
+                                       TC_CODER_FILE, generation_dir, generation_of)
 from resnet_batch.output.store import write_file
 from resnet_batch.storage import filesystem, list_folder, protocols
 
@@ -67,7 +67,7 @@ class Staging:
         self.guard()
         if self.fs.exists(old):
             self.fs.rm(old)
-        for stale in {REFINE_SQ_FILE, REFINE_FILE, LISTS_FILE, HASH_FILE} - set(names):  # an earlier build's, not this one's
+        for stale in {REFINE_SQ_FILE, TC_CODER_FILE, REFINE_FILE, LISTS_FILE, HASH_FILE} - set(names):  # an earlier build's, not this one's
             if self.fs.exists(posixpath.join(self.root, stale)):
                 self.fs.rm(posixpath.join(self.root, stale))
         for name in names:

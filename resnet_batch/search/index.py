@@ -3,8 +3,9 @@
 Folder layout (written by build.py, index.json last: a folder without it is incomplete):
   index.faiss  the FAISS index; every vector carries a 64-bit id (IndexIDMap2 or the inverted file's own ids)
   ids.arrow    the id map, Arrow IPC (uncompressed, memory-mappable): id, image_id, path, label, prob, part
-  refine.f16   (IVF) row i of the id map as its float16 offset from the mean, for re-ranking candidates
-  refine.faiss (IVF) the mean and the float16 coder that decode them
+  refine.f16   (IVF) row i of the id map as its re-ranking code: its float16 offset from the mean (FP16), or
+               a 1 KiB transform code of it (TC1024)
+  refine.faiss (IVF) the mean and the float16 coder that decode them; refine.coder for TC1024 (coders.py)
   index.json   kind, spec, tuned nprobe and its measured recall, counts, provenance, sources, image roots
 An updated index keeps these files in generation folders that index.json names (layout.py).
 The data files are memory-mapped, so the actors of one node share one copy in the page cache; from object
@@ -28,6 +29,7 @@ from resnet_batch.errors import SimilarityIndexError
 from resnet_batch.search.layout import (DATA_FILES, FORMAT, INDEX_FORMATS, IDS_FILE, INDEX_FILE,  # noqa: F401 (re-exported)
                                        META_FILE, REFINE_FILE, REFINE_SQ_FILE, generation_of, index_layout,
                                        open_id_lookup, open_refine_rows, read_faiss_index)
+from resnet_batch.search.coders import TransformCoder, read_coder
 from resnet_batch.storage import cache_dir, filesystem, protocols
 
 OPEN_ATTEMPTS = 5  # opening again after index.json changed under a reader (each attempt: another publication)
@@ -212,7 +214,7 @@ class SimilarityIndex:
         ids = pa.ipc.open_file(pa.memory_map(os.path.join(folder, layout["ids"]))).read_all()
         refine = None
         if layout["refine"]:
-            decoder = faiss.read_index(os.path.join(folder, layout["refine"]["coder"]))
+            decoder = read_coder(os.path.join(folder, layout["refine"]["coder"]))
             codes = open_refine_rows(folder, layout["refine"], decoder.sa_code_size(), len(ids),
                                      remote=(fs, root) if remote else None)
             refine = (Refiner(decoder), codes)
@@ -236,14 +238,19 @@ def rows_in(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 class Refiner:
-    """The re-ranking coder (refine.faiss): a vector's offset from the mean, optionally projected onto the top
-    principal directions of the offsets (a `dims`-row LinearTransform), stored as float16 or 8-bit numbers. A
-    query is scored against a code as q.mean + (P q).decode(code): the projection P has orthonormal rows."""
+    """The re-ranking coder (refine.faiss, or refine.coder: coders.py): a vector's offset from the mean,
+    optionally projected onto the top principal directions of the offsets (a `dims`-row LinearTransform), stored
+    as float16, 8-bit numbers, or a transform code. A query is scored against a code as
+    q.mean + (P q).decode(code): the projection P has orthonormal rows."""
 
     def __init__(self, coder):
         import faiss
 
         self.coder = coder
+        self.row_bytes = coder.sa_code_size()
+        if isinstance(coder, TransformCoder):
+            self.mean, self.proj, self.sq, self.fp16 = coder.mean, coder.rotation, coder, False
+            return
         chain = coder.chain
         self.mean = faiss.vector_to_array(faiss.downcast_VectorTransform(chain.at(0)).mean).astype(np.float32)
         self.proj = None
@@ -252,17 +259,18 @@ class Refiner:
             self.proj = faiss.vector_to_array(lt.A).reshape(lt.d_out, lt.d_in).astype(np.float32)
         self.sq = faiss.downcast_index(coder.index)
         self.fp16 = isinstance(self.sq, faiss.IndexScalarQuantizer) and self.sq.sq.qtype == faiss.ScalarQuantizer.QT_fp16
-        self.row_bytes = coder.sa_code_size()
 
     @property
     def dims(self) -> int:
-        return self.sq.d
+        return self.proj.shape[0] if isinstance(self.coder, TransformCoder) else self.sq.d
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """Codes (uint8 rows) -> the offsets they store, in the code's own (projected) dimensions."""
         codes = np.ascontiguousarray(codes)
         if self.fp16:
             return codes.view(np.float16).astype(np.float32).reshape(len(codes), -1)
+        if isinstance(self.coder, TransformCoder):
+            return self.coder.decode_rotated(codes)
         return self.sq.sa_decode(codes)
 
     def queries(self, q: np.ndarray) -> np.ndarray:
@@ -278,6 +286,8 @@ class Refiner:
         """What the codes are, for the factory string: FP16, or PCA512,FP16, or PCA1024,SQ8."""
         import faiss
 
+        if isinstance(self.coder, TransformCoder):
+            return self.coder.describe()
         if self.fp16:
             code = "FP16"
         elif isinstance(self.sq, faiss.IndexPQ):

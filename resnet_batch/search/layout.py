@@ -28,14 +28,15 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.arrow"
 META_FILE = "index.json"  # written last: an index folder without it is incomplete
 REFINE_FILE = "refine.f16"
-REFINE_SQ_FILE = "refine.faiss"
+REFINE_SQ_FILE = "refine.faiss"  # the re-ranking coder: a FAISS one (FP16 codes)
+TC_CODER_FILE = "refine.coder"  # or a transform coder (TC1024 codes; coders.py)
 REFINE_ROWS_FILE = "refine.rows"  # (after removals) int64 per id-map row: its row in the re-ranking segments
 HASH_FILE = "ids.hash"  # the id map's image_id hashes, sorted, then the row of each: lookups without a dict
 LISTS_FILE = "lists.ivfdata"  # (a scaled-out build) the inverted lists on disk, beside the index.faiss naming them
 FORMAT = 2  # index.json "format" of a fresh build (files at the top); 1 was ids.parquet + positions
 FORMAT_LAYOUT = 3  # an updated or rebuilt index: index.json "layout" names the files (in generation folders)
 INDEX_FORMATS = (FORMAT, FORMAT_LAYOUT)
-DATA_FILES = (INDEX_FILE, IDS_FILE, REFINE_FILE, REFINE_SQ_FILE, REFINE_ROWS_FILE, LISTS_FILE, HASH_FILE)
+DATA_FILES = (INDEX_FILE, IDS_FILE, REFINE_FILE, REFINE_SQ_FILE, TC_CODER_FILE, REFINE_ROWS_FILE, LISTS_FILE, HASH_FILE)
 _GENERATION_RE = re.compile(r"^gen-(\d{6})$")
 
 
@@ -101,7 +102,8 @@ def index_layout(meta: dict) -> dict:
         return meta["layout"]
     refine = None
     if REFINE_FILE in meta["files"]:
-        refine = {"coder": REFINE_SQ_FILE, "segments": [[REFINE_FILE, int(meta["count"])]], "rows": None}
+        coder = TC_CODER_FILE if TC_CODER_FILE in meta["files"] else REFINE_SQ_FILE
+        refine = {"coder": coder, "segments": [[REFINE_FILE, int(meta["count"])]], "rows": None}
     return {"index": INDEX_FILE, "ids": IDS_FILE, "refine": refine,
             **({"lists": LISTS_FILE} if LISTS_FILE in meta["files"] else {}),
             **({"hash": HASH_FILE} if HASH_FILE in meta["files"] else {})}

@@ -44,7 +44,8 @@ from resnet_batch.search.changes import part_stamps
 from resnet_batch.search.embeddings import Part, list_parts, ok_chunks, part_provenance, check_provenance, \
     sample_rows
 from resnet_batch.search.folder import Staging
-from resnet_batch.search.index import FORMAT, IDS_FILE, IDS_SCHEMA, INDEX_FILE, REFINE_FILE, REFINE_SQ_FILE, normalize
+from resnet_batch.search.coders import coder_bytes, coder_from_bytes, write_coder
+from resnet_batch.search.index import FORMAT, IDS_FILE, IDS_SCHEMA, INDEX_FILE, REFINE_FILE, normalize
 from resnet_batch.search.layout import HASH_FILE, LISTS_FILE, faiss_stdout_to_stderr, write_id_lookup
 from resnet_batch.search.spec import IndexOptions, IndexSpec, query_node_line
 from resnet_batch.search.tuning import ExactTopK
@@ -114,7 +115,7 @@ def build_into_ray(stage: Staging, uris: Sequence[str], options: IndexOptions, s
         raise SimilarityIndexError(f"no embeddings with status 'ok' under {', '.join(uris)}")
     spec = IndexSpec.choose(n, kind=options.kind, dim=int(provenance.get("embedding_dim", EMBEDDING_DIM)),
                             max_memory=options.max_memory, pca=options.pca, flat_max=options.flat_max,
-                            target_recall=options.target_recall)
+                            target_recall=options.target_recall, refine_code=options.refine_code)
     if spec.kind != "ivf":
         raise SimilarityIndexError(f"{n} vectors make an exact index ({spec.factory}): build it without --ray "
                                    "(one process holds it), or pass --kind ivf")
@@ -138,7 +139,7 @@ def build_into_ray(stage: Staging, uris: Sequence[str], options: IndexOptions, s
     del got
     t_train = time.perf_counter()
     index, pca_info, spec = _trained_index(spec, train, options.seed, n, options)
-    refiner = _trained_refiner(train)
+    refiner = _trained_refiner(train, code=spec.refine_code)
     del train
     train_s = time.perf_counter() - t_train
     log(f"read a sample of {spec.train_size} + {queries} vectors in {t_train - t_sample:.1f} s (parallel), trained "
@@ -152,7 +153,7 @@ def build_into_ray(stage: Staging, uris: Sequence[str], options: IndexOptions, s
     groups = _row_groups(counts, tasks)
     partials = Partials.for_stage(stage, opts)
     trained = ray.put(faiss.serialize_index(index))
-    coder = ray.put(faiss.serialize_index(refiner))
+    coder = ray.put(coder_bytes(refiner))
     tune_ref = ray.put(tune_vectors)
     threads = max(1, int(scale.cpus_per_task))
     refs = [task(_add_group).remote(
@@ -184,7 +185,7 @@ def build_into_ray(stage: Staging, uris: Sequence[str], options: IndexOptions, s
         f"nprobe={tuning.nprobe} (recall@{TUNE_K} {tuning.recall:.4f}) in {time.perf_counter() - t_tune:.1f} s")
     with faiss_stdout_to_stderr():
         faiss.write_index(index, stage.path(INDEX_FILE))
-    faiss.write_index(refiner, stage.path(REFINE_SQ_FILE))
+    write_coder(refiner, stage.path)
     write_id_lookup(stage.path(HASH_FILE), row_hashes)
     del row_hashes
     protos = sorted({p for a in added for p in a["roots"]["protocols"]})
@@ -279,7 +280,7 @@ class AddTask:
     threads: int
 
 
-def _add_group(t: AddTask, trained: np.ndarray, coder: np.ndarray, tune_vectors: np.ndarray) -> dict:
+def _add_group(t: AddTask, trained: np.ndarray, coder: bytes, tune_vectors: np.ndarray) -> dict:
     """Add a group of parts to a copy of the trained index; write the partial index, id map and re-ranking rows."""
     import resource
 
@@ -289,7 +290,7 @@ def _add_group(t: AddTask, trained: np.ndarray, coder: np.ndarray, tune_vectors:
     faiss.omp_set_num_threads(t.threads)
     torch.set_num_threads(t.threads)
     index = faiss.deserialize_index(trained)
-    refiner = faiss.deserialize_index(coder)
+    refiner = coder_from_bytes(coder)
     exact = ExactTopK(tune_vectors, TUNE_K + 1)
     with tempfile.TemporaryDirectory(prefix="resnet-batch-add-") as tmp:
         folder = t.partials.writable(tmp)

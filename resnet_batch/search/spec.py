@@ -12,10 +12,11 @@ The rules (FAISS's guidelines, as autofaiss applies them):
   with an explicit --max-memory, the most accurate that fit half of it: SQ8, SQ4, then PQ with 4, 8, 16 ...
   dimensions a byte (the other half is for training and the chunks in flight). `query_memory` says what a
   query node then needs;
-- re-ranking: the REFINE_K_FACTOR x k best candidates by code are re-scored with float16 full-dimension
-  offsets from the mean, kept on disk (memory-mapped, not in the memory budget): embeddings crowd around
-  their mean so tightly that 8-bit codes of the full vectors rank their 10th and 11th neighbours no better
-  than the projection does.
+- re-ranking: the REFINE_K_FACTOR x k best candidates by code are re-scored with finer codes of the
+  vectors' offsets from the mean, kept on disk (memory-mapped, not in the memory budget): float16 of all
+  dimensions (FP16, 4 KiB a vector, the default) or a 1 KiB transform code (TC1024; coders.py): embeddings
+  crowd around their mean so tightly that 8-bit codes of the full vectors rank their 10th and 11th
+  neighbours no better than the projection does.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ PCA_VARIANCE = 0.99  # the share of variance an automatic projection must keep
 ID_BYTES = 8  # every stored vector carries its 64-bit id
 REFINE_K_FACTOR = 4  # candidates re-scored per result
 TUNE_QUERIES = 1000  # database rows nprobe is tuned on
+REFINE_CODES = ("FP16", "TC1024")  # re-ranking codes (coders.py): 4 KiB a vector, 1 KiB a vector
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -71,7 +73,8 @@ class IndexSpec:
     nlist: int  # inverted lists (0 for flat)
     code: str  # Flat | SQ8 | SQ4 | PQ<m>
     train_size: int  # vectors sampled for training (0: none)
-    refine: int = 0  # candidates per result re-scored with full-dimension float16 vectors (0: none)
+    refine: int = 0  # candidates per result re-scored with the re-ranking codes (0: none)
+    refine_code: str = "FP16"  # the re-ranking codes: REFINE_CODES
 
     @property
     def stored_dim(self) -> int:
@@ -83,10 +86,10 @@ class IndexSpec:
         if self.kind == "flat":
             return "IDMap2,Flat"
         pca = {PCA_AUTO: "PCAauto,", 0: ""}.get(self.pca, f"PCA{self.pca},")
-        return f"{pca}IVF{self.nlist},{self.code}" + (",Refine(FP16)" if self.refine else "")
+        return f"{pca}IVF{self.nlist},{self.code}" + (f",Refine({self.refine_code})" if self.refine else "")
 
     def bytes_per_vector(self) -> int:
-        """Bytes a vector takes in memory (its code and id); the re-ranking store adds 2 x dim on disk."""
+        """Bytes a vector takes in memory (its code and id); the re-ranking rows add theirs on disk."""
         return code_bytes(self.code, self.stored_dim) + ID_BYTES
 
     def as_dict(self) -> dict:
@@ -104,7 +107,7 @@ class IndexSpec:
     @classmethod
     def choose(cls, n: int, *, kind: str = "auto", dim: int = EMBEDDING_DIM,
                max_memory: Optional[int] = DEFAULT_MAX_MEMORY, pca: int | None = None, flat_max: int = FLAT_MAX,
-               target_recall: float = 0.95) -> "IndexSpec":
+               target_recall: float = 0.95, refine_code: str = "FP16") -> "IndexSpec":
         """The spec for n vectors of `dim` dimensions (pca None: the default): codes for `target_recall`, or
         the most accurate within `max_memory` bytes where a budget is given."""
         if kind not in KINDS:
@@ -133,7 +136,7 @@ class IndexSpec:
             code = _within_budget(n, stored, max_memory)
         pq_min = 256 * 39 if code.startswith("PQ") else 0  # 256 centroids per sub-space
         train = int(min(n, max(40 * nlist, pq_min), TRAIN_MAX))
-        return cls("ivf", dim, out, nlist, code, train, REFINE_K_FACTOR)
+        return cls("ivf", dim, out, nlist, code, train, REFINE_K_FACTOR, refine_code)
 
 
 def query_node_line(q: dict) -> str:
@@ -175,6 +178,7 @@ class IndexOptions:
     target_recall: float = 0.95
     tune_queries: int = TUNE_QUERIES
     seed: int = 0
+    refine_code: str = "FP16"
 
     def __post_init__(self):
         if self.pca is None:
@@ -193,6 +197,9 @@ class IndexOptions:
     def check(self) -> None:
         if not 0 < self.target_recall <= 1:
             raise SimilarityIndexError(f"--target-recall must be in (0, 1], got {self.target_recall}")
+        if self.refine_code not in REFINE_CODES:
+            raise SimilarityIndexError(f"--refine-code must be one of {', '.join(REFINE_CODES)}, "
+                                       f"got {self.refine_code!r}")
 
 
 PCA_TRAIN_MAX = 32_768  # vectors the projection is fitted on (a sub-sample of the training sample)
@@ -242,7 +249,7 @@ def decide(meta: dict, after: int, kept: int, options: IndexOptions) -> Decision
     longer fit the budget; otherwise the lists, projection and codes stay and only vectors move."""
     spec, before = meta["spec"], int(meta["count"])
     wanted = IndexSpec.choose(after, kind=options.kind, dim=spec["dim"], max_memory=options.max_memory,
-                              pca=options.pca, flat_max=options.flat_max, target_recall=options.target_recall)
+                              pca=options.pca, flat_max=options.flat_max, target_recall=options.target_recall, refine_code=options.refine_code)
     if wanted.kind != spec["kind"]:
         return Decision(True, _crossing(spec["kind"], before, after, options))
     if spec["kind"] == "flat":
@@ -253,6 +260,8 @@ def decide(meta: dict, after: int, kept: int, options: IndexOptions) -> Decision
     need = after * (code_bytes(spec["code"], spec["pca"] or spec["dim"]) + ID_BYTES)
     if options.pca != recorded_pca:
         return Decision(True, f"--pca changed ({_pca_text(recorded_pca)} -> {_pca_text(options.pca)})")
+    if options.refine_code != spec.get("refine_code", "FP16"):
+        return Decision(True, f"--refine-code changed ({spec.get('refine_code', 'FP16')} -> {options.refine_code})")
     if after > GROWTH_LIMIT * trained:
         return Decision(True, f"{after:,} vectors are over {GROWTH_LIMIT}x the {trained:,} that {ivf} was trained for")
     if after * GROWTH_LIMIT < trained:

@@ -29,10 +29,12 @@ from resnet_batch.search.index import (IDS_SCHEMA, Refiner, local_folder, normal
 from resnet_batch.search.build import (TUNE_K, BuildSource, IdMapWriter, add_parts, build_index, build_into,
                                       fold_folders, history_entry, image_roots, LOG, tune_index)
 from resnet_batch.search.changes import Changes, find_changes
+from resnet_batch.search.coders import read_coder
 from resnet_batch.search.folder import UPDATE_PREFIX, Staging
 from resnet_batch.search.lists import ListsUpdate
 from resnet_batch.search.layout import (INDEX_FORMATS, HASH_FILE, IDS_FILE, INDEX_FILE, LISTS_FILE, META_FILE,
-                                       REFINE_FILE, REFINE_ROWS_FILE, REFINE_SQ_FILE, RefineRows, generation_dir,
+                                       REFINE_FILE, REFINE_ROWS_FILE, REFINE_SQ_FILE, TC_CODER_FILE, RefineRows,
+                                       generation_dir,
                                        faiss_stdout_to_stderr, hashes_by_row, index_layout, map_rows, open_refine_rows,
                                        read_faiss_index, write_id_lookup)
 from resnet_batch.search.spec import IndexOptions, decide
@@ -177,7 +179,8 @@ def _rebuild(target: Target, reason: str) -> Outcome:
             meta = build_into(stage, source, target.options, target.opts, target.log)
         meta["generation"] = target.generation
         folder = generation_dir(meta["generation"])
-        refine = {"coder": f"{folder}/{REFINE_SQ_FILE}", "segments": [[f"{folder}/{REFINE_FILE}", meta["count"]]],
+        coder = TC_CODER_FILE if os.path.exists(stage.path(TC_CODER_FILE)) else REFINE_SQ_FILE
+        refine = {"coder": f"{folder}/{coder}", "segments": [[f"{folder}/{REFINE_FILE}", meta["count"]]],
                   "rows": None}
         meta["layout"] = {"index": f"{folder}/{INDEX_FILE}", "ids": f"{folder}/{IDS_FILE}",
                           "refine": refine if meta["spec"]["refine"] else None, "hash": f"{folder}/{HASH_FILE}",
@@ -214,7 +217,7 @@ def _update(target: Target, folder: str, ids: pa.Table, changes: Changes, reason
     kept = _kept_rows(ids, changes, previous["part_uris"], number)
     arriving = [(p.fs, Part(p.uri, p.path, -1, len(changes.added[p.uri])), number[p.uri], changes.added[p.uri])
                 for p in changes.parts if p.uri in changes.added]
-    decoder = faiss.read_index(os.path.join(folder, layout["refine"]["coder"])) if layout["refine"] else None
+    decoder = read_coder(os.path.join(folder, layout["refine"]["coder"])) if layout["refine"] else None
     with Staging(out, target.opts, prefix=UPDATE_PREFIX, guard=target.guard) as stage:
         with IdMapWriter(stage.path(IDS_FILE), stage.path(REFINE_FILE), decoder) as sink:
             sink.write(kept)

@@ -126,3 +126,35 @@ def write_logged_part(root: Path, shard: int, ids: Sequence[str], vectors: np.nd
                 "failed": len(ids) - ok, "skipped": 0, "run": run, "written_at": time.time()})
     ledger.flush()
     return path
+
+
+class Library:
+    """A hand-written embed output whose parts change as a sync changes them: rewritten without some rows (a
+    new ledger record), deleted, or new. Row r of `vectors` is the image img-r.jpg."""
+
+    def __init__(self, root: Path, vectors: np.ndarray):
+        self.root, self.vectors, self.rows, self.failed = root, vectors, {}, {}
+
+    def write(self, shard: int, rows, run: int, failed=()) -> None:
+        rows = list(rows)
+        status = ["decode_error" if r in failed else "ok" for r in rows]
+        write_logged_part(self.root, shard, self.names(rows), self.vectors[rows], run, status)
+        self.rows[shard], self.failed[shard] = rows, set(failed)
+
+    def delete(self, shard: int) -> None:
+        (self.root / f"part-{shard:06d}.parquet").unlink()
+        del self.rows[shard]
+
+    def live(self) -> list[int]:
+        return sorted(r for s, rows in self.rows.items() for r in rows if r not in self.failed[s])
+
+    @staticmethod
+    def names(rows) -> list[str]:
+        return [f"img-{r:05d}.jpg" for r in rows]
+
+
+def recall(index, vectors: np.ndarray, names: np.ndarray, queries: np.ndarray) -> float:
+    """recall@10 of `queries` against exact search over `vectors` (image ids `names`)."""
+    _, exact = brute_force(vectors, queries, 10)
+    _, found = index.search(queries, 10)
+    return float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(index.image_ids(found), names[exact])]))
