@@ -17,8 +17,14 @@ def vectors():
     return normalize(clustered_vectors(5000, seed=5))
 
 
-def test_the_transform_code_takes_1_kib_and_decodes_close_to_the_vector(vectors):
-    coder = _trained_refiner(vectors[:4000], code="TC1024")
+@pytest.fixture(scope="module")
+def coders(vectors):
+    """Both coders, fitted on the first 4,000 vectors (the rest are held out)."""
+    return {code: _trained_refiner(vectors[:4000], code=code) for code in ("FP16", "TC1024")}
+
+
+def test_the_transform_code_takes_1_kib_and_decodes_close_to_the_vector(vectors, coders):
+    coder = coders["TC1024"]
     assert coder.tiers == [(0, 256, 16), (256, 768, 4), (768, 1792, 2)]
     assert isinstance(coder, TransformCoder) and coder.sa_code_size() == 1024 == 256 * 2 + 512 // 2 + 1024 // 4
     assert coder.rotation.shape == (1792, 2048)
@@ -51,16 +57,16 @@ def test_the_transform_code_takes_1_kib_and_decodes_close_to_the_vector(vectors)
     assert isinstance(again, TransformCoder)
     np.testing.assert_array_equal(again.sa_encode(vectors[4000:]), codes)
     np.testing.assert_array_equal(Refiner(again).vectors(codes), decoded)
-    fp16 = _trained_refiner(vectors[:4000])  # the FAISS coder goes through the same functions
+    fp16 = coders["FP16"]  # the FAISS coder goes through the same functions
     np.testing.assert_array_equal(coder_from_bytes(coder_bytes(fp16)).sa_encode(vectors[:5]), fp16.sa_encode(vectors[:5]))
 
 
-def test_re_ranking_with_the_transform_code_keeps_the_true_neighbours(vectors):
+def test_re_ranking_with_the_transform_code_keeps_the_true_neighbours(vectors, coders):
     """The same 40 candidates a query, re-scored from 1 KiB codes and from 4 KiB ones, against the exact top 10."""
-    database, queries = vectors[:4800], vectors[4800:]
+    database, queries = vectors[:4000], vectors[4800:]
     _, exact = brute_force(database, queries, 10)
     rng = np.random.default_rng(0)
-    candidates = np.array([np.concatenate([e, rng.choice(np.setdiff1d(np.arange(4800), e), 30, replace=False)])
+    candidates = np.array([np.concatenate([e, rng.choice(np.setdiff1d(np.arange(4000), e), 30, replace=False)])
                            for e in exact])  # the true 10 hidden among 30 others
 
     class Fixed:
@@ -68,8 +74,7 @@ def test_re_ranking_with_the_transform_code_keeps_the_true_neighbours(vectors):
             return None, candidates
 
     found = {}
-    for code in ("FP16", "TC1024"):
-        coder = _trained_refiner(database, code=code)
+    for code, coder in coders.items():  # fitted on the database, as a build fits them on a sample of it
         codes = coder.sa_encode(database)
         _, found[code] = refined_search(Fixed(), Refiner(coder), codes, lambda ids: ids, queries, 10, 4)
     hit = {code: np.mean([len(set(f) & set(e)) / 10 for f, e in zip(ids, exact)]) for code, ids in found.items()}
