@@ -6,8 +6,8 @@ inverted file the product picks (uncentred PCA to 256 dimensions, nlist ~ 4 sqrt
 query's 4 x 10 best candidates by code once, and re-scores those same candidates with each candidate
 re-ranking code (build._trained_refiner: offsets from the mean, optionally projected onto their top principal
 directions, float16, 8/6/4-bit or PQ; or the transform code TC1024 of coders.py: rotated onto the principal
-directions, the top 256 as float16, the next 1024 as 4-bit), printing recall@10, bytes a vector and the
-re-scoring time a query.
+directions, the top 256 as float16, the next 512 in 4 bits and the next 1024 in 2 bits; --tc-plans tries other
+tiers), printing recall@10, bytes a vector and the re-scoring time a query.
 "re-read from the embed parts" re-scores with the float16 vectors the parts hold (no re-ranking file; a
 query then reads its 40 candidates' rows from Parquet).
 
@@ -98,7 +98,7 @@ def main() -> int:
     plans = [tuple((int(w), int(b), float(o)) for w, b, o in (t.split(":") for t in p.split(","))) for p in args.tc_plans]
     for dims, code in chosen + [(0, plan) for plan in plans]:
         if isinstance(code, tuple):
-            refiner = TransformCoder.trained(sample[:PCA_TRAIN_MAX].astype(np.float32), code)
+            refiner = TransformCoder.trained(sample[:PCA_TRAIN_MAX], code)
             code = "TC " + "+".join(f"{w}x{b}b" for w, b, _ in code)
         else:
             refiner = _trained_refiner(sample, dims, code)

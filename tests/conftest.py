@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from resnet_batch.dev.localcluster import STARTUP_TIMED_OUT
 from resnet_batch.dev.sample_data import make_sample_photos
 from resnet_batch.weights import random_state_dict
 from tests.helpers.jobs import REPO
@@ -62,7 +63,7 @@ def ray_local():
                      runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [
                          str(REPO), os.environ.get("PYTHONPATH")]))}})
         except Exception as err:
-            if attempt == 2 or "timed out during startup" not in str(err):
+            if attempt == 2 or STARTUP_TIMED_OUT not in str(err):
                 raise
             ray.shutdown()
     from ray.data import DataContext

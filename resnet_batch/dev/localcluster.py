@@ -33,7 +33,8 @@ BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray") if (BIN / "ray").exists() else (shutil.which("ray") or "ray")
 OBJECT_STORE_BYTES = 300 << 20  # per node: enough for a demo, small enough for several nodes on one machine
 START_ATTEMPTS = 3
-RETRYABLE_START = ("timed out during startup", "Deadline Exceeded", "ddress already in use")  # load, port races
+STARTUP_TIMED_OUT = "timed out during startup"  # Ray's words when a node did not register within its fixed 30 s
+RETRYABLE_START = (STARTUP_TIMED_OUT, "Deadline Exceeded", "ddress already in use")  # load, port races
 
 
 def free_ports(n: int) -> list[int]:

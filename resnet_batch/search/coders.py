@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from resnet_batch.search.layout import REFINE_SQ_FILE, TC_CODER_FILE
+from resnet_batch.search import layout
 # The transform code's tiers, in order of variance: (components, bits a component, the share of the sample
 # left outside each end of a component's range). 16 bits is float16; fewer are uniform bins over the range.
 TC_PLAN = ((256, 16, 0.0), (512, 4, 0.005), (1024, 2, 0.03))
@@ -40,7 +40,6 @@ class TransformCoder:
         self.bits = np.asarray(bits, dtype=np.int64)  # bits a component in each tier (16: float16)
         self.low = np.asarray(low, dtype=np.float32)  # per component: its range's start (unused in float16)
         self.step = np.asarray(step, dtype=np.float32)  # per component: its bins' width
-        self.d = self.rotation.shape[1]
         self.tiers, start = [], 0  # (first component, last + 1, bits) of each tier
         for width, b in zip(self.widths, self.bits):
             self.tiers.append((start, start + int(width), int(b)))
@@ -149,7 +148,7 @@ def _within(plan, components: int) -> tuple:
 
 def coder_file(coder) -> str:
     """The file name a coder is stored under in an index folder."""
-    return TC_CODER_FILE if isinstance(coder, TransformCoder) else REFINE_SQ_FILE
+    return layout.coder_file("TC1024" if isinstance(coder, TransformCoder) else "FP16")
 
 
 def coder_bytes(coder) -> bytes:

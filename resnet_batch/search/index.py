@@ -248,8 +248,9 @@ class Refiner:
 
         self.coder = coder
         self.row_bytes = coder.sa_code_size()
-        if isinstance(coder, TransformCoder):
-            self.mean, self.proj, self.sq, self.fp16 = coder.mean, coder.rotation, coder, False
+        if isinstance(coder, TransformCoder):  # no FAISS quantizer: the coder decodes its own tiers
+            self.mean, self.proj, self.sq, self.fp16 = coder.mean, coder.rotation, None, False
+            self.dims = coder.rotation.shape[0]
             return
         chain = coder.chain
         self.mean = faiss.vector_to_array(faiss.downcast_VectorTransform(chain.at(0)).mean).astype(np.float32)
@@ -259,17 +260,14 @@ class Refiner:
             self.proj = faiss.vector_to_array(lt.A).reshape(lt.d_out, lt.d_in).astype(np.float32)
         self.sq = faiss.downcast_index(coder.index)
         self.fp16 = isinstance(self.sq, faiss.IndexScalarQuantizer) and self.sq.sq.qtype == faiss.ScalarQuantizer.QT_fp16
-
-    @property
-    def dims(self) -> int:
-        return self.proj.shape[0] if isinstance(self.coder, TransformCoder) else self.sq.d
+        self.dims = self.sq.d  # the code's own (projected) dimensions
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """Codes (uint8 rows) -> the offsets they store, in the code's own (projected) dimensions."""
         codes = np.ascontiguousarray(codes)
         if self.fp16:
             return codes.view(np.float16).astype(np.float32).reshape(len(codes), -1)
-        if isinstance(self.coder, TransformCoder):
+        if self.sq is None:
             return self.coder.decode_rotated(codes)
         return self.sq.sa_decode(codes)
 
@@ -286,7 +284,7 @@ class Refiner:
         """What the codes are, for the factory string: FP16, or PCA512,FP16, or PCA1024,SQ8."""
         import faiss
 
-        if isinstance(self.coder, TransformCoder):
+        if self.sq is None:
             return self.coder.describe()
         if self.fp16:
             code = "FP16"

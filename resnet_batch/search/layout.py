@@ -96,13 +96,18 @@ def id_hashes(image_ids: list) -> np.ndarray:
                                        "little", signed=True) for s in image_ids), np.int64, len(image_ids))
 
 
+def coder_file(refine_code: str) -> str:
+    """The file an index's re-ranking coder is stored in, for its spec's refine_code."""
+    return TC_CODER_FILE if refine_code == "TC1024" else REFINE_SQ_FILE
+
+
 def index_layout(meta: dict) -> dict:
     """The files of the index that index.json describes (a fresh build's, where it records no layout)."""
     if "layout" in meta:
         return meta["layout"]
     refine = None
     if REFINE_FILE in meta["files"]:
-        coder = TC_CODER_FILE if TC_CODER_FILE in meta["files"] else REFINE_SQ_FILE
+        coder = coder_file(meta["spec"].get("refine_code", "FP16"))
         refine = {"coder": coder, "segments": [[REFINE_FILE, int(meta["count"])]], "rows": None}
     return {"index": INDEX_FILE, "ids": IDS_FILE, "refine": refine,
             **({"lists": LISTS_FILE} if LISTS_FILE in meta["files"] else {}),

@@ -249,7 +249,7 @@ def decide(meta: dict, after: int, kept: int, options: IndexOptions) -> Decision
     longer fit the budget; otherwise the lists, projection and codes stay and only vectors move."""
     spec, before = meta["spec"], int(meta["count"])
     wanted = IndexSpec.choose(after, kind=options.kind, dim=spec["dim"], max_memory=options.max_memory,
-                              pca=options.pca, flat_max=options.flat_max, target_recall=options.target_recall, refine_code=options.refine_code)
+                              pca=options.pca, flat_max=options.flat_max, target_recall=options.target_recall)
     if wanted.kind != spec["kind"]:
         return Decision(True, _crossing(spec["kind"], before, after, options))
     if spec["kind"] == "flat":
@@ -260,8 +260,9 @@ def decide(meta: dict, after: int, kept: int, options: IndexOptions) -> Decision
     need = after * (code_bytes(spec["code"], spec["pca"] or spec["dim"]) + ID_BYTES)
     if options.pca != recorded_pca:
         return Decision(True, f"--pca changed ({_pca_text(recorded_pca)} -> {_pca_text(options.pca)})")
-    if options.refine_code != spec.get("refine_code", "FP16"):
-        return Decision(True, f"--refine-code changed ({spec.get('refine_code', 'FP16')} -> {options.refine_code})")
+    built_code = spec.get("refine_code", "FP16")  # indexes from before the option: float16
+    if options.refine_code != built_code:
+        return Decision(True, f"--refine-code changed ({built_code} -> {options.refine_code})")
     if after > GROWTH_LIMIT * trained:
         return Decision(True, f"{after:,} vectors are over {GROWTH_LIMIT}x the {trained:,} that {ivf} was trained for")
     if after * GROWTH_LIMIT < trained:

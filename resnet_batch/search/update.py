@@ -33,8 +33,7 @@ from resnet_batch.search.coders import read_coder
 from resnet_batch.search.folder import UPDATE_PREFIX, Staging
 from resnet_batch.search.lists import ListsUpdate
 from resnet_batch.search.layout import (INDEX_FORMATS, HASH_FILE, IDS_FILE, INDEX_FILE, LISTS_FILE, META_FILE,
-                                       REFINE_FILE, REFINE_ROWS_FILE, REFINE_SQ_FILE, TC_CODER_FILE, RefineRows,
-                                       generation_dir,
+                                       REFINE_FILE, REFINE_ROWS_FILE, RefineRows, coder_file, generation_dir,
                                        faiss_stdout_to_stderr, hashes_by_row, index_layout, map_rows, open_refine_rows,
                                        read_faiss_index, write_id_lookup)
 from resnet_batch.search.spec import IndexOptions, decide
@@ -179,7 +178,7 @@ def _rebuild(target: Target, reason: str) -> Outcome:
             meta = build_into(stage, source, target.options, target.opts, target.log)
         meta["generation"] = target.generation
         folder = generation_dir(meta["generation"])
-        coder = TC_CODER_FILE if os.path.exists(stage.path(TC_CODER_FILE)) else REFINE_SQ_FILE
+        coder = coder_file(meta["spec"]["refine_code"])
         refine = {"coder": f"{folder}/{coder}", "segments": [[f"{folder}/{REFINE_FILE}", meta["count"]]],
                   "rows": None}
         meta["layout"] = {"index": f"{folder}/{INDEX_FILE}", "ids": f"{folder}/{IDS_FILE}",
