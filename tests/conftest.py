@@ -12,14 +12,14 @@ from resnet_batch.dev.localcluster import STARTUP_TIMED_OUT
 from resnet_batch.dev.sample_data import make_sample_photos
 from resnet_batch.weights import random_state_dict
 from tests.helpers.jobs import REPO
+from tests.helpers.shared import shared_path
 
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
-    """Seeded random ResNet-50 weights saved to a file: loaded through the real checkpoint path."""
-    path = tmp_path_factory.mktemp("weights") / "resnet50-seed7.pth"
-    torch.save(random_state_dict(7), path)
-    return path
+    """Seeded random ResNet-50 weights saved to a file (one for the run, see helpers/shared.py): loaded through the
+    real checkpoint path."""
+    return shared_path(tmp_path_factory, "resnet50-seed7.pth", lambda path: torch.save(random_state_dict(7), path))
 
 
 @pytest.fixture(scope="session")
@@ -38,10 +38,8 @@ def keras_weights():
 
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory) -> Path:
-    """36 realistic JPEGs in shard folders (derived from scikit-image's photographs)."""
-    root = tmp_path_factory.mktemp("photos")
-    make_sample_photos(root, 36, per_folder=12, seed=1)
-    return root
+    """36 realistic JPEGs in shard folders (derived from scikit-image's photographs); read-only for the tests."""
+    return shared_path(tmp_path_factory, "photos", lambda root: make_sample_photos(root, 36, per_folder=12, seed=1))
 
 
 # Ray kills a job's idle worker processes after 1 s beyond one per CPU, and a test's next run (or the next

@@ -128,13 +128,13 @@ def test_actor_reports_failures_instead_of_raising(state_dict, images, tmp_path)
     assert failed["error"].startswith("AttributeError") and not (tmp_path / "out" / "part-000000.parquet").exists()
 
 
-def test_checkpoint_weights_resolved_with_hash(checkpoint, state_dict):
+def test_checkpoint_weights_resolved_with_hash(checkpoint, state_dict, tmp_path):
     info, sd = resolve_weights(ModelConfig(weights=str(checkpoint)))
     assert info.weights_id == f"checkpoint:{checkpoint}"
     assert info.sha256 == state_dict_sha256(state_dict) == state_dict_sha256(sd)
     assert info.transforms == "IMAGENET1K_V2"
     # A checkpoint saved as {"state_dict": ...} with DataParallel prefixes loads the same weights.
-    wrapped = checkpoint.parent / "wrapped.pth"
+    wrapped = tmp_path / "wrapped.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in state_dict.items()}, "epoch": 3}, wrapped)
     assert resolve_weights(ModelConfig(weights=str(wrapped)))[0].sha256 == info.sha256
 

@@ -84,17 +84,18 @@ def brute_force(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.nd
 
 def embedded_photos(tmp_path_factory, photos: Path, checkpoint) -> Path:
     """The real embed job's output over the 36 test photos (fp32; `checkpoint` a path, or a weights name such as
-    IMAGENET1K_KERAS); run once per session for each."""
-    name = "" if isinstance(checkpoint, Path) else f"-{checkpoint}"
-    out = tmp_path_factory.getbasetemp() / f"search-embedded-photos{name}"
-    if (out / "_SUCCESS").exists():
-        return out
-    from resnet_batch.embed.runner import run
-    from tests.helpers.jobs import job_config
+    IMAGENET1K_KERAS); run once per test run for each, shared by the xdist workers (helpers/shared.py)."""
+    from tests.helpers.shared import shared_path
 
-    report = run(job_config(photos, out, checkpoint), progress=False)
-    assert report["complete"], json.dumps(report)[:2000]
-    return out
+    def embed(out: Path) -> None:
+        from resnet_batch.embed.runner import run
+        from tests.helpers.jobs import job_config
+
+        report = run(job_config(photos, out, checkpoint), progress=False)
+        assert report["complete"], json.dumps(report)[:2000]
+
+    name = "" if isinstance(checkpoint, Path) else f"-{checkpoint}"
+    return shared_path(tmp_path_factory, f"search-embedded-photos{name}", embed)
 
 
 def jpeg(path: Path, quality: int, flip: bool = False) -> bytes:
