@@ -58,12 +58,10 @@ class PreprocessSpec:
 
     @classmethod
     def from_weights(cls, weights_name: str) -> "PreprocessSpec":
-        from torchvision.models import ResNet50_Weights
+        from resnet_batch.torchvision_meta import IMAGENET_MEAN, IMAGENET_STD, RESNET50_WEIGHTS
 
-        t = ResNet50_Weights[weights_name].transforms()
-        if t.interpolation.value != "bilinear":  # the only mode ResNet-50 weights use
-            raise ValueError(f"unsupported interpolation {t.interpolation.value}")
-        return cls(int(t.resize_size[0]), int(t.crop_size[0]), tuple(t.mean), tuple(t.std))
+        w = RESNET50_WEIGHTS[weights_name]
+        return cls(w.resize_size, w.crop_size, IMAGENET_MEAN, IMAGENET_STD)
 
     def as_dict(self) -> dict:
         return {"resize_size": self.resize_size, "crop_size": self.crop_size, "mean": list(self.mean),

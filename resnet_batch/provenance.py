@@ -19,7 +19,8 @@ BINDING_KEYS = ("model", "weights_id", "weights_sha256", "preprocessing", "preci
 def build_provenance(cfg: JobConfig, weights: WeightsInfo, spec: PreprocessSpec) -> dict:
     """The provenance stamped into every Parquet file and the run report."""
     import torch
-    import torchvision
+
+    from resnet_batch.torchvision_meta import torchvision_version
 
     return {
         "package": "resnet-batch",
@@ -32,7 +33,7 @@ def build_provenance(cfg: JobConfig, weights: WeightsInfo, spec: PreprocessSpec)
         "topk": cfg.model.topk,
         "embedding_dim": EMBEDDING_DIM,
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": torchvision_version(),
     }
 
 

@@ -14,10 +14,12 @@ from resnet_batch.text import printable
 
 
 def categories(transforms: str) -> tuple[str, ...]:
-    """The 1000 ImageNet class names from torchvision's weights metadata."""
-    from torchvision.models import ResNet50_Weights
+    """The 1000 ImageNet class names of the weights `transforms` names (torchvision's, for every ResNet-50 member)."""
+    from resnet_batch.torchvision_meta import RESNET50_WEIGHTS, imagenet_categories
 
-    return tuple(ResNet50_Weights[transforms].meta["categories"])
+    if transforms not in RESNET50_WEIGHTS:
+        raise KeyError(transforms)
+    return imagenet_categories()
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:

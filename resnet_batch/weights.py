@@ -16,6 +16,7 @@ from resnet_batch.redact import redact_text, safe_uri
 from resnet_batch.state_dicts import (categories, hashed_file_state_dict,  # noqa: F401 (re-exported)
                                       state_dict_from_bytes, state_dict_sha256)
 from resnet_batch.text import printable
+from resnet_batch.torchvision_meta import RESNET50_WEIGHTS
 from resnet_batch.weights_keras import (KERAS_LAYOUT, KERAS_NAME, KERAS_STATE_SHA256, KERAS_TRANSFORMS,
                                         keras_state_dict)
 
@@ -37,9 +38,8 @@ class WeightsInfo:
 
 
 def is_enum_name(name: str) -> bool:
-    from torchvision.models import ResNet50_Weights
-
-    return name in ResNet50_Weights.__members__
+    """A member of torchvision's ResNet50_Weights (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT)."""
+    return name in RESNET50_WEIGHTS
 
 
 def is_named(name: str) -> bool:
@@ -61,9 +61,7 @@ def random_state_dict(seed: int) -> dict[str, torch.Tensor]:
 
 
 def _load_enum(name: str) -> dict[str, torch.Tensor]:
-    from torchvision.models import ResNet50_Weights
-
-    return hub_state_dict(ResNet50_Weights[name].url, f"torchvision weights ResNet50_Weights.{name}")
+    return hub_state_dict(RESNET50_WEIGHTS[name].url, f"torchvision weights ResNet50_Weights.{name}")
 
 
 def hub_state_dict(url: str, what: str) -> dict[str, torch.Tensor]:

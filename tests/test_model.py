@@ -212,3 +212,38 @@ def test_a_model_replica_starts_without_importing_torchvision(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["torch.Size([1,", "2048])", "False"]
+
+
+def test_the_weights_table_is_torchvisions_resnet50_weights():
+    """torchvision_meta (read without importing torchvision) says what ResNet50_Weights says, member for member."""
+    import torchvision
+
+    from resnet_batch.torchvision_meta import RESNET50_WEIGHTS, imagenet_categories, torchvision_version
+
+    assert set(RESNET50_WEIGHTS) == set(ResNet50_Weights.__members__)
+    for name, member in ResNet50_Weights.__members__.items():
+        t = member.transforms()
+        assert RESNET50_WEIGHTS[name].url == member.url
+        assert t.interpolation.value == "bilinear"  # the only mode PreprocessSpec implements
+        assert PreprocessSpec.from_weights(name) == PreprocessSpec(t.resize_size[0], t.crop_size[0], tuple(t.mean),
+                                                                   tuple(t.std))
+        assert categories(name) == imagenet_categories() == tuple(member.meta["categories"])
+    assert torchvision_version() == torchvision.__version__
+
+
+def test_a_driver_resolves_and_stamps_weights_without_importing_torchvision(checkpoint):
+    """The driver's start (weights resolved, preprocessing, labels, provenance) leaves torchvision unimported:
+    about 1.2 s of CPU at every run's start."""
+    code = ("import sys; from resnet_batch.config import build_config; from resnet_batch.weights import "
+            "resolve_weights, categories; from resnet_batch.decode import PreprocessSpec; "
+            "from resnet_batch.provenance import build_provenance; "
+            f"cfg = build_config({{'input': {{'uri': '/in'}}, 'output': {{'uri': '/out'}}, "
+            f"'model': {{'weights': {str(checkpoint)!r}}}}}); "
+            "info, sd = resolve_weights(cfg.model); spec = PreprocessSpec.from_weights(info.transforms); "
+            "p = build_provenance(cfg, info, spec); "
+            "print(len(categories(info.transforms)), spec.resize_size, p['torchvision'], 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import torchvision
+
+    assert out.stdout.split() == ["1000", "232", torchvision.__version__, "False"]
