@@ -82,6 +82,8 @@ class ResNet(nn.Module):
         self.layer4 = self._layer(512, blocks[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * Bottleneck.expansion, num_classes)
+        if self.fc.weight.is_meta:  # shapes only: nothing to initialise (and normal_ on meta imports torch._dynamo,
+            return                  # about 1.2 s of CPU at every actor's and driver's start)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
