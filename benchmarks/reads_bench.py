@@ -75,7 +75,7 @@ cfg = build_config({"input": {"uri": sys.argv[1], "images_per_shard": int(sys.ar
                                 "decode_batch_size": 16},
                     "output": {"uri": sys.argv[2]}})
 report = run(cfg, embedder=StandInEmbedder)
-print(json.dumps(report, default=str))
+print("REPORT " + json.dumps(report, default=str))
 """
 
 
@@ -200,7 +200,10 @@ def main(argv=None) -> int:
             return 3
         if watch.driver.returncode:
             raise RuntimeError(out[-2000:] + err[-4000:])
-        r = json.loads(out.strip().splitlines()[-1])
+        lines = [line for line in out.splitlines() if line.startswith("REPORT ")]  # Ray may print to stdout too
+        if not lines:
+            raise RuntimeError("the driver printed no report:\n" + out[-2000:] + err[-4000:])
+        r = json.loads(lines[-1][len("REPORT "):])
         print(*[line for line in err.splitlines() if line.startswith("warm:")], sep="\n")
         reads = r["reads"]
         print(f"reads_bench: {args.nodes} nodes x {args.cpus_per_node} logical CPUs, {args.photos:,} photos in "
