@@ -18,7 +18,7 @@ import torch
 
 from resnet_batch.config import ModelConfig
 from resnet_batch.decode import PreprocessSpec, decode_image
-from resnet_batch.embed.model import ResNet50Embedder
+from resnet_batch.network import ResNet50Embedder
 from resnet_batch.dev.sample_data import make_sample_photos
 from resnet_batch.weights import resolve_weights
 

@@ -28,8 +28,8 @@ PY = sys.executable
 MODEL_ONLY = """
 import sys, time, numpy as np, torch
 from resnet_batch.decode import PreprocessSpec
-from resnet_batch.embed.model import ResNet50Embedder
-from resnet_batch.architecture import MSRA_V1, TORCHVISION
+from resnet_batch.network import ResNet50Embedder
+from resnet_batch.layouts import MSRA_V1, TORCHVISION
 from resnet_batch.weights import random_state_dict
 n, bs, precision, threads = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 layout = {"v1.5": TORCHVISION, "v1": MSRA_V1}[sys.argv[5]]  # speed does not depend on the weights' values

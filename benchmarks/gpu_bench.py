@@ -52,7 +52,7 @@ def model_only(device: str, precision: str, batch_size: int, iters: int, compile
     import torch
 
     from resnet_batch.decode import PreprocessSpec
-    from resnet_batch.embed.model import ResNet50Embedder
+    from resnet_batch.network import ResNet50Embedder
     from resnet_batch.weights import random_state_dict
 
     spec = PreprocessSpec.from_weights("IMAGENET1K_V2")

@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-# The layout (architecture.Layout.name) each named weights choice was trained in.
+# The layout (layouts.Layout.name) each named weights choice was trained in.
 NAMED_LAYOUTS = {"IMAGENET1K_V1": "v1.5", "IMAGENET1K_V2": "v1.5", "DEFAULT": "v1.5", "IMAGENET1K_KERAS": "v1"}
 
 

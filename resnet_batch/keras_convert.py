@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from resnet_batch.architecture import MSRA_V1, Layout
+from resnet_batch.layouts import MSRA_V1, Layout
 from resnet_batch.errors import WeightsError
 
 # The Keras port's preprocessing (Caffe's): BGR channels, 0-255, this per-channel mean subtracted, no scaling.

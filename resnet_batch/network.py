@@ -7,7 +7,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from resnet_batch.architecture import TORCHVISION, Layout, build_resnet
+from resnet_batch.architecture import build_resnet
+from resnet_batch.layouts import TORCHVISION, Layout
 from resnet_batch.decode import PreprocessSpec
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from resnet_batch.architecture import BY_NAME, TORCHVISION, Layout
+from resnet_batch.layouts import BY_NAME, TORCHVISION, Layout
 from resnet_batch.config import ModelConfig
 from resnet_batch.errors import WeightsError as WeightsUnavailableError  # the configured weights cannot be had
 from resnet_batch.redact import redact_text, safe_uri

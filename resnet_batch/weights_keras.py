@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from resnet_batch.architecture import MSRA_V1
+from resnet_batch.layouts import MSRA_V1
 from resnet_batch.errors import WeightsError
 from resnet_batch.state_dicts import categories, hashed_file_state_dict
 from resnet_batch.storage import CACHE_ENV, cache_dir

@@ -89,7 +89,7 @@ def _check_against_local_model(table, photos: Path, checkpoint: Path) -> None:
     import torch
 
     from resnet_batch.decode import PreprocessSpec, decode_image
-    from resnet_batch.embed.model import ResNet50Embedder
+    from resnet_batch.network import ResNet50Embedder
 
     rows = table.sort_by("image_id").slice(0, 2).to_pylist()
     spec = PreprocessSpec.from_weights("IMAGENET1K_V2")

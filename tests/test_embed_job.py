@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from resnet_batch.decode import PreprocessSpec, decode_image
-from resnet_batch.embed.model import ResNet50Embedder
+from resnet_batch.network import ResNet50Embedder
 from resnet_batch.provenance import ProvenanceMismatch
 from resnet_batch.embed.runner import run
 from resnet_batch.schema import EMBEDDING_DIM, output_schema, read_provenance

@@ -16,7 +16,8 @@ from torchvision.models import ResNet50_Weights, resnet50
 from resnet_batch.config import ModelConfig
 from resnet_batch.decode import PreprocessSpec, decode_image, decode_table
 from resnet_batch.embed.listing import Shard
-from resnet_batch.embed.model import ActorSettings, EmbedActor, ResNet50Embedder
+from resnet_batch.embed.model import ActorSettings, EmbedActor
+from resnet_batch.network import ResNet50Embedder
 from resnet_batch.embed.reader import ChunkBuilder, ReadSettings
 from resnet_batch.schema import PART_STATS_KEY, output_schema
 from resnet_batch.output.store import PartSettings
@@ -189,7 +190,8 @@ def test_pretrained_weights_unavailable_says_how_to_provide(tmp_path):
 def test_the_packages_resnet_is_torchvisions_module_for_module():
     """architecture.ResNet (defined in the package so that a model actor never imports torchvision) has
     torchvision's state dict keys and shapes, its seeded initialisation, and computes what resnet50 computes."""
-    from resnet_batch.architecture import TORCHVISION, build_resnet
+    from resnet_batch.architecture import build_resnet
+    from resnet_batch.layouts import TORCHVISION
 
     torch.manual_seed(3)
     ours = build_resnet(TORCHVISION).eval()

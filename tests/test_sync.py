@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from resnet_batch.decode import PreprocessSpec, decode_image
-from resnet_batch.embed.model import ResNet50Embedder
+from resnet_batch.network import ResNet50Embedder
 from resnet_batch.embed.runner import run
 from resnet_batch.dev.sample_data import make_sample_photos
 from resnet_batch.output.status import output_status

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from resnet_batch.architecture import MSRA_V1, TORCHVISION, build_resnet, layout_of
+from resnet_batch.architecture import build_resnet
+from resnet_batch.layouts import MSRA_V1, TORCHVISION, layout_of
 from resnet_batch.errors import WeightsError
 from resnet_batch.keras_convert import CAFFE_MEAN_BGR, convert_layers_model
 from resnet_batch.weights_keras import check_label_order, keras_state_dict

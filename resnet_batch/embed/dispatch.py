@@ -48,8 +48,10 @@ def dispatch(job: Job, state: OutputState, run_no: int, queue: ShardQueue,
         formats=pillow_formats(cfg.input.extensions), output=job.part_settings(state, run_no),
         layout=job.weights.layout, embedder=job.embedder)
     job.marks["pool"] = time.perf_counter() - job.t_start
+    started = list(job.early_actors)  # a first run's actors, asked for when Ray came up (early_actors)
+    job.early_actors.clear()
     pool = ModelPool(actor, ray.put(job.state_dict), min_actors=c.min_actors, max_actors=c.max_actors,
-                     num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor if gpu else 0)
+                     num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor if gpu else 0, started=started)
     job.stats.t0 = t0
     job.startup_s = time.perf_counter() - t0
 
@@ -110,11 +112,28 @@ def read_settings(job: Job, root: str, protocol: str, passthrough) -> ReadSettin
 def use_gpu(job: Job) -> bool:
     """Whether the model actors ask for GPUs; decided once, when the cluster is first asked."""
     if job.gpu is None:
-        import ray
-
-        gpus = ray.cluster_resources().get("GPU", 0)
-        job.gpu = wants_gpu(job.cfg.compute.device, gpus)
-        if job.gpu and not gpus:
-            log.warning("compute.device=cuda: no GPU in the cluster yet; the model actors wait for the autoscaler "
-                        "to add GPU nodes")
+        job.gpu = _decide_gpu(job.cfg.compute.device)
     return job.gpu
+
+
+def _decide_gpu(device: str) -> bool:
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    gpu = wants_gpu(device, gpus)
+    if gpu and not gpus:
+        log.warning("compute.device=cuda: no GPU in the cluster yet; the model actors wait for the autoscaler "
+                    "to add GPU nodes")
+    return gpu
+
+
+def early_actors(cfg, embedder=None) -> tuple[bool, list]:
+    """A first run's min_actors model actors, asked for as soon as Ray is up: their processes start and import
+    torch while the driver loads the weights and lists the input (on a running cluster that was most of a small
+    run's start); the pool takes them over with their settings and weights. Returns (GPUs asked for, handles)."""
+    from resnet_batch.embed.pool import actor_options, start_actor
+
+    c = cfg.compute
+    gpu = _decide_gpu(c.device)
+    options = actor_options(c.cpus_per_actor, c.gpus_per_actor if gpu else 0, embedder)
+    return gpu, [start_actor(options) for _ in range(c.min_actors)]

@@ -41,6 +41,7 @@ class Job:
     merge_chunks: dict = field(default_factory=dict)  # --retry-failed: (shard, chunk) -> the shard's chunks
     done_before: int = 0  # images in parts that were already complete when this run started its work
     gpu: Optional[bool] = None  # see dispatch.use_gpu
+    early_actors: list = field(default_factory=list)  # see dispatch.early_actors: the first pool takes them
     startup_s: float = 0.0  # seconds to build the pool
     pipeline_s: float = 0.0  # seconds of the pipeline
     driver_bytes: int = 0  # what the shards' records brought back to the driver

@@ -14,10 +14,8 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
-from resnet_batch.architecture import TORCHVISION, Layout
-from resnet_batch.network import ResNet50Embedder
+from resnet_batch.layouts import TORCHVISION, Layout
 from resnet_batch.decode import PreprocessSpec, crops_of
 from resnet_batch.schema import (CONTROL_END, CONTROL_FAILURE, DEVICE_NO_CUDA, EMBEDDING_DIM, PASSTHROUGH_PREFIX,
                                  STATUS_DECODE_ERROR, STATUS_OK, embedding_array)
@@ -55,29 +53,46 @@ class EmbedActor:
     A call prepares its chunk on the host (crops, pinning), runs the model under a lock (only the forward
     pass holds it), then builds and writes its part; on a GPU several calls run at once (pool.py), so one
     prepares and another writes while the device computes, and uploads overlap compute on a copy stream.
-    On CPUs one call runs at a time (the forward pass takes every core). The weights arrive with `ready()`, which the driver calls when the actor starts and
-    again whenever Ray has restarted it.
+    On CPUs one call runs at a time (the forward pass takes every core). The weights, and the settings unless
+    the actor was built with them, arrive with `ready()`, which the driver calls when the actor starts and again
+    whenever Ray has restarted it: so a run can start the actor's process (and its torch import) before its
+    weights are loaded.
     """
 
-    def __init__(self, settings: ActorSettings):
-        s = self.settings = settings
-        self.device = _actor_device(s.use_gpu, s.require_cuda)
-        self.device_name = "cuda" if self.device == "cuda" else (DEVICE_NO_CUDA if s.use_gpu else "cpu")
+    def __init__(self, settings: Optional[ActorSettings] = None):
+        # torch is imported here, in the actor's process, not with this module: the driver creates actors
+        # from it while its own torch import is still running in another thread (runner.py)
+        import torch  # noqa: F401 (imported for its side effect: the process pays for it now)
+
+        self.settings: Optional[ActorSettings] = None
         self.embedder = None
-        self.categories = np.array(s.categories, dtype=object)
         self._decoder = None  # gpu_decode: built on first use
         self.node = _node_name()
         self.pid = os.getpid()
         self.actor_id = _actor_id()
         self.lock = threading.Lock()  # the model runs one call at a time; preparation and writing overlap it
         self._stream = None  # see _copy_stream
+        if settings is not None:
+            self._configure(settings)
+
+    def _configure(self, settings: ActorSettings) -> None:
+        s = self.settings = settings
+        self.device = _actor_device(s.use_gpu, s.require_cuda)
+        self.device_name = "cuda" if self.device == "cuda" else (DEVICE_NO_CUDA if s.use_gpu else "cpu")
+        self.categories = np.array(s.categories, dtype=object)
         self.fs, self.root = s.output.fs()
 
-    def ready(self, weights) -> dict:
-        """Build the model from the weights (the state dict, resolved by Ray from the driver's single copy in
-        the object store), once; then say where this actor runs and on what."""
+    def ready(self, weights, settings: Optional[ActorSettings] = None) -> dict:
+        """Take the settings (once), build the model from the weights (the state dict, resolved by Ray from the
+        driver's single copy in the object store), once; then say where this actor runs and on what."""
         with self.lock:
+            if self.settings is None:
+                if settings is None:
+                    raise RuntimeError("a model actor was started without settings and given none")
+                self._configure(settings)
             if self.embedder is None:
+                from resnet_batch.network import ResNet50Embedder
+
                 s = self.settings
                 if s.embedder is not None:
                     self.embedder = s.embedder(weights, s.spec, self.device)
@@ -169,6 +184,8 @@ class EmbedActor:
         pixels = crops_of(images.column("pixels"), ok, self.settings.spec.crop_size) \
             if "pixels" in images.column_names else None
         if pixels is not None and self.device == "cuda" and len(pixels):
+            import torch
+
             # page-locked here, outside the lock, so the device's uploads are asynchronous DMA
             pixels = torch.from_numpy(np.ascontiguousarray(pixels)).pin_memory()
         return {"images": images, "status": status, "error": error, "width": width, "height": height, "ok": ok,
@@ -176,6 +193,8 @@ class EmbedActor:
 
     def _infer(self, p: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The device part (called under the lock): embeddings, top-k ids and probabilities of the ok rows."""
+        import torch
+
         s = self.settings
         if p["pixels"] is None:  # compute.gpu_decode: JPEG bytes, decoded on this actor's device
             p["pixels"], p["ok"] = self._decode_bytes(p["images"], p["status"], p["error"], p["ok"], p["width"],
@@ -200,6 +219,8 @@ class EmbedActor:
         if self.device != "cuda":
             return None
         if self._stream is None:
+            import torch
+
             self._stream = torch.cuda.Stream()
         return self._stream
 
@@ -254,6 +275,8 @@ def _uploads(pixels, batch_size: int, stream) -> "Iterator":
     """The sub-batches of a chunk's crops as the model takes them. With a copy stream (a GPU and pinned host
     crops), every sub-batch's upload is queued on that stream at once, and each batch is handed over only
     after the compute stream waits for its copy: batch k+1 travels over PCIe while batch k computes."""
+    import torch
+
     n = len(pixels)
     if stream is None or not isinstance(pixels, torch.Tensor) or pixels.device.type != "cpu":
         for start in range(0, n, batch_size):
@@ -277,6 +300,8 @@ def _actor_device(use_gpu: bool, require_cuda: bool) -> str:
     """"cuda" when Ray gave this actor a GPU and torch can use it; otherwise "cpu", or an error if required."""
     if not use_gpu:
         return "cpu"
+    import torch
+
     if torch.cuda.is_available():
         return "cuda"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)")

