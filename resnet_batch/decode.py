@@ -48,7 +48,7 @@ def sniff_format(data: bytes) -> str | None:
 
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """Resize / crop / normalisation, taken from a torchvision weights' transforms()."""
+    """Resize / crop / normalisation: a torchvision weights' transforms() (bilinear), from torchvision_meta's table."""
 
     resize_size: int
     crop_size: int
