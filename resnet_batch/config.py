@@ -9,9 +9,11 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from resnet_batch.torchvision_meta import RESNET50_WEIGHTS
+
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-# The layout (layouts.Layout.name) each named weights choice was trained in.
-NAMED_LAYOUTS = {"IMAGENET1K_V1": "v1.5", "IMAGENET1K_V2": "v1.5", "DEFAULT": "v1.5", "IMAGENET1K_KERAS": "v1"}
+# The layout (layouts.Layout.name) each named weights choice was trained in: torchvision's are v1.5.
+NAMED_LAYOUTS = {**{name: "v1.5" for name in RESNET50_WEIGHTS}, "IMAGENET1K_KERAS": "v1"}
 
 
 from resnet_batch.errors import ConfigError  # noqa: E402 (re-exported: a configuration problem, before any work)

@@ -109,3 +109,23 @@ def test_actor_killed_mid_run_is_restarted(many_photos, checkpoint, tmp_path, ra
     assert proc.returncode == 0, log
     assert f"images: {len(expected)} ok, 0 failed" in log
     _assert_exactly_once(tmp_path / "out", expected)
+
+
+def test_the_temporary_files_of_a_write_cut_short_are_removed_by_the_next_run(tmp_path, checkpoint, ray_local):
+    """A kill during an atomic write leaves its hidden temporary file (`.NAME.tmp-xxxxxxxx`); the next run (here
+    a sync with nothing to do) removes those of ours, in the folder and its piece folders, and no other file."""
+    from tests.helpers.standin import StandInEmbedder
+
+    make_sample_photos(tmp_path / "lib", 4, per_folder=4, seed=43)
+    out = tmp_path / "out"
+    cfg = job_config(tmp_path / "lib", out, checkpoint)
+    assert run(cfg, embedder=StandInEmbedder)["complete"]
+    ours = [out / ".part-000001.parquet.tmp-0a1b2c3d", out / "_ledger" / ".l-0002-000000.parquet.tmp-0a1b2c3d"]
+    theirs = [out / ".notes.txt.tmp-0a1b2c3d", out / "_ledger" / "notes.tmp-1"]
+    for p in ours + theirs:
+        p.write_bytes(b"half a write")
+    assert run(cfg, embedder=StandInEmbedder)["complete"]
+    assert [p.exists() for p in ours] == [False, False]
+    assert [p.exists() for p in theirs] == [True, True]
+    ids = pads.dataset(str(out), format="parquet").to_table(columns=["image_id"]).column("image_id").to_pylist()
+    assert sorted(ids) == sorted(p.relative_to(tmp_path / "lib").as_posix() for p in (tmp_path / "lib").rglob("*.jpg"))

@@ -35,12 +35,29 @@ def test_a_first_run_asks_for_its_actors_when_ray_is_up_and_its_pool_takes_them(
     assert len(report["actors"]) == 1  # min_actors: the early one, no second actor started by the pool
 
 
+def _embed_actors() -> dict:
+    """Every model actor of the session's Ray and its state, from the GCS's actor table (ray.util.state needs
+    the dashboard, which the session's Ray does not run)."""
+    from ray._private import state
+
+    return {k: v["State"] for k, v in state.actors().items() if v["ActorClassName"] == "EmbedActor"}
+
+
+def _wait(condition, seconds: float = 30.0) -> None:
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.2)
+
+
 def test_a_first_run_refused_after_its_actors_were_asked_for_stops_them(tmp_path, ray_local):
     make_sample_photos(tmp_path / "lib", 2, per_folder=2, seed=42)
-    with pytest.raises(WeightsError, match="checkpoint not found"):
+    before = set(_embed_actors())
+    # the error is kept, as a caller that catches it does: its traceback holds the run's frame (and so the
+    # actors' handles), so Ray's own clean-up of unreferenced actors cannot be what stops them
+    with pytest.raises(WeightsError, match="checkpoint not found") as caught:
         run(job_config(tmp_path / "lib", tmp_path / "out", tmp_path / "missing.pth"))
-    cpus = ray_local.cluster_resources()["CPU"]
-    deadline = time.time() + 30
-    while ray_local.available_resources().get("CPU", 0) < cpus and time.time() < deadline:
-        time.sleep(0.2)
-    assert ray_local.available_resources().get("CPU", 0) == cpus  # no actor left holding a CPU
+    new = lambda: {k: v for k, v in _embed_actors().items() if k not in before}  # noqa: E731
+    _wait(lambda: new())
+    assert len(new()) == 1, new()  # min_actors, asked for before the weights failed to load
+    _wait(lambda: set(new().values()) == {"DEAD"})
+    assert set(new().values()) == {"DEAD"}, (new(), caught.value)

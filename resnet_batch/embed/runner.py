@@ -79,6 +79,8 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
     with OutputLock(store, on_takeover=log.warning, on_lost=log.error) as lock, \
             ThreadPoolExecutor(1, thread_name_prefix="weights") as pool:
         marks: dict[str, float] = {}  # when each start-up step was done, seconds after the command began
+        if not fresh and store.remove_temp_files(names):  # a write cut short by a kill (--fresh clears them too)
+            log.info(f"removed the temporary files of an interrupted write in {store.display()}")
 
         def timed(name, fn, *args):
             out = fn(*args)

@@ -19,7 +19,6 @@ reads to score candidates (the mean, the rotation or projection, the decoded off
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 
@@ -146,11 +145,6 @@ def _within(plan, components: int) -> tuple:
     return tuple(out)
 
 
-def coder_file(coder) -> str:
-    """The file name a coder is stored under in an index folder."""
-    return layout.coder_file("TC1024" if isinstance(coder, TransformCoder) else "FP16")
-
-
 def coder_bytes(coder) -> bytes:
     """A coder as bytes (to send it to tasks, or to write it)."""
     if isinstance(coder, TransformCoder):
@@ -170,13 +164,10 @@ def coder_from_bytes(data) -> object:
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
-def write_coder(coder, folder_path) -> str:
-    """Write `coder` into a folder (a Staging's path function, or a folder): the file name it took."""
-    name = coder_file(coder)
-    path = folder_path(name) if callable(folder_path) else os.path.join(folder_path, name)
-    with open(path, "wb") as f:
+def write_coder(coder, path_of) -> None:
+    """Write `coder` into a staged index folder (`path_of`: Staging.path), under layout.coder_file's name."""
+    with open(path_of(layout.coder_file("TC1024" if isinstance(coder, TransformCoder) else "FP16")), "wb") as f:
         f.write(coder_bytes(coder))
-    return name
 
 
 def read_coder(path: str):
