@@ -7,7 +7,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from resnet_batch.architecture import build_resnet
+from resnet_batch.architecture import build_resnet, fold_batchnorm
 from resnet_batch.layouts import TORCHVISION, Layout
 from resnet_batch.decode import PreprocessSpec
 
@@ -31,6 +31,7 @@ class ResNet50Embedder:
         model.fc = torch.nn.Identity()
         self.channels_last = channels_last
         model = model.to(self.device).eval()
+        fold_batchnorm(model)  # inference only: the normalisation becomes part of each convolution
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.trunk = torch.compile(model) if compile else model

@@ -13,12 +13,14 @@ import torch
 from PIL import Image
 from torchvision.models import ResNet50_Weights, resnet50
 
+from resnet_batch.architecture import build_resnet
 from resnet_batch.config import ModelConfig
 from resnet_batch.decode import PreprocessSpec, decode_image, decode_table
 from resnet_batch.embed.listing import Shard
 from resnet_batch.embed.model import ActorSettings, EmbedActor
 from resnet_batch.network import ResNet50Embedder
 from resnet_batch.embed.reader import ChunkBuilder, ReadSettings
+from resnet_batch.layouts import MSRA_V1, TORCHVISION
 from resnet_batch.schema import PART_STATS_KEY, output_schema
 from resnet_batch.output.store import PartSettings
 from resnet_batch.dev.sample_data import jpeg_bytes, source_photos, variant
@@ -61,6 +63,35 @@ def test_embedding_and_logits_equal_plain_torchvision(state_dict, images):
     assert emb.shape == (4, 2048) and emb.dtype == torch.float32
     torch.testing.assert_close(emb, ref_emb, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_batchnorm_folded_into_the_convolutions_keeps_the_function(state_dict, images):
+    """Every BatchNorm is folded into its convolution, with running statistics far from the identity (trained
+    weights have them; torchvision's initial ones are mean 0, variance 1) and in both layouts."""
+    gen = torch.Generator().manual_seed(5)
+    stats = dict(state_dict)
+    for key, value in state_dict.items():
+        if key.endswith("running_var"):
+            stats[key] = 0.5 + torch.rand(value.shape, generator=gen)
+        elif key.endswith(("running_mean", "bn1.bias", "bn2.bias", "bn3.bias")):
+            stats[key] = 0.1 * torch.randn(value.shape, generator=gen)
+    pixels = np.stack([decode_image(b, SPEC, max_pixels=10**8, draft=True)[0] for b in images])
+    for layout in (TORCHVISION, MSRA_V1):
+        model = build_resnet(layout)
+        model.load_state_dict(stats)
+        model.eval()
+        pooled = {}
+        model.avgpool.register_forward_hook(lambda m, i, o: pooled.setdefault("emb", o.flatten(1)))
+        embedder = ResNet50Embedder(stats, SPEC, precision="fp32", threads=2, layout=layout)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in embedder.trunk.modules())
+        assert all(m.bias is not None for m in embedder.trunk.modules() if isinstance(m, torch.nn.Conv2d))
+        emb, logits = embedder.embed(pixels)
+        with torch.inference_mode():
+            x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - torch.tensor(SPEC.mean).view(1, 3, 1, 1)) \
+                / torch.tensor(SPEC.std).view(1, 3, 1, 1)
+            ref_logits = model(x)
+        torch.testing.assert_close(emb, pooled["emb"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_fc_of_embedding_is_the_logits_and_bf16_is_close(state_dict, images):
