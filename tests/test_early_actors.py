@@ -18,7 +18,7 @@ pytestmark = pytest.mark.ray
 
 
 def test_the_driver_starts_model_actors_without_importing_torch():
-    """The actor class and the pool load without torch (its import runs in the weights thread meanwhile)."""
+    """The actor class and the pool load without torch (the driver imports it once the actors are asked for)."""
     code = ("import sys; import resnet_batch.embed.pool, resnet_batch.embed.dispatch, resnet_batch.embed.model; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
@@ -32,6 +32,7 @@ def test_a_first_run_asks_for_its_actors_when_ray_is_up_and_its_pool_takes_them(
     assert report["complete"] and report["counts"]["ok"] == 6
     marks = report["startup"]
     assert marks["ray"] <= marks["actors"] <= marks["pool"] <= marks["first_actor_ready"], marks
+    assert marks["actors"] <= marks["weights"] <= marks["pool"], marks  # torch's import after the actors
     assert len(report["actors"]) == 1  # min_actors: the early one, no second actor started by the pool
 
 

@@ -131,9 +131,20 @@ def early_actors(cfg, embedder=None) -> tuple[bool, list]:
     """A first run's min_actors model actors, asked for as soon as Ray is up: their processes start and import
     torch while the driver loads the weights and lists the input (on a running cluster that was most of a small
     run's start); the pool takes them over with their settings and weights. Returns (GPUs asked for, handles)."""
+    import ray
+
     from resnet_batch.embed.pool import actor_options, start_actor
 
     c = cfg.compute
     gpu = _decide_gpu(c.device)
     options = actor_options(c.cpus_per_actor, c.gpus_per_actor if gpu else 0, embedder)
-    return gpu, [start_actor(options) for _ in range(c.min_actors)]
+    actors = [start_actor(options) for _ in range(c.min_actors)]
+    # and a worker process for the first read, with the read path imported: Ray hands the first read task an
+    # idle worker of this job, so the first block no longer waits for a process to start (it holds no CPU)
+    ray.remote(num_cpus=0)(_warm_reader).remote()
+    return gpu, actors
+
+
+def _warm_reader() -> None:
+    import resnet_batch.decode  # noqa: F401 (Pillow, numpy)
+    import resnet_batch.embed.reader  # noqa: F401 (Ray Data, pyarrow, fsspec)
