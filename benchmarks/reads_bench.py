@@ -1,7 +1,7 @@
 """reads_bench: read tasks in flight and node-local dispatch on a local multi-node Ray, with the stand-in model.
 
-    .venv/bin/python benchmarks/reads_bench.py --nodes 2 --cpus-per-node 80 --photos 20000 --per-shard 20 \
-        --max-memory-gib 24
+    .venv/bin/python benchmarks/reads_bench.py --nodes 2 --cpus-per-node 68 --photos 4000 --per-shard 10 \
+        --warm --idle-reads --object-store-mib 384 --max-memory-gib 21
 
 A Ray cluster of `--nodes` nodes on loopback (resnet_batch/dev/localcluster.py), each with
 `--cpus-per-node` logical CPUs (Ray's --num-cpus may exceed the cores: the reads are then limited by
@@ -20,6 +20,12 @@ estimates the memory of the cluster it is asked for and refuses one over --max-m
 with others: the default 8), and while it runs it samples the memory (PSS) of every process of the cluster
 and of the driver, stops the run once they pass that budget, and prints their peak. The nodes get a small
 object store (--object-store-mib), and the photos are tiny.
+
+On a machine with far fewer cores than logical CPUs, --warm starts the read workers before the run (Ray
+starts them a few at a time) and --idle-reads runs them under SCHED_IDLE, so that they use the CPU the
+driver and the actors leave, as reads on a cluster's own CPUs do: otherwise a hundred readers take the
+cores from the driver that hands out the reads and the actors that drain their blocks, and the reads in
+flight measure the starved consumers, not the scheduler.
 """
 from __future__ import annotations
 
@@ -125,20 +131,39 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-class MemoryWatch(threading.Thread):
-    """Samples the PSS of the cluster's and the driver's processes; over the budget, kills the driver."""
+def _title(pid: int) -> str:
+    """A process's command line as Ray sets it (`ray::ReadShards` for a worker running a read task)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return ""
 
-    def __init__(self, cluster, budget_mib: float):
+
+class MemoryWatch(threading.Thread):
+    """Samples the PSS of the cluster's and the driver's processes; over the budget, kills the driver. With
+    `idle_reads`, also puts every worker process seen running a read task under SCHED_IDLE (see --idle-reads)."""
+
+    def __init__(self, cluster, budget_mib: float, idle_reads: bool = False):
         super().__init__(daemon=True)
-        self.cluster, self.budget = cluster, budget_mib
+        self.cluster, self.budget, self.idle_reads = cluster, budget_mib, idle_reads
         self.driver = None
         self.peak = 0.0
         self.over = False
         self.done = threading.Event()
+        self.idled: set[int] = set()
 
     def run(self) -> None:
-        while not self.done.wait(1.0):
+        while not self.done.wait(0.25 if self.idle_reads else 1.0):
             pids = set(self.cluster.processes()) | (set(_tree(self.driver.pid)) if self.driver else set())
+            if self.idle_reads:
+                for pid in pids - self.idled:
+                    if _title(pid).startswith("ray::Read"):  # a read worker stays one (the actors are others)
+                        try:
+                            os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+                            self.idled.add(pid)
+                        except OSError:
+                            pass
             now = pss_mib(pids)
             self.peak = max(self.peak, now)
             if now > self.budget and self.driver is not None:
@@ -157,6 +182,13 @@ def main(argv=None) -> int:
     ap.add_argument("--object-store-mib", type=int, default=100, help="each node's object store")
     ap.add_argument("--max-memory-gib", type=float, default=8.0,
                     help="refuse a cluster estimated above this, stop a run that passes it")
+    ap.add_argument("--idle-reads", action="store_true",
+                    help="run the read workers under SCHED_IDLE (they get the CPU the others leave), as soon as "
+                         "each is seen reading. With more logical CPUs than cores, a hundred read processes would "
+                         "otherwise share the cores evenly with the driver that hands out the reads and the actors "
+                         "that take their blocks, starving both (a niceness of 19 is not enough: each reader still "
+                         "weighs 1.5 %% of a normal process, a hundred of them more than the driver and an actor "
+                         "together); on a cluster those have cores of their own")
     ap.add_argument("--warm", action="store_true",
                     help="start a worker process per read slot before the run, in the driver's job (Ray starts "
                          "workers a few at a time: on two physical cores about one a second, slower than short "
@@ -178,7 +210,7 @@ def main(argv=None) -> int:
     make_photos(photos, args.photos)
     root = Path(tempfile.mkdtemp(prefix="rb-reads-", dir="/tmp"))
     cluster = LocalCluster(root, object_store_bytes=args.object_store_mib << 20)
-    watch = MemoryWatch(cluster, budget)
+    watch = MemoryWatch(cluster, budget, args.idle_reads)
     try:
         cluster.start_head(num_cpus=args.cpus_per_node)
         for _ in range(args.nodes - 1):
