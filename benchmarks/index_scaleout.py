@@ -82,6 +82,8 @@ def main() -> int:
     ap.add_argument("--reuse", action="store_true",
                     help="report the builds an earlier run left (their recorded build_s; peak RSS of the tasks only)")
     ap.add_argument("--work", default=str(REPO / "out" / "bench-scaleout"))
+    ap.add_argument("--draw-only", action="store_true",
+                    help="draw the vectors and the held-out truth into --work, then stop (the builds reuse them)")
     args = ap.parse_args()
     work = Path(args.work) / str(args.n)
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; n={args.n}, {args.queries} held-out "
@@ -96,6 +98,8 @@ def main() -> int:
         np.savez(truth_file, queries=queries, ids=ids, scores=scores)
         print(f"drew {args.n} photo-like vectors and their exact top-{K} in {time.perf_counter() - t0:.0f} s",
               flush=True)
+    if args.draw_only:
+        return 0
     z = np.load(truth_file)
     queries, truth = z["queries"], z["ids"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
