@@ -82,7 +82,7 @@ def main() -> int:
     ap.add_argument("--reuse", action="store_true",
                     help="report the builds an earlier run left (their recorded build_s; peak RSS of the tasks only)")
     ap.add_argument("--work", default=str(REPO / "out" / "bench-scaleout"))
-    ap.add_argument("--nodes", type=int, nargs="+", default=[1, 2],
+    ap.add_argument("--nodes", type=int, nargs="+", choices=(1, 2), default=[1, 2],
                     help="the local clusters to build on (with --reuse, the others' earlier builds are read back)")
     ap.add_argument("--draw-only", action="store_true",
                     help="draw the vectors and the held-out truth into --work, then stop (the builds reuse them)")
@@ -110,9 +110,11 @@ def main() -> int:
         runs.append(build("single process", emb, work / "single", [], env, args.reuse))
     from resnet_batch.dev.localcluster import LocalCluster
 
-    for nodes in sorted(set(args.nodes) | {n for n in (1, 2) if args.reuse and (work / f"ray{n}" / "index.json").exists()}):
+    for nodes in (1, 2):
         if args.reuse and (work / f"ray{nodes}" / "index.json").exists():
             runs.append(build(f"--ray on {nodes} node(s)", emb, work / f"ray{nodes}", [], env, True))
+            continue
+        if nodes not in args.nodes:
             continue
         with tempfile.TemporaryDirectory(prefix="rb-", dir="/tmp") as root:
             cluster = LocalCluster(Path(root))

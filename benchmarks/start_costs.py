@@ -8,6 +8,10 @@ no longer imports, resnet_batch/torchvision_meta.py); torch._dynamo after torch 
 device imported in every actor and driver before a meta build skipped the initialisation); the model actor's
 module (it imports torch in the actor's constructor, not with the module); a meta build of ResNet-50. Then a
 local Ray with `--workers` idle worker processes: the CPU each takes over `--seconds`, from /proc/PID/stat.
+Then what the start's order and the model's build change, each in fresh interpreters: a local Ray's start
+alone and beside torch's import in a thread (one GIL); its stop by `ray.shutdown()` and by the package's
+`cluster.stop_ray()`; ResNet-50 in bf16 (batch 32, 2 threads) with its BatchNorms as built and folded
+(`architecture.fold_batchnorm`), interleaved.
 """
 from __future__ import annotations
 
@@ -96,6 +100,57 @@ def idle_workers(n: int, seconds: float) -> tuple[int, float, float]:
     return len(idle), per_idle, whole
 
 
+RAY_START = """
+import sys, threading, time
+import ray
+if sys.argv[1] == "beside-torch":
+    threading.Thread(target=lambda: __import__("torch")).start()
+t = time.perf_counter()
+ray.init(include_dashboard=False, log_to_driver=False)
+print(time.perf_counter() - t)
+"""
+
+RAY_STOP = """
+import sys, time
+import ray
+from resnet_batch.cluster import stop_ray
+ray.init(include_dashboard=False, log_to_driver=False)
+t = time.perf_counter()
+ray.shutdown() if sys.argv[1] == "ray.shutdown()" else stop_ray()
+print(time.perf_counter() - t)
+"""
+
+FOLD = """
+import sys, time, numpy as np
+import resnet_batch.network as network
+from resnet_batch.decode import PreprocessSpec
+from resnet_batch.weights import random_state_dict
+spec, sd = PreprocessSpec.from_weights("IMAGENET1K_V2"), random_state_dict(0)
+folded = network.ResNet50Embedder(sd, spec, precision="bf16", threads=2)
+network.fold_batchnorm = lambda model: None  # the network as built, every BatchNorm its own pass
+built = network.ResNet50Embedder(sd, spec, precision="bf16", threads=2)
+x = np.random.default_rng(0).integers(0, 256, (32, 224, 224, 3), dtype=np.uint8)
+rates = {"as built": [], "folded": []}
+for e in (built, folded):
+    e.embed(x)
+for _ in range(int(sys.argv[1])):
+    for name, e in (("as built", built), ("folded", folded)):
+        t = time.perf_counter()
+        for _ in range(3):
+            e.embed(x)
+        rates[name].append(96 / (time.perf_counter() - t))
+print(*(float(np.median(rates[k])) for k in ("as built", "folded")))
+"""
+
+
+def seconds_of(code: str, *args: str, rounds: int = 3) -> float:
+    """The median of what `code` prints (seconds) over fresh interpreters."""
+    runs = sorted(float(subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                                       check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
+                                       ).stdout.split()[-1]) for _ in range(rounds))
+    return runs[len(runs) // 2]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workers", type=int, default=4)
@@ -107,6 +162,14 @@ def main(argv=None) -> int:
     n, each, whole = idle_workers(a.workers, a.seconds)
     print(f"start_costs: {n} idle Ray worker processes: {each:.2%} of a core each; the whole idle local Ray "
           f"(GCS, raylet, agents, workers): {whole:.1%} of a core, over {a.seconds:g} s")
+    alone, beside = (seconds_of(RAY_START, how) for how in ("alone", "beside-torch"))
+    print(f"start_costs: a local Ray's start: {alone:.2f} s alone, {beside:.2f} s beside torch's import in a thread")
+    shutdown, stop = (seconds_of(RAY_STOP, how) for how in ("ray.shutdown()", "stop_ray()"))
+    print(f"start_costs: a local Ray's stop: ray.shutdown() {shutdown:.2f} s, cluster.stop_ray() {stop:.2f} s")
+    out = subprocess.run([sys.executable, "-c", FOLD, "3"], capture_output=True, text=True, check=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.split()
+    print(f"start_costs: ResNet-50 bf16, batch 32, 2 threads: {float(out[-2]):.1f} img/s as built, "
+          f"{float(out[-1]):.1f} img/s with its BatchNorms folded (medians of 3 interleaved rounds)")
     return 0
 
 

@@ -60,8 +60,8 @@ class EmbedActor:
     """
 
     def __init__(self, settings: Optional[ActorSettings] = None):
-        # torch is imported here, in the actor's process, not with this module: the driver creates actors
-        # from it while its own torch import is still running in another thread (runner.py)
+        # torch is imported here, in the actor's process, not with this module: the driver asks for its actors
+        # before it imports torch itself (runner.py)
         import torch  # noqa: F401 (imported for its side effect: the process pays for it now)
 
         self.settings: Optional[ActorSettings] = None

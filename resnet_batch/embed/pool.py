@@ -44,14 +44,18 @@ def actor_options(num_cpus: float, num_gpus: float, embedder=None) -> dict:
                 max_concurrency=GPU_CONCURRENCY if device else CPU_CONCURRENCY)
 
 
+_REMOTE_ACTOR = ray.remote(EmbedActor)  # one actor class for every actor: Ray exports its definition once
+
+
 def start_actor(options: dict):
     """A model actor's process, started (torch imported) before it knows its settings or has its weights: both
     come with its first ready() call. A run asks for its first actors as soon as Ray is up, while the weights
     still load (runner.py)."""
-    return ray.remote(EmbedActor).options(**options).remote()
+    return _REMOTE_ACTOR.options(**options).remote()
 
 
 def stop_actors(handles) -> None:
+    """Stop these actors for good (no restart); one already gone is no error."""
     for handle in handles:
         try:
             ray.kill(handle, no_restart=True)

@@ -98,9 +98,9 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
         try:
             if load(store) is None:  # a first run needs Ray: it starts now, and its model actors with it
                 # Before torch loads here: an import holds this process's GIL, and Ray's start beside torch's
-                # import in a thread took 4.4 s instead of 2.6 s. Ray Data's import (0.8 s) comes after the
+                # import in a thread takes 1.7 s longer (benchmarks/start_costs.py). Ray Data's import comes after the
                 # actors are asked for, and torch's after that: the actors' processes start meanwhile.
-                timed("ray", init_ray, cfg.compute.ray_address, verbose, False)
+                start_ray(False)  # init_ray's ray_data=False
                 gpu, early = timed("actors", early_actors, cfg, embedder)
                 quiet_ray_data(verbose)
             weights, state_dict = timed("weights", _resolve_weights, cfg)
