@@ -72,6 +72,25 @@ def held_out_recall(out: Path, queries: np.ndarray, truth: np.ndarray) -> float:
     return recall_at_k(list(found), list(truth), K)
 
 
+def held_out_curve(out: Path, queries: np.ndarray, truth: np.ndarray) -> None:
+    """Held-out recall@10 (mean ± standard error) at nprobes around the tuned one, beside the tuning's own
+    curve (its database-row queries) where it tried the same nprobe."""
+    from resnet_batch.search.index import SimilarityIndex
+    from resnet_batch.search.tuning import recalls
+
+    index = SimilarityIndex.open(str(out))
+    tuned = index.nprobe
+    tried = {p: r for p, r, _ in index.meta["tuning"]["curve"]}
+    print(f"\n{out.name}: nprobe, held-out recall@{K} (± standard error, {len(queries)} queries), the tuning's "
+          f"recall ({index.meta['tuning']['queries']} database rows) where it tried that nprobe")
+    probes = {tuned // 2, tuned - 8, tuned, tuned + 8, 2 * tuned}
+    for p in sorted(p for p in probes if 1 <= p <= index.meta["spec"]["nlist"]):
+        index.set_nprobe(p)
+        r = recalls(list(index.search(queries, K)[1]), list(truth), K)
+        print(f"  {p:5d}  {r.mean():.4f} ± {r.std(ddof=1) / np.sqrt(len(r)):.4f}  "
+              f"{tried[p] if p in tried else '':>6}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=3_000_000)
@@ -84,6 +103,8 @@ def main() -> int:
     ap.add_argument("--work", default=str(REPO / "out" / "bench-scaleout"))
     ap.add_argument("--nodes", type=int, nargs="+", choices=(1, 2), default=[1, 2],
                     help="the local clusters to build on (with --reuse, the others' earlier builds are read back)")
+    ap.add_argument("--curve", action="store_true",
+                    help="also print each build's held-out recall at nprobes around the tuned one")
     ap.add_argument("--draw-only", action="store_true",
                     help="draw the vectors and the held-out truth into --work, then stop (the builds reuse them)")
     args = ap.parse_args()
@@ -136,6 +157,8 @@ def main() -> int:
         largest = max(r["driver_rss"], r["task_rss"])
         print(f"{r['label']:<20} {r['wall']:8.1f} {m['add_s']:7.1f} {m.get('merge_s', 0):8.1f} "
               f"{largest / 2**30:31.2f} {recall:18.4f} {sum(m['files'].values()) / m['count']:12.0f}", flush=True)
+    for r in runs if args.curve else []:
+        held_out_curve(r["out"], queries, truth)
     ray = [r for r in runs if r["label"].startswith("--ray")]
     if ray:
         m = ray[-1]["meta"]
