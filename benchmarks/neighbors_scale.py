@@ -76,9 +76,9 @@ def extrapolate(out: Path, index_path: str, sample: int = 1000) -> None:
     cost = ivf_cost(index.index, normalize(embeddings_to_numpy(part.column("embedding").combine_chunks())))
     rest = max(0.0, cpu_ms - cost["coarse_ms"] - cost["scan_ms"])
     print(f"{cpu_ms:.2f} CPU-ms a query in the job (nprobe {report['nprobe']}, {n // nlist} rows a list); FAISS's "
-          f"counters over {sample} rows of its first part, one thread: coarse search {cost['coarse_ms']:.2f} ms, list scan "
-          f"{cost['scan_ms']:.2f} ms ({cost['codes_per_query']:,.0f} codes), the rest {rest:.2f} ms (re-ranking, "
-          f"reading, writing)")
+          f"counters over {sample} rows of its first part, one thread: coarse search {cost['coarse_ms']:.2f} ms, "
+          f"list scan {cost['scan_ms']:.2f} ms ({cost['codes_per_query']:,.0f} codes), the rest {rest:.2f} ms "
+          f"(re-ranking, reading, writing)")
     for big in (100_000_000, 1_000_000_000):
         spec = IndexSpec.choose(big, max_memory=None)
         ms = cost["coarse_ms"] * spec.nlist / nlist + cost["scan_ms"] * (big / spec.nlist) / (n / nlist) + rest
