@@ -72,6 +72,11 @@ def held_out_recall(out: Path, queries: np.ndarray, truth: np.ndarray) -> float:
     return recall_at_k(list(found), list(truth), K)
 
 
+def probes_around(tuned: int, nlist: int) -> list[int]:
+    """nprobes to measure around a tuned one: half, 8 either side, itself and double (within 1..nlist)."""
+    return sorted(p for p in {tuned // 2, tuned - 8, tuned, tuned + 8, 2 * tuned} if 1 <= p <= nlist)
+
+
 def held_out_curve(out: Path, queries: np.ndarray, truth: np.ndarray) -> None:
     """Held-out recall@10 (mean ± standard error) at nprobes around the tuned one, beside the tuning's own
     curve (its database-row queries) where it tried the same nprobe."""
@@ -83,8 +88,7 @@ def held_out_curve(out: Path, queries: np.ndarray, truth: np.ndarray) -> None:
     tried = {p: r for p, r, _ in index.meta["tuning"]["curve"]}
     print(f"\n{out.name}: nprobe, held-out recall@{K} (± standard error, {len(queries)} queries), the tuning's "
           f"recall ({index.meta['tuning']['queries']} database rows) where it tried that nprobe")
-    probes = {tuned // 2, tuned - 8, tuned, tuned + 8, 2 * tuned}
-    for p in sorted(p for p in probes if 1 <= p <= index.meta["spec"]["nlist"]):
+    for p in probes_around(tuned, index.meta["spec"]["nlist"]):
         index.set_nprobe(p)
         r = recalls(list(index.search(queries, K)[1]), list(truth), K)
         print(f"  {p:5d}  {r.mean():.4f} ± {r.std(ddof=1) / np.sqrt(len(r)):.4f}  "

@@ -43,12 +43,17 @@ print(time.process_time() - t, "torch._dynamo" in sys.modules, "torch" in sys.mo
 """
 
 
+def printed(code: str, *args: str) -> list[str]:
+    """The words `code` prints, run with `args` in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.split()
+
+
 def cpu_of(before: str, timed: str, rounds: int = 3) -> tuple[float, str]:
     """The median CPU seconds of `timed` in fresh interpreters, and which heavy modules it left imported."""
     runs = []
     for _ in range(rounds):
-        out = subprocess.run([sys.executable, "-c", TIMED, before, timed], capture_output=True, text=True,
-                             check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.split()
+        out = printed(TIMED, before, timed)
         runs.append((float(out[0]), f"torch._dynamo {'in' if out[1] == 'True' else 'not in'} sys.modules, "
                                     f"torch {'in' if out[2] == 'True' else 'not in'}"))
     runs.sort()
@@ -145,9 +150,7 @@ print(*(float(np.median(rates[k])) for k in ("as built", "folded")))
 
 def seconds_of(code: str, *args: str, rounds: int = 3) -> float:
     """The median of what `code` prints (seconds) over fresh interpreters."""
-    runs = sorted(float(subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                                       check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
-                                       ).stdout.split()[-1]) for _ in range(rounds))
+    runs = sorted(float(printed(code, *args)[-1]) for _ in range(rounds))
     return runs[len(runs) // 2]
 
 
@@ -166,8 +169,7 @@ def main(argv=None) -> int:
     print(f"start_costs: a local Ray's start: {alone:.2f} s alone, {beside:.2f} s beside torch's import in a thread")
     shutdown, stop = (seconds_of(RAY_STOP, how) for how in ("ray.shutdown()", "stop_ray()"))
     print(f"start_costs: a local Ray's stop: ray.shutdown() {shutdown:.2f} s, cluster.stop_ray() {stop:.2f} s")
-    out = subprocess.run([sys.executable, "-c", FOLD, "3"], capture_output=True, text=True, check=True, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.split()
+    out = printed(FOLD, "3")
     print(f"start_costs: ResNet-50 bf16, batch 32, 2 threads: {float(out[-2]):.1f} img/s as built, "
           f"{float(out[-1]):.1f} img/s with its BatchNorms folded (medians of 3 interleaved rounds)")
     return 0

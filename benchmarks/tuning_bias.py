@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from index_scale import write_parts  # noqa: E402
+from index_scaleout import probes_around  # noqa: E402
 from photo_like import PhotoLike, PhotoStats  # noqa: E402
 
 from resnet_batch.search.embeddings import sample_rows  # noqa: E402
@@ -107,8 +108,7 @@ def main() -> int:
 
     curves["new vectors (held out)"] = held_out
     nlist = meta["spec"]["nlist"]
-    probes = sorted({p for p in (meta["nprobe"] // 2, meta["nprobe"] - 8, meta["nprobe"], meta["nprobe"] + 8,
-                                 2 * meta["nprobe"]) if 1 <= p <= nlist})
+    probes = probes_around(meta["nprobe"], nlist)
     print(f"\nrecall@{K} (mean over the queries) by nprobe, {args.rows} database rows of each kind, "
           f"{len(held)} new vectors")
     print(f"{'queries':<26}" + "".join(f"{p:>9}" for p in probes))

@@ -1,4 +1,6 @@
 """cluster module, without a Ray runtime: how a command stops the local Ray it started."""
+from types import SimpleNamespace
+
 import ray._private.worker as ray_worker
 from ray._private import ray_constants
 
@@ -27,7 +29,10 @@ def test_the_monitor_is_killed_at_once_and_the_others_still_leave_gracefully(mon
                           (ray_constants.PROCESS_TYPE_GCS_SERVER, True, False, False)]
 
 
-def test_without_a_local_ray_nothing_is_changed(monkeypatch):
+def test_without_a_local_ray_or_the_private_hook_nothing_is_changed(monkeypatch):
     monkeypatch.setattr(ray_worker, "_global_node", None)
-    _monitor_killed_at_once()  # a driver that joined a cluster: Ray has no node object here
-    assert ray_worker._global_node is None
+    _monitor_killed_at_once()  # a driver that joined a cluster: Ray has no node object here, and no error
+    node = SimpleNamespace(name="a node of a Ray without _kill_process_type")
+    monkeypatch.setattr(ray_worker, "_global_node", node)
+    _monitor_killed_at_once()
+    assert vars(node) == {"name": "a node of a Ray without _kill_process_type"}  # nothing patched onto it

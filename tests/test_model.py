@@ -87,9 +87,7 @@ def test_batchnorm_folded_into_the_convolutions_keeps_the_function(state_dict, i
         assert all(m.bias is not None for m in embedder.trunk.modules() if isinstance(m, torch.nn.Conv2d))
         emb, logits = embedder.embed(pixels)
         with torch.inference_mode():
-            x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - torch.tensor(SPEC.mean).view(1, 3, 1, 1)) \
-                / torch.tensor(SPEC.std).view(1, 3, 1, 1)
-            ref_logits = model(x)
+            ref_logits = model(embedder._to_device(pixels))  # the same normalised input, through the BatchNorms
         torch.testing.assert_close(emb, pooled["emb"], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
 

@@ -80,8 +80,8 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
         if not fresh and store.remove_temp_files(names):  # a write cut short by a kill (--fresh clears them too)
             log.info(f"removed the temporary files of an interrupted write in {store.display()}")
 
-        def timed(name, fn, *args):
-            out = fn(*args)
+        def timed(name, fn, *args, **kwargs):
+            out = fn(*args, **kwargs)
             marks[name] = time.perf_counter() - t_start
             return out
 
@@ -100,7 +100,7 @@ def run(cfg: JobConfig, *, fresh: bool = False, retry_failed: bool = False, prog
                 # Before torch loads here: an import holds this process's GIL, and Ray's start beside torch's
                 # import in a thread takes 1.7 s longer (benchmarks/start_costs.py). Ray Data's import comes after the
                 # actors are asked for, and torch's after that: the actors' processes start meanwhile.
-                start_ray(False)  # init_ray's ray_data=False
+                start_ray(ray_data=False)
                 gpu, early = timed("actors", early_actors, cfg, embedder)
                 quiet_ray_data(verbose)
             weights, state_dict = timed("weights", _resolve_weights, cfg)
